@@ -1,0 +1,186 @@
+"""CIFAR-10 (or another TFDS image-classification dataset) for the ViT experiments.
+
+Host side (numpy): the split is read once through ``tfds.data_source`` (random access,
+no TensorFlow needed) into uint8 arrays; training batches are numpy gathers from a
+per-epoch permutation that depends only on (seed, epoch), so batch k of a run is the same
+whether or not the run was interrupted. Device side (jitted): random crop with zero padding,
+horizontal flip, normalisation with the dataset's mean and standard deviation.
+
+Missing data: TFDS downloads and prepares the dataset when it can; when it cannot (no
+network, ``download=False``) ``DataMissingError`` says how to provide it. There is no
+fallback to fake data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Per-channel statistics of the CIFAR-10 training images (pixel values in [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class DataMissingError(RuntimeError):
+    """The dataset is not prepared under the data dir and could not be downloaded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSplit:
+    """One split in host memory.
+
+    images: [n, height, width, channels] uint8.
+    labels: [n] int32.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """``data_dir`` if given, else ``$TFDS_DATA_DIR``, else None (TFDS's default,
+    ~/tensorflow_datasets)."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _missing_message(name: str, data_dir: str | None, cause: str) -> str:
+    where = data_dir or "~/tensorflow_datasets (TFDS default)"
+    return (
+        f"TFDS dataset {name!r} is not prepared in {where} and could not be downloaded "
+        f"({cause}).\nProvide it in one of these ways:\n"
+        f"  * point TFDS_DATA_DIR (or --data_dir / --config.data.data_dir) at a folder that "
+        f"holds a prepared {name} (e.g. {name}/<version>/ with array_record files);\n"
+        f"  * run once with network access (and --config.data.download=true) so TFDS "
+        f"downloads and prepares it;\n"
+        f"  * or prepare it elsewhere with `python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('{name}', data_dir='DIR').download_and_prepare("
+        f"file_format='array_record')\"` and copy DIR over.\n"
+        f"No fake data is used in its place."
+    )
+
+
+def open_source(name: str, split: str, *, data_dir: str | None, download: bool):
+    """A random-access TFDS data source for ``name``/``split``, preparing it if needed."""
+    import tensorflow_datasets as tfds
+
+    data_dir = resolve_data_dir(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # unknown dataset name, unreadable dir, ...
+        raise DataMissingError(_missing_message(name, data_dir, repr(error))) from error
+    if not builder.is_prepared():
+        if not download:
+            raise DataMissingError(
+                _missing_message(name, data_dir, "data.download is false")
+            )
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except Exception as error:  # network, permissions, disk: all end the run here
+            raise DataMissingError(_missing_message(name, data_dir, repr(error))) from error
+    try:
+        return builder.as_data_source(split=split)
+    except Exception as error:
+        raise DataMissingError(_missing_message(name, data_dir, repr(error))) from error
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None, download: bool = True,
+               num_examples: int = 0, image_key: str = "image",
+               label_key: str = "label") -> ImageSplit:
+    """Read the first ``num_examples`` (0: all) examples of a split into memory."""
+    source = open_source(name, split, data_dir=data_dir, download=download)
+    total = len(source)
+    count = total if num_examples <= 0 else min(num_examples, total)
+    first = source[0]
+    images = np.empty((count, *np.shape(first[image_key])), np.uint8)
+    labels = np.empty((count,), np.int32)
+    for i in range(count):
+        example = first if i == 0 else source[i]
+        images[i] = example[image_key]
+        labels[i] = example[label_key]
+    return ImageSplit(images, labels)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The example order of ``epoch``: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class TrainBatches:
+    """Batch ``step`` of the run: examples ``perm[i*b:(i+1)*b]`` of epoch ``step // spe``.
+
+    The last partial batch of every epoch is dropped (``steps_per_epoch = n // b``).
+    """
+
+    def __init__(self, data: ImageSplit, batch_size: int, seed: int) -> None:
+        if len(data) < batch_size:
+            raise ValueError(
+                f"the training split has {len(data)} examples, fewer than one batch of "
+                f"{batch_size}; lower --config.train.batch_size or raise "
+                f"--config.data.num_train_examples."
+            )
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.steps_per_epoch = len(data) // batch_size
+        self._epoch, self._perm = None, None
+
+    def __call__(self, step: int) -> dict:
+        """{"image": [b, H, W, C] uint8, "label": [b] int32} numpy arrays."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, len(self.data))
+        rows = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+        return {"image": self.data.images[rows], "label": self.data.labels[rows]}
+
+
+def eval_batches(data: ImageSplit, batch_size: int):
+    """Yield every example once, in order: {"image", "label", "mask"}; the last batch is
+    zero-padded to ``batch_size`` and ``mask`` ([b] bool) marks the real examples."""
+    n = len(data)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        pad = batch_size - (stop - start)
+        images, labels = data.images[start:stop], data.labels[start:stop]
+        mask = np.ones(stop - start, bool)
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+            labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+            mask = np.concatenate([mask, np.zeros(pad, bool)])
+        yield {"image": images, "label": labels, "mask": mask}
+
+
+# --------------------------------------------------------------------------- device side
+
+
+def normalize(images: jax.Array, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> jax.Array:
+    """uint8 (or [0, 255] float) [b, H, W, C] -> float32 standardised per channel."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def random_crop_flip(images: jax.Array, key: jax.Array, *, padding: int = 4,
+                     flip: bool = True) -> jax.Array:
+    """Per-example random crop after zero-padding by ``padding`` pixels, and a random
+    horizontal flip with probability 1/2.
+
+    images: [b, H, W, C] (any dtype); returns the same shape and dtype.
+    """
+    b, h, w, c = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    if padding > 0:
+        padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * padding + 1)
+
+        def crop(image, offset):
+            return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+        images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        flips = jax.random.bernoulli(flip_key, 0.5, (b,))
+        images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+    return images

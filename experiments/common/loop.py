@@ -1,0 +1,252 @@
+"""The generic training loop: epochs of steps, progress bars, logging, evaluation,
+checkpoints, the non-finite policy and deterministic interruption.
+
+The loop knows nothing of models or data: it calls ``step_fn(state, batch) -> (state,
+metrics)`` (a compiled train step), ``get_batch(step) -> batch`` (device arrays for global
+step ``step``; the data order must be a function of the step, see ``checkpoint``) and
+``evaluate(state) -> dict`` (at the end of every ``eval_every_epochs``-th epoch and of the
+last epoch).
+
+Metrics are fetched from the device only at logging steps, so steps are dispatched without
+waiting for each other; the step time is measured over those windows (evaluation and
+checkpointing excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from experiments.common.checkpoint import Checkpointer
+from experiments.common.metrics import MetricsWriter
+
+NONFINITE_POLICIES = ("stop", "skip")
+PROGRESS_MODES = ("auto", "on", "off")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after ``stop_after_steps`` steps, as if the run had been killed there.
+    Rerunning the same command resumes from the last checkpoint."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/Inf and ``on_nonfinite`` is "stop"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How the loop runs (see the experiment configs' ``train`` section for the meaning).
+
+    num_epochs, steps_per_epoch: the run has num_epochs * steps_per_epoch steps.
+    log_every_steps: write a "train" record (means since the last record) every N steps
+      and at the end of every epoch.
+    eval_every_epochs: evaluate after every N-th epoch (and always after the last).
+    stop_after_steps: if > 0, raise ``TrainingInterrupted`` after this global step.
+    on_nonfinite: "stop" (raise ``NonFiniteError`` naming the step) or "skip" (drop the
+      update, count it, go on).
+    progress: "auto" (bars when stderr is a terminal), "on" or "off".
+    examples_per_step: global batch size, for examples per second.
+    """
+
+    num_epochs: int
+    steps_per_epoch: int
+    log_every_steps: int
+    eval_every_epochs: int
+    stop_after_steps: int = 0
+    on_nonfinite: str = "stop"
+    progress: str = "auto"
+    examples_per_step: int = 1
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_epochs * self.steps_per_epoch
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """What the loop measured (persisted in the checkpoint record across resumes)."""
+
+    best: float | None = None  # best value of the tracked eval metric
+    best_step: int | None = None
+    last_eval: dict | None = None
+    train_seconds: float = 0.0  # time in timed windows (no eval, no checkpointing)
+    timed_steps: int = 0
+    max_reversal_error: float = 0.0
+    overflow_steps: int = 0
+    nonfinite_steps: int = 0
+
+    @property
+    def step_time_s(self) -> float | None:
+        return self.train_seconds / self.timed_steps if self.timed_steps else None
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> LoopResult:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (record or {}).items() if k in fields})
+
+
+def log(message: str) -> None:
+    """Print a line without breaking an active progress bar."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def progress_enabled(mode: str) -> bool:
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return sys.stderr.isatty()
+
+
+def _mean_metrics(host_metrics: list[dict]) -> dict:
+    """Means of float metrics; for boolean flags the number of steps they were set."""
+    out = {}
+    for key in host_metrics[0]:
+        values = np.asarray([m[key] for m in host_metrics])
+        if values.dtype == bool:
+            out[f"{key}_steps"] = int(values.sum())
+        else:
+            out[key] = float(values.astype(np.float64).mean())
+    if "reversal_error" in host_metrics[0]:
+        out["reversal_error_max"] = float(max(float(m["reversal_error"]) for m in host_metrics))
+    return out
+
+
+def _format(metrics: dict, keys=None) -> str:
+    keys = keys or sorted(metrics)
+    parts = []
+    for k in keys:
+        if k not in metrics:
+            continue
+        v = metrics[k]
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return ", ".join(parts)
+
+
+def run_loop(
+    *,
+    name: str,
+    state,
+    step_fn: Callable,
+    get_batch: Callable[[int], dict],
+    settings: LoopSettings,
+    checkpointer: Checkpointer,
+    writer: MetricsWriter,
+    evaluate: Callable[[object], dict],
+    best_metric: str,
+    best_mode: str = "max",
+    result: LoopResult | None = None,
+    summary_keys: tuple[str, ...] = ("loss",),
+):
+    """Train ``state`` from its current step to ``settings.num_steps``.
+
+    Args:
+      name: the model's name in records and messages.
+      state: a ``TrainState`` on the mesh; its ``step`` says where to start.
+      step_fn: compiled ``(state, batch) -> (state, metrics)``; donates ``state``.
+      get_batch: ``step -> batch`` (sharded device arrays).
+      evaluate: ``state -> {metric: float}``; written as "eval" records.
+      best_metric, best_mode: the eval metric whose best value ("max" or "min") is kept.
+      result: the ``LoopResult`` restored with the checkpoint (None for a fresh run).
+      summary_keys: training metrics shown in the per-epoch line.
+
+    Returns:
+      ``(state, LoopResult)``.
+    """
+    result = result or LoopResult()
+    spe = settings.steps_per_epoch
+    start = int(jax.device_get(state.step))
+    show_bar = progress_enabled(settings.progress)
+    better = (lambda a, b: a > b) if best_mode == "max" else (lambda a, b: a < b)
+
+    def check_nonfinite(state, at_step):
+        first = int(jax.device_get(state.first_nonfinite_step))
+        if first >= 0 and settings.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"[{name}] non-finite loss or gradients at step {first} (seen by step "
+                f"{at_step}); that update and all later ones were not applied and no "
+                f"checkpoint holds them. Lower --config.optim.learning_rate, set "
+                f"--config.optim.grad_clip_norm, or pass --config.train.on_nonfinite=skip "
+                f"to drop such steps and continue."
+            )
+
+    for epoch in range(start // spe, settings.num_epochs):
+        first_step = max(start, epoch * spe)
+        epoch_end = (epoch + 1) * spe
+        bar = tqdm(total=spe, initial=first_step - epoch * spe, disable=not show_bar,
+                   desc=f"{name} epoch {epoch + 1}/{settings.num_epochs}", leave=False,
+                   dynamic_ncols=True, unit="step")
+        pending: list = []
+        epoch_metrics: list[dict] = []
+        epoch_clock = time.perf_counter()
+        window_start = time.perf_counter()
+        try:
+            for step in range(first_step, epoch_end):
+                state, metrics = step_fn(state, get_batch(step))
+                pending.append(metrics)
+                done = step + 1
+                bar.update(1)
+
+                if done % settings.log_every_steps == 0 or done == epoch_end:
+                    host = jax.device_get(pending)  # waits for the window's steps
+                    result.train_seconds += time.perf_counter() - window_start
+                    result.timed_steps += len(pending)
+                    pending = []
+                    epoch_metrics += host
+                    means = _mean_metrics(host)
+                    result.max_reversal_error = max(result.max_reversal_error,
+                                                    means.get("reversal_error_max", 0.0))
+                    result.overflow_steps += means.get("overflow_steps", 0)
+                    result.nonfinite_steps += means.get("nonfinite_steps", 0)
+                    writer.write({"model": name, "kind": "train", "step": done,
+                                  "epoch": done / spe, **means})
+                    bar.set_postfix_str(_format(means, summary_keys))
+                    check_nonfinite(state, done)
+                    window_start = time.perf_counter()
+
+                if done == epoch_end:
+                    if (epoch + 1) % settings.eval_every_epochs == 0 or (
+                        epoch + 1 == settings.num_epochs
+                    ):
+                        evaluation = evaluate(state)
+                        writer.write({"model": name, "kind": "eval", "step": done,
+                                      "epoch": epoch + 1, **evaluation})
+                        value = evaluation[best_metric]
+                        if result.best is None or better(value, result.best):
+                            result.best, result.best_step = value, done
+                        result.last_eval = evaluation
+                        eval_text = f" | eval {_format(evaluation)} (best {result.best:.4g})"
+                    else:
+                        eval_text = ""
+                    train_means = _mean_metrics(epoch_metrics) if epoch_metrics else {}
+                    throughput = (settings.examples_per_step * result.timed_steps
+                                  / max(result.train_seconds, 1e-9))
+                    log(f"[{name}] epoch {epoch + 1}/{settings.num_epochs} step {done}: "
+                        f"train {_format(train_means, summary_keys)}{eval_text} | "
+                        f"{throughput:.1f} ex/s | "
+                        f"{time.perf_counter() - epoch_clock:.1f}s")
+
+                if checkpointer.is_due(done) or done == epoch_end:
+                    check_nonfinite(state, done)
+                    checkpointer.save(done, state, {"loop": result.to_record()})
+                    window_start = time.perf_counter()
+
+                if settings.stop_after_steps and done == settings.stop_after_steps:
+                    checkpointer.wait()
+                    raise TrainingInterrupted(
+                        f"[{name}] stopped after step {done} (train.stop_after_steps); rerun "
+                        f"the same command to resume from the last checkpoint."
+                    )
+        finally:
+            bar.close()
+    return state, result

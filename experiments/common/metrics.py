@@ -1,0 +1,146 @@
+"""Run records: ``metrics.jsonl`` (one JSON object per line) and ``summary.json``.
+
+Every record has "model" (which of the run's models), "kind" ("train" for a logging step,
+"eval" for an evaluation, "sweep" for one point of an inference sweep), "step" and the
+metric values. On resume the writer drops a model's records past the restored step, so
+the file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly value: numpy/jax scalars to Python numbers; NaN/Inf to strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+        value = np.asarray(value).item()
+    elif hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends records to ``path`` (created with its folder if missing), flushing each line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        record = {"time": time.time(), **_plain(record)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self, model: str | None = None, kind: str | None = None) -> list[dict]:
+        return read_records(self.path, model=model, kind=kind)
+
+    def drop_after(self, model: str, step: int) -> int:
+        """Remove ``model``'s records with step > ``step`` (resume); returns how many."""
+        return self._drop(lambda r: r.get("model") == model and r.get("step", -1) > step)
+
+    def drop_kind(self, model: str, kind: str) -> int:
+        """Remove ``model``'s records of ``kind`` (e.g. a sweep about to be redone)."""
+        return self._drop(lambda r: r.get("model") == model and r.get("kind") == kind)
+
+    def _drop(self, predicate) -> int:
+        if not os.path.exists(self.path):
+            return 0
+        kept, dropped = [], 0
+        with open(self.path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                if predicate(json.loads(line)):
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        return dropped
+
+
+def read_records(path: str, model: str | None = None, kind: str | None = None) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if model is not None and record.get("model") != model:
+                continue
+            if kind is not None and record.get("kind") != kind:
+                continue
+            out.append(record)
+    return out
+
+
+def versions() -> dict:
+    """Versions of Python and the libraries a result depends on."""
+    import flax
+    import jax
+    import optax
+
+    import bdia_jax
+
+    out = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or _dist_version("jaxlib"),
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "orbax_checkpoint": _dist_version("orbax-checkpoint"),
+        "bdia_jax": bdia_jax.__version__,
+    }
+    try:
+        import tensorflow_datasets
+
+        out["tensorflow_datasets"] = tensorflow_datasets.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def device_info() -> dict:
+    import jax
+
+    devices = jax.local_devices()
+    return {
+        "backend": jax.default_backend(),
+        "num_devices": len(devices),
+        "device_kind": devices[0].device_kind if devices else None,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_plain(payload), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)

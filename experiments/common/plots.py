@@ -1,0 +1,48 @@
+"""PNG plots of a run (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(curves: dict[str, dict[str, list]], path: str, *, title: str = "") -> None:
+    """Training loss and evaluation metric against step, one line per model.
+
+    curves: {model: {"train_step": [...], "train_loss": [...], "eval_step": [...],
+             "eval_value": [...], "eval_label": str}}.
+    """
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    eval_label = "eval"
+    for name, c in curves.items():
+        if c.get("train_step"):
+            ax_loss.plot(c["train_step"], c["train_loss"], label=name)
+        if c.get("eval_step"):
+            ax_eval.plot(c["eval_step"], c["eval_value"], marker="o", label=name)
+            eval_label = c.get("eval_label", eval_label)
+    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
+    ax_eval.set(xlabel="step", ylabel=eval_label, title=eval_label)
+    for ax in (ax_loss, ax_eval):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(sweeps: dict[str, tuple[list, list]], path: str, *, xlabel: str,
+               ylabel: str, title: str = "") -> None:
+    """One line per model: sweeps = {model: (x values, y values)}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in sweeps.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
