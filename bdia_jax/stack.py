@@ -356,7 +356,21 @@ def _reversible_fwd(block_fn, spec: _Spec, params, x0, context, keys, gammas, pr
 def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
     params, context, keys, gammas, x_before, x_last, bits, refs, probe = residuals
     g_last, _ = cotangents  # the stats output carries no gradient
-    zeros_ctx = jax.tree_util.tree_map(jnp.zeros_like, context)
+    # Only inexact context leaves carry gradients (a bool padding mask gets a float0 zero).
+    ctx_leaves, ctx_def = jax.tree_util.tree_flatten(context)
+    diff_leaf = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in ctx_leaves]
+
+    def diff_part(tree):
+        return [g for g, d in zip(jax.tree_util.tree_leaves(tree), diff_leaf) if d]
+
+    def full_ctx_cotangent(diff_grads):
+        it = iter(diff_grads)
+        return jax.tree_util.tree_unflatten(ctx_def, [
+            next(it) if d else np.zeros(np.shape(c), jax.dtypes.float0)
+            for c, d in zip(ctx_leaves, diff_leaf)
+        ])
+
+    zeros_ctx = diff_part(jax.tree_util.tree_map(jnp.zeros_like, context))
 
     def body(carry, xs):
         # Invariant: g_next = dL/dx_{k+1} is complete; g_cur holds only the
@@ -369,7 +383,7 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
         g_params_k, g_x_h, g_ctx_k = pullback(g_next + gamma_b * g_next)
         g_cur = g_cur + (g_next - gamma_b * g_next) + g_x_h
         g_prev = gamma_b * g_next
-        g_ctx = jax.tree_util.tree_map(jnp.add, g_ctx, g_ctx_k)
+        g_ctx = [a + b for a, b in zip(g_ctx, diff_part(g_ctx_k))]
         return (x_prev, x_cur, g_prev, g_cur, g_ctx), g_params_k
 
     init = (x_before, x_last, jnp.zeros_like(x_last), g_last, zeros_ctx)
@@ -383,7 +397,7 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
     )
     g_params0, g_x_h0, g_ctx0 = pullback0(g1)
     g_x0 = g0 + g1 + g_x_h0
-    g_ctx = jax.tree_util.tree_map(jnp.add, g_ctx, g_ctx0)
+    g_ctx = full_ctx_cotangent([a + b for a, b in zip(g_ctx, diff_part(g_ctx0))])
     g_params = jax.tree_util.tree_map(
         lambda first, rest: jnp.concatenate([first[None], rest]), g_params0, g_params_rest
     )
