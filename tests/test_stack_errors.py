@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from blocks import init_mlp, make_tanh_block
 
 import bdia_jax
+from bdia_jax.testing import init_mlp, make_tanh_block
 
 DIM = 8
 PARAMS = init_mlp(jax.random.PRNGKey(0), 3, DIM)

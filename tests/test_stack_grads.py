@@ -4,10 +4,10 @@ import chex
 import jax
 import jax.numpy as jnp
 from absl.testing import parameterized
-from blocks import init_attn_mlp, make_attn_mlp_block
 from grad_utils import assert_grads_close
 
 import bdia_jax
+from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 
 BATCH, SEQ, DIM, HIDDEN, DEPTH = 3, 5, 8, 16, 4
 

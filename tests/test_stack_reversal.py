@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from blocks import init_attn_mlp, init_mlp, make_attn_mlp_block, make_tanh_block
 
 import bdia_jax
+from bdia_jax.testing import init_attn_mlp, init_mlp, make_attn_mlp_block, make_tanh_block
 
 BATCH, SEQ, DIM = 3, 4, 8
 

@@ -1,4 +1,8 @@
-"""Pure-jnp residual branches used by the engine tests (independent of bdia_jax.models)."""
+"""Small pure-jnp residual branches for tests, benchmarks and examples.
+
+They follow the ``block_fn(params_k, x, context, key_k) -> h`` contract of ``bdia_stack`` and
+are independent of the Flax models, so the engine can be tested and benchmarked on its own.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,199 @@
+"""Memory and speed of the gradient methods, side by side in one run.
+
+    python -m experiments.memory_benchmark                      # CPU-sized defaults
+    python -m experiments.memory_benchmark --depths 6,12,24,48,96 --batches 8,16 \
+        --seq 65 --dim 512 --hidden 512 --heads 8 --workdir runs/memory_benchmark
+
+For every method and every (depth, batch) it compiles the full value-and-grad step of a pre-LN
+attention+MLP stack and reads the compiled program's memory (``memory_analysis()``: arguments
++ outputs + temporaries - aliased). The activation memory per block per element is the
+mixed slope ∂²M/∂depth∂batch divided by the elements per sample (seq·dim): parameters and
+their gradients grow with depth but not with batch, so they drop out. The step is then timed,
+all methods interleaved round by round so that machine noise hits them alike.
+
+Writes ``memory_benchmark.json`` and ``memory_vs_depth.png`` to ``--workdir`` and prints a
+markdown table (the README's table comes from this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bdia_jax
+from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
+
+# Each method: (label, stack kind, backprop).
+METHODS = {
+    "standard": ("conventional transformer, autodiff", "standard", "autodiff"),
+    "standard_remat": ("conventional transformer, per-block remat", "standard", "remat"),
+    "bdia_autodiff": ("BDIA, autodiff (oracle)", "bdia", "autodiff"),
+    "bdia_remat": ("BDIA, per-block remat", "bdia", "remat"),
+    "bdia_reversible": ("BDIA, reversible (this library)", "bdia", "reversible"),
+}
+
+
+def make_step(kind: str, backprop: str, block, gamma: float, frac_bits: int):
+    """value_and_grad of a mean-square loss w.r.t. the stacked params and the input."""
+
+    def loss(params, x, key):
+        if kind == "standard":
+            y = bdia_jax.standard_stack(block, params, x, key=key, backprop=backprop)
+        else:
+            y = bdia_jax.bdia_stack(block, params, x, key=key, gamma=gamma,
+                                    frac_bits=frac_bits, backprop=backprop)
+        return jnp.mean(jnp.square(y))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def compiled_bytes(step, params, x, key) -> dict:
+    compiled = step.lower(params, x, key).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError("this backend gives no compiled memory_analysis()")
+    fields = {
+        name: int(getattr(analysis, f"{name}_size_in_bytes"))
+        for name in ("argument", "output", "temp", "alias", "generated_code")
+    }
+    fields["total"] = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
+    return fields
+
+
+def mixed_slope(depths, batches, totals) -> float:
+    """∂²M/∂K∂B by least squares: the depth slope at each batch, then its batch slope."""
+    depth_slopes = [np.polyfit(depths, totals[b], 1)[0] for b in range(len(batches))]
+    return float(np.polyfit(batches, depth_slopes, 1)[0])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depths", default="6,12,24,48,96", help="comma-separated depths")
+    parser.add_argument("--batches", default="4,8", help="two or more batch sizes")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sample")
+    parser.add_argument("--dim", type=int, default=128, help="model width")
+    parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--gamma", type=float, default=0.5, help="|γ| (0.5 or 0.25)")
+    parser.add_argument("--frac_bits", type=int, default=9, help="l in δ = 2**-l")
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
+    parser.add_argument("--time_depth", type=int, default=24, help="depth of the timed step")
+    parser.add_argument("--time_rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--time_steps", type=int, default=3, help="steps per method per round")
+    parser.add_argument("--workdir", default="runs/memory_benchmark", help="output folder")
+    args = parser.parse_args(argv)
+
+    depths = [int(d) for d in args.depths.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if len(batches) < 2 or len(depths) < 2:
+        parser.error("--depths and --batches need at least two values each (slopes)")
+    os.makedirs(args.workdir, exist_ok=True)
+
+    block = make_attn_mlp_block(heads=args.heads)
+    key = jax.random.PRNGKey(0)
+    elements = args.seq * args.dim
+
+    memory = {m: {} for m in methods}
+    for method in methods:
+        _, kind, backprop = METHODS[method]
+        step = make_step(kind, backprop, block, args.gamma, args.frac_bits)
+        for depth in depths:
+            params = init_attn_mlp(jax.random.PRNGKey(1), depth, args.dim, args.hidden)
+            for batch in batches:
+                x = jax.ShapeDtypeStruct((batch, args.seq, args.dim), jnp.float32)
+                memory[method][(depth, batch)] = compiled_bytes(step, params, x, key)
+        print(f"compiled {method}", flush=True)
+
+    # Timing, interleaved: round r runs every method once, so drift hits all alike.
+    timing_batch = batches[-1]
+    params = init_attn_mlp(jax.random.PRNGKey(1), args.time_depth, args.dim, args.hidden)
+    x = jax.random.normal(jax.random.PRNGKey(2), (timing_batch, args.seq, args.dim))
+    steps = {}
+    for method in methods:
+        _, kind, backprop = METHODS[method]
+        steps[method] = make_step(kind, backprop, block, args.gamma, args.frac_bits)
+        jax.block_until_ready(steps[method](params, x, key))  # compile + warm up
+    times = {m: [] for m in methods}
+    for _ in range(args.time_rounds):
+        for method in methods:
+            start = time.perf_counter()
+            for _ in range(args.time_steps):
+                out = steps[method](params, x, key)
+            jax.block_until_ready(out)
+            times[method].append((time.perf_counter() - start) / args.time_steps)
+
+    results = {"config": vars(args), "backend": jax.default_backend(),
+               "device": str(jax.devices()[0]), "platform": platform.platform(),
+               "jax": jax.__version__, "methods": {}}
+    rows = []
+    for method in methods:
+        totals = [[memory[method][(d, b)]["total"] for d in depths] for b in batches]
+        slope = mixed_slope(depths, batches, totals)  # bytes per block per sample
+        bits = slope * 8 / elements
+        median_time = statistics.median(times[method])
+        results["methods"][method] = {
+            "label": METHODS[method][0],
+            "bits_per_element_per_block": bits,
+            "step_time_s": median_time,
+            "step_times_s": times[method],
+            "memory_bytes": {f"depth={d},batch={b}": memory[method][(d, b)]
+                             for d in depths for b in batches},
+        }
+        rows.append((method, bits, median_time,
+                     memory[method][(depths[-1], batches[-1])]["total"] / 2**20))
+
+    reference = results["methods"].get("bdia_remat", {}).get("step_time_s")
+    print()
+    print(f"backend={results['backend']} seq={args.seq} dim={args.dim} hidden={args.hidden} "
+          f"heads={args.heads} depths={depths} batches={batches} γ=±{args.gamma} "
+          f"l={args.frac_bits}; step time at depth {args.time_depth}, batch {timing_batch}")
+    print("| method | activation bits / element / block | compiled MiB at depth "
+          f"{depths[-1]}, batch {batches[-1]} | step time (ms) | time / BDIA remat |")
+    print("|---|---:|---:|---:|---:|")
+    for method, bits, step_time, mib in rows:
+        ratio = f"{step_time / reference:.2f}x" if reference else "n/a"
+        print(f"| {METHODS[method][0]} | {bits:.2f} | {mib:.1f} | {step_time * 1e3:.1f} | {ratio} |")
+        results["methods"][method]["time_vs_bdia_remat"] = (
+            step_time / reference if reference else None)
+
+    with open(os.path.join(args.workdir, "memory_benchmark.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    _plot(results, depths, batches[-1], os.path.join(args.workdir, "memory_vs_depth.png"))
+    print(f"\nwrote {args.workdir}/memory_benchmark.json and memory_vs_depth.png")
+    return results
+
+
+def _plot(results, depths, batch, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for record in results["methods"].values():
+        mib = [record["memory_bytes"][f"depth={d},batch={batch}"]["total"] / 2**20 for d in depths]
+        ax.plot(depths, mib, marker="o", label=record["label"])
+    ax.set_xlabel("depth (blocks)")
+    ax.set_ylabel(f"compiled step memory (MiB), batch {batch}")
+    ax.set_title("value-and-grad memory vs depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
