@@ -1,0 +1,41 @@
+"""Flax NNX models on the BDIA engine: ordinary pre-LN transformers whose training update
+(``update="standard" | "bdia"``) and gradient method (``backprop``) are switches.
+
+* ``layers``:  attention, MLP, LayerNorm, encoder/decoder residual branches, KV caches.
+* ``stack``:   ``ResidualStack`` (depth-stacked parameters → ``bdia_stack``/``standard_stack``).
+* ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
+"""
+
+from bdia_jax.models.layers import (
+    MLP,
+    DecoderBlock,
+    DecoderCache,
+    EncoderBlock,
+    KVCache,
+    MultiHeadAttention,
+    ReversalProbe,
+    causal_mask,
+    dot_product_attention,
+    padding_mask,
+)
+from bdia_jax.models.stack import ResidualStack, stats_to_aux
+from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
+
+__all__ = [
+    "MLP",
+    "VIT_VARIANTS",
+    "DecoderBlock",
+    "DecoderCache",
+    "EncoderBlock",
+    "KVCache",
+    "MultiHeadAttention",
+    "ResidualStack",
+    "ReversalProbe",
+    "ViT",
+    "ViTConfig",
+    "causal_mask",
+    "dot_product_attention",
+    "padding_mask",
+    "stats_to_aux",
+    "vit_config",
+]

@@ -1,0 +1,172 @@
+"""Vision Transformer for small images, trainable the standard way or the BDIA way.
+
+Architecture (an ordinary pre-LN ViT; BDIA adds no parameters): non-overlapping patches
+→ Linear patch embedding → [class token] + learned position embeddings → dropout →
+``ResidualStack`` of ``EncoderBlock``s → final LayerNorm → class token or mean pooling →
+Linear head.
+
+Keys: the model key is split with ``jax.random.fold_in``: ``fold_in(key, 0)`` is the stack
+key (γ draw and per-block dropout keys), ``fold_in(key, 1)`` the embedding dropout key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bdia_jax.models.layers import EncoderBlock, canonical_dtype, dropout, layer_norm
+from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
+
+KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """ViT settings. Defaults: the paper's CIFAR-10 model."""
+
+    image_size: int = 32  # input height = width, pixels
+    patch_size: int = 4  # square patches; image_size must be a multiple (32/4 → 64 tokens)
+    num_classes: int = 10  # classifier outputs
+    width: int = 512  # residual stream (embedding) dimension
+    depth: int = 6  # number of transformer blocks K
+    num_heads: int = 8  # attention heads; width must be divisible by it
+    mlp_dim: int = 512  # hidden size of each block's MLP
+    dropout: float = 0.1  # embedding dropout and residual dropout on a(x), m(y)
+    attention_dropout: float = 0.1  # dropout on attention probabilities
+    pool: Literal["cls", "mean"] = "cls"  # class token, or mean over patch tokens
+    channels: int = 3  # input channels (C in [batch, H, W, C])
+    update: Literal["standard", "bdia"] = "bdia"  # training update (baseline or BDIA)
+    # Gradient method: "reversible" (BDIA only: exact reversal, O(1) activation memory),
+    # "autodiff" (stored activations; the oracle), "remat" (per-block recomputation).
+    # update="standard" always uses autodiff ("remat" if asked): it has no inverse.
+    backprop: Literal["reversible", "autodiff", "remat"] = "reversible"
+    gamma: float = 0.5  # |γ| of the BDIA update, a power of two
+    frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
+    quantize_at_inference: bool = True  # BDIA inference keeps the stream on the grid
+    compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size "
+                f"({self.patch_size})."
+            )
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
+            )
+        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits)
+        canonical_dtype(self.compute_dtype)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+VIT_VARIANTS: dict[str, dict] = {
+    # CPU unit tests: seconds per step.
+    "tiny": dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                 dropout=0.0, attention_dropout=0.0),
+    # CPU quick runs on CIFAR-10 (minutes).
+    "small": dict(width=128, depth=4, num_heads=4, mlp_dim=256, patch_size=4),
+    # The paper's CIFAR-10 setting: depth 6, width 512, 8 heads, MLP 512, patch 4.
+    "paper": dict(width=512, depth=6, num_heads=8, mlp_dim=512, patch_size=4),
+}
+
+
+def vit_config(name: str, **overrides) -> ViTConfig:
+    """A named ViT variant ("tiny", "small", "paper") with field overrides."""
+    if name not in VIT_VARIANTS:
+        raise ValueError(f"unknown ViT variant {name!r}; choose one of {sorted(VIT_VARIANTS)}.")
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown ViTConfig fields {sorted(unknown)}; valid: {sorted(fields)}.")
+    return ViTConfig(**{**VIT_VARIANTS[name], **overrides})
+
+
+class ViT(nnx.Module):
+    """Vision Transformer; see the module docstring.
+
+    Call: ``logits, aux = model(images, *, key=None, train=False, inference_gamma=None)``.
+    """
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        patch_dim = c.patch_size * c.patch_size * c.channels
+        # A Linear on flattened patches = a conv with kernel = stride = patch_size.
+        self.patch_embed = nnx.Linear(patch_dim, c.width, rngs=rngs)
+        num_tokens = c.num_patches + (1 if c.pool == "cls" else 0)
+        init = nnx.initializers.normal(0.02)
+        if c.pool == "cls":
+            self.cls_token = nnx.Param(jnp.zeros((1, 1, c.width), jnp.float32))
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, c.width), jnp.float32))
+
+        def make_block(block_rngs):
+            return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
+                                attention_dropout=c.attention_dropout,
+                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+
+        self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
+                                   gamma=c.gamma, frac_bits=c.frac_bits,
+                                   quantize_at_inference=c.quantize_at_inference, rngs=rngs)
+        self.norm = layer_norm(c.width, rngs)
+        self.head = nnx.Linear(c.width, c.num_classes, rngs=rngs)
+
+    def _patches(self, images: jax.Array) -> jax.Array:
+        """[batch, H, W, C] → [batch, num_patches, patch*patch*C] (row-major patches)."""
+        c = self.config
+        if images.ndim != 4 or images.shape[1:] != (c.image_size, c.image_size, c.channels):
+            raise ValueError(
+                f"images must be [batch, {c.image_size}, {c.image_size}, {c.channels}] "
+                f"(NHWC), got {list(images.shape)}."
+            )
+        b, p = images.shape[0], c.patch_size
+        n = c.image_size // p
+        x = images.reshape(b, n, p, n, p, c.channels).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, n * n, p * p * c.channels)
+
+    def __call__(self, images: jax.Array, *, key: jax.Array | None = None, train: bool = False,
+                 inference_gamma=None) -> tuple[jax.Array, dict]:
+        """Classify images.
+
+        Args:
+          images: [batch, H, W, C] float32, already normalized.
+          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          train: training mode (dropout, BDIA update) or inference.
+          inference_gamma: update="bdia", train=False: float or array broadcastable to
+            [depth-1, batch] (the inference-γ sweep); None = γ 0.
+
+        Returns:
+          logits [batch, num_classes] float32; aux: {"max_abs", "overflow", "nonfinite"}
+          scalars from the stack.
+        """
+        c = self.config
+        if train and key is None and (c.update == "bdia" or c.dropout or c.attention_dropout):
+            raise ValueError(
+                "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "
+                "key=jax.random.key(step)."
+            )
+        images = jnp.asarray(images, jnp.float32)
+        x = self.patch_embed(self._patches(images))
+        if c.pool == "cls":
+            cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, c.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.pos_embed[...]
+        stack_key = embed_key = None
+        if train and key is not None:
+            stack_key = jax.random.fold_in(key, KEY_STACK)
+            embed_key = jax.random.fold_in(key, KEY_EMBED)
+        x = dropout(x, c.dropout, embed_key)
+        x, stats = self.stack(x, key=stack_key, train=train, inference_gamma=inference_gamma)
+        x = self.norm(x)
+        pooled = x[:, 0] if c.pool == "cls" else jnp.mean(x, axis=1)
+        logits = self.head(pooled).astype(jnp.float32)
+        return logits, stats_to_aux(stats)

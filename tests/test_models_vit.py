@@ -1,0 +1,256 @@
+"""ViT and ResidualStack: shapes, parameter counts, gradient methods, inference modes."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bdia_jax.models import (
+    VIT_VARIANTS,
+    ResidualStack,
+    ReversalProbe,
+    ViT,
+    ViTConfig,
+    vit_config,
+)
+
+
+def count_params(module) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+
+
+def ordinary_vit_param_count(c: ViTConfig) -> int:
+    """Parameters of an ordinary pre-LN ViT of this size, by formula."""
+    d, m = c.width, c.mlp_dim
+    patch = c.patch_size**2 * c.channels * d + d
+    tokens = c.num_patches + (1 if c.pool == "cls" else 0)
+    cls = d if c.pool == "cls" else 0
+    block = (2 * d) + 4 * (d * d + d) + (2 * d) + (d * m + m) + (m * d + d)
+    return patch + cls + tokens * d + c.depth * block + 2 * d + d * c.num_classes + c.num_classes
+
+
+def images(batch=3, size=32, seed=1):
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
+
+
+def grads_of(model, x, key):
+    """Jitted (logits, aux, param grads, probe grads) of a simple loss at train=True."""
+    graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
+
+    @jax.jit
+    def run(params, probes):
+        def loss(params, probes):
+            logits, aux = nnx.merge(graphdef, params, probes)(x, key=key, train=True)
+            return jnp.mean(jnp.sin(logits) * logits), (logits, aux)
+
+        (_, (logits, aux)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, probes)
+        return logits, aux, grads
+
+    logits, aux, (g_params, g_probes) = run(params, probes)
+    return logits, aux, g_params, g_probes
+
+
+def is_key_bias(path) -> bool:
+    """Attention key biases have an exactly-zero true gradient (softmax is shift-invariant:
+    the bias adds q·b to every logit of a row), so both methods return rounding noise there."""
+    names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+    return "bias" in names and names[names.index("bias") - 1] == "key"
+
+
+def assert_grads_close(got, want):
+    """Per leaf: rtol 1e-5 relative to the leaf's scale.
+
+    Equally valid float reduction orders (even JAX's own remat vs autodiff) differ by ~1e-7
+    of a leaf's norm, so elementwise rtol alone would fail on near-zero entries. Leaves with
+    an exactly-zero true gradient (``is_key_bias``) are checked to be noise-sized (1e-5 of
+    the largest gradient entry of the model) in both.
+    """
+    global_scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(want))
+
+    def check(path, a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        name = jax.tree_util.keystr(path)
+        if is_key_bias(path):
+            assert np.max(np.abs(a)) <= 1e-5 * global_scale, name
+            assert np.max(np.abs(b)) <= 1e-5 * global_scale, name
+            return
+        scale = max(float(np.max(np.abs(b))), 1e-30)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+    jax.tree_util.tree_map_with_path(check, got, want)
+
+
+# ----------------------------------------------------------------------------- shapes/params
+
+
+@pytest.mark.parametrize("name", sorted(VIT_VARIANTS))
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_shapes_and_param_count(name, pool):
+    config = vit_config(name, pool=pool)
+    model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
+    assert count_params(model) == ordinary_vit_param_count(config)
+    logits, aux = nnx.eval_shape(lambda m: m(jnp.zeros((2, 32, 32, 3))), model)
+    assert logits.shape == (2, config.num_classes) and logits.dtype == jnp.float32
+    assert set(aux) == {"max_abs", "overflow", "nonfinite"}
+    assert all(v.shape == () for v in aux.values())
+
+
+def test_paper_vit_has_ordinary_size():
+    config = vit_config("paper")
+    assert (config.depth, config.width, config.num_heads, config.mlp_dim,
+            config.patch_size, config.num_patches) == (6, 512, 8, 512, 4, 64)
+    std = nnx.eval_shape(lambda: ViT(vit_config("paper", update="standard"), rngs=nnx.Rngs(0)))
+    bdia = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
+    # BDIA adds nothing: same count as the standard model and as the formula; 9,532,938
+    # is the same sum done by hand (patch 25,088 + cls 512 + positions 33,280
+    # + 6 blocks x 1,577,984 + final LN 1,024 + head 5,130).
+    assert count_params(bdia) == count_params(std) == ordinary_vit_param_count(config)
+    assert ordinary_vit_param_count(config) == 9_532_938
+
+
+def test_stacked_params_have_depth_axis():
+    model = ViT(vit_config("tiny", depth=3), rngs=nnx.Rngs(0))
+    leaves = jax.tree_util.tree_leaves(model.stack.params())
+    assert leaves and all(leaf.shape[0] == 3 for leaf in leaves)
+    # Blocks differ (independent initialisation per layer).
+    kernel = model.stack.blocks.mlp.fc1.kernel[...]
+    assert not np.allclose(kernel[0], kernel[1])
+
+
+def test_bad_inputs_fail_loudly():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        vit_config("tiny", image_size=30)
+    with pytest.raises(ValueError, match="update must be"):
+        vit_config("tiny", update="fancy")
+    with pytest.raises(ValueError, match="unknown ViTConfig fields"):
+        vit_config("tiny", widht=3)
+    model = ViT(vit_config("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="images must be"):
+        model(jnp.zeros((2, 28, 28, 3)))
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        model(images(), train=True)
+
+
+def test_user_block_must_hold_only_params():
+    class Noisy(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+        def __call__(self, x, context, key):
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="only nnx.Param"):
+        ResidualStack(Noisy, 2, rngs=nnx.Rngs(0))
+
+
+def test_user_block_through_residual_stack():
+    class Tanh(nnx.Module):  # a user's own block: h(x) = tanh(W x)
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x, context, key):
+            return jnp.tanh(self.lin(x))
+
+    stack = ResidualStack(Tanh, 3, update="bdia", backprop="reversible", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    y, stats = stack(x, key=jax.random.key(1), train=True)
+    assert y.shape == x.shape and not bool(stats.nonfinite)
+    # Inference without quantization equals x + h_0 + ... computed by hand.
+    stack.quantize_at_inference = False
+    want = x
+    for k in range(3):
+        lin = stack.blocks.lin
+        want = want + jnp.tanh(want @ lin.kernel[k] + lin.bias[k])
+    got, _ = stack(x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_vit_reversible_gradients_equal_autodiff_with_dropout():
+    x, key = images(), jax.random.key(7)
+    results = {}
+    for backprop in ("reversible", "autodiff", "remat"):
+        config = vit_config("tiny", depth=3, dropout=0.1, attention_dropout=0.1,
+                            backprop=backprop)
+        results[backprop] = grads_of(ViT(config, rngs=nnx.Rngs(0)), x, key)
+    logits_r, aux_r, g_r, probe_r = results["reversible"]
+    for other in ("autodiff", "remat"):
+        logits_o, aux_o, g_o, _ = results[other]
+        chex.assert_trees_all_equal(logits_r, logits_o)  # same forward, bit for bit
+        chex.assert_trees_all_equal(aux_r, aux_o)
+        assert_grads_close(g_r, g_o)
+    assert float(probe_r["stack"]["reversal_probe"][...]) == 0.0  # reversal was bit-exact
+    # Dropout is active: a different key changes the outputs.
+    config = vit_config("tiny", depth=3, dropout=0.1, attention_dropout=0.1)
+    other_logits = grads_of(ViT(config, rngs=nnx.Rngs(0)), x, jax.random.key(8))[0]
+    assert not np.allclose(other_logits, logits_r)
+    # Every parameter (but the key biases, see is_key_bias) receives a gradient.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(g_r):
+        assert is_key_bias(path) or np.any(np.asarray(leaf) != 0), jax.tree_util.keystr(path)
+
+
+def test_standard_vit_trains_by_autodiff_and_matches_remat():
+    x, key = images(), jax.random.key(3)
+    out = {bp: grads_of(ViT(vit_config("tiny", update="standard", dropout=0.1, backprop=bp),
+                            rngs=nnx.Rngs(0)), x, key)
+           for bp in ("autodiff", "remat")}
+    chex.assert_trees_all_equal(out["autodiff"][0], out["remat"][0])
+    assert_grads_close(out["remat"][2], out["autodiff"][2])
+    assert not bool(out["autodiff"][1]["overflow"])
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _pair(**overrides):
+    """A standard and a BDIA ViT with the same parameters."""
+    std = ViT(vit_config("tiny", depth=3, update="standard", **overrides), rngs=nnx.Rngs(0))
+    bdia = ViT(vit_config("tiny", depth=3, update="bdia", **overrides), rngs=nnx.Rngs(1))
+    nnx.update(bdia, nnx.state(std, nnx.Param))
+    return std, bdia
+
+
+def test_bdia_inference_without_quantization_is_the_standard_model():
+    std, bdia = _pair(quantize_at_inference=False, dropout=0.1)
+    x = images()
+    chex.assert_trees_all_equal(bdia(x)[0], std(x)[0])
+
+
+def test_bdia_inference_with_quantization_is_within_a_few_delta():
+    # Mean pooling: a zero-initialised class token makes LN1 of that token ~50x sensitive
+    # at init, which would measure the init, not the quantization.
+    std, bdia = _pair(quantize_at_inference=True, pool="mean")
+    x = images(batch=4)
+    tokens = std.patch_embed(std._patches(x)) + std.pos_embed[...]
+    exact, _ = std.stack(tokens)
+    quant, stats = bdia.stack(tokens)
+    delta = 2.0**-bdia.config.frac_bits
+    on_grid = quant / delta
+    assert float(jnp.max(jnp.abs(on_grid - jnp.round(on_grid)))) == 0.0
+    assert not bool(stats.overflow)
+    # x_0 = Q(x) and each of the 3 blocks adds Q(h): depth + 1 roundings of at most δ/2,
+    # propagated through blocks of gain ~1 at init. Measured: max 3.1 δ, rms 0.85 δ.
+    err = jnp.abs(quant - exact)
+    assert 0 < float(jnp.max(err)) <= 2 * (3 + 1) * delta
+    assert float(jnp.sqrt(jnp.mean(err**2))) <= delta
+    logits_err = float(jnp.max(jnp.abs(bdia(x)[0] - std(x)[0])))
+    assert 0 < logits_err <= 4 * delta, logits_err / delta  # measured 0.45 δ
+
+
+def test_inference_gamma_sweep_runs():
+    _, bdia = _pair()
+    x = images()
+    base = bdia(x)[0]
+    swept = bdia(x, inference_gamma=jnp.full((2, 3), 0.25))[0]
+    assert swept.shape == base.shape and not np.allclose(swept, base)
+    std, _ = _pair()
+    with pytest.raises(ValueError, match="inference_gamma"):
+        std(x, inference_gamma=0.25)
