@@ -1,0 +1,151 @@
+"""Configs of ``python -m experiments.lm`` (GPT vs BDIA-GPT, character-level LM).
+
+Select a preset with ``--config=experiments/configs/lm.py:<preset>`` and override any field
+on the command line, e.g. ``--config.train.num_steps=2000``. Presets:
+
+* ``quick`` (the default): a small character GPT on TFDS ``tiny_shakespeare``; both models
+  train, evaluate and sample in about 10 minutes on a 2-core CPU.
+* ``full``: nanoGPT's ``shakespeare_char`` setting (6 layers, 6 heads, width 384, context
+  256, dropout 0.2, 5000 steps of 64 windows), for accelerators.
+* ``tiny``: a few steps of a tiny model, for smoke tests and CI.
+
+Data: a TFDS text dataset (``data.tfds_name``, feature ``data.text_feature``; needs
+``TFDS_DATA_DIR`` or ``data.tfds_data_dir`` to point at a prepared copy, or network access
+with ``data.tfds_download``), or a plain UTF-8 file (``data.text_file``, split by
+``data.val_fraction``).
+
+Steps and "epochs": windows are sampled at random, so there are no passes over the text. The
+run is ``train.num_steps`` steps; an "epoch" of the training loop is ``train.eval_every_steps``
+steps (evaluation, the per-epoch log line and an end-of-epoch checkpoint follow each).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("quick", "full", "tiny")
+MODES = ("compare", "standard", "bdia")
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = "quick"  # the preset these values came from (recorded in summary.json)
+    c.seed = 0  # initialisation, training windows, dropout and γ draws all derive from it
+    # Which model(s) to train: "compare" trains the standard GPT and then BDIA-GPT on the
+    # same initialisation, windows and keys; "standard" or "bdia" trains only that one.
+    c.mode = "compare"
+
+    # --- the decoder-only transformer (bdia_jax.models.GPTConfig; `update` from `mode`)
+    c.model = ml_collections.ConfigDict()
+    c.model.context = 256  # tokens (characters) of context (nanoGPT block_size)
+    c.model.width = 384  # residual stream (embedding) dimension (nanoGPT n_embd)
+    c.model.depth = 6  # transformer blocks K (nanoGPT n_layer)
+    c.model.num_heads = 6  # attention heads; width must be divisible by it
+    c.model.mlp_dim = 1536  # hidden size of each block's MLP (4 x width)
+    c.model.dropout = 0.2  # embedding and residual-branch dropout rate
+    c.model.attention_dropout = 0.2  # dropout rate on attention probabilities
+    c.model.bdia_backprop = "reversible"  # BDIA gradient: "reversible" | "autodiff" | "remat"
+    c.model.standard_backprop = "autodiff"  # standard gradient: "autodiff" | "remat"
+    c.model.gamma = 0.5  # |γ| of the BDIA training update (γ = ±gamma), a power of two
+    c.model.frac_bits = 9  # l: fixed-point grid δ = 2**-l for BDIA (the paper: 9)
+    c.model.quantize_at_inference = True  # BDIA inference keeps the stream on the grid
+    c.model.compute_dtype = "float32"  # matmul dtype: "float32", or "bfloat16" on TPU/GPU
+
+    # --- data
+    c.data = ml_collections.ConfigDict()
+    c.data.tfds_name = "tiny_shakespeare"  # TFDS text dataset (ignored if text_file is set)
+    c.data.text_feature = "text"  # the TFDS feature holding the text
+    c.data.train_split = "train"  # TFDS split to train on
+    c.data.val_split = "validation"  # TFDS split for the validation loss
+    c.data.tfds_data_dir = ""  # TFDS data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.tfds_download = False  # let TFDS download and prepare the dataset (network)
+    # A plain UTF-8 text file instead of TFDS ("" = use TFDS); its last val_fraction of
+    # characters is the validation split.
+    c.data.text_file = ""
+    c.data.val_fraction = 0.1  # validation share of data.text_file
+    # Vocabulary: the characters of the training split ("train") or of all splits ("all").
+    c.data.vocab_source = "train"
+
+    # --- optimisation (Optax; nanoGPT's shakespeare_char values)
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # "adamw" | "adam" | "sgd" | "lamb"
+    c.optim.schedule = "warmup_cosine"  # "warmup_cosine" | "warmup_constant"
+    c.optim.learning_rate = 1e-3  # peak learning rate
+    # Linear warmup from 0, in loop "epochs" of train.eval_every_steps steps (fractions
+    # allowed): 100 steps / 250 = 0.4 as in nanoGPT.
+    c.optim.warmup_epochs = 0.4
+    c.optim.end_learning_rate_factor = 0.1  # cosine decays to lr * this (nanoGPT: 1e-4)
+    c.optim.weight_decay = 0.1  # decoupled weight decay on weight matrices
+    c.optim.b1 = 0.9  # Adam first-moment decay
+    c.optim.b2 = 0.99  # Adam second-moment decay (nanoGPT shakespeare_char: 0.99)
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.momentum = 0.9  # SGD momentum (only for name="sgd")
+    c.optim.grad_clip_norm = 1.0  # clip gradients to this global norm (0: no clipping)
+
+    # --- training loop
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 5000  # optimizer steps (a multiple of eval_every_steps)
+    c.train.batch_size = 64  # windows per step; must divide evenly over the local devices
+    c.train.eval_every_steps = 250  # evaluate (and end a loop "epoch") every N steps
+    c.train.log_every_steps = 50  # write a metrics.jsonl "train" record every N steps
+    c.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and every eval)
+    c.train.keep_checkpoints = 2  # keep the last N checkpoints per model
+    c.train.async_checkpoints = False  # write checkpoints in the background
+    # "stop": end the run at a NaN/Inf loss or gradient, naming the step; "skip": drop such
+    # updates, count them and continue.
+    c.train.on_nonfinite = "stop"
+    c.train.progress = "auto"  # progress bars: "auto" (when a terminal), "on", "off"
+    # Testing aid: stop after this global step as if killed (0: never); rerunning resumes.
+    c.train.stop_after_steps = 0
+
+    # --- evaluation (at E[γ] = 0: the inference update of both models)
+    c.eval = ml_collections.ConfigDict()
+    # Loss estimates on fixed windows: up to this many evenly spaced, non-overlapping
+    # windows of each split (0: every window); the train estimate makes the train curve
+    # comparable with the validation one (same windows, no dropout).
+    c.eval.num_windows = 200
+    c.eval.batch_size = 64  # windows per evaluation batch (divisible by the device count)
+    c.eval.num_samples = 2  # samples generated per model at the end
+    c.eval.sample_length = 500  # characters per sample
+    c.eval.sample_prompt = "\n"  # prompt the samples start from (characters of the vocab)
+    c.eval.temperature = 0.8  # sampling temperature
+    c.eval.top_k = 200  # sample among the top-k characters (0: all)
+    return c
+
+
+def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
+    """The config of ``preset`` ("quick", "full" or "tiny")."""
+    preset = preset or "quick"
+    if preset not in PRESETS:
+        raise ValueError(
+            f"unknown lm preset {preset!r}; use one of {PRESETS}, e.g. "
+            "--config=experiments/configs/lm.py:quick"
+        )
+    c = _base()
+    c.preset = preset
+    if preset == "quick":
+        # Sized for a 2-core CPU: both models train, evaluate and sample in ~10 minutes.
+        c.model.update(context=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
+                       attention_dropout=0.0)
+        c.train.num_steps = 600
+        c.train.batch_size = 32
+        c.train.eval_every_steps = 200
+        c.optim.warmup_epochs = 0.25
+        c.optim.learning_rate = 2e-3
+        c.eval.num_windows = 64
+        c.eval.sample_length = 300
+    elif preset == "full":
+        c.train.log_every_steps = 100
+    elif preset == "tiny":
+        c.model.update(context=16, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
+                       attention_dropout=0.0)
+        c.train.num_steps = 8
+        c.train.batch_size = 4
+        c.train.eval_every_steps = 4
+        c.train.log_every_steps = 2
+        c.train.checkpoint_every_steps = 4
+        c.eval.num_windows = 8
+        c.eval.batch_size = 4
+        c.eval.num_samples = 1
+        c.eval.sample_length = 20
+    return c

@@ -1,0 +1,57 @@
+"""Small run helpers shared by the translation and language-model experiments."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import ml_collections
+
+from experiments.common import config as config_lib
+from experiments.common import metrics
+
+
+def models_for_mode(mode: str) -> list[str]:
+    """"compare" → both updates (standard first), else just the one named."""
+    return ["standard", "bdia"] if mode == "compare" else [mode]
+
+
+def check_resume_config(
+    config: ml_collections.ConfigDict, workdir: str, *, resumable: Iterable[str]
+) -> None:
+    """Records the config in ``workdir/config.json``; if one is there already (a resumed
+    run), raises ``ConfigError`` naming the fields that changed, apart from ``resumable``."""
+    path = os.path.join(workdir, "config.json")
+    new = config_lib.to_dict(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = config_lib.diff_fields(old, new, ignore=resumable)
+        if changed:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a run with a different config (fields: {', '.join(changed)}); "
+                "resume with the same settings or use a new --workdir."
+            )
+    metrics.write_json(path, new)
+
+
+def memory_record(compiled_mem: dict | None, device_mem: dict | None) -> dict:
+    """The "memory" entry of a model's summary (see experiments.common.memory)."""
+    return {
+        "compiled": compiled_mem,
+        "compiled_note": "per device, from the compiled train step's memory_analysis(); "
+        "peak_estimate = argument + output + temp - alias",
+        "device": device_mem,
+        "device_note": None
+        if device_mem is None
+        else "memory_stats() process-lifetime peak; in compare mode the later model's "
+        "peak includes the earlier one's",
+    }
+
+
+def format_table(header: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A plain side-by-side table: a label column, then one column per model."""
+    lines = [f"{'':<34}" + "".join(f"{h:>20}" for h in header)]
+    lines += [f"{label:<34}" + "".join(f"{v:>20}" for v in values) for label, values in rows]
+    return "\n".join(lines)
