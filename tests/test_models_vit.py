@@ -8,19 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from models_utils import (
+    assert_all_params_get_gradients,
+    assert_model_grads_close,
+    count_params,
+    probe_total,
+    train_grads,
+)
 
 from bdia_jax.models import (
     VIT_VARIANTS,
     ResidualStack,
-    ReversalProbe,
     ViT,
     ViTConfig,
     vit_config,
 )
-
-
-def count_params(module) -> int:
-    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 
 
 def ordinary_vit_param_count(c: ViTConfig) -> int:
@@ -38,51 +40,7 @@ def images(batch=3, size=32, seed=1):
 
 
 def grads_of(model, x, key):
-    """Jitted (logits, aux, param grads, probe grads) of a simple loss at train=True."""
-    graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
-
-    @jax.jit
-    def run(params, probes):
-        def loss(params, probes):
-            logits, aux = nnx.merge(graphdef, params, probes)(x, key=key, train=True)
-            return jnp.mean(jnp.sin(logits) * logits), (logits, aux)
-
-        (_, (logits, aux)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            params, probes)
-        return logits, aux, grads
-
-    logits, aux, (g_params, g_probes) = run(params, probes)
-    return logits, aux, g_params, g_probes
-
-
-def is_key_bias(path) -> bool:
-    """Attention key biases have an exactly-zero true gradient (softmax is shift-invariant:
-    the bias adds q·b to every logit of a row), so both methods return rounding noise there."""
-    names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
-    return "bias" in names and names[names.index("bias") - 1] == "key"
-
-
-def assert_grads_close(got, want):
-    """Per leaf: rtol 1e-5 relative to the leaf's scale.
-
-    Equally valid float reduction orders (even JAX's own remat vs autodiff) differ by ~1e-7
-    of a leaf's norm, so elementwise rtol alone would fail on near-zero entries. Leaves with
-    an exactly-zero true gradient (``is_key_bias``) are checked to be noise-sized (1e-5 of
-    the largest gradient entry of the model) in both.
-    """
-    global_scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(want))
-
-    def check(path, a, b):
-        a, b = np.asarray(a), np.asarray(b)
-        name = jax.tree_util.keystr(path)
-        if is_key_bias(path):
-            assert np.max(np.abs(a)) <= 1e-5 * global_scale, name
-            assert np.max(np.abs(b)) <= 1e-5 * global_scale, name
-            return
-        scale = max(float(np.max(np.abs(b))), 1e-30)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
-
-    jax.tree_util.tree_map_with_path(check, got, want)
+    return train_grads(model, lambda m: m(x, key=key, train=True))
 
 
 # ----------------------------------------------------------------------------- shapes/params
@@ -186,15 +144,13 @@ def test_vit_reversible_gradients_equal_autodiff_with_dropout():
         logits_o, aux_o, g_o, _ = results[other]
         chex.assert_trees_all_equal(logits_r, logits_o)  # same forward, bit for bit
         chex.assert_trees_all_equal(aux_r, aux_o)
-        assert_grads_close(g_r, g_o)
-    assert float(probe_r["stack"]["reversal_probe"][...]) == 0.0  # reversal was bit-exact
+        assert_model_grads_close(g_r, g_o)
+    assert probe_total(probe_r) == 0.0  # reversal was bit-exact
     # Dropout is active: a different key changes the outputs.
     config = vit_config("tiny", depth=3, dropout=0.1, attention_dropout=0.1)
     other_logits = grads_of(ViT(config, rngs=nnx.Rngs(0)), x, jax.random.key(8))[0]
     assert not np.allclose(other_logits, logits_r)
-    # Every parameter (but the key biases, see is_key_bias) receives a gradient.
-    for path, leaf in jax.tree_util.tree_leaves_with_path(g_r):
-        assert is_key_bias(path) or np.any(np.asarray(leaf) != 0), jax.tree_util.keystr(path)
+    assert_all_params_get_gradients(g_r)
 
 
 def test_standard_vit_trains_by_autodiff_and_matches_remat():
@@ -203,7 +159,7 @@ def test_standard_vit_trains_by_autodiff_and_matches_remat():
                             rngs=nnx.Rngs(0)), x, key)
            for bp in ("autodiff", "remat")}
     chex.assert_trees_all_equal(out["autodiff"][0], out["remat"][0])
-    assert_grads_close(out["remat"][2], out["autodiff"][2])
+    assert_model_grads_close(out["remat"][2], out["autodiff"][2])
     assert not bool(out["autodiff"][1]["overflow"])
 
 

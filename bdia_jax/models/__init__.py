@@ -4,8 +4,10 @@
 * ``layers``:  attention, MLP, LayerNorm, encoder/decoder residual branches, KV caches.
 * ``stack``:   ``ResidualStack`` (depth-stacked parameters → ``bdia_stack``/``standard_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
+* ``gpt``:     ``GPT`` / ``GPTConfig`` / ``gpt_config`` (decoder-only LM, KV cache, sampling).
 """
 
+from bdia_jax.models.gpt import GPT, GPT_VARIANTS, GPTConfig, gpt_config
 from bdia_jax.models.layers import (
     MLP,
     DecoderBlock,
@@ -22,6 +24,10 @@ from bdia_jax.models.stack import ResidualStack, stats_to_aux
 from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
+    "GPT_VARIANTS",
+    "gpt_config",
     "MLP",
     "VIT_VARIANTS",
     "DecoderBlock",

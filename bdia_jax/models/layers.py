@@ -16,8 +16,8 @@ Attention is plain jnp (einsum + float32 softmax). ``compute_dtype`` (e.g. bfloa
 matmul dtype; LayerNorm, softmax and the residual branch output stay float32.
 
 Masks are boolean, True = may attend, broadcastable to [batch, heads, q_len, k_len]. A
-padding mask travels through a stack's ``context`` as a float32 [batch, k_len] array
-(1.0 = real token): see ``as_context_mask``.
+padding mask travels through a stack's ``context`` as bool [batch, k_len] (True = real
+token); the engine gives such a non-float context leaf a float0 (no) cotangent.
 """
 
 from __future__ import annotations
@@ -99,23 +99,16 @@ def padding_mask(tokens: jax.Array, pad_id: int) -> jax.Array:
     return tokens != pad_id
 
 
-def as_context_mask(mask: jax.Array | None) -> jax.Array | None:
-    """[batch, len] bool → float32 (1.0 = real token) for passing through a stack's context.
-
-    Why float: the engine's reversible backward pass accumulates context cotangents with
-    ``jnp.add``, which fails on the float0 cotangent of a bool leaf. A float mask only ever
-    enters through a comparison (``key_mask``), so its gradient is exactly zero.
-    """
+def key_mask(mask: jax.Array | None) -> jax.Array | None:
+    """bool [batch, k_len] (True = real token) → bool [batch, 1, 1, k_len], or None."""
     if mask is None:
         return None
-    return jnp.asarray(mask).astype(jnp.float32)
-
-
-def key_mask(context_mask: jax.Array | None) -> jax.Array | None:
-    """float32 [batch, k_len] (1.0 = attend) → bool [batch, 1, 1, k_len], or None."""
-    if context_mask is None:
-        return None
-    return (context_mask > 0.5)[:, None, None, :]
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"padding masks must be bool [batch, len] (True = real token), got {mask.dtype}; "
+            f"build one with padding_mask(tokens, pad_id)."
+        )
+    return mask[:, None, None, :]
 
 
 def combine_masks(*masks):
@@ -246,8 +239,7 @@ def layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class EncoderBlock(nnx.Module):
     """Residual branch of a pre-LN self-attention block: h(x) = a(x) + m(x + a(x)).
 
-    ``context``: None, or a float32 [batch, len] key-padding mask (1.0 = real token, see
-    ``as_context_mask``). ``causal=True`` adds the causal mask (decoder-only LM).
+    ``context``: None, or a bool [batch, len] key-padding mask (True = real token). ``causal=True`` adds the causal mask (decoder-only LM).
     Dropout: ``attention_dropout`` on attention probabilities, ``dropout`` on a(x) and on
     m(·) (residual dropout), all drawn from the block key.
     """
@@ -309,7 +301,7 @@ class DecoderBlock(nnx.Module):
         z = y + c(y),  c(y) = CrossAttn(LN2(y), enc)
         h(x) = a(x) + c(y) + m(z),  m(z) = MLP(LN3(z))
 
-    ``context`` = (enc_out [batch, src_len, enc_width] float32, src_mask float32
+    ``context`` = (enc_out [batch, src_len, enc_width] float32, src_mask bool
     [batch, src_len] or None). Gradients reach the encoder through enc_out.
     """
 
@@ -358,7 +350,7 @@ class DecoderBlock(nnx.Module):
 
     def decode(self, x: jax.Array, context, cache: DecoderCache, pos):
         """Branch for a chunk x: [batch, t, width] at positions pos…; context = src_mask
-        float32 [batch, src_len] or None. Returns (h, cache)."""
+        bool [batch, src_len] or None. Returns (h, cache)."""
         a, self_kv = self.self_attn.attend_cached(self.ln1(x), cache.self_kv, pos)
         y = x + a
         c = self.cross_attn.attend(self.ln2(y), cache.cross_kv, key_mask(context))

@@ -1,0 +1,85 @@
+"""Helpers shared by the model tests (tests/test_models_*.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from grad_utils import assert_grads_close
+
+from bdia_jax.models import ReversalProbe
+
+
+def count_params(module) -> int:
+    """Number of scalar parameters (nnx.Param leaves) of a module."""
+    leaves = jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))
+    return sum(int(np.prod(a.shape)) for a in leaves)
+
+
+def train_grads(model, apply):
+    """Jitted forward + gradients at train=True.
+
+    ``apply(model) -> (outputs, aux)`` calls the model with train=True. The loss is a fixed
+    nonlinear function of the outputs. Returns (outputs, aux, param grads, probe grads).
+    """
+    graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
+
+    @jax.jit
+    def run(params, probes):
+        def loss(params, probes):
+            out, aux = apply(nnx.merge(graphdef, params, probes))
+            return jnp.mean(jnp.sin(out) * out), (out, aux)
+
+        (_, (out, aux)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, probes)
+        return out, aux, grads
+
+    out, aux, (g_params, g_probes) = run(params, probes)
+    return out, aux, g_params, g_probes
+
+
+def is_key_bias(path) -> bool:
+    """Attention key biases: their true gradient is exactly zero (softmax is shift-invariant:
+    the bias adds q·b to every logit of a row), so any method returns rounding noise there."""
+    names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+    return any(a == "key" and b == "bias" for a, b in zip(names, names[1:]))
+
+
+def assert_model_grads_close(got, want):
+    """``grad_utils.assert_grads_close`` (rtol 1e-5 of each leaf's scale) on every leaf but
+    the attention key biases, which must be noise-sized (1e-5 of the largest gradient entry
+    of the model) in both."""
+    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(want))
+
+    def main(path, leaf):
+        return None if is_key_bias(path) else leaf
+
+    assert_grads_close(jax.tree_util.tree_map_with_path(main, got),
+                       jax.tree_util.tree_map_with_path(main, want))
+    for tree in (got, want):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if is_key_bias(path):
+                assert float(np.max(np.abs(leaf))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def assert_all_params_get_gradients(grads):
+    """Every parameter (but the key biases) has a nonzero gradient somewhere."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        assert is_key_bias(path) or np.any(np.asarray(leaf) != 0), jax.tree_util.keystr(path)
+
+
+def probe_total(g_probes) -> float:
+    """Sum of all reversal-probe gradients (the reversal error)."""
+    return float(sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(g_probes)))
+
+
+def jitted(model, **call_kwargs):
+    """``f(*inputs) -> model(*inputs, **call_kwargs)[0]``, jitted (one compile per shape)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, *inputs):
+        return nnx.merge(graphdef, state)(*inputs, **call_kwargs)[0]
+
+    return lambda *inputs: run(state, *inputs)
