@@ -198,7 +198,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
             objective, argnums=(0, 1), has_aux=True
         )(state.params, state.probes)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         bad = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
         if "nonfinite" in metrics:
             bad = bad | jnp.asarray(metrics["nonfinite"], bool)
