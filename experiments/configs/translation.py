@@ -1,0 +1,178 @@
+"""Configs of ``python -m experiments.translation`` (Transformer vs BDIA-Transformer, En→Fr).
+
+Select a preset with ``--config=experiments/configs/translation.py:<preset>`` and override
+any field on the command line, e.g. ``--config.train.num_epochs=3``. Presets:
+
+* ``quick`` (the default): a small encoder-decoder on Multi30k En→Fr; both models train,
+  evaluate and decode the test set in about 10 minutes on a 2-core CPU.
+* ``full``: a base-sized Transformer (6+6 layers, width 512) for accelerators.
+* ``tiny``: a few steps on a few sentences, for smoke tests and CI.
+
+Data: by default aligned text files ``{data.dir}/{split}.{lang}[.gz]`` (one sentence per
+line; Multi30k lies at ``../shared/data/multi30k`` relative to the repository, override with
+``--data_dir`` or ``--config.data.dir``). With ``data.tfds_name`` set (e.g.
+``wmt14_translate/fr-en``) the splits are read from TFDS instead.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("quick", "full", "tiny")
+MODES = ("compare", "standard", "bdia")
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = "quick"  # the preset these values came from (recorded in summary.json)
+    c.seed = 0  # initialisation, batch order, dropout and γ draws all derive from it
+    # Which model(s) to train: "compare" trains the standard Transformer and then the
+    # BDIA-Transformer on the same initialisation, batches and keys; "standard" or "bdia"
+    # trains only that one.
+    c.mode = "compare"
+
+    # --- the encoder-decoder (bdia_jax.models.Seq2SeqConfig; `update` comes from `mode`)
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 256  # residual stream (embedding) dimension
+    c.model.encoder_depth = 3  # encoder blocks (>= 1)
+    c.model.decoder_depth = 3  # decoder blocks (>= 1)
+    c.model.num_heads = 4  # attention heads; width must be divisible by it
+    c.model.mlp_dim = 1024  # hidden size of each block's MLP
+    c.model.dropout = 0.1  # embedding and residual-branch dropout rate
+    c.model.attention_dropout = 0.0  # dropout rate on attention probabilities
+    c.model.bdia_backprop = "reversible"  # BDIA gradient: "reversible" | "autodiff" | "remat"
+    c.model.standard_backprop = "autodiff"  # standard gradient: "autodiff" | "remat"
+    c.model.gamma = 0.5  # |γ| of the BDIA training update (γ = ±gamma), a power of two
+    c.model.frac_bits = 9  # l: fixed-point grid δ = 2**-l for BDIA (the paper: 9)
+    c.model.quantize_at_inference = True  # BDIA inference keeps the stream on the grid
+    c.model.compute_dtype = "float32"  # matmul dtype: "float32", or "bfloat16" on TPU/GPU
+
+    # --- data
+    c.data = ml_collections.ConfigDict()
+    # Folder of the aligned text files {dir}/{split}.{lang}[.gz]; relative paths are taken
+    # from the working directory (run from the repository root). --data_dir overrides it.
+    c.data.dir = "../shared/data/multi30k"
+    c.data.src_lang = "en"  # source language code (file suffix / TFDS feature name)
+    c.data.tgt_lang = "fr"  # target language code
+    c.data.train_split = "train"  # training split (file prefix or TFDS split)
+    c.data.val_split = "val"  # validation split: loss and perplexity every epoch
+    c.data.test_split = "test_2016_flickr"  # test split: sacreBLEU at the end
+    # TFDS translation dataset instead of files, e.g. "wmt14_translate/fr-en" ("" = files);
+    # its splits are then named like "train", "validation", "test".
+    c.data.tfds_name = ""
+    c.data.tfds_data_dir = ""  # TFDS data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.tfds_download = False  # let TFDS download and prepare the dataset (network)
+    c.data.num_train_examples = 0  # use the first N training pairs (0: all)
+    c.data.num_val_examples = 0  # use the first N validation pairs (0: all)
+    c.data.num_test_examples = 0  # translate the first N test pairs (0: all)
+
+    # --- tokenizer (SentencePiece, trained on the training split, saved in the workdir)
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.vocab_size = 8000  # pieces per model (a small corpus may give fewer)
+    c.tokenizer.shared = True  # one vocabulary for both languages (else one per language)
+    c.tokenizer.model_type = "unigram"  # "unigram" | "bpe"
+    c.tokenizer.character_coverage = 1.0  # share of characters covered (1.0: all)
+
+    # --- batches (length-bucketed; one compiled step per bucket length)
+    c.batch = ml_collections.ConfigDict()
+    # Bucket lengths in tokens (incl. BOS/EOS), strictly increasing. Training pairs longer
+    # than the last are dropped (counted in summary.json); test sources are truncated.
+    c.batch.bucket_lengths = (16, 24, 32, 48, 64)
+    # Tokens per batch: a bucket of length L gets tokens_per_batch // L sentences (rounded
+    # down to a multiple of the device count).
+    c.batch.tokens_per_batch = 4096
+
+    # --- optimisation (Optax; see experiments.common.train_state.make_optimizer)
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # "adamw" | "adam" | "sgd" | "lamb"
+    c.optim.schedule = "warmup_cosine"  # "warmup_cosine" | "warmup_constant"
+    c.optim.learning_rate = 1e-3  # peak learning rate
+    c.optim.warmup_epochs = 1.0  # linear warmup from 0, in epochs (fractions allowed)
+    c.optim.end_learning_rate_factor = 0.05  # cosine decays to lr * this at the last step
+    c.optim.weight_decay = 0.01  # decoupled weight decay on weight matrices
+    c.optim.b1 = 0.9  # Adam first-moment decay
+    c.optim.b2 = 0.98  # Adam second-moment decay (0.98 as in the Transformer paper)
+    c.optim.eps = 1e-9  # Adam epsilon
+    c.optim.momentum = 0.9  # SGD momentum (only for name="sgd")
+    c.optim.grad_clip_norm = 1.0  # clip gradients to this global norm (0: no clipping)
+    c.optim.label_smoothing = 0.1  # label smoothing ε of the training cross-entropy
+
+    # --- training loop
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 10  # passes over the training pairs
+    c.train.log_every_steps = 50  # write a metrics.jsonl "train" record every N steps
+    c.train.eval_every_epochs = 1  # validation loss/perplexity every N epochs (and at the end)
+    c.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and every epoch end)
+    c.train.keep_checkpoints = 2  # keep the last N checkpoints per model
+    c.train.async_checkpoints = False  # write checkpoints in the background
+    # "stop": end the run at a NaN/Inf loss or gradient, naming the step; "skip": drop such
+    # updates, count them and continue.
+    c.train.on_nonfinite = "stop"
+    c.train.progress = "auto"  # progress bars: "auto" (when a terminal), "on", "off"
+    # Testing aid: stop after this global step as if killed (0: never); rerunning resumes.
+    c.train.stop_after_steps = 0
+
+    # --- evaluation (at E[γ] = 0: the inference update of both models)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.beam_size = 4  # beam width for the beam-search BLEU (greedy is always run too)
+    c.eval.length_penalty = 0.6  # GNMT length-penalty exponent α of beam search
+    # Decoding stops at this many target tokens (incl. EOS); the KV cache has this length.
+    c.eval.max_decode_len = 64
+    c.eval.decode_batch_size = 64  # test sentences decoded at once (beam: x beam_size rows)
+    c.eval.num_examples_to_print = 5  # example translations printed and saved per model
+    return c
+
+
+def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
+    """The config of ``preset`` ("quick", "full" or "tiny")."""
+    preset = preset or "quick"
+    if preset not in PRESETS:
+        raise ValueError(
+            f"unknown translation preset {preset!r}; use one of {PRESETS}, e.g. "
+            "--config=experiments/configs/translation.py:quick"
+        )
+    c = _base()
+    c.preset = preset
+    if preset == "quick":
+        # Sized for a 2-core CPU: both models train, evaluate and decode in ~10 minutes.
+        c.model.update(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, mlp_dim=256)
+        c.tokenizer.vocab_size = 2000
+        c.data.num_train_examples = 0
+        # Four shapes to compile per model; with 2000 pieces the longest Multi30k pair has 72.
+        c.batch.bucket_lengths = (16, 24, 36, 72)
+        c.batch.tokens_per_batch = 2048
+        c.train.num_epochs = 1
+        c.optim.warmup_epochs = 0.1
+        c.eval.beam_size = 4
+        c.eval.max_decode_len = 48
+        c.eval.num_test_examples = 0
+    elif preset == "full":
+        # Transformer-base-like model for accelerators (Multi30k or WMT via data.tfds_name).
+        c.model.update(width=512, encoder_depth=6, decoder_depth=6, num_heads=8,
+                       mlp_dim=2048, dropout=0.1)
+        c.tokenizer.vocab_size = 8000
+        c.batch.tokens_per_batch = 8192
+        c.train.num_epochs = 30
+        c.train.log_every_steps = 100
+        c.train.checkpoint_every_steps = 1000
+        c.optim.learning_rate = 7e-4
+        c.optim.warmup_epochs = 2.0
+        c.eval.beam_size = 5
+        c.eval.decode_batch_size = 128
+    elif preset == "tiny":
+        c.model.update(width=32, encoder_depth=2, decoder_depth=2, num_heads=2, mlp_dim=64,
+                       dropout=0.0)
+        c.tokenizer.vocab_size = 300
+        c.data.num_train_examples = 64
+        c.data.num_val_examples = 16
+        c.data.num_test_examples = 8
+        c.batch.bucket_lengths = (32, 64)
+        c.batch.tokens_per_batch = 256
+        c.train.num_epochs = 2
+        c.train.log_every_steps = 2
+        c.train.checkpoint_every_steps = 4
+        c.eval.beam_size = 2
+        c.eval.max_decode_len = 24
+        c.eval.decode_batch_size = 4
+        c.eval.num_examples_to_print = 2
+    return c
