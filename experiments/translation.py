@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -223,10 +224,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str, mesh) -> Translat
         bucketed[which] = batching.BucketedBatches(
             pairs, bucket_lengths=b.bucket_lengths, tokens_per_batch=b.tokens_per_batch,
             batch_multiple=shards)
+    test_pieces = tok.src.encode(corpora["test"].src)
     test_src = [np.asarray([*ids[: max_len - 1], tokenizer.EOS_ID], np.int32)
-                for ids in tok.src.encode(corpora["test"].src)]
-    too_long["test_truncated_sources"] = sum(
-        len(ids) >= max_len for ids in tok.src.encode(corpora["test"].src))
+                for ids in test_pieces]
+    too_long["test_truncated_sources"] = sum(len(ids) >= max_len for ids in test_pieces)
     stats = {
         "source": d.tfds_name and f"tfds:{d.tfds_name}" or os.path.abspath(d.dir),
         "pairs": {w: len(c) for w, c in corpora.items()},
@@ -276,14 +277,19 @@ class BucketedTrainStep:
 
     def __init__(self, train_step, state, batches: batching.BucketedBatches, mesh):
         replicated = sharding.replicated_sharding(mesh)
-        self.compiled = {}
-        for length in batches.bucket_lengths:
+
+        def compile_for(length):
             example = sharding.shard_batch(
                 device_batch(batches.make_batch(length, np.zeros((0,), np.int64))), mesh)
-            self.compiled[example["src"].shape] = ts.compile_train_step(
+            return example["src"].shape, ts.compile_train_step(
                 train_step, state, example, state_sharding=replicated,
                 batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=replicated)
-        self.largest = self.compiled[example["src"].shape]
+
+        # XLA compiles outside the GIL: the bucket shapes compile in parallel.
+        with ThreadPoolExecutor(max_workers=min(len(batches.bucket_lengths),
+                                                os.cpu_count() or 1)) as pool:
+            self.compiled = dict(pool.map(compile_for, batches.bucket_lengths))
+        self.largest = self.compiled[max(self.compiled, key=lambda shape: shape[1])]
 
     def __call__(self, state, batch):
         return self.compiled[batch["src"].shape](state, batch)
