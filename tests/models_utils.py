@@ -74,12 +74,13 @@ def probe_total(g_probes) -> float:
     return float(sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(g_probes)))
 
 
-def jitted(model, **call_kwargs):
-    """``f(*inputs) -> model(*inputs, **call_kwargs)[0]``, jitted (one compile per shape)."""
+def jitted(model, **static_kwargs):
+    """``f(*args, **kwargs) -> model(*args, **kwargs, **static_kwargs)[0]``, jitted (one
+    compile per input shape); args/kwargs are traced arrays, static_kwargs are fixed."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def run(state, *inputs):
-        return nnx.merge(graphdef, state)(*inputs, **call_kwargs)[0]
+    def run(state, args, kwargs):
+        return nnx.merge(graphdef, state)(*args, **kwargs, **static_kwargs)[0]
 
-    return lambda *inputs: run(state, *inputs)
+    return lambda *args, **kwargs: run(state, args, kwargs)

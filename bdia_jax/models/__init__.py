@@ -5,8 +5,11 @@
 * ``stack``:   ``ResidualStack`` (depth-stacked parameters → ``bdia_stack``/``standard_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
 * ``gpt``:     ``GPT`` / ``GPTConfig`` / ``gpt_config`` (decoder-only LM, KV cache, sampling).
+* ``seq2seq``: ``Seq2SeqTransformer`` / ``Seq2SeqConfig`` / ``seq2seq_config`` (translation).
+* ``decoding``: greedy and beam search over a KV-cached step function.
 """
 
+from bdia_jax.models import decoding
 from bdia_jax.models.gpt import GPT, GPT_VARIANTS, GPTConfig, gpt_config
 from bdia_jax.models.layers import (
     MLP,
@@ -20,10 +23,23 @@ from bdia_jax.models.layers import (
     dot_product_attention,
     padding_mask,
 )
+from bdia_jax.models.seq2seq import (
+    SEQ2SEQ_VARIANTS,
+    DecodeState,
+    Seq2SeqConfig,
+    Seq2SeqTransformer,
+    seq2seq_config,
+)
 from bdia_jax.models.stack import ResidualStack, stats_to_aux
 from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
 
 __all__ = [
+    "SEQ2SEQ_VARIANTS",
+    "DecodeState",
+    "Seq2SeqConfig",
+    "Seq2SeqTransformer",
+    "decoding",
+    "seq2seq_config",
     "GPT",
     "GPTConfig",
     "GPT_VARIANTS",
