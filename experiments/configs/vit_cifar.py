@@ -110,11 +110,15 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = _base()
     c.preset = preset
     if preset == "quick":
-        # Sized for a 2-core CPU: both models together train, evaluate and sweep γ in
-        # under 10 minutes. Values measured: see the README's results section.
-        c.data.num_train_examples = 0
+        # Sized for a 2-core CPU: a width-64 ViT, one epoch over all 50k training images,
+        # for each model, plus a full test evaluation and a 5-point γ sweep on 2000 test
+        # images. Measured on a 2-core CPU shared with other jobs: 11 min wall for both
+        # models (under 6 min of CPU time); test accuracy ViT 41.6%, BDIA-ViT 39.0%
+        # (chance: 10%). See the README's results section.
+        c.model.update(width=64, depth=4, num_heads=2, mlp_dim=128, patch_size=4)
         c.train.num_epochs = 1
         c.train.batch_size = 128
+        c.train.log_every_steps = 25
         c.eval.sweep_gammas = (-0.5, -0.25, 0.0, 0.25, 0.5)
         c.eval.sweep_num_examples = 2000
     elif preset == "paper":
