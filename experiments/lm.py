@@ -16,6 +16,7 @@ samples.txt, vocab.json and Orbax checkpoints (rerunning the same command resume
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -202,6 +203,7 @@ def make_loss_fn():
     return loss_fn
 
 
+@functools.lru_cache(maxsize=8)  # same graphdef (e.g. a resumed run in one process): reuse
 def make_eval_step(graphdef):
     """Jitted ``(params, probes, rest, batch) -> {"nll_sum", "count"}`` at E[γ] = 0;
     batch {"inputs", "targets": int32 [b, context], "mask": bool [b] (real rows)}."""

@@ -20,6 +20,7 @@ see the same batches and keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -295,6 +296,7 @@ class BucketedTrainStep:
         return self.compiled[batch["src"].shape](state, batch)
 
 
+@functools.lru_cache(maxsize=8)  # same graphdef (e.g. a resumed run in one process): reuse
 def make_eval_step(graphdef):
     """Jitted ``(params, probes, rest, batch) -> {"nll_sum", "correct_sum", "num_tokens"}``
     at E[γ] = 0 (one compilation per bucket shape)."""
@@ -322,6 +324,7 @@ def evaluate_loss(eval_step, state, batches: batching.BucketedBatches, mesh) -> 
             "val_token_accuracy": totals["correct_sum"] / totals["num_tokens"]}
 
 
+@functools.lru_cache(maxsize=8)
 def make_translate_fn(graphdef, *, max_len: int, beam_size: int, alpha: float):
     """Jitted ``(params, probes, rest, src, src_mask) -> tokens int32 [b, max_len]``:
     greedy decoding (beam_size 1) or beam search, at E[γ] = 0 with the KV cache. PAD and
