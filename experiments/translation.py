@@ -642,9 +642,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv) -> None:
-    from absl import flags
+    from absl import flags, logging
 
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep library INFO chatter off the console
     config = flags.FLAGS.config
     if flags.FLAGS.data_dir:
         config.data.dir = flags.FLAGS.data_dir
