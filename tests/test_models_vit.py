@@ -152,6 +152,16 @@ def test_vit_reversible_gradients_equal_autodiff_with_dropout():
     assert_all_params_get_gradients(g_r)
 
 
+def test_bfloat16_matmuls_keep_a_float32_stream_and_exact_reversal():
+    config = vit_config("tiny", compute_dtype="bfloat16", dropout=0.1, attention_dropout=0.1)
+    model = ViT(config, rngs=nnx.Rngs(0))
+    assert model.stack.blocks.mlp.fc1.kernel[...].dtype == jnp.float32  # float32 params
+    logits, aux, grads, probes = grads_of(model, images(), jax.random.key(2))
+    assert logits.dtype == jnp.float32
+    assert probe_total(probes) == 0.0 and not bool(aux["nonfinite"])
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
 def test_standard_vit_trains_by_autodiff_and_matches_remat():
     x, key = images(), jax.random.key(3)
     out = {bp: grads_of(ViT(vit_config("tiny", update="standard", backprop=bp),
