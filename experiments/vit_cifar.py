@@ -422,13 +422,14 @@ def _plot(workdir: str, records_path: str, results: dict) -> list[str]:
         evals = metrics.read_records(records_path, model=r["name"], kind="eval")
         curves[r["name"]] = {
             "train_step": [x["step"] for x in train], "train_loss": [x["loss"] for x in train],
+            "train_value": [x["accuracy"] for x in train],
             "eval_step": [x["step"] for x in evals],
-            "eval_value": [x["accuracy"] for x in evals], "eval_label": "test accuracy",
+            "eval_value": [x["accuracy"] for x in evals], "eval_label": "accuracy",
         }
         if r["gamma_sweep"]["gammas"]:
             sweeps[r["name"]] = (r["gamma_sweep"]["gammas"], r["gamma_sweep"]["accuracy"])
     paths = [os.path.join(workdir, "curves.png")]
-    plots.plot_curves(curves, paths[0], title="CIFAR-10: loss and test accuracy")
+    plots.plot_curves(curves, paths[0], title="CIFAR-10: loss and accuracy")
     if sweeps:
         paths.append(os.path.join(workdir, "gamma_sweep.png"))
         plots.plot_sweep(sweeps, paths[1], xlabel="inference γ", ylabel="test accuracy",

@@ -108,6 +108,25 @@ def progress_enabled(mode: str) -> bool:
     return sys.stderr.isatty()
 
 
+class _StepTimer:
+    """Step time over windows of dispatched steps, excluding logging, evaluation and
+    checkpointing (the caller closes a window before them and restarts it after)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+
+    def close(self, result: LoopResult, wait_for) -> None:
+        if self.steps:
+            jax.block_until_ready(wait_for)  # the window's last step has finished
+            result.train_seconds += time.perf_counter() - self.start
+            result.timed_steps += self.steps
+            self.steps = 0
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+
+
 def _mean_metrics(host_metrics: list[dict]) -> dict:
     """Means of float metrics; for boolean flags the number of steps they were set."""
     out = {}
@@ -186,21 +205,23 @@ def run_loop(
         bar = tqdm(total=spe, initial=first_step - epoch * spe, disable=not show_bar,
                    desc=f"{name} epoch {epoch + 1}/{settings.num_epochs}", leave=False,
                    dynamic_ncols=True, unit="step")
-        pending: list = []
+        pending: list = []  # device metrics since the last "train" record
         epoch_metrics: list[dict] = []
         epoch_clock = time.perf_counter()
-        window_start = time.perf_counter()
+        timer = _StepTimer()
         try:
             for step in range(first_step, epoch_end):
                 state, metrics = step_fn(state, get_batch(step))
                 pending.append(metrics)
+                timer.steps += 1
                 done = step + 1
                 bar.update(1)
+                paused = False  # did logging/eval/checkpointing interrupt the timing?
 
                 if done % settings.log_every_steps == 0 or done == epoch_end:
-                    host = jax.device_get(pending)  # waits for the window's steps
-                    result.train_seconds += time.perf_counter() - window_start
-                    result.timed_steps += len(pending)
+                    timer.close(result, pending[-1])
+                    paused = True
+                    host = jax.device_get(pending)
                     pending = []
                     epoch_metrics += host
                     means = _mean_metrics(host)
@@ -212,7 +233,6 @@ def run_loop(
                                   "epoch": done / spe, **means})
                     bar.set_postfix_str(_format(means, summary_keys))
                     check_nonfinite(state, done)
-                    window_start = time.perf_counter()
 
                 if done == epoch_end:
                     if (epoch + 1) % settings.eval_every_epochs == 0 or (
@@ -237,9 +257,13 @@ def run_loop(
                         f"{time.perf_counter() - epoch_clock:.1f}s")
 
                 if checkpointer.is_due(done) or done == epoch_end:
+                    timer.close(result, state.step)
+                    paused = True
                     check_nonfinite(state, done)
                     checkpointer.save(done, state, {"loop": result.to_record()})
-                    window_start = time.perf_counter()
+
+                if paused:
+                    timer.restart()
 
                 if settings.stop_after_steps and done == settings.stop_after_steps:
                     checkpointer.wait()

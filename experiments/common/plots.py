@@ -9,18 +9,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(curves: dict[str, dict[str, list]], path: str, *, title: str = "") -> None:
-    """Training loss and evaluation metric against step, one line per model.
+    """Training loss (left) and a metric (right: training curve dashed, evaluations as
+    markers, same colour per model) against step.
 
-    curves: {model: {"train_step": [...], "train_loss": [...], "eval_step": [...],
-             "eval_value": [...], "eval_label": str}}.
+    curves: {model: {"train_step": [...], "train_loss": [...],
+             "train_value": [...] (optional, the metric on training batches),
+             "eval_step": [...], "eval_value": [...], "eval_label": str}}.
     """
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     eval_label = "eval"
-    for name, c in curves.items():
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i}"
         if c.get("train_step"):
-            ax_loss.plot(c["train_step"], c["train_loss"], label=name)
+            ax_loss.plot(c["train_step"], c["train_loss"], color=color, label=name)
+            if c.get("train_value"):
+                ax_eval.plot(c["train_step"], c["train_value"], color=color, linestyle="--",
+                             alpha=0.7, label=f"{name} (training batches)")
         if c.get("eval_step"):
-            ax_eval.plot(c["eval_step"], c["eval_value"], marker="o", label=name)
+            ax_eval.plot(c["eval_step"], c["eval_value"], color=color, marker="o",
+                         label=f"{name} (test)")
             eval_label = c.get("eval_label", eval_label)
     ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
     ax_eval.set(xlabel="step", ylabel=eval_label, title=eval_label)
