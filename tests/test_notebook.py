@@ -7,6 +7,7 @@ own asserts check the bit-exact reversal, the zero reversal probe and the traini
 """
 
 import importlib.util
+import json
 import os
 
 import nbformat
@@ -67,3 +68,7 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, monkeypatch):
     (run,) = (tmp_path / "runs").glob("notebook_smoke_*")  # one run folder, named by backend
     for name in ("metrics.jsonl", "summary.json", "curves.png", "gamma_sweep.png"):
         assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["models"]) == {"standard", "bdia"}
+    assert summary["models"]["bdia"]["reversal_exact"] is True
+    assert "did NOT rebuild" not in outputs
