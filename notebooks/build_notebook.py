@@ -83,28 +83,41 @@ def _find_checkout() -> str | None:
 
 
 def _colab_install(root: str) -> None:
-    """pip install requirements.txt, with the jax wheel that matches the runtime's chip."""
+    """pip install requirements.txt; jax only if the runtime's own jax is outside the pin."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
     with open(os.path.join(root, "requirements.txt")) as f:
         lines = [line.split("#")[0].strip() for line in f]
-    # jax: the accelerator's wheel with the pinned version range; tensorflow-cpu: Colab's own
-    # tensorflow already prepares TFDS datasets; the rest of the skipped lines are test tools.
-    jax_pin = next(line for line in lines if line.startswith("jax["))
-    version = jax_pin.split("]", 1)[1]
+    # Colab's preinstalled jax is built for the runtime's chip: keep it when it fits the pin.
+    # tensorflow-cpu: Colab's own tensorflow already prepares TFDS datasets. The other
+    # skipped lines are test tools.
+    jax_pin = SpecifierSet(next(line for line in lines if line.startswith("jax[")).split("]")[1])
     skip = ("jax[", "tensorflow-cpu", "pytest", "hypothesis", "nbclient", "nbformat", "ipykernel")
     packages = [line for line in lines if line and not line.startswith(skip)]
-    if os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE") or \\
-            os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):
-        chip = "tpu"
-    elif shutil.which("nvidia-smi"):
-        chip = "cuda12"
-    else:
-        chip = "cpu"
-    jax_was_imported = "jax" in sys.modules
-    print(f"Colab: installing the requirements and jax[{chip}]{version} ...")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"jax[{chip}]{version}",
-                    *packages], check=True)
-    if jax_was_imported:
-        print("jax was imported before the install: Runtime > Restart session, then run again.")
+    try:
+        jax_ok = metadata.version("jax") in jax_pin
+    except metadata.PackageNotFoundError:
+        jax_ok = False
+    if not jax_ok:
+        if os.environ.get("COLAB_TPU_ADDR"):
+            raise RuntimeError("This is the legacy Colab TPU (TPU Node) runtime, which current "
+                               "jax does not support: choose a TPU v2-8/v5e runtime instead.")
+        # TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later).
+        tpu = os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") or \\
+            bool(os.environ.get("TPU_ACCELERATOR_TYPE"))
+        chip = "cuda12" if shutil.which("nvidia-smi") else ("tpu" if tpu else "cpu")
+        packages.append(f"jax[{chip}]{jax_pin}")
+        if "jax" in sys.modules:
+            print("jax was imported before this install: Runtime > Restart session, then run "
+                  "this notebook again.")
+    filtered = os.path.join(root, "requirements-colab.txt")  # "-e ." is relative to root
+    with open(filtered, "w") as f:
+        f.write("\\n".join(packages) + "\\n")
+    print("Colab: pip install " + " ".join(packages))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", filtered], check=True,
+                   cwd=root)
 
 
 if not _importable():
@@ -122,7 +135,8 @@ if not _importable():
             "parent folder: open this notebook from the repository's notebooks/ folder, or add "
             "the repository root to PYTHONPATH.")
     sys.path.insert(0, root)
-REPO_ROOT = _find_checkout() or os.getcwd()
+# The folder that holds bdia_jax/ and experiments/ (and requirements.txt).
+REPO_ROOT = os.path.dirname(os.path.dirname(importlib.util.find_spec("experiments").origin))
 if IN_COLAB and not os.path.exists("/content/.bdia_jax_installed"):
     _colab_install(REPO_ROOT)
     open("/content/.bdia_jax_installed", "w").close()
