@@ -129,13 +129,19 @@ class TrainBatches:
         self.steps_per_epoch = len(data) // batch_size
         self._epoch, self._perm = None, None
 
-    def __call__(self, step: int) -> dict:
-        """{"image": [b, H, W, C] uint8, "label": [b] int32} numpy arrays."""
+    def __call__(self, step: int, rows: np.ndarray | None = None) -> dict:
+        """{"image": [b, H, W, C] uint8, "label": [b] int32} numpy arrays.
+
+        rows: which rows of the global batch to read (multi-host: this process's rows,
+        ``sharding.process_rows``); None reads all ``batch_size``.
+        """
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, len(self.data))
-        rows = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
-        return {"image": self.data.images[rows], "label": self.data.labels[rows]}
+        examples = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+        if rows is not None:
+            examples = examples[rows]
+        return {"image": self.data.images[examples], "label": self.data.labels[examples]}
 
 
 def eval_batches(data: ImageSplit, batch_size: int):

@@ -5,8 +5,9 @@
         --workdir=runs/vit_cifar_paper --data_dir=/path/to/tensorflow_datasets
     python -m experiments.vit_cifar --config.mode=bdia --config.train.num_epochs=3
 
-Trains the model(s) that ``config.mode`` names on one device mesh over all local devices
-(batch sharded, parameters replicated); evaluates on the test split with E[γ] = 0 and runs
+Trains the model(s) that ``config.mode`` names on one device mesh over every device of the
+job (batch sharded; parameters replicated, or FSDP-sharded with ``--config.mesh.fsdp=N``;
+multi-host with ``jax.distributed``, see ``experiments/common/sharding.py``); evaluates on the test split with E[γ] = 0 and runs
 the inference-γ sweep; writes to ``--workdir``: metrics.jsonl, summary.json, curves.png,
 gamma_sweep.png and Orbax checkpoints (rerunning the same command resumes). In "compare"
 mode both models start from the same initialisation and see the same batches,
@@ -37,6 +38,7 @@ from experiments.common.loop import (
     PROGRESS_MODES,
     LoopResult,
     LoopSettings,
+    NonFiniteError,
     TrainingInterrupted,
     log,
     run_loop,
@@ -49,8 +51,11 @@ RESUMABLE_CHANGES = (
     "mode", "data.data_dir", "data.download", "train.stop_after_steps", "train.progress",
     "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.async_checkpoints", "eval.batch_size", "eval.sweep_gammas",
-    "eval.sweep_num_examples",
+    "eval.sweep_num_examples", "mesh.fsdp", "distributed.initialize",
+    "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
 )
+# frac_bits limit: float32 holds grid values exactly only while |x| < 2**(24 - frac_bits).
+MAX_FRAC_BITS = 20
 
 
 # --------------------------------------------------------------------------- config
@@ -87,25 +92,37 @@ def sweep_config_for(vit_cfg: ViTConfig) -> ViTConfig:
                         "frac_bits": None, "quantize_at_inference": False})
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Raise ``ConfigError`` listing every bad field (one line each)."""
+    """Raise ``ConfigError`` listing every bad field (one line each, naming the field and
+    the allowed values). ``mesh``: the run's mesh (batch sizes must split over it)."""
     checks = config_lib.Checks()
     checks.one_of(config.preset, PRESETS, "preset")
+    checks.require(_is_int(config.seed) and config.seed >= 0, "seed",
+                   f"must be an int >= 0, got {config.seed!r}")
     checks.one_of(config.mode, MODES, "mode")
     m = config.model
     for field in ("image_size", "patch_size", "num_classes", "width", "depth", "num_heads",
                   "mlp_dim"):
         value = m[field]
-        checks.require(isinstance(value, int) and value >= 1, f"model.{field}",
+        checks.require(_is_int(value) and value >= 1, f"model.{field}",
                        f"must be an int >= 1, got {value!r}")
-    if isinstance(m.patch_size, int) and m.patch_size >= 1:
+    if _is_int(m.patch_size) and m.patch_size >= 1 and _is_int(m.image_size):
         checks.require(m.image_size % m.patch_size == 0, "model.patch_size",
                        f"must divide model.image_size={m.image_size}, got {m.patch_size}")
-    if isinstance(m.num_heads, int) and m.num_heads >= 1:
+    if _is_int(m.num_heads) and m.num_heads >= 1 and _is_int(m.width):
         checks.require(m.width % m.num_heads == 0, "model.num_heads",
                        f"must divide model.width={m.width}, got {m.num_heads}")
     for field in ("dropout", "attention_dropout"):
-        checks.require(0 <= m[field] < 1, f"model.{field}", f"must be in [0, 1), got {m[field]}")
+        checks.require(_is_number(m[field]) and 0 <= m[field] < 1, f"model.{field}",
+                       f"must be in [0, 1), got {m[field]!r}")
     checks.one_of(m.pool, ("cls", "mean"), "model.pool")
     checks.one_of(m.bdia_backprop, ("reversible", "autodiff", "remat"), "model.bdia_backprop")
     checks.one_of(m.standard_backprop, ("autodiff", "remat"), "model.standard_backprop")
@@ -113,40 +130,85 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         float(np.log2(m.gamma)).is_integer() if m.gamma > 0 else False)
     checks.require(gamma_ok, "model.gamma",
                    f"must be a power of two in (0, 1) such as 0.5 or 0.25, got {m.gamma!r}")
-    checks.require(isinstance(m.frac_bits, int) and 0 <= m.frac_bits <= 20, "model.frac_bits",
-                   f"must be an int in [0, 20] (the paper: 9), got {m.frac_bits!r}")
+    checks.require(
+        _is_int(m.frac_bits) and 0 <= m.frac_bits <= MAX_FRAC_BITS, "model.frac_bits",
+        f"must be an int in [0, {MAX_FRAC_BITS}] (the paper: 9): float32 keeps grid values "
+        f"exact only while |x| < 2**(24 - frac_bits), so {MAX_FRAC_BITS} already limits the "
+        f"stream to |x| < 16; got {m.frac_bits!r}")
+    checks.one_of(m.quantize_at_inference, (True, False), "model.quantize_at_inference")
     checks.one_of(m.compute_dtype, ("float32", "bfloat16", "float16"), "model.compute_dtype")
 
     d = config.data
-    checks.require(bool(d.name), "data.name", "must name a TFDS dataset, e.g. cifar10")
-    checks.positive(d.num_train_examples, "data.num_train_examples", allow_zero=True)
-    checks.positive(d.num_test_examples, "data.num_test_examples", allow_zero=True)
-    checks.positive(d.crop_padding, "data.crop_padding", allow_zero=True)
+    _check_dataset_name(d.name, checks)
+    if d.data_dir:
+        checks.require(os.path.isdir(d.data_dir), "data.data_dir",
+                       f"must be an existing folder of prepared TFDS datasets (or \"\" for "
+                       f"$TFDS_DATA_DIR); {d.data_dir!r} does not exist")
+    elif os.environ.get("TFDS_DATA_DIR"):
+        checks.require(os.path.isdir(os.environ["TFDS_DATA_DIR"]), "data.data_dir",
+                       f"is empty, so $TFDS_DATA_DIR is used, but "
+                       f"{os.environ['TFDS_DATA_DIR']!r} does not exist; fix TFDS_DATA_DIR "
+                       f"or pass --data_dir")
+    checks.one_of(d.download, (True, False), "data.download")
+    for field in ("train_split", "test_split"):
+        checks.require(isinstance(d[field], str) and bool(d[field]), f"data.{field}",
+                       f"must name a TFDS split such as 'train' or 'test[:50%]', "
+                       f"got {d[field]!r}")
+    for field in ("num_train_examples", "num_test_examples", "crop_padding"):
+        checks.require(_is_int(d[field]) and d[field] >= 0, f"data.{field}",
+                       f"must be an int >= 0, got {d[field]!r}")
+    checks.one_of(d.flip, (True, False), "data.flip")
 
     ts.validate_optim(config.optim, checks)
-    checks.require(0 <= config.optim.label_smoothing < 1, "optim.label_smoothing",
-                   f"must be in [0, 1), got {config.optim.label_smoothing}")
+    checks.require(_is_number(config.optim.label_smoothing)
+                   and 0 <= config.optim.label_smoothing < 1, "optim.label_smoothing",
+                   f"must be in [0, 1), got {config.optim.label_smoothing!r}")
 
     t = config.train
     for field in ("num_epochs", "batch_size", "log_every_steps", "eval_every_epochs",
                   "checkpoint_every_steps", "keep_checkpoints"):
-        checks.require(isinstance(t[field], int) and t[field] >= 1, f"train.{field}",
+        checks.require(_is_int(t[field]) and t[field] >= 1, f"train.{field}",
                        f"must be an int >= 1, got {t[field]!r}")
-    checks.positive(t.stop_after_steps, "train.stop_after_steps", allow_zero=True)
+    checks.require(_is_int(t.stop_after_steps) and t.stop_after_steps >= 0,
+                   "train.stop_after_steps",
+                   f"must be an int >= 0 (0: never), got {t.stop_after_steps!r}")
+    checks.one_of(t.async_checkpoints, (True, False), "train.async_checkpoints")
     checks.one_of(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
     checks.one_of(t.progress, PROGRESS_MODES, "train.progress")
-    checks.require(isinstance(config.eval.batch_size, int) and config.eval.batch_size >= 1,
-                   "eval.batch_size", f"must be an int >= 1, got {config.eval.batch_size!r}")
-    checks.positive(config.eval.sweep_num_examples, "eval.sweep_num_examples", allow_zero=True)
-    checks.require(all(-1 < g < 1 for g in config.eval.sweep_gammas), "eval.sweep_gammas",
-                   f"values must lie in (-1, 1), got {tuple(config.eval.sweep_gammas)}")
-    for field, size in (("train.batch_size", t.batch_size),
-                        ("eval.batch_size", config.eval.batch_size)):
-        if isinstance(size, int) and size >= 1:
+    e = config.eval
+    checks.require(_is_int(e.batch_size) and e.batch_size >= 1,
+                   "eval.batch_size", f"must be an int >= 1, got {e.batch_size!r}")
+    checks.require(_is_int(e.sweep_num_examples) and e.sweep_num_examples >= 0,
+                   "eval.sweep_num_examples",
+                   f"must be an int >= 0 (0: all), got {e.sweep_num_examples!r}")
+    checks.require(all(_is_number(g) and -1 < g < 1 for g in e.sweep_gammas),
+                   "eval.sweep_gammas",
+                   f"values must be numbers in (-1, 1), got {tuple(e.sweep_gammas)}")
+    sharding.validate_parallel_config(config, mesh, checks)
+    for field, size in (("train.batch_size", t.batch_size), ("eval.batch_size", e.batch_size)):
+        if _is_int(size) and size >= 1:
             problem = sharding.check_batch_divisible(size, mesh, field)
             if problem:
                 checks.problems.append(problem)
     checks.raise_if_any("vit_cifar config")
+
+
+def _check_dataset_name(name, checks) -> None:
+    """``data.name`` must be a TFDS dataset (optionally ``name/config:version``)."""
+    if not checks.require(isinstance(name, str) and bool(name), "data.name",
+                          f"must name a TFDS image dataset such as 'cifar10', got {name!r}"):
+        return
+    import difflib
+
+    import tensorflow_datasets as tfds
+
+    known = tfds.list_builders(with_community_datasets=False)
+    base = name.split(":")[0].split("/")[0]
+    close = difflib.get_close_matches(base, known, n=3)
+    checks.require(base in known, "data.name",
+                   f"unknown TFDS dataset {name!r}; use an image-classification dataset "
+                   f"with 'image' and 'label' features such as 'cifar10'"
+                   + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
 
 
 # --------------------------------------------------------------------------- model functions
@@ -205,7 +267,7 @@ def evaluate(eval_step, state, data: cifar_data.ImageSplit, batch_size: int, mes
     for batch in cifar_data.eval_batches(data, batch_size):
         out = eval_step(state.params, state.probes, state.rest,
                         sharding.shard_batch(batch, mesh), gamma)
-        for k, v in jax.device_get(out).items():
+        for k, v in sharding.to_host(out).items():
             totals[k] += float(v)
     return {"accuracy": totals["correct"] / totals["count"],
             "loss": totals["loss_sum"] / totals["count"]}
@@ -235,7 +297,9 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     del model
     replicated = sharding.replicated_sharding(mesh)
-    state = sharding.replicate(state, mesh)
+    # Parameters and optimizer state: replicated, or FSDP-sharded when mesh.fsdp > 1.
+    state_sharding = sharding.train_state_shardings(state, mesh)
+    state = sharding.place(state, state_sharding)
 
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints", update),
@@ -243,30 +307,34 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
         keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints,
     )
     loop_result = None
-    restored = checkpointer.restore(state, replicated)
+    restored = checkpointer.restore(state, state_sharding)
     if restored is not None:
         state, record = restored
-        step = int(jax.device_get(state.step))
+        step = int(sharding.to_host(state.step))
         loop_result = LoopResult.from_record(record.get("loop"))
         dropped = writer.drop_after(name, step)
         log(f"[{name}] resumed from the checkpoint at step {step}/{num_steps}"
             f"{f' (dropped {dropped} later records)' if dropped else ''}")
 
+    # Each process reads only the rows of every global batch that its devices hold.
+    rows = sharding.process_rows(mesh, config.train.batch_size)
+
     def get_batch(step):
-        return sharding.shard_batch(batches(step), mesh)
+        return sharding.shard_local_batch(batches(step, rows), mesh, config.train.batch_size)
 
     compile_start = time.perf_counter()
     train_step = ts.compile_train_step(
         ts.make_train_step(graphdef, make_loss_fn(config), optimizer, schedule=schedule,
                            stop_on_nonfinite=config.train.on_nonfinite == "stop"),
-        state, get_batch(0), state_sharding=replicated,
+        state, get_batch(0), state_sharding=state_sharding,
         batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=replicated,
     )
     compile_seconds = time.perf_counter() - compile_start
     compiled_mem = memory.compiled_memory(train_step)
     log(f"[{name}] {num_params:,} parameters, update={update}, backprop={vit_cfg.backprop}; "
         f"{num_steps} steps ({config.train.num_epochs} epochs x {spe}) of "
-        f"{config.train.batch_size} images on {sharding.num_data_shards(mesh)} device(s); "
+        f"{config.train.batch_size} images on {sharding.num_data_shards(mesh)} device(s)"
+        f"{f' (FSDP over {sharding.fsdp_size(mesh)})' if sharding.fsdp_size(mesh) > 1 else ''}; "
         f"train step compiled in {compile_seconds:.1f}s"
         + (f", peak memory estimate {memory.megabytes(compiled_mem['peak_estimate_bytes']):.1f}"
            f" MB/device (temp {memory.megabytes(compiled_mem['temp_bytes']):.1f} MB)"
@@ -352,6 +420,7 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
                            if vit_cfg.backprop == "reversible" and update == "bdia" else None),
         "overflow_steps": loop_result.overflow_steps,
         "nonfinite_steps": loop_result.nonfinite_steps,
+        "skipped_steps": loop_result.skipped_steps,
     }
     metrics.write_json(result_path, result)
     return result
@@ -445,7 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     there, ``TrainingInterrupted`` after ``train.stop_after_steps``.
     """
     start = time.perf_counter()
-    mesh = sharding.make_mesh()
+    mesh = sharding.mesh_from_config(config)  # jax.distributed first when multi-host
     validate_config(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     _check_resume_config(config, workdir)
@@ -460,18 +529,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       download=d.download, num_examples=d.num_test_examples)
     log(f"data: {d.name} {len(train_data)} train / {len(test_data)} test images loaded in "
         f"{time.perf_counter() - load_start:.1f}s; {sharding.num_data_shards(mesh)} "
-        f"{jax.default_backend()} device(s); workdir {workdir}")
+        f"{jax.default_backend()} device(s) (mesh {dict(mesh.shape)}, "
+        f"{jax.process_count()} process(es)); workdir {workdir}")
 
     results = {}
     for update in models_for_mode(config.mode):
         results[update] = train_model(config, update, train_data, test_data, mesh, workdir,
                                       writer)
 
-    plot_paths = _plot(workdir, writer.path, results)
+    plot_paths = _plot(workdir, writer.path, results) if sharding.is_primary() else []
     summary = {
         "config": config_lib.to_dict(config),
         "versions": metrics.versions(),
-        "devices": metrics.device_info(),
+        "devices": metrics.device_info(mesh),
         "models": results,
         "plots": [os.path.basename(p) for p in plot_paths],
         "wall_seconds": time.perf_counter() - start,
@@ -499,7 +569,10 @@ def main(argv) -> None:
     workdir = flags.FLAGS.workdir or os.path.join("runs", f"vit_cifar_{config.preset}")
     try:
         train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, cifar_data.DataMissingError) as error:
+    except (config_lib.ConfigError, cifar_data.DataMissingError,
+            sharding.DistributedInitError) as error:
+        raise SystemExit(f"error: {error}") from None
+    except NonFiniteError as error:  # includes RangeOverflowError
         raise SystemExit(f"error: {error}") from None
     except TrainingInterrupted as stop:
         raise SystemExit(str(stop)) from None

@@ -1,21 +1,43 @@
-"""Orbax checkpoints of a ``TrainState`` plus a small JSON record.
+"""Orbax checkpoints of a ``TrainState`` plus a small JSON record, written atomically and
+checked on restore.
 
-Saves every ``save_every_steps`` steps (and whenever ``force=True``, e.g. at the end of an
-epoch), keeps the last ``keep`` checkpoints, restores the latest onto the mesh. The state's
-``step`` is the data-iterator position (the data order of every epoch is a function of
-(seed, epoch)) and the RNG position (step keys are ``fold_in(base_key, step)``), so a resumed
-run continues with the same batches and keys. A state with a non-finite leaf is never
-written.
+Saves every ``save_every_steps`` steps (and whenever the loop asks, e.g. at the end of an
+epoch), keeps the last ``keep`` checkpoints, restores the latest good one onto the mesh.
+The state's ``step`` is the data-iterator position (the data order of every epoch is a
+function of (seed, epoch)) and the RNG position (step keys are ``fold_in(base_key, step)``),
+so a resumed run continues with the same batches and keys.
+
+Faults:
+
+* Atomic writes: Orbax writes a step into a temporary folder and renames it when complete
+  (or marks it with a commit file where renames are not atomic), so a process killed while
+  writing leaves no folder that ``latest_step`` would pick; leftovers are cleared when the
+  next run opens the folder.
+* Corruption: the record stores a fingerprint of the state (``finite_and_fingerprint``).
+  ``restore`` tries the newest checkpoint first; if it cannot be read or its fingerprint or
+  step does not match, it prints one line naming the step and the problem, moves that
+  folder aside to ``<directory>.corrupt/`` (so a later save at that step is not skipped)
+  and falls back to the previous one; with none left the run starts fresh, and says so.
+* A state with a non-finite leaf is never written.
+
+Multi-host: every process calls ``save``/``restore`` (Orbax coordinates the writes of the
+shards; the JSON record and the renames are done by process 0).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
-from experiments.common.train_state import all_finite
+from experiments.common.metrics import log
+from experiments.common.sharding import is_primary, sync, to_host
+from experiments.common.train_state import finite_and_fingerprint
+
+FINGERPRINT_KEY = "state_fingerprint"
 
 
 class Checkpointer:
@@ -39,23 +61,29 @@ class Checkpointer:
                 max_to_keep=keep,
                 create=True,
                 enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # leftovers of a run killed mid-write
             ),
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def is_due(self, step: int) -> bool:
         return step > 0 and step % self.save_every_steps == 0
 
     def save(self, step: int, state, record: dict) -> None:
         """Write ``state`` and the JSON-serialisable ``record`` as checkpoint ``step``."""
-        if not all_finite(state):
+        finite, fingerprint = finite_and_fingerprint(state)
+        if not finite:
             raise FloatingPointError(
                 f"refusing to checkpoint step {step}: the train state has NaN/Inf values."
             )
         if step in self._manager.all_steps():
             return  # already saved (e.g. an epoch end that was also a periodic save)
+        record = {**record, FINGERPRINT_KEY: fingerprint, "step": int(step)}
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -65,21 +93,78 @@ class Checkpointer:
         )
 
     def restore(self, like_state, sharding) -> tuple | None:
-        """``(state, record)`` of the latest checkpoint, placed with ``sharding`` at every
-        leaf, or None when there is none. ``like_state`` gives the tree structure/shapes."""
-        step = self.latest_step()
-        if step is None:
-            return None
+        """``(state, record)`` of the newest checkpoint that reads back intact, placed
+        with ``sharding`` (one sharding for every leaf, or a pytree like the state), or
+        None when there is none. ``like_state`` gives the tree structure/shapes.
+
+        A checkpoint that fails to read or to verify is reported in one line, moved to
+        ``<directory>.corrupt/`` and skipped.
+        """
+        self._manager.wait_until_finished()
+        if isinstance(sharding, jax.sharding.Sharding):
+            shardings = jax.tree_util.tree_map(lambda _: sharding, like_state)
+        else:
+            shardings = sharding
         abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like_state
-        )
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like_state,
+            shardings)
+        bad = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, record = self._restore_step(step, abstract)
+            except Exception as error:  # noqa: BLE001 - any failure means: not usable
+                problem = _one_line(error)
+                log(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
+                    f"moving it to {self.directory}.corrupt/ and falling back to the "
+                    f"previous checkpoint")
+                bad.append(step)
+                self._set_aside(step)
+                continue
+            if bad:
+                log(f"resuming from checkpoint step {step} instead of the unusable "
+                    f"step{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}")
+            return state, record
+        if bad:
+            log(f"no usable checkpoint left in {self.directory}; starting from step 0")
+        return None
+
+    def _restore_step(self, step: int, abstract):
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
             ),
         )
-        return restored.state, dict(restored.record)
+        state, record = restored.state, dict(restored.record or {})
+        saved_step = int(to_host(state.step)) if hasattr(state, "step") else step
+        if saved_step != step:
+            raise ValueError(f"the state inside says step {saved_step}")
+        if FINGERPRINT_KEY not in record:
+            raise ValueError("its record has no state fingerprint")
+        finite, fingerprint = finite_and_fingerprint(state)
+        if fingerprint != record[FINGERPRINT_KEY]:
+            raise ValueError(
+                f"the state's fingerprint {fingerprint} differs from the saved "
+                f"{record[FINGERPRINT_KEY]}: the array files were altered")
+        if not finite:
+            raise ValueError("the state holds NaN/Inf values")
+        record.pop(FINGERPRINT_KEY)
+        record.pop("step", None)
+        return state, record
+
+    def _set_aside(self, step: int) -> None:
+        """Move step ``step``'s folder to ``<directory>.corrupt/<step>-<time>``."""
+        source = os.path.join(self.directory, str(step))
+        if is_primary() and os.path.exists(source):
+            target_dir = self.directory + ".corrupt"
+            os.makedirs(target_dir, exist_ok=True)
+            target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.replace(source, target)
+            except OSError:
+                shutil.rmtree(source, ignore_errors=True)
+        sync(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -87,3 +172,10 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if len(text) > 160:
+        text = text[:160] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -66,6 +66,12 @@ def diff_fields(old: dict, new: dict, *, ignore: Iterable[str] = (), prefix: str
         if name in ignore:
             continue
         a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        # A section that one side lacks (e.g. added to the configs since the old run)
+        # compares field by field, so that ignorable fields stay ignorable.
+        if isinstance(a, dict) and b == "<missing>":
+            b = {}
+        if isinstance(b, dict) and a == "<missing>":
+            a = {}
         if isinstance(a, dict) and isinstance(b, dict):
             names += diff_fields(a, b, ignore=ignore, prefix=f"{name}.")
         elif a != b:

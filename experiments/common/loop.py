@@ -10,6 +10,9 @@ last epoch).
 Metrics are fetched from the device only at logging steps, so steps are dispatched without
 waiting for each other; the step time is measured over those windows (evaluation and
 checkpointing excluded).
+
+Multi-host: every process runs the loop (the steps are collective); only process 0 prints,
+shows progress bars and writes records (``log`` and ``MetricsWriter`` check it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments.common.checkpoint import Checkpointer
-from experiments.common.metrics import MetricsWriter
+from experiments.common.metrics import MetricsWriter, log
+from experiments.common.sharding import is_primary, to_host
 
 NONFINITE_POLICIES = ("stop", "skip")
 PROGRESS_MODES = ("auto", "on", "off")
@@ -36,7 +40,13 @@ class TrainingInterrupted(RuntimeError):
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or the gradients became NaN/Inf and ``on_nonfinite`` is "stop"."""
+    """The loss or the gradients became NaN/Inf (or the BDIA stack overflowed its
+    fixed-point range, see ``RangeOverflowError``) and ``on_nonfinite`` is "stop"."""
+
+
+class RangeOverflowError(NonFiniteError):
+    """A BDIA stack left the exact range of its fixed-point grid and ``on_nonfinite`` is
+    "stop"."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +58,9 @@ class LoopSettings:
       and at the end of every epoch.
     eval_every_epochs: evaluate after every N-th epoch (and always after the last).
     stop_after_steps: if > 0, raise ``TrainingInterrupted`` after this global step.
-    on_nonfinite: "stop" (raise ``NonFiniteError`` naming the step) or "skip" (drop the
-      update, count it, go on).
+    on_nonfinite: what to do at a step with a non-finite loss/gradient or a fixed-point
+      range overflow: "stop" (raise ``NonFiniteError`` / ``RangeOverflowError`` naming the
+      step) or "skip" (drop the update, count it, go on).
     progress: "auto" (bars when stderr is a terminal), "on" or "off".
     examples_per_step: global batch size, for examples per second.
     """
@@ -80,6 +91,7 @@ class LoopResult:
     max_reversal_error: float = 0.0
     overflow_steps: int = 0
     nonfinite_steps: int = 0
+    skipped_steps: int = 0  # updates held back (bad steps; with "stop", also later ones)
 
     @property
     def step_time_s(self) -> float | None:
@@ -94,13 +106,9 @@ class LoopResult:
         return cls(**{k: v for k, v in (record or {}).items() if k in fields})
 
 
-def log(message: str) -> None:
-    """Print a line without breaking an active progress bar."""
-    tqdm.write(message, file=sys.stdout)
-    sys.stdout.flush()
-
-
 def progress_enabled(mode: str) -> bool:
+    if not is_primary():
+        return False
     if mode == "on":
         return True
     if mode == "off":
@@ -184,20 +192,35 @@ def run_loop(
     """
     result = result or LoopResult()
     spe = settings.steps_per_epoch
-    start = int(jax.device_get(state.step))
+    start = int(to_host(state.step))
     show_bar = progress_enabled(settings.progress)
     better = (lambda a, b: a > b) if best_mode == "max" else (lambda a, b: a < b)
 
     def check_nonfinite(state, at_step):
-        first = int(jax.device_get(state.first_nonfinite_step))
-        if first >= 0 and settings.on_nonfinite == "stop":
+        if settings.on_nonfinite != "stop":
+            return
+        first_nonfinite, first_overflow = (int(v) for v in to_host(
+            (state.first_nonfinite_step, state.first_overflow_step)))
+        firsts = [s for s in (first_nonfinite, first_overflow) if s >= 0]
+        if not firsts:
+            return
+        first = min(firsts)
+        kept = (f"that update and all later ones were not applied and no checkpoint holds "
+                f"them (the last checkpoint is from before step {first})")
+        if first == first_nonfinite:
             raise NonFiniteError(
                 f"[{name}] non-finite loss or gradients at step {first} (seen by step "
-                f"{at_step}); that update and all later ones were not applied and no "
-                f"checkpoint holds them. Lower --config.optim.learning_rate, set "
+                f"{at_step}); {kept}. Lower --config.optim.learning_rate, set "
                 f"--config.optim.grad_clip_norm, or pass --config.train.on_nonfinite=skip "
                 f"to drop such steps and continue."
             )
+        raise RangeOverflowError(
+            f"[{name}] fixed-point range overflow at step {first} (seen by step {at_step}): "
+            f"the BDIA residual stream reached the exact range of the grid "
+            f"(|x| < 2**(24 - frac_bits) in float32), so the reversal would not be exact; "
+            f"{kept}. Lower --config.model.frac_bits or --config.optim.learning_rate, or "
+            f"pass --config.train.on_nonfinite=skip to drop such steps and continue."
+        )
 
     for epoch in range(start // spe, settings.num_epochs):
         first_step = max(start, epoch * spe)
@@ -221,7 +244,7 @@ def run_loop(
                 if done % settings.log_every_steps == 0 or done == epoch_end:
                     timer.close(result, pending[-1])
                     paused = True
-                    host = jax.device_get(pending)
+                    host = to_host(pending)
                     pending = []
                     epoch_metrics += host
                     means = _mean_metrics(host)
@@ -229,6 +252,7 @@ def run_loop(
                                                     means.get("reversal_error_max", 0.0))
                     result.overflow_steps += means.get("overflow_steps", 0)
                     result.nonfinite_steps += means.get("nonfinite_steps", 0)
+                    result.skipped_steps += means.get("skipped_steps", 0)
                     writer.write({"model": name, "kind": "train", "step": done,
                                   "epoch": done / spe, **means})
                     bar.set_postfix_str(_format(means, summary_keys))

@@ -4,6 +4,9 @@ Every record has "model" (which of the run's models), "kind" ("train" for a logg
 "eval" for an evaluation, "sweep" for one point of an inference sweep), "step" and the
 metric values. On resume the writer drops a model's records past the restored step, so
 the file reads as if the run had never stopped.
+
+Multi-host: only process 0 writes (records, JSON files) and prints (``log``); the other
+processes' writers are no-ops, so every process can run the same code.
 """
 
 from __future__ import annotations
@@ -12,10 +15,27 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from typing import Any
 
 import numpy as np
+
+
+def _primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    """Print a line (process 0 only) without breaking an active progress bar."""
+    if not _primary():
+        return
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _plain(value: Any) -> Any:
@@ -34,13 +54,18 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records to ``path`` (created with its folder if missing), flushing each line."""
+    """Appends records to ``path`` (created with its folder if missing), flushing each line.
+    On processes other than 0 it writes nothing (and drops nothing)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.enabled = _primary()
+        if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         record = {"time": time.time(), **_plain(record)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -57,7 +82,7 @@ class MetricsWriter:
         return self._drop(lambda r: r.get("model") == model and r.get("kind") == kind)
 
     def _drop(self, predicate) -> int:
-        if not os.path.exists(self.path):
+        if not self.enabled or not os.path.exists(self.path):
             return 0
         kept, dropped = [], 0
         with open(self.path) as f:
@@ -127,18 +152,27 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def device_info() -> dict:
+def device_info(mesh=None) -> dict:
+    """Backend, device counts (this process's and the job's), and the mesh axes."""
     import jax
 
     devices = jax.local_devices()
-    return {
+    out = {
         "backend": jax.default_backend(),
         "num_devices": len(devices),
+        "num_global_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
         "device_kind": devices[0].device_kind if devices else None,
     }
+    if mesh is not None:
+        out["mesh"] = {str(k): int(v) for k, v in mesh.shape.items()}
+    return out
 
 
 def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` atomically (tmp file + rename); process 0 only."""
+    if not _primary():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(_plain(payload), f, indent=2, sort_keys=False)

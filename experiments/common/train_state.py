@@ -11,11 +11,14 @@ update to the parameters only, and reports the summed probe gradients as
 "reversal_error" (0.0: every reversible stack rebuilt its states bit for bit).
 
 Randomness: the step's key is ``fold_in(base_key, step)``, so a resumed run replays the same
-stream. Non-finite loss or gradients: the update is not applied (parameters and optimizer
-state keep their old values), ``num_nonfinite`` counts it and ``first_nonfinite_step``
-remembers the first; with ``stop_on_nonfinite`` every later update is held back too, so the
-host loop can stop with the state from just before the bad step. A state that ever had a
-non-finite update therefore never contains NaNs.
+stream. Bad steps: a non-finite loss or gradient (or a "nonfinite" flag from the model), and
+a fixed-point range overflow reported by the engine (the "overflow" flag: the BDIA stream
+left the grid's exact range, so the reversal and its gradient are no longer exact). Their
+update is not applied (parameters and optimizer state keep their old values);
+``num_nonfinite`` / ``num_overflow`` count them and ``first_nonfinite_step`` /
+``first_overflow_step`` remember the first; with ``stop_on_nonfinite`` every later update is
+held back too, so the host loop can stop with the state from just before the bad step. A
+state therefore never contains a bad update, and never NaNs.
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ class TrainState:
     rest:                 nnx.State of every other variable of the model.
     opt_state:            optax state of ``params``.
     base_key:             uint32[2] raw PRNG key; step k uses ``fold_in(base_key, k)``.
-    num_nonfinite:        int32 scalar, steps whose update was held back (non-finite).
+    num_nonfinite:        int32 scalar, steps with a non-finite loss/gradient (held back).
     first_nonfinite_step: int32 scalar, the first such step, -1 if none.
+    num_overflow:         int32 scalar, steps whose BDIA stack overflowed its fixed-point
+                          range (held back).
+    first_overflow_step:  int32 scalar, the first such step, -1 if none.
     """
 
     step: jax.Array
@@ -70,6 +76,8 @@ class TrainState:
     base_key: jax.Array
     num_nonfinite: jax.Array
     first_nonfinite_step: jax.Array
+    num_overflow: jax.Array
+    first_overflow_step: jax.Array
 
 
 def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
@@ -85,6 +93,8 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
         base_key=jnp.asarray(base_key, jnp.uint32),
         num_nonfinite=jnp.zeros((), jnp.int32),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        num_overflow=jnp.zeros((), jnp.int32),
+        first_overflow_step=jnp.full((), -1, jnp.int32),
     )
     return graphdef, state
 
@@ -180,8 +190,13 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     ``donate_argnums=0`` (see ``compile_train_step``).
 
     metrics (float32/bool scalars): the loss_fn's metrics plus "loss", "grad_norm",
-    "reversal_error" (summed probe gradients), "nonfinite" (this step's update was held
-    back), "learning_rate" (when ``schedule`` is given).
+    "reversal_error" (summed probe gradients), "nonfinite" (non-finite loss, gradient or
+    model values this step), "overflow" (the model's fixed-point range overflow flag, False
+    when the loss_fn reports none), "skipped" (this step's update was held back),
+    "learning_rate" (when ``schedule`` is given).
+
+    With ``stop_on_nonfinite`` (the "stop" policy) every update after the first bad step is
+    held back as well; otherwise ("skip") only the bad steps are.
     """
     probe = probe_type()
 
@@ -199,10 +214,13 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
         )(state.params, state.probes)
 
         grad_norm = optax.tree.norm(grads)
-        bad = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
+        nonfinite = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
         if "nonfinite" in metrics:
-            bad = bad | jnp.asarray(metrics["nonfinite"], bool)
-        hold = bad | (state.first_nonfinite_step >= 0) if stop_on_nonfinite else bad
+            nonfinite = nonfinite | jnp.asarray(metrics["nonfinite"], bool)
+        overflow = jnp.asarray(metrics.get("overflow", False), bool)
+        bad = nonfinite | overflow
+        seen_bad = (state.first_nonfinite_step >= 0) | (state.first_overflow_step >= 0)
+        hold = bad | seen_bad if stop_on_nonfinite else bad
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -215,17 +233,22 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
             params=keep_old_if_held(params, state.params),
             opt_state=keep_old_if_held(opt_state, state.opt_state),
             rest=keep_old_if_held(rest, state.rest),
-            num_nonfinite=state.num_nonfinite + bad.astype(jnp.int32),
+            num_nonfinite=state.num_nonfinite + nonfinite.astype(jnp.int32),
             first_nonfinite_step=jnp.where(
-                bad & (state.first_nonfinite_step < 0), state.step, state.first_nonfinite_step
-            ),
+                nonfinite & (state.first_nonfinite_step < 0), state.step,
+                state.first_nonfinite_step),
+            num_overflow=state.num_overflow + overflow.astype(jnp.int32),
+            first_overflow_step=jnp.where(
+                overflow & (state.first_overflow_step < 0), state.step,
+                state.first_overflow_step),
         )
         reversal_error = sum(
             (jnp.asarray(g, jnp.float32) for g in jax.tree_util.tree_leaves(probe_grads)),
             jnp.zeros((), jnp.float32),
         )
         out = dict(metrics)
-        out.update(loss=loss, grad_norm=grad_norm, reversal_error=reversal_error, nonfinite=bad)
+        out.update(loss=loss, grad_norm=grad_norm, reversal_error=reversal_error,
+                   nonfinite=nonfinite, overflow=overflow, skipped=hold)
         if schedule is not None:
             out["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, out
@@ -234,14 +257,19 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
 
 
 def state_shardings(state: TrainState, sharding) -> TrainState:
-    """A pytree like ``state`` with ``sharding`` at every leaf (for jit/restore)."""
-    return jax.tree_util.tree_map(lambda _: sharding, state)
+    """A pytree like ``state`` with ``sharding`` at every leaf (for jit/restore); a pytree
+    of shardings (e.g. ``sharding.train_state_shardings``) is returned as it is."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda _: sharding, state)
+    return sharding
 
 
 def compile_train_step(train_step, state: TrainState, batch: dict, *, state_sharding,
                        batch_sharding, metrics_sharding):
     """AOT-compile ``train_step`` for these (sharded) argument shapes, donating the state.
 
+    ``state_sharding``: one sharding for every leaf (replicated data parallelism) or a
+    pytree of shardings like ``state`` (FSDP: ``sharding.train_state_shardings``).
     Returns the compiled executable (call it like the step; its ``memory_analysis()``
     describes the step's memory).
     """
@@ -257,13 +285,48 @@ def compile_train_step(train_step, state: TrainState, batch: dict, *, state_shar
 
 def all_finite(tree) -> bool:
     """True when every floating leaf of ``tree`` is finite (host check before saving)."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    return finite_and_fingerprint(tree)[0]
+
+
+def finite_and_fingerprint(tree) -> tuple[bool, int]:
+    """``(every floating leaf finite, fingerprint)`` of ``tree`` in one device pass.
+
+    The fingerprint is a position-weighted uint32 sum of the raw bits of every leaf
+    (sum over leaves i and elements j of bits_ij * (2j + 1) * c_i mod 2**32): any change
+    of a single element changes it, and integer addition makes it independent of how the
+    leaves are sharded. Checkpoints store it to detect corrupted files on restore.
+    """
+    from experiments.common.sharding import to_host
+
+    leaves = [jnp.asarray(x) if not isinstance(x, jax.Array) else x
+              for x in jax.tree_util.tree_leaves(tree)]
     if not leaves:
-        return True
-    return bool(jax.device_get(_all_finite(leaves)))
+        return True, 0
+    finite, fingerprint = to_host(_finite_and_fingerprint(leaves))
+    return bool(finite), int(fingerprint)
+
+
+def _uint32_words(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    if bits == 64:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
 @jax.jit
-def _all_finite(leaves):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+def _finite_and_fingerprint(leaves):
+    finite = jnp.bool_(True)
+    total = jnp.uint32(0)
+    for i, x in enumerate(leaves):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            finite = finite & jnp.all(jnp.isfinite(x))
+        words = _uint32_words(x)
+        weights = jnp.arange(words.size, dtype=jnp.uint32).reshape(words.shape) * 2 + 1
+        salt = jnp.uint32((2654435761 * (i + 1)) % 2**32)
+        total = total + jnp.sum(words * weights, dtype=jnp.uint32) * salt
+    return finite, total

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments.common import sharding
+
 PRESETS = ("quick", "paper", "tiny")
 MODES = ("compare", "standard", "bdia")
 
@@ -96,6 +98,10 @@ def _base() -> ml_collections.ConfigDict:
     # Inference-γ sweep (the paper's robustness figure) on the final parameters; empty: skip.
     c.eval.sweep_gammas = (-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     c.eval.sweep_num_examples = 0  # sweep on the first N test examples (0: all used ones)
+
+    # --- devices: the mesh (data parallelism, optional FSDP) and multi-host set-up; the
+    # fields are documented in experiments/common/sharding.py:add_parallel_config.
+    sharding.add_parallel_config(c)
     return c
 
 
