@@ -45,13 +45,16 @@ def exact_range(dtype, frac_bits: int) -> float:
 
 
 def quantize(v: jax.Array, frac_bits: int) -> jax.Array:
-    """Q(v) = δ · round(v / δ), round half to even, δ = 2**-frac_bits.
+    """Q(v) = δ · round(v / δ), round half to even, δ = 2**-frac_bits; zero is +0.0.
 
     v: any shape, float. Returns the same shape and dtype. Both scalings are by powers of
     two, hence exact; only ``round`` changes the value.
     """
     scale = np.asarray(2.0**frac_bits, v.dtype)
-    return jnp.round(v * scale) * (1 / scale)
+    q = jnp.round(v * scale) * (1 / scale)
+    # Canonical +0.0: round(-0.3) is -0.0, which the inverse would rebuild as +0.0 — equal
+    # values, different bits. With no -0.0 on the grid the rebuild is exact bit for bit.
+    return jnp.where(q == 0, jnp.zeros_like(q), q)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

@@ -272,9 +272,12 @@ def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, kee
 
 def _rebuild_step(block_fn, spec: _Spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits):
     """Rebuild x_{k-1} from (x_k, x_{k+1}); also returns the block's VJP at x_k."""
-    h, pullback = jax.vjp(
-        lambda p, x, c: _apply_block(block_fn, p, x, c, key_k), params_k, x_cur, context
-    )
+    # h for the reconstruction comes from the *same* fenced computation as in the forward
+    # pass. The VJP is a separate evaluation: XLA compiles a block that also keeps residuals
+    # for its VJP with other fusions and reduction orders, and on XLA:CPU that changed h's
+    # last bits at batch >= 64 (an inexact rebuild). This costs one extra block forward.
+    h = _apply_block(block_fn, params_k, x_cur, context, key_k)
+    _, pullback = jax.vjp(lambda p, x, c: block_fn(p, x, c, key_k), params_k, x_cur, context)
     gamma_b = broadcast_gamma(gamma_k, x_cur)
     s = fixed_point.unpack_side_bits(bits, x_cur.shape, x_cur.dtype)
     x_prev = bdia_uncombine(x_cur, x_next, h, s, gamma_b, spec.frac_bits, spec.side_bits)

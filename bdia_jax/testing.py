@@ -80,3 +80,22 @@ def make_tanh_block(amplitude: float = 1.0):
         return amplitude * jnp.tanh((x / amplitude) @ p["w"])
 
     return block
+
+
+def bits(tree):
+    """Bit patterns of a pytree's float leaves (uint of the same width), for exactness checks
+    that also tell -0.0 from +0.0 and compare NaN payloads."""
+    def view(a):
+        a = jnp.asarray(a)
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{a.dtype.itemsize * 8}"))
+
+    return jax.tree_util.tree_map(view, tree)
+
+
+def assert_bits_equal(actual, expected):
+    """chex.assert_trees_all_equal on the bit patterns (see ``bits``)."""
+    import chex
+
+    chex.assert_trees_all_equal(bits(actual), bits(expected))

@@ -12,7 +12,6 @@ os.environ["XLA_FLAGS"] = (
 
 import json  # noqa: E402
 
-import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bdia_jax  # noqa: E402
-from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block  # noqa: E402
+from bdia_jax.testing import assert_bits_equal, init_attn_mlp, make_attn_mlp_block  # noqa: E402
 
 
 def main():
@@ -67,7 +66,7 @@ def main():
         encoded = encode(block, spec, p, jax.device_put(x0, batch), cs, keys,
                          jax.device_put(gammas, NamedSharding(mesh, P(None, "data"))))
         rebuilt = decode(block, spec, p, encoded, cs, keys, gammas)
-        chex.assert_trees_all_equal(np.asarray(rebuilt), np.asarray(ref_states))
+        assert_bits_equal(np.asarray(rebuilt), np.asarray(ref_states))
         report[name] = {
             "reversal_error": float(grads[3]),
             "side_bits_sharded_on_batch": str(encoded.side_bits.sharding.spec),

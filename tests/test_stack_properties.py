@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bdia_jax
-from bdia_jax.testing import init_mlp, make_tanh_block
+from bdia_jax.testing import bits, init_mlp, make_tanh_block
 
 # Shapes are drawn from small sets so that jit caches are reused across examples.
 _settings = settings(max_examples=12, deadline=None,
@@ -41,7 +41,7 @@ def test_reversal_exact_unless_overflow_reported(depth, batch, dim, gamma, frac_
     states = _forward(block, spec, params, x0, None, keys, gammas)
     encoded = _encode(block, spec, params, x0, None, keys, gammas)
     rebuilt = _decode(block, spec, params, encoded, None, keys, gammas)
-    exact = bool(np.array_equal(np.asarray(rebuilt), np.asarray(states)))
+    exact = bool(np.array_equal(np.asarray(bits(rebuilt)), np.asarray(bits(states))))
     overflow = bool(encoded.stats.overflow)
     # Exact whenever no overflow is reported (equivalently: inexact ⇒ overflow reported).
     assert exact or overflow, (float(encoded.stats.max_abs), limit)
