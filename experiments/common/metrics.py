@@ -89,7 +89,8 @@ class MetricsWriter:
             for line in f:
                 if not line.strip():
                     continue
-                if predicate(json.loads(line)):
+                record = _parse(line)
+                if record is None or predicate(record):  # a line cut by a kill goes too
                     dropped += 1
                 else:
                     kept.append(line if line.endswith("\n") else line + "\n")
@@ -106,15 +107,23 @@ def read_records(path: str, model: str | None = None, kind: str | None = None) -
     out = []
     with open(path) as f:
         for line in f:
-            if not line.strip():
+            record = _parse(line) if line.strip() else None
+            if record is None:  # blank, or the last line of a killed run, cut short
                 continue
-            record = json.loads(line)
             if model is not None and record.get("model") != model:
                 continue
             if kind is not None and record.get("kind") != kind:
                 continue
             out.append(record)
     return out
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def versions() -> dict:

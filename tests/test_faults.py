@@ -1,0 +1,341 @@
+"""Faults: a run killed with SIGKILL resumes to the same parameters; corrupted or incomplete
+checkpoints are reported and skipped; non-finite and fixed-point overflow steps follow the
+configured policy and never reach a checkpoint."""
+
+import functools
+import glob
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from bdia_jax.models import ViT, vit_config
+from experiments.common import sharding
+from experiments.common import train_state as ts
+from experiments.common.checkpoint import FINGERPRINT_KEY, Checkpointer
+from experiments.common.loop import LoopSettings, RangeOverflowError, run_loop
+from experiments.common.metrics import MetricsWriter, read_records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 8
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _optim():
+    return ml_collections.ConfigDict(dict(
+        name="adamw", schedule="warmup_cosine", learning_rate=3e-3, warmup_epochs=0.0,
+        end_learning_rate_factor=0.1, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        momentum=0.9, grad_clip_norm=1.0))
+
+
+def _fresh_state(frac_bits=9):
+    """(graphdef, optimizer, schedule, step-0 state) of a tiny BDIA-ViT."""
+    model = ViT(vit_config("tiny", update="bdia", backprop="reversible", frac_bits=frac_bits),
+                rngs=nnx.Rngs(0))
+    optimizer, schedule = ts.make_optimizer(_optim(), 20, 10)
+    graphdef, state = ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))
+    return graphdef, optimizer, schedule, state
+
+
+def _loss_fn(model, batch, key):
+    """Cross-entropy on images multiplied by the batch's "scale" ([b] float32): a huge
+    scale drives the BDIA stream out of its fixed-point range at exactly that step."""
+    images = batch["image"] * batch["scale"][:, None, None, None]
+    logits, aux = model(images, key=key, train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"overflow": aux["overflow"], "nonfinite": aux["nonfinite"]}
+
+
+def _batch(seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, BATCH).astype(np.int32),
+            "scale": np.full(BATCH, scale, np.float32)}
+
+
+@functools.cache
+def _overflow_setup(stop_on_nonfinite):
+    # frac_bits=20: the grid is exact only for |x| < 2**(24-20) = 16, so images scaled by
+    # 1e4 overflow while unscaled ones do not.
+    mesh = sharding.make_mesh()
+    graphdef, optimizer, schedule, state = _fresh_state(frac_bits=20)
+    rep = sharding.replicated_sharding(mesh)
+    step = ts.compile_train_step(
+        ts.make_train_step(graphdef, _loss_fn, optimizer, schedule=schedule,
+                           stop_on_nonfinite=stop_on_nonfinite),
+        sharding.replicate(state, mesh), sharding.shard_batch(_batch(), mesh),
+        state_sharding=rep, batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=rep)
+    return mesh, step
+
+
+def _state_on_mesh(frac_bits=9):
+    mesh = sharding.make_mesh()
+    _, _, _, state = _fresh_state(frac_bits)
+    return mesh, sharding.replicate(state, mesh)
+
+
+def _biggest_array_file(step_dir):
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+             if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+    return max(files, key=os.path.getsize)
+
+
+def _garble(path, offset_fraction=0.5, count=64):
+    data = bytearray(pathlib.Path(path).read_bytes())
+    start = int(len(data) * offset_fraction)
+    for i in range(start, min(start + count, len(data))):
+        data[i] ^= 0xFF
+    pathlib.Path(path).write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------- overflow policy
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_overflow_step_follows_the_policy_and_is_never_checkpointed(tmp_path, policy):
+    mesh, step = _overflow_setup(policy == "stop")
+    _, state = _state_on_mesh(frac_bits=20)
+    overflow_step = 5  # the 6th step (0-based), in epoch 2 of 2
+
+    def get_batch(s):
+        return sharding.shard_batch(_batch(seed=s, scale=1e4 if s == overflow_step else 1.0),
+                                    mesh)
+
+    settings = LoopSettings(num_epochs=2, steps_per_epoch=4, log_every_steps=2,
+                            eval_every_epochs=1, on_nonfinite=policy, progress="off",
+                            examples_per_step=BATCH)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every_steps=3, keep=10)
+    writer = MetricsWriter(str(tmp_path / "metrics.jsonl"))
+
+    def run():
+        try:
+            return run_loop(name="m", state=state, step_fn=step, get_batch=get_batch,
+                            settings=settings, checkpointer=ckpt, writer=writer,
+                            evaluate=lambda s: {"score": 0.0}, best_metric="score")
+        finally:
+            ckpt.close()
+
+    if policy == "stop":
+        with pytest.raises(RangeOverflowError,
+                           match=f"fixed-point range overflow at step {overflow_step} "):
+            run()
+        saved = Checkpointer(str(tmp_path / "ckpt"), save_every_steps=3, keep=10)
+        assert saved.all_steps() == [3, 4]  # nothing after the bad step was written
+        restored, _ = saved.restore(state, sharding.replicated_sharding(mesh))
+        saved.close()
+        assert int(restored.first_overflow_step) == -1 and int(restored.num_overflow) == 0
+        return
+
+    final, result = run()
+    assert int(final.step) == 8
+    assert result.overflow_steps == 1 and result.skipped_steps == 1
+    assert result.nonfinite_steps == 0
+    assert int(final.num_overflow) == 1 and int(final.first_overflow_step) == overflow_step
+    train = read_records(str(tmp_path / "metrics.jsonl"), kind="train")
+    assert sum(r.get("overflow_steps", 0) for r in train) == 1
+
+
+def test_overflow_update_is_held_back():
+    """The update of the overflowing step is not applied: params and optimizer state keep
+    their values; the next good step trains on ("skip" policy)."""
+    mesh, step = _overflow_setup(False)
+    _, state = _state_on_mesh(frac_bits=20)
+    state, metrics = step(state, sharding.shard_batch(_batch(0), mesh))
+    assert not bool(metrics["overflow"]) and not bool(metrics["skipped"])
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = step(state, sharding.shard_batch(_batch(1, scale=1e4), mesh))
+    assert bool(metrics["overflow"]) and bool(metrics["skipped"])
+    assert not bool(metrics["nonfinite"])
+    chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
+    state, metrics = step(state, sharding.shard_batch(_batch(2), mesh))
+    assert not bool(metrics["skipped"])
+    assert int(state.num_overflow) == 1 and int(state.first_overflow_step) == 1
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+def _three_checkpoints(directory):
+    """Checkpoints at steps 1, 2, 3 whose states differ (params shifted by the step)."""
+    mesh, state = _state_on_mesh()
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    states = {}
+    for s in (1, 2, 3):
+        states[s] = state.replace(
+            step=jnp.int32(s),
+            params=jax.tree_util.tree_map(lambda p, s=s: p + s, state.params))
+        ckpt.save(s, states[s], {"note": s})
+    ckpt.close()
+    return mesh, state, states
+
+
+def test_corrupted_checkpoints_are_reported_and_skipped(tmp_path, capsys):
+    directory = str(tmp_path / "ckpt")
+    mesh, like, states = _three_checkpoints(directory)
+    rep = sharding.replicated_sharding(mesh)
+    # Step 3: an array file garbled in place. Step 2: its recorded fingerprint no longer
+    # matches its arrays (as if an array file had been silently replaced).
+    _garble(_biggest_array_file(os.path.join(directory, "3")))
+    record_path = pathlib.Path(directory, "2", "record", "metadata")
+    record = json.loads(record_path.read_text())
+    record[FINGERPRINT_KEY] = (record[FINGERPRINT_KEY] + 1) % 2**32
+    record_path.write_text(json.dumps(record))
+    # A leftover of a write that was killed half-way: never picked, cleared on open.
+    leftover = os.path.join(directory, "4.orbax-checkpoint-tmp-1700000000")
+    os.makedirs(os.path.join(leftover, "state"))
+
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    assert ckpt.all_steps() == [1, 2, 3]
+    capsys.readouterr()
+    state, record = ckpt.restore(like, rep)
+    out = capsys.readouterr().out.splitlines()
+    chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(states[1]))
+    assert record == {"note": 1}
+    assert len(out) == 3, out  # one line per bad checkpoint, one for the fallback
+    assert out[0].startswith(f"checkpoint step 3 in {directory} is unusable (")
+    assert out[1].startswith(f"checkpoint step 2 in {directory} is unusable (")
+    assert "fingerprint" in out[1] and "altered" in out[1]
+    assert out[2] == "resuming from checkpoint step 1 instead of the unusable steps 3, 2"
+    # The bad ones were moved aside (kept for inspection), so the run can write steps 2
+    # and 3 again.
+    assert ckpt.all_steps() == [1]
+    assert sorted(n.split("-")[0] for n in os.listdir(directory + ".corrupt")) == ["2", "3"]
+    ckpt.save(2, states[2], {"note": "again"})
+    ckpt.wait()
+    assert not os.path.exists(leftover)  # cleared (in the background) since the open
+    assert ckpt.restore(like, rep)[1] == {"note": "again"}
+    ckpt.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_state", "bad_record"])
+def test_no_usable_checkpoint_starts_fresh_with_a_message(tmp_path, capsys, damage):
+    directory = str(tmp_path / "ckpt")
+    mesh, like, _ = _three_checkpoints(directory)
+    for s in (1, 2, 3):
+        step_dir = os.path.join(directory, str(s))
+        if damage == "truncate":
+            path = pathlib.Path(_biggest_array_file(step_dir))
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+        elif damage == "delete_state":
+            for f in glob.glob(os.path.join(step_dir, "state", "*")):
+                if os.path.isfile(f):
+                    os.remove(f)
+        else:
+            pathlib.Path(step_dir, "record", "metadata").write_text("{cut sh")
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    capsys.readouterr()
+    assert ckpt.restore(like, sharding.replicated_sharding(mesh)) is None
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" in ")[0] for line in out[:3]] == [
+        "checkpoint step 3", "checkpoint step 2", "checkpoint step 1"]
+    assert all("is unusable (" in line and "Traceback" not in line for line in out[:3])
+    assert out[3] == f"no usable checkpoint left in {directory}; starting from step 0"
+    ckpt.close()
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+KILL_SCRIPT = r"""
+import sys
+import tensorflow_datasets as tfds
+from experiments import vit_cifar
+from experiments.configs.vit_cifar import get_config
+
+config = get_config("tiny")
+config.mode = "bdia"  # random γ signs and dropout masks every step: the RNG stream matters
+config.model.update(width=16, num_heads=2, mlp_dim=32, dropout=0.1)
+config.train.update(num_epochs=EPOCHS, checkpoint_every_steps=2, keep_checkpoints=3,
+                    log_every_steps=1, eval_every_epochs=EPOCHS, progress="off")
+config.eval.sweep_gammas = ()
+with tfds.testing.mock_data(num_examples=256):
+    vit_cifar.train_and_evaluate(config, sys.argv[1])
+"""
+EPOCHS = 4
+STEPS = EPOCHS * 256 // 32
+
+
+def _launch(workdir):
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT.replace("EPOCHS", str(EPOCHS)), str(workdir)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finished_steps(directory):
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def _final_state(step_dir):
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(step_dir)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return jax.device_get(checkpointer.restore(step_dir, target))
+
+
+def _records(workdir):
+    out = []
+    for record in read_records(str(workdir / "metrics.jsonl")):
+        record.pop("time")
+        out.append(record)
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(tmp_path):
+    """Kill -9 a training process once it has written checkpoints, garble its newest
+    checkpoint, rerun the same command: the rerun reports the bad checkpoint in one line,
+    resumes from the one before, and ends with bit-identical parameters, optimizer state
+    and metric records to an uninterrupted run."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference = _launch(straight)  # concurrently with the run that gets killed
+    victim = _launch(killed)
+    ckpt_dir = killed / "checkpoints" / "bdia"
+    deadline = time.monotonic() + 300
+    while len(_finished_steps(ckpt_dir)) < 3 and victim.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoints appeared"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim_out, _ = victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, victim_out[-3000:]
+    kept = _finished_steps(ckpt_dir)
+    assert len(kept) >= 2 and kept[-1] < STEPS, kept  # killed in the middle of the run
+    assert not (killed / "summary.json").exists()
+
+    _garble(_biggest_array_file(str(ckpt_dir / str(kept[-1]))))
+    rerun = _launch(killed)
+    rerun_out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, rerun_out[-3000:]
+    assert "Traceback" not in rerun_out
+    assert f"checkpoint step {kept[-1]} in {ckpt_dir} is unusable (" in rerun_out
+    assert f"resumed from the checkpoint at step {kept[-2]}/{STEPS}" in rerun_out
+
+    reference_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, reference_out[-3000:]
+    a = _final_state(str(straight / "checkpoints" / "bdia" / str(STEPS) / "state"))
+    b = _final_state(str(ckpt_dir / str(STEPS) / "state"))
+    assert int(a["step"]) == int(b["step"]) == STEPS
+    chex.assert_trees_all_equal(a["params"], b["params"])
+    chex.assert_trees_all_equal(a["opt_state"], b["opt_state"])
+    assert _records(straight) == _records(killed)
