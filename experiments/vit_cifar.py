@@ -594,7 +594,4 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    config_lib.run_app(_define_flags, main)

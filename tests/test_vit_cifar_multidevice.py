@@ -1,7 +1,9 @@
-"""The same run on 1 device and on 8 (forced host) devices with a data=2 x fsdp=4 mesh
-(batch split over all 8, parameters and optimizer state FSDP-sharded over groups of 4)
-gives the same results. (Plain data parallelism on 4 devices was covered here before; the
-2 x 4 mesh exercises both axes at once and saves a third compile on a 2-core CI machine.)
+"""The same run on 1 device, on 8 (forced host) devices with a data=2 x fsdp=4 mesh (batch
+split over all 8, parameters and optimizer state FSDP-sharded over groups of 4), and on two
+processes of 2 devices each joined by ``jax.distributed`` on localhost (multi-host: each
+process feeds its own rows of every batch; FSDP over 2) gives the same results. (Plain
+data parallelism on 4 devices was covered here before; the 2 x 4 mesh exercises both axes
+at once.)
 
 JAX fixes its device count when it initialises, so each run is a subprocess (with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``) and this process only compares.
@@ -16,6 +18,7 @@ is checked against ulp-level and reduction-level tolerances below.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -51,10 +54,22 @@ except ConfigError as error:
 """.replace("NUM_EXAMPLES", str(NUM_EXAMPLES))
 
 
-def _launch(workdir, devices, fsdp=1):
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, devices, fsdp=1, process=None):
+    """One run; ``process=(index, count, port)`` makes it one process of a multi-process
+    job (the config's distributed.initialize="auto" picks the environment up)."""
     env = {**os.environ, "PYTHONPATH": REPO,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
+    if process is not None:
+        index, count, port = process
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(count),
+                   JAX_PROCESS_ID=str(index))
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir), str(fsdp)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -77,20 +92,31 @@ def _final_params(path):
 
 
 @pytest.mark.slow
-def test_data_parallel_and_fsdp_match_one_device(tmp_path):
-    workdirs = {"one": tmp_path / "one", "fsdp8": tmp_path / "fsdp8"}
-    runs = {"one": _launch(workdirs["one"], 1),
-            "fsdp8": _launch(workdirs["fsdp8"], 8, fsdp=4)}  # concurrently: less wall time
+def test_fsdp_and_multihost_runs_match_one_device(tmp_path):
+    workdirs = {"one": tmp_path / "one", "fsdp8": tmp_path / "fsdp8",
+                "hosts2": tmp_path / "hosts2"}
+    port = _free_port()
+    runs = {"one": _launch(workdirs["one"], 1),  # all concurrently: less wall time
+            "fsdp8": _launch(workdirs["fsdp8"], 8, fsdp=4),
+            "hosts2": _launch(workdirs["hosts2"], 2, fsdp=2, process=(0, 2, port)),
+            "hosts2_process1": _launch(workdirs["hosts2"], 2, fsdp=2, process=(1, 2, port))}
     outputs = {}
     for name, process in runs.items():
         outputs[name], _ = process.communicate(timeout=600)
         assert process.returncode == 0, f"{name} run failed:\n{outputs[name][-3000:]}"
+    # Only process 0 logs; both trained (process 1 validated the bad batch size too).
+    assert "[BDIA-ViT] epoch 1/1" in outputs["hosts2"]
+    assert "[BDIA-ViT]" not in outputs["hosts2_process1"]
+    assert "BATCH30 rejected" in outputs["hosts2_process1"]
 
     summaries = {n: json.loads((w / "summary.json").read_text()) for n, w in workdirs.items()}
     assert summaries["one"]["devices"]["num_devices"] == 1
     assert summaries["fsdp8"]["devices"]["mesh"] == {"data": 2, "fsdp": 4}
+    assert summaries["hosts2"]["devices"]["mesh"] == {"data": 2, "fsdp": 2}
+    assert summaries["hosts2"]["devices"]["num_processes"] == 2
+    assert summaries["hosts2"]["devices"]["num_global_devices"] == 4
     assert "BATCH30 accepted" in outputs["one"]
-    for name, devices in (("fsdp8", 8),):
+    for name, devices in (("fsdp8", 8), ("hosts2", 4)):
         assert "BATCH30 rejected" in outputs[name]
         assert f"--config.train.batch_size: 30 is not divisible by the {devices} devices" in (
             outputs[name])
@@ -100,13 +126,15 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     assert summaries["one"]["models"]["bdia"]["reversal_error_max"] == 0.0
 
     # FSDP really shards the state: per device, the step's arguments (state + batch) are
-    # far smaller than on one device (about 1/4 of the state, 1/8 of the batch).
+    # far smaller than on one device (fsdp8: about 1/4 of the state and 1/8 of the batch;
+    # hosts2: 1/2 and 1/4).
     argument_mb = {n: summaries[n]["models"]["bdia"]["memory"]["compiled"]["argument_bytes"]
                    / 2**20 for n in workdirs}
     assert argument_mb["fsdp8"] < 0.4 * argument_mb["one"], argument_mb
+    assert argument_mb["hosts2"] < 0.6 * argument_mb["one"], argument_mb
 
     a = _records(workdirs["one"])
-    for name in ("fsdp8",):
+    for name in ("fsdp8", "hosts2"):
         b = _records(workdirs[name])
         assert [(r["model"], r["kind"], r["step"]) for r in a] == [
             (r["model"], r["kind"], r["step"]) for r in b]
@@ -123,7 +151,7 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
 
     steps = NUM_EXAMPLES // 32
     p1 = _final_params(workdirs["one"] / "checkpoints" / "bdia" / str(steps) / "state")
-    for name in ("fsdp8",):
+    for name in ("fsdp8", "hosts2"):
         p = _final_params(workdirs[name] / "checkpoints" / "bdia" / str(steps) / "state")
         assert len(p1) == len(p)
         worst = max(float(np.max(np.abs(x - y))) for x, y in zip(p1, p, strict=True))

@@ -77,3 +77,74 @@ def diff_fields(old: dict, new: dict, *, ignore: Iterable[str] = (), prefix: str
         elif a != b:
             names.append(name)
     return names
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def run_app(define_flags, main) -> None:
+    """``absl.app.run(main)`` after ``define_flags()``, ending a bad command line with one
+    clear line (see ``parse_flags``). ``DEFINE_config_file`` already reads ``sys.argv``
+    when it is defined, so an unknown ``--config.<field>`` surfaces there."""
+    import sys
+
+    from absl import app
+
+    try:
+        define_flags()
+    except (AttributeError, KeyError) as error:
+        raise SystemExit(f"error: {_unknown_field_line(error, sys.argv)}") from None
+    app.run(main, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that ends a bad command line with one clear line, not a trace.
+
+    Use as ``app.run(main, flags_parser=config.parse_flags)``. Covers: an unknown preset
+    (``get_config`` raises inside the config-file flag), a value of the wrong type, an
+    unknown ``--config.<field>``.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        raise SystemExit(f"error: {_flag_error_line(str(error))}\n"
+                         f"Pass --helpshort or --helpfull to see help on flags.") from None
+    except (AttributeError, KeyError) as error:
+        raise SystemExit(f"error: {_unknown_field_line(error, argv)}") from None
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: bad command-line value: {' '.join(str(error).split())}"
+                         ) from None
+
+
+def _flag_error_line(text: str) -> str:
+    """``flag --config=...: Error whilst parsing config file: <traceback>`` -> the flag and
+    the exception's own message on one line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "bad command line"
+    head = lines[0].split(": Error whilst parsing")[0].rstrip(":")
+    if len(lines) == 1:
+        return head
+    last = lines[-1]
+    for line in reversed(lines):  # the exception line ends the embedded traceback
+        if not line.startswith(("File ", "^", "~", "Pass --help")):
+            last = line
+            break
+    return f"{head}: {last}"
+
+
+def _unknown_field_line(error: BaseException, argv: list[str]) -> str:
+    # ml_collections: AttributeError(KeyError("'<key>'\nDid you mean ...?"))
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    first, _, rest = text.partition("\n")
+    key = first.strip().strip("'\"")
+    hint = " ".join(rest.split())
+    culprit = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and (a.split("=")[0].endswith(f".{key}") or f".{key}." in a.split("=")[0])]
+    where = culprit[0] if culprit else "a --config.<field> flag"
+    return (f"{where}: {key!r} is not a config field" + (f"; {hint}" if hint else "")
+            + " (see the config file for the fields)")

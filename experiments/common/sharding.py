@@ -144,6 +144,8 @@ def initialize_distributed(dist: ml_collections.ConfigDict, environ=None) -> boo
         return jax.process_count() > 1
     env = os.environ if environ is None else environ
     mode = dist.initialize
+    if mode not in DISTRIBUTED_MODES:
+        return False  # validate_parallel_config reports it
     reason = distributed_wanted(env) if mode == "auto" else None
     if mode == "auto" and dist.coordinator_address:
         reason = "distributed.coordinator_address is set"
