@@ -79,7 +79,7 @@ def _base() -> ml_collections.ConfigDict:
     # --- training loop
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 1  # passes over the training examples
-    c.train.batch_size = 128  # global batch; must divide evenly over the local devices
+    c.train.batch_size = 128  # global batch; must divide evenly over all devices
     c.train.log_every_steps = 50  # write a metrics.jsonl "train" record every N steps
     c.train.eval_every_epochs = 1  # evaluate on the test split every N epochs (and at the end)
     c.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and every epoch end)
@@ -94,7 +94,7 @@ def _base() -> ml_collections.ConfigDict:
 
     # --- evaluation
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 500  # evaluation batch; must divide evenly over the local devices
+    c.eval.batch_size = 512  # evaluation batch (last one padded); must divide over the devices
     # Inference-γ sweep (the paper's robustness figure) on the final parameters; empty: skip.
     c.eval.sweep_gammas = (-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     c.eval.sweep_num_examples = 0  # sweep on the first N test examples (0: all used ones)
@@ -137,7 +137,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.optim.learning_rate = 5e-4
         c.optim.warmup_epochs = 5.0
         c.optim.weight_decay = 0.05
-        c.eval.batch_size = 1000
+        c.eval.batch_size = 1024
         c.eval.sweep_num_examples = 0
     elif preset == "tiny":
         c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)

@@ -1,0 +1,295 @@
+"""Bad input: every config field of vit_cifar rejects a bad value with one line naming the
+field and the allowed values; bad command lines end with one line, not a traceback; the
+multi-host and FSDP helpers of experiments/common/sharding.py."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
+
+from experiments import vit_cifar
+from experiments.common import config as config_lib
+from experiments.common import sharding
+from experiments.common import train_state as ts
+from experiments.configs.vit_cifar import get_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _FakeMesh:
+    """Stands in for a mesh of ``devices`` devices (validation reads only its sizes)."""
+
+    def __init__(self, devices):
+        self.shape = {"data": devices, "fsdp": 1}
+        self.size = devices
+
+
+def _set(config, path, value):
+    *parents, leaf = path.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+
+
+# (field, bad value, fragment of the one line that must name it)
+BAD_VALUES = [
+    ("preset", "huge", "must be one of ('quick', 'paper', 'tiny'), got 'huge'"),
+    ("seed", -1, "must be an int >= 0, got -1"),
+    ("mode", "both", "must be one of ('compare', 'standard', 'bdia'), got 'both'"),
+    ("model.image_size", 0, "must be an int >= 1, got 0"),
+    ("model.patch_size", 5, "must divide model.image_size=32, got 5"),
+    ("model.num_classes", 0, "must be an int >= 1, got 0"),
+    ("model.width", 0, "must be an int >= 1, got 0"),
+    ("model.depth", 0, "must be an int >= 1, got 0"),
+    ("model.num_heads", 3, "must divide model.width=32, got 3"),
+    ("model.mlp_dim", -4, "must be an int >= 1, got -4"),
+    ("model.dropout", 1.0, "must be in [0, 1), got 1.0"),
+    ("model.attention_dropout", -0.1, "must be in [0, 1), got -0.1"),
+    ("model.pool", "max", "must be one of ('cls', 'mean'), got 'max'"),
+    ("model.bdia_backprop", "magic",
+     "must be one of ('reversible', 'autodiff', 'remat'), got 'magic'"),
+    ("model.standard_backprop", "reversible",
+     "must be one of ('autodiff', 'remat'), got 'reversible'"),
+    ("model.gamma", 0.3, "must be a power of two in (0, 1) such as 0.5 or 0.25, got 0.3"),
+    ("model.frac_bits", 21, "must be an int in [0, 20] (the paper: 9)"),
+    ("model.frac_bits", -1, "must be an int in [0, 20] (the paper: 9)"),
+    ("model.compute_dtype", "float8", "must be one of ('float32', 'bfloat16', 'float16')"),
+    ("data.name", "cifar11", "unknown TFDS dataset 'cifar11'"),
+    ("data.name", "", "must name a TFDS image dataset such as 'cifar10', got ''"),
+    ("data.data_dir", "/nonexistent/tfds", "'/nonexistent/tfds' does not exist"),
+    ("data.train_split", "", "must name a TFDS split such as 'train'"),
+    ("data.test_split", "", "must name a TFDS split such as 'train'"),
+    ("data.num_train_examples", -1, "must be an int >= 0, got -1"),
+    ("data.num_test_examples", -5, "must be an int >= 0, got -5"),
+    ("data.crop_padding", -2, "must be an int >= 0, got -2"),
+    ("optim.name", "adagrad", "must be one of ('adamw', 'adam', 'sgd', 'lamb')"),
+    ("optim.schedule", "linear", "must be one of ('warmup_cosine', 'warmup_constant')"),
+    ("optim.learning_rate", 0.0, "must be a number > 0, got 0.0"),
+    ("optim.warmup_epochs", -1.0, "must be a number >= 0, got -1.0"),
+    ("optim.weight_decay", -0.1, "must be a number >= 0, got -0.1"),
+    ("optim.b1", 1.0, "must be in [0, 1), got 1.0"),
+    ("optim.b2", 1.5, "must be in [0, 1), got 1.5"),
+    ("optim.eps", 0.0, "must be a number > 0, got 0.0"),
+    ("optim.momentum", 1.0, "must be in [0, 1), got 1.0"),
+    ("optim.grad_clip_norm", -1.0, "must be a number >= 0, got -1.0"),
+    ("optim.label_smoothing", 1.0, "must be in [0, 1), got 1.0"),
+    ("train.num_epochs", 0, "must be an int >= 1, got 0"),
+    ("train.batch_size", 0, "must be an int >= 1, got 0"),
+    ("train.log_every_steps", 0, "must be an int >= 1, got 0"),
+    ("train.eval_every_epochs", 0, "must be an int >= 1, got 0"),
+    ("train.checkpoint_every_steps", 0, "must be an int >= 1, got 0"),
+    ("train.keep_checkpoints", 0, "must be an int >= 1, got 0"),
+    ("train.stop_after_steps", -1, "must be an int >= 0 (0: never), got -1"),
+    ("train.on_nonfinite", "ignore", "must be one of ('stop', 'skip'), got 'ignore'"),
+    ("train.progress", "maybe", "must be one of ('auto', 'on', 'off'), got 'maybe'"),
+    ("eval.batch_size", 0, "must be an int >= 1, got 0"),
+    ("eval.sweep_gammas", (0.0, 1.5), "values must be numbers in (-1, 1), got (0.0, 1.5)"),
+    ("eval.sweep_num_examples", -1, "must be an int >= 0 (0: all), got -1"),
+    ("mesh.fsdp", 0, "must be an int >= 1, got 0"),
+    ("mesh.fsdp", 3, "must divide the 4 devices, got 3; use one of (1, 2, 4)"),
+    ("distributed.initialize", "maybe", "must be one of ('auto', 'always', 'never')"),
+    ("distributed.coordinator_address", "nohost", "must be 'host:port' or empty"),
+    ("distributed.num_processes", -1, "must be an int >= 0 (0: from the environment)"),
+    ("distributed.process_id", -2, "must be an int >= -1 (-1: from the environment)"),
+]
+
+
+@pytest.mark.parametrize("field,value,fragment", BAD_VALUES,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
+def test_one_bad_field_gives_one_line_naming_it(field, value, fragment):
+    config = get_config("tiny")
+    _set(config, field, value)
+    with pytest.raises(config_lib.ConfigError) as info:
+        vit_cifar.validate_config(config, _FakeMesh(4))
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid vit_cifar config (1 problem):", lines
+    assert len(lines) == 2, lines
+    assert lines[1].startswith(f"  --config.{field}: "), lines
+    assert fragment in lines[1], lines
+
+
+def test_batch_not_divisible_by_the_devices():
+    config = get_config("tiny")
+    config.train.batch_size, config.eval.batch_size = 30, 66
+    with pytest.raises(config_lib.ConfigError) as info:
+        vit_cifar.validate_config(config, _FakeMesh(4))
+    lines = str(info.value).splitlines()[1:]
+    assert lines == [
+        "  --config.train.batch_size: 30 is not divisible by the 4 devices; use a multiple of 4",
+        "  --config.eval.batch_size: 66 is not divisible by the 4 devices; use a multiple of 4",
+    ]
+
+
+def test_process_id_must_be_below_the_process_count():
+    config = get_config("tiny")
+    config.distributed.update(num_processes=2, process_id=2)
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"--config.distributed.process_id: must be < "
+                             r"distributed.num_processes=2, got 2"):
+        vit_cifar.validate_config(config, _FakeMesh(4))
+
+
+def test_missing_tfds_data_dir_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent/tfds_env")
+    config = get_config("tiny")
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"--config.data.data_dir: is empty, so \$TFDS_DATA_DIR is used, "
+                             r"but '/nonexistent/tfds_env' does not exist"):
+        vit_cifar.validate_config(config, _FakeMesh(1))
+
+
+def test_every_preset_validates_on_one_and_on_eight_devices():
+    for preset in ("quick", "paper", "tiny"):
+        for devices in (1, 8):
+            config = get_config(preset)
+            config.data.data_dir = ""
+            vit_cifar.validate_config(config, _FakeMesh(devices))
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.Popen([sys.executable, "-m", "experiments.vit_cifar", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_bad_command_lines_end_with_one_line():
+    runs = {  # concurrently: each is mostly interpreter start-up
+        "preset": _cli("--config=experiments/configs/vit_cifar.py:huge"),
+        "field": _cli("--config.model.dpth=3"),
+        "type": _cli("--config.model.depth=abc"),
+    }
+    errors = {}
+    for name, process in runs.items():
+        _, errors[name] = process.communicate(timeout=300)
+        assert process.returncode != 0, name
+        assert "Traceback" not in errors[name], errors[name]
+    assert ("error: flag --config=experiments/configs/vit_cifar.py:huge: ValueError: unknown "
+            "vit_cifar preset 'huge'; use one of ('quick', 'paper', 'tiny')") in errors["preset"]
+    assert ("error: --config.model.dpth: 'dpth' is not a config field; Did you mean "
+            "\"depth\" instead of \"dpth\"?") in errors["field"]
+    assert "error: flag --config.model.depth=abc: invalid literal for int()" in errors["type"]
+
+
+# --------------------------------------------------------------------------- multi-host
+
+
+SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("env,wanted", [
+    ({}, False),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({**SLURM, "SLURM_NTASKS": "1"}, False),  # a one-task SLURM job is a single process
+    ({**SLURM, "SLURM_NTASKS": "4"}, True),
+    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:9", "OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "t1"}, False),  # a single TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, True),  # a pod slice
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, True),
+])
+def test_distributed_wanted_reads_the_launch_environment(env, wanted):
+    assert (sharding.distributed_wanted(env) is not None) is wanted
+
+
+def _dist(**overrides):
+    config = get_config("tiny")
+    config.distributed.update(overrides)
+    return config.distributed
+
+
+def test_initialize_distributed_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}
+    assert sharding.initialize_distributed(_dist(initialize="never"), env) is False
+    assert sharding.initialize_distributed(_dist(initialize="auto"), {}) is False
+    assert calls == []
+    sharding.initialize_distributed(_dist(initialize="auto"), env)
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                         "process_id": 3}
+    # Config fields win over the environment; "always" needs no environment.
+    sharding.initialize_distributed(_dist(initialize="always", coordinator_address="h:5",
+                                          num_processes=2, process_id=1), env)
+    assert calls[-1] == {"coordinator_address": "h:5", "num_processes": 2, "process_id": 1}
+    sharding.initialize_distributed(_dist(initialize="always"), {})
+    assert calls[-1] == {}  # JAX's own cluster detection (e.g. on a TPU VM pod)
+
+
+def test_failed_initialize_is_one_clear_error(monkeypatch):
+    def fail(**kwargs):
+        raise RuntimeError("connection refused\nmore detail")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    with pytest.raises(sharding.DistributedInitError) as info:
+        sharding.initialize_distributed(_dist(initialize="always"), {})
+    text = str(info.value)
+    assert "\n" not in text
+    assert "RuntimeError: connection refused" in text
+    assert "--config.distributed.initialize=never" in text
+
+
+def test_process_rows_single_process_is_the_whole_batch():
+    mesh = sharding.make_mesh()
+    np.testing.assert_array_equal(sharding.process_rows(mesh, 12), np.arange(12))
+
+
+# --------------------------------------------------------------------------- FSDP layout
+
+
+@pytest.mark.parametrize("shape,size,spec", [
+    ((4, 32, 64), 4, P(None, None, "fsdp")),  # the largest divisible axis
+    ((64, 32), 4, P("fsdp")),
+    ((2, 32, 32), 8, P(None, None, "fsdp")),  # equal sizes: the last one
+    ((3, 5), 4, P()),  # nothing divisible: replicated
+    ((), 4, P()),  # scalars: replicated
+    ((4, 32, 64), 1, P()),  # no fsdp axis: replicated
+])
+def test_fsdp_spec(shape, size, spec):
+    assert sharding.fsdp_spec(shape, size) == spec
+
+
+def test_train_state_shardings_shard_params_and_optimizer_state_only():
+    from flax import nnx
+
+    from bdia_jax.models import ViT, vit_config
+
+    model = ViT(vit_config("tiny", update="bdia"), rngs=nnx.Rngs(0))
+    optimizer, _ = ts.make_optimizer(get_config("tiny").optim, 10, 10)
+    _, state = ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))
+
+    # An abstract 1 x 4 mesh: shardings are only built here, not used to place arrays.
+    mesh = AbstractMesh((1, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    specs = jax.tree_util.tree_map(lambda s: s.spec, sharding.train_state_shardings(state, mesh))
+    param_specs = jax.tree_util.tree_leaves(specs.params, is_leaf=lambda x: isinstance(x, P))
+    assert any(s != P() for s in param_specs)
+    for leaf, spec in zip(jax.tree_util.tree_leaves(state.params), param_specs, strict=True):
+        assert spec == sharding.fsdp_spec(leaf.shape, 4)
+    for name in ("step", "base_key", "num_nonfinite", "first_overflow_step"):
+        assert getattr(specs, name) == P()
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_sees_any_single_changed_element():
+    tree = {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4), "k": jnp.arange(3),
+            "b": jnp.array([True, False])}
+    finite, base = ts.finite_and_fingerprint(tree)
+    assert finite
+    assert ts.finite_and_fingerprint(jax.tree_util.tree_map(jnp.copy, tree)) == (True, base)
+    tiny = {**tree, "w": tree["w"].at[2, 3].set(jnp.nextafter(11.0, 12.0))}  # one ulp
+    swapped = {**tree, "w": tree["w"].at[0, 0].set(1.0).at[0, 1].set(0.0)}  # two swapped
+    flipped = {**tree, "b": jnp.array([True, True])}
+    for changed in (tiny, swapped, flipped):
+        assert ts.finite_and_fingerprint(changed)[1] != base
+    assert ts.finite_and_fingerprint({**tree, "w": tree["w"] * jnp.nan})[0] is False
