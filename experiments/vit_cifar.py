@@ -238,15 +238,19 @@ def make_loss_fn(config: ml_collections.ConfigDict):
     return loss_fn
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, gather_params=None):
     """Jitted ``(params, probes, rest, batch, gamma) -> {"correct", "loss_sum", "count"}``.
 
     batch adds "mask" ([b] bool, real examples); gamma: None (E[γ] = 0) or a float32
     scalar inference γ (traced: one compilation serves the whole sweep).
+    gather_params: as in ``train_state.make_train_step`` (FSDP: all-gather the weights).
     """
 
     @jax.jit
     def eval_step(params, probes, rest, batch, gamma):
+        if gather_params is not None:
+            params = jax.lax.with_sharding_constraint(
+                params, jax.tree_util.tree_map(lambda _: gather_params, params))
         model = nnx.merge(graphdef, params, probes, rest)
         logits, _ = model(cifar_data.normalize(batch["image"]), train=False,
                           inference_gamma=gamma)
@@ -315,6 +319,8 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
         dropped = writer.drop_after(name, step)
         log(f"[{name}] resumed from the checkpoint at step {step}/{num_steps}"
             f"{f' (dropped {dropped} later records)' if dropped else ''}")
+    elif writer.drop_after(name, 0):  # records of a run whose checkpoints are all unusable
+        log(f"[{name}] starting from step 0; dropped this model's earlier records")
 
     # Each process reads only the rows of every global batch that its devices hold.
     rows = sharding.process_rows(mesh, config.train.batch_size)
@@ -325,7 +331,8 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
     compile_start = time.perf_counter()
     train_step = ts.compile_train_step(
         ts.make_train_step(graphdef, make_loss_fn(config), optimizer, schedule=schedule,
-                           stop_on_nonfinite=config.train.on_nonfinite == "stop"),
+                           stop_on_nonfinite=config.train.on_nonfinite == "stop",
+                           gather_params=sharding.gather_sharding(mesh)),
         state, get_batch(0), state_sharding=state_sharding,
         batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=replicated,
     )
@@ -340,7 +347,7 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
            f" MB/device (temp {memory.megabytes(compiled_mem['temp_bytes']):.1f} MB)"
            if compiled_mem else ""))
 
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, sharding.gather_sharding(mesh))
     eval_bs = config.eval.batch_size
     settings = LoopSettings(
         num_epochs=config.train.num_epochs, steps_per_epoch=spe,
@@ -369,7 +376,7 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
         sweep_cfg = sweep_config_for(vit_cfg)
         sweep_graphdef = graphdef if sweep_cfg == vit_cfg else ts.split_model(
             nnx.eval_shape(lambda: ViT(sweep_cfg, rngs=nnx.Rngs(config.seed))))[0]
-        sweep_step = make_eval_step(sweep_graphdef)
+        sweep_step = make_eval_step(sweep_graphdef, sharding.gather_sharding(mesh))
         n = config.eval.sweep_num_examples or len(test_data)
         sweep_data = cifar_data.ImageSplit(test_data.images[:n], test_data.labels[:n])
         writer.drop_kind(name, "sweep")

@@ -9,8 +9,10 @@ axes ``("data", "fsdp")`` of sizes ``(devices / fsdp, fsdp)``:
 * parameters and optimizer state are replicated (``mesh.fsdp = 1``, plain data
   parallelism), or with ``mesh.fsdp = n > 1`` sharded FSDP-style over the "fsdp" axis:
   each array along its largest axis divisible by n (arrays with no such axis stay
-  replicated). XLA inserts the all-gathers of the forward/backward pass and the
-  reduce-scatters of the gradients.
+  replicated). The train step all-gathers the weights at its start (``gather_sharding``)
+  and the gradients are reduce-scattered back to the shards; without that constraint
+  XLA's partitioner may instead reshard the activations to follow the weights' layout,
+  which costs more memory (measured with ``experiments/train_step_memory.py``).
 
 Multi-host: ``initialize_distributed`` calls ``jax.distributed.initialize()`` when the
 config or the environment asks for it (see ``distributed_wanted``); then
@@ -269,6 +271,14 @@ def train_state_shardings(state, mesh: Mesh):
     out = jax.tree_util.tree_map(lambda _: replicated, state)
     return out.replace(params=param_shardings(state.params, mesh),
                        opt_state=param_shardings(state.opt_state, mesh))
+
+
+def gather_sharding(mesh: Mesh) -> NamedSharding | None:
+    """What the train step constrains the parameters to at its start (see
+    ``train_state.make_train_step(gather_params=...)``): replicated under FSDP, so the
+    weights are all-gathered once per step and the activations keep their batch sharding;
+    None (no constraint) with replicated parameters."""
+    return replicated_sharding(mesh) if fsdp_size(mesh) > 1 else None
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str) -> str | None:

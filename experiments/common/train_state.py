@@ -185,7 +185,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, steps_per
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
                     optimizer: optax.GradientTransformation, *,
                     schedule: optax.Schedule | None = None,
-                    stop_on_nonfinite: bool = True):
+                    stop_on_nonfinite: bool = True,
+                    gather_params=None):
     """The pure train step ``(state, batch) -> (state, metrics)``; jit it with
     ``donate_argnums=0`` (see ``compile_train_step``).
 
@@ -197,6 +198,11 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
 
     With ``stop_on_nonfinite`` (the "stop" policy) every update after the first bad step is
     held back as well; otherwise ("skip") only the bad steps are.
+
+    ``gather_params``: None, or a sharding (e.g. replicated) that the parameters are
+    constrained to at the start of the step. With FSDP-sharded parameters this makes XLA
+    all-gather the weights once per step (and reduce-scatter their gradients) instead of
+    resharding the batch-sharded activations to follow the weights' layout.
     """
     probe = probe_type()
 
@@ -204,6 +210,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
         key = jax.random.fold_in(state.base_key, state.step)
 
         def objective(params, probes):
+            if gather_params is not None:
+                params = jax.lax.with_sharding_constraint(params, jax.tree_util.tree_map(
+                    lambda _: gather_params, params))
             model = nnx.merge(graphdef, params, probes, state.rest)
             loss, metrics = loss_fn(model, batch, key)
             _, _, _, rest = nnx.split(model, nnx.Param, probe, ...)

@@ -1,0 +1,125 @@
+"""Per-device compiled memory of the full vit_cifar train step (model, loss, gradients,
+optimizer update) at 1, 2, 4, 8 devices, with data parallelism and with FSDP.
+
+    python -m experiments.train_step_memory                     # quick preset, CPU devices
+    python -m experiments.train_step_memory --preset paper --devices 1,8 --models bdia
+
+Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
+the devices are forced with ``--xla_force_host_platform_device_count``). The step is only
+compiled, on abstract inputs: no data, no training. The global batch is fixed, so the
+activations, side bits and kept states per device fall as devices are added; with
+``fsdp`` (``mesh.fsdp`` = all devices) the parameters, gradients and Adam moments are
+stored sharded too (the step all-gathers the weights at its start, as vit_cifar does). Figures: XLA's ``memory_analysis()`` per device — arguments (state + batch),
+temporaries (activations and scratch) and peak = arguments + outputs + temporaries -
+aliased. See ``experiments/sharding_memory.py`` for the same at the engine level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def worker(num_devices: int, args) -> dict:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
+    )
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bdia_jax.models import ViT
+    from experiments import vit_cifar
+    from experiments.common import memory, sharding
+    from experiments.common import train_state as ts
+    from experiments.configs.vit_cifar import get_config
+
+    devices = jax.devices()[:num_devices]
+    if len(devices) < num_devices:
+        raise RuntimeError(f"asked for {num_devices} devices, found {len(jax.devices())}")
+    config = get_config(args.preset)
+    config.train.batch_size = args.batch
+    size = config.model.image_size
+    out = {"devices": num_devices, "results": {}}
+    for layout in args.layouts.split(","):
+        mesh = sharding.make_mesh(devices, fsdp=num_devices if layout == "fsdp" else 1)
+        batch_sharding = sharding.batch_sharding(mesh)
+        batch = {
+            "image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.uint8,
+                                          sharding=batch_sharding),
+            "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding),
+        }
+        for update in args.models.split(","):
+            vit_cfg = vit_cifar.vit_config_for(config, update)
+            optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
+            graphdef, state = ts.create_train_state(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
+                                                    jax.random.PRNGKey(0))
+            shardings = sharding.train_state_shardings(state, mesh)
+            abstract = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                shardings)
+            compiled = ts.compile_train_step(
+                ts.make_train_step(graphdef, vit_cifar.make_loss_fn(config), optimizer,
+                                   schedule=schedule,
+                                   gather_params=sharding.gather_sharding(mesh)),
+                abstract, batch, state_sharding=shardings, batch_sharding=batch_sharding,
+                metrics_sharding=sharding.replicated_sharding(mesh))
+            out["results"][f"{layout}/{update}"] = memory.compiled_memory(compiled)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="quick", help="vit_cifar preset (model size)")
+    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
+    parser.add_argument("--batch", type=int, default=128, help="global batch (divisible)")
+    parser.add_argument("--models", default="standard,bdia", help="standard and/or bdia")
+    parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
+    parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return None
+
+    counts = [int(c) for c in args.devices.split(",")]
+    for c in counts:
+        if args.batch % c:
+            parser.error(f"--batch {args.batch} is not divisible by {c} devices")
+    rows = []
+    for count in counts:
+        cmd = [sys.executable, "-m", "experiments.train_step_memory", "--worker", str(count)]
+        for name in ("preset", "batch", "models", "layouts"):
+            cmd += [f"--{name}", str(getattr(args, name))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"worker for {count} devices failed")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"compiled for {count} device(s)", flush=True)
+
+    print(f"\nvit_cifar preset={args.preset}, global batch {args.batch}: per-device compiled "
+          f"memory of the train step, MiB (arguments = state + batch / temporaries / peak)")
+    print("| layout/model | " + " | ".join(f"{r['devices']} dev" for r in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for key in rows[0]["results"]:
+        cells = []
+        for r in rows:
+            m = r["results"][key]
+            cells.append(f"{m['argument_bytes'] / 2**20:.2f} / {m['temp_bytes'] / 2**20:.2f} / "
+                         f"{m['peak_estimate_bytes'] / 2**20:.2f}")
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    os.makedirs(args.workdir, exist_ok=True)
+    path = os.path.join(args.workdir, "train_step_memory.json")
+    with open(path, "w") as f:
+        json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
