@@ -135,13 +135,20 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c.preset = preset
     if preset == "quick":
         # Sized for a 2-core CPU: both models train, evaluate and decode in ~10 minutes.
-        c.model.update(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, mlp_dim=256)
+        # One epoch of a small model, no dropout (it underfits anyway in one epoch).
+        c.model.update(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, mlp_dim=256,
+                       dropout=0.0)
         c.tokenizer.vocab_size = 2000
         c.data.num_train_examples = 0
-        # Four shapes to compile per model; with 2000 pieces the longest Multi30k pair has 72.
-        c.batch.bucket_lengths = (16, 24, 36, 72)
+        # Three shapes to compile per model. With 2000 pieces 96% of the Multi30k training
+        # pairs fit in 36 tokens; the longer ones are dropped (counted in summary.json) and
+        # the few longer test sources are truncated.
+        c.batch.bucket_lengths = (16, 24, 36)
         c.batch.tokens_per_batch = 2048
         c.train.num_epochs = 1
+        # Peak learning rate measured on this preset (standard model, 1 epoch, validation
+        # loss): 2e-3 → 3.45, 4e-3 → 3.04, 7e-3 → 2.86 (BDIA at 7e-3: 2.97, stable).
+        c.optim.learning_rate = 7e-3
         c.optim.warmup_epochs = 0.1
         c.eval.beam_size = 4
         c.eval.max_decode_len = 48
