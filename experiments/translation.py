@@ -586,7 +586,7 @@ def _plot(workdir: str, records_path: str, results: dict) -> str:
             "train_step": [x["step"] for x in train], "train_loss": [x["loss"] for x in train],
             "eval_step": [x["step"] for x in evals],
             "eval_value": [x["val_loss"] for x in evals],
-            "eval_label": "validation loss (nats / token)",
+            "eval_label": "validation loss (nats / token)", "eval_split": "validation",
         }
     path = os.path.join(workdir, "curves.png")
     plots.plot_curves(curves, path, title="Translation: training loss (label-smoothed) and "

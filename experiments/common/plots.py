@@ -14,7 +14,8 @@ def plot_curves(curves: dict[str, dict[str, list]], path: str, *, title: str = "
 
     curves: {model: {"train_step": [...], "train_loss": [...],
              "train_value": [...] (optional, the metric on training batches),
-             "eval_step": [...], "eval_value": [...], "eval_label": str}}.
+             "eval_step": [...], "eval_value": [...], "eval_label": str,
+             "eval_split": str (optional, legend name of the evaluated split; "test")}}.
     """
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     eval_label = "eval"
@@ -27,7 +28,7 @@ def plot_curves(curves: dict[str, dict[str, list]], path: str, *, title: str = "
                              alpha=0.7, label=f"{name} (training batches)")
         if c.get("eval_step"):
             ax_eval.plot(c["eval_step"], c["eval_value"], color=color, marker="o",
-                         label=f"{name} (test)")
+                         label=f"{name} ({c.get('eval_split', 'test')})")
             eval_label = c.get("eval_label", eval_label)
     ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
     ax_eval.set(xlabel="step", ylabel=eval_label, title=eval_label)
