@@ -8,8 +8,10 @@ import pytest
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 from experiments.memory_benchmark import compiled_bytes, make_step, mixed_slope
 
-SEQ, DIM, HIDDEN, HEADS = 16, 64, 128, 2
-DEPTHS, BATCHES = [16, 32], [2, 4]
+# Big enough per sample (8192 elements: 1 KiB of side bits per block) that the signal
+# dominates the few KiB by which XLA's buffer assignment varies between programs.
+SEQ, DIM, HIDDEN, HEADS = 64, 128, 256, 4
+DEPTHS, BATCHES = [24, 48], [4, 8]
 
 
 def _bits_per_element_per_block(kind, backprop, gamma):
