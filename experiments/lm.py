@@ -38,6 +38,7 @@ from experiments.common.loop import (
     PROGRESS_MODES,
     LoopResult,
     LoopSettings,
+    NonFiniteError,
     TrainingInterrupted,
     log,
     run_loop,
@@ -57,7 +58,8 @@ RESUMABLE_CHANGES = (
     "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.async_checkpoints", "eval.batch_size",
     "eval.num_samples", "eval.sample_length", "eval.sample_prompt", "eval.temperature",
-    "eval.top_k",
+    "eval.top_k", "mesh.fsdp", "distributed.initialize", "distributed.coordinator_address",
+    "distributed.num_processes", "distributed.process_id",
 )
 
 
@@ -137,6 +139,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     checks.require(isinstance(m.context, int) and 1 <= len(e.sample_prompt) < m.context,
                    "eval.sample_prompt",
                    f"must hold 1 to model.context-1 characters, got {e.sample_prompt!r}")
+    sharding.validate_parallel_config(config, mesh, checks)
     for field, size in (("train.batch_size", t.batch_size), ("eval.batch_size", e.batch_size)):
         if isinstance(size, int) and size >= 1:
             problem = sharding.check_batch_divisible(size, mesh, field)
@@ -224,7 +227,7 @@ def mean_loss(eval_step, state, windows, batch_size: int, mesh) -> float:
     nll, count = 0.0, 0.0
     for x, y, mask in char_lm.padded_batches(*windows, batch_size):
         batch = sharding.shard_batch({"inputs": x, "targets": y, "mask": mask}, mesh)
-        out = jax.device_get(eval_step(state.params, state.probes, state.rest, batch))
+        out = sharding.to_host(eval_step(state.params, state.probes, state.rest, batch))
         nll += float(out["nll_sum"])
         count += float(out["count"])
     return nll / count
@@ -278,17 +281,18 @@ def train_model(config, update: str, data: LMData, mesh, workdir: str,
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     del model
     replicated = sharding.replicated_sharding(mesh)
-    state = sharding.replicate(state, mesh)
+    state_sharding = sharding.train_state_shardings(state, mesh)  # FSDP when mesh.fsdp > 1
+    state = sharding.place(state, state_sharding)
 
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints", update), save_every_steps=t.checkpoint_every_steps,
         keep=t.keep_checkpoints, async_save=t.async_checkpoints,
     )
     loop_result = None
-    restored = checkpointer.restore(state, replicated)
+    restored = checkpointer.restore(state, state_sharding)
     if restored is not None:
         state, record = restored
-        step = int(jax.device_get(state.step))
+        step = int(sharding.to_host(state.step))
         loop_result = LoopResult.from_record(record.get("loop"))
         dropped = writer.drop_after(name, step)
         log(f"[{name}] resumed from the checkpoint at step {step}/{t.num_steps}"
@@ -304,8 +308,9 @@ def train_model(config, update: str, data: LMData, mesh, workdir: str,
     compile_start = time.perf_counter()
     train_step = ts.compile_train_step(
         ts.make_train_step(graphdef, make_loss_fn(), optimizer, schedule=schedule,
-                           stop_on_nonfinite=t.on_nonfinite == "stop"),
-        state, get_batch(0), state_sharding=replicated,
+                           stop_on_nonfinite=t.on_nonfinite == "stop",
+                           gather_params=sharding.gather_sharding(mesh)),
+        state, get_batch(0), state_sharding=state_sharding,
         batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=replicated,
     )
     compile_seconds = time.perf_counter() - compile_start
@@ -453,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ``TrainingInterrupted`` after ``train.stop_after_steps``.
     """
     start = time.perf_counter()
-    mesh = sharding.make_mesh()
+    mesh = sharding.mesh_from_config(config)  # jax.distributed first when multi-host
     validate_config(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     runs.check_resume_config(config, workdir, resumable=RESUMABLE_CHANGES)
@@ -477,16 +482,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[update] = train_model(config, update, data, mesh, workdir, writer)
 
     plot_path = os.path.join(workdir, "losses.png")
-    plot_losses(writer.path, results, plot_path)
     samples_path = os.path.join(workdir, "samples.txt")
-    with open(samples_path, "w", encoding="utf-8") as f:
-        for r in results.values():
-            for i, sample in enumerate(r["samples"]):
-                f.write(f"===== {r['name']} sample {i + 1} =====\n{sample}\n\n")
+    if sharding.is_primary():  # multi-host: process 0 writes the files
+        plot_losses(writer.path, results, plot_path)
+        with open(samples_path, "w", encoding="utf-8") as f:
+            for r in results.values():
+                for i, sample in enumerate(r["samples"]):
+                    f.write(f"===== {r['name']} sample {i + 1} =====\n{sample}\n\n")
     summary = {
         "config": config_lib.to_dict(config),
         "versions": metrics.versions(),
-        "devices": metrics.device_info(),
+        "devices": metrics.device_info(mesh),
         "data": {"source": data.source, "train_characters": len(data.train_ids),
                  "val_characters": len(data.val_ids), "vocab_size": data.vocab.size},
         "models": results,
@@ -515,7 +521,8 @@ def main(argv) -> None:
     workdir = flags.FLAGS.workdir or os.path.join("runs", f"lm_{config.preset}")
     try:
         train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, TextDataError, FileNotFoundError) as error:
+    except (config_lib.ConfigError, TextDataError, FileNotFoundError,
+            sharding.DistributedInitError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
     except TrainingInterrupted as stop:
         raise SystemExit(str(stop)) from None
@@ -538,7 +545,4 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    config_lib.run_app(_define_flags, main)

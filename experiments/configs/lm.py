@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments.common import sharding
+
 PRESETS = ("quick", "full", "tiny")
 MODES = ("compare", "standard", "bdia")
 
@@ -110,6 +112,10 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.sample_prompt = "\n"  # prompt the samples start from (characters of the vocab)
     c.eval.temperature = 0.8  # sampling temperature
     c.eval.top_k = 200  # sample among the top-k characters (0: all)
+
+    # --- devices: the mesh (data parallelism, optional FSDP) and multi-host set-up; the
+    # fields are documented in experiments/common/sharding.py:add_parallel_config.
+    sharding.add_parallel_config(c)
     return c
 
 
