@@ -43,6 +43,7 @@ from experiments.common.loop import (
     PROGRESS_MODES,
     LoopResult,
     LoopSettings,
+    NonFiniteError,
     TrainingInterrupted,
     log,
     run_loop,
@@ -58,7 +59,8 @@ RESUMABLE_CHANGES = (
     "mode", "data.dir", "data.tfds_data_dir", "data.tfds_download", "train.stop_after_steps",
     "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.async_checkpoints", "eval.decode_batch_size",
-    "eval.num_examples_to_print",
+    "eval.num_examples_to_print", "mesh.fsdp", "distributed.initialize",
+    "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
 )
 # The arrays of a batch that go to the device (the host keeps "index").
 DEVICE_KEYS = ("src", "src_mask", "tgt_in", "tgt_out", "tgt_mask")
@@ -154,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     _int_at_least(checks, e.max_decode_len, "eval.max_decode_len", 2)
     _int_at_least(checks, e.decode_batch_size, "eval.decode_batch_size")
     _int_at_least(checks, e.num_examples_to_print, "eval.num_examples_to_print", 0)
+    sharding.validate_parallel_config(config, mesh, checks)
     if isinstance(e.decode_batch_size, int) and e.decode_batch_size >= 1:
         problem = sharding.check_batch_divisible(e.decode_batch_size, mesh,
                                                  "eval.decode_batch_size")
@@ -278,12 +281,13 @@ class BucketedTrainStep:
 
     def __init__(self, train_step, state, batches: batching.BucketedBatches, mesh):
         replicated = sharding.replicated_sharding(mesh)
+        state_sharding = sharding.train_state_shardings(state, mesh)  # FSDP if mesh.fsdp > 1
 
         def compile_for(length):
             example = sharding.shard_batch(
                 device_batch(batches.make_batch(length, np.zeros((0,), np.int64))), mesh)
             return example["src"].shape, ts.compile_train_step(
-                train_step, state, example, state_sharding=replicated,
+                train_step, state, example, state_sharding=state_sharding,
                 batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=replicated)
 
         # XLA compiles outside the GIL: the bucket shapes compile in parallel.
@@ -317,7 +321,7 @@ def evaluate_loss(eval_step, state, batches: batching.BucketedBatches, mesh) -> 
     for batch in batches.iterate(seed=None):
         out = eval_step(state.params, state.probes, state.rest,
                         sharding.shard_batch(device_batch(batch), mesh))
-        for k, v in jax.device_get(out).items():
+        for k, v in sharding.to_host(out).items():
             totals[k] += float(v)
     loss = totals["nll_sum"] / totals["num_tokens"]
     return {"val_loss": loss, "val_perplexity": float(np.exp(loss)),
@@ -378,7 +382,7 @@ def translate_all(translate, state, data: TranslationData, config, mesh) -> list
         for r, ids in enumerate(rows):
             src[r, : len(ids)] = ids
         batch = sharding.shard_batch({"src": src, "src_mask": src != tokenizer.PAD_ID}, mesh)
-        tokens = jax.device_get(translate(state.params, state.probes, state.rest,
+        tokens = sharding.to_host(translate(state.params, state.probes, state.rest,
                                           batch["src"], batch["src_mask"]))
         outputs += [ids_until_eos(row) for row in tokens[: len(rows)]]
     return [data.tokenizers.tgt.decode(ids) for ids in outputs]
@@ -414,18 +418,18 @@ def train_model(config, update: str, data: TranslationData, mesh, workdir: str,
     graphdef, state = ts.create_train_state(model, optimizer, base_key)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     del model
-    replicated = sharding.replicated_sharding(mesh)
-    state = sharding.replicate(state, mesh)
+    state_sharding = sharding.train_state_shardings(state, mesh)  # FSDP when mesh.fsdp > 1
+    state = sharding.place(state, state_sharding)
 
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints", update), save_every_steps=t.checkpoint_every_steps,
         keep=t.keep_checkpoints, async_save=t.async_checkpoints,
     )
     loop_result = None
-    restored = checkpointer.restore(state, replicated)
+    restored = checkpointer.restore(state, state_sharding)
     if restored is not None:
         state, record = restored
-        step = int(jax.device_get(state.step))
+        step = int(sharding.to_host(state.step))
         loop_result = LoopResult.from_record(record.get("loop"))
         dropped = writer.drop_after(name, step)
         log(f"[{name}] resumed from the checkpoint at step {step}/{num_steps}"
@@ -445,7 +449,8 @@ def train_model(config, update: str, data: TranslationData, mesh, workdir: str,
     compile_start = time.perf_counter()
     train_step = BucketedTrainStep(
         ts.make_train_step(graphdef, make_loss_fn(config), optimizer, schedule=schedule,
-                           stop_on_nonfinite=t.on_nonfinite == "stop"),
+                           stop_on_nonfinite=t.on_nonfinite == "stop",
+                           gather_params=sharding.gather_sharding(mesh)),
         state, data.train, mesh)
     compile_seconds = time.perf_counter() - compile_start
     compiled_mem = memory.compiled_memory(train_step.largest)
@@ -503,9 +508,12 @@ def train_model(config, update: str, data: TranslationData, mesh, workdir: str,
     for ex in examples:
         log(f"  src:    {ex['source']}\n  ref:    {ex['reference']}\n"
             f"  greedy: {ex['greedy']}\n  beam:   {ex['beam']}")
-    with open(os.path.join(workdir, f"translations_{update}.txt"), "w", encoding="utf-8") as f:
-        for i, (g, b) in enumerate(zip(translations["greedy"], translations["beam"], strict=True)):
-            f.write(f"{i}\tgreedy\t{g}\n{i}\tbeam\t{b}\n")
+    if sharding.is_primary():  # multi-host: process 0 writes the files
+        with open(os.path.join(workdir, f"translations_{update}.txt"), "w",
+                  encoding="utf-8") as f:
+            for i, (g, b) in enumerate(zip(translations["greedy"], translations["beam"],
+                                           strict=True)):
+                f.write(f"{i}\tgreedy\t{g}\n{i}\tbeam\t{b}\n")
 
     final = loop_result.last_eval or {}
     step_time = loop_result.step_time_s
@@ -602,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ``TrainingInterrupted`` after ``train.stop_after_steps``.
     """
     start = time.perf_counter()
-    mesh = sharding.make_mesh()
+    mesh = sharding.mesh_from_config(config)  # jax.distributed first when multi-host
     validate_config(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     runs.check_resume_config(config, workdir, resumable=RESUMABLE_CHANGES)
@@ -621,11 +629,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for update in runs.models_for_mode(config.mode):
         results[update] = train_model(config, update, data, mesh, workdir, writer)
 
-    plot_path = _plot(workdir, writer.path, results)
+    plot_path = (_plot(workdir, writer.path, results) if sharding.is_primary()
+                 else os.path.join(workdir, "curves.png"))
     summary = {
         "config": config_lib.to_dict(config),
         "versions": {**metrics.versions(), "sacrebleu": sacrebleu.__version__},
-        "devices": metrics.device_info(),
+        "devices": metrics.device_info(mesh),
         "data": s,
         "models": results,
         "plots": [os.path.basename(plot_path)],
@@ -653,7 +662,8 @@ def main(argv) -> None:
     workdir = flags.FLAGS.workdir or os.path.join("runs", f"translation_{config.preset}")
     try:
         train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, TextDataError, FileNotFoundError) as error:
+    except (config_lib.ConfigError, TextDataError, FileNotFoundError,
+            sharding.DistributedInitError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
     except TrainingInterrupted as stop:
         raise SystemExit(str(stop)) from None
@@ -676,7 +686,4 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    config_lib.run_app(_define_flags, main)

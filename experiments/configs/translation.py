@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments.common import sharding
+
 PRESETS = ("quick", "full", "tiny")
 MODES = ("compare", "standard", "bdia")
 
@@ -120,6 +122,10 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.max_decode_len = 64
     c.eval.decode_batch_size = 64  # test sentences decoded at once (beam: x beam_size rows)
     c.eval.num_examples_to_print = 5  # example translations printed and saved per model
+
+    # --- devices: the mesh (data parallelism, optional FSDP) and multi-host set-up; the
+    # fields are documented in experiments/common/sharding.py:add_parallel_config.
+    sharding.add_parallel_config(c)
     return c
 
 
