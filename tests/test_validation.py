@@ -293,3 +293,24 @@ def test_fingerprint_sees_any_single_changed_element():
     for changed in (tiny, swapped, flipped):
         assert ts.finite_and_fingerprint(changed)[1] != base
     assert ts.finite_and_fingerprint({**tree, "w": tree["w"] * jnp.nan})[0] is False
+
+
+@pytest.mark.parametrize("experiment", ["lm", "translation"])
+@pytest.mark.parametrize("field,value,fragment", [
+    ("mesh.fsdp", 3, "must divide the 4 devices, got 3; use one of (1, 2, 4)"),
+    ("distributed.initialize", "maybe", "must be one of ('auto', 'always', 'never')"),
+    ("train.on_nonfinite", "ignore", "must be one of ('stop', 'skip'), got 'ignore'"),
+    ("optim.learning_rate", -1.0, "must be a number > 0, got -1.0"),
+])
+def test_text_experiments_share_the_checks(experiment, field, value, fragment):
+    import importlib
+
+    module = importlib.import_module(f"experiments.{experiment}")
+    configs = importlib.import_module(f"experiments.configs.{experiment}")
+    config = configs.get_config("tiny")
+    _set(config, field, value)
+    with pytest.raises(config_lib.ConfigError) as info:
+        module.validate_config(config, _FakeMesh(4))
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"  --config.{field}: "), lines
+    assert fragment in lines[1], lines
