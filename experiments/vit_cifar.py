@@ -140,11 +140,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
 
     d = config.data
     _check_dataset_name(d.name, checks)
-    if d.data_dir:
+    if d.data_dir and "://" not in d.data_dir:  # gs://... etc. are TFDS's to read
         checks.require(os.path.isdir(d.data_dir), "data.data_dir",
                        f"must be an existing folder of prepared TFDS datasets (or \"\" for "
                        f"$TFDS_DATA_DIR); {d.data_dir!r} does not exist")
-    elif os.environ.get("TFDS_DATA_DIR"):
+    elif os.environ.get("TFDS_DATA_DIR") and "://" not in os.environ["TFDS_DATA_DIR"]:
         checks.require(os.path.isdir(os.environ["TFDS_DATA_DIR"]), "data.data_dir",
                        f"is empty, so $TFDS_DATA_DIR is used, but "
                        f"{os.environ['TFDS_DATA_DIR']!r} does not exist; fix TFDS_DATA_DIR "
