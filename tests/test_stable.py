@@ -1,0 +1,60 @@
+"""bdia_jax.stable: the statistics behind recompute="shared" keep their bits under a VJP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdia_jax import stable
+from bdia_jax.testing import bits
+
+
+def _reference_layer_norm(x, scale, bias, eps=1e-6):
+    mean = np.mean(x, -1, keepdims=True, dtype=np.float64)
+    var = np.mean((x - mean) ** 2, -1, keepdims=True, dtype=np.float64)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def test_layer_norm_matches_the_float64_reference():
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 7, 48))) * 3 + 1
+    scale = np.linspace(0.5, 1.5, 48, dtype=np.float32)
+    bias = np.linspace(-1, 1, 48, dtype=np.float32)
+    got = stable.layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    assert got.dtype == jnp.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, _reference_layer_norm(x, scale, bias), rtol=2e-5,
+                               atol=2e-5)
+    for d in (1, 2, 5, 48, 384):  # powers of two and zero-padded widths
+        v = np.asarray(jax.random.normal(jax.random.PRNGKey(d), (3, d)))
+        np.testing.assert_allclose(stable.mean_last_axis(jnp.asarray(v))[:, 0], v.mean(-1),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [8, 64, 128])
+def test_layer_norm_bits_do_not_change_when_its_vjp_is_taken(batch):
+    """The property recompute="shared" rests on: the forward output has the same bits in a
+    program that only evaluates it and in one that also runs its VJP (with gradients for
+    both the input and a parameter), at training sizes."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, 65, 128))
+
+    def f(scale, x):
+        return stable.layer_norm(x, scale)
+
+    def with_vjp(scale, x):
+        y, pullback = jax.vjp(f, scale, x)
+        return y, pullback(jnp.ones_like(y))
+
+    scale = jnp.full((128,), 1.5)
+    plain = jax.jit(f)(scale, x)
+    y, grads = jax.jit(with_vjp)(scale, x)
+    np.testing.assert_array_equal(bits(plain), bits(y))
+    assert float(jnp.max(jnp.abs(grads[0]))) > 0
+
+
+def test_layer_norm_bits_do_not_depend_on_how_many_rows_are_normalised():
+    """KV-cached decoding normalises one token at a time and must match the full pass: each
+    row's result may not depend on the other rows (a ones-matmul mean fails this)."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (12, 10, 32)) * 2 + 0.5
+    full = jax.jit(stable.layer_norm)(x)
+    for t in range(10):
+        np.testing.assert_array_equal(bits(jax.jit(stable.layer_norm)(x[:, t:t + 1])),
+                                      bits(full[:, t:t + 1]))
