@@ -4,10 +4,11 @@ Core (pure JAX): ``bdia_stack``, ``standard_stack`` and the fixed-point helpers.
 Models (Flax NNX): ``bdia_jax.models``.
 """
 
-from bdia_jax import fixed_point
+from bdia_jax import fixed_point, stable
 from bdia_jax.fixed_point import exact_range, quantize
 from bdia_jax.stack import (
     BACKPROP_METHODS,
+    RECOMPUTE_MODES,
     EncodedStack,
     StackStats,
     bdia_decode,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKPROP_METHODS",
+    "RECOMPUTE_MODES",
     "EncodedStack",
     "StackStats",
     "bdia_decode",
@@ -36,5 +38,6 @@ __all__ = [
     "make_spec",
     "prepare_keys_and_gammas",
     "quantize",
+    "stable",
     "standard_stack",
 ]

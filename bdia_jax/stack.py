@@ -33,6 +33,8 @@ from bdia_jax.step import bdia_combine, bdia_uncombine, broadcast_gamma, euler_s
 BlockFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
 Backprop = Literal["reversible", "autodiff", "remat"]
 BACKPROP_METHODS = ("reversible", "autodiff", "remat")
+Recompute = Literal["separate", "shared"]
+RECOMPUTE_MODES = ("separate", "shared")
 
 
 class StackStats(NamedTuple):
@@ -75,6 +77,9 @@ class _Spec:
     verify: bool
     remat: bool
     exact_range: float
+    # How the reversible backward pass gets h_k(x_k): "separate" (its own forward, then the
+    # VJP) or "shared" (the VJP's primal output). See ``bdia_stack``.
+    recompute: str = "separate"
 
 
 # --------------------------------------------------------------------------- validation
@@ -154,6 +159,15 @@ def _check_backprop(backprop) -> None:
         raise ValueError(f"backprop must be one of {BACKPROP_METHODS}, got {backprop!r}.")
 
 
+def _check_recompute(recompute) -> None:
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(
+            f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}: 'separate' is "
+            "exact for any block; 'shared' saves one block forward per block in the backward "
+            "pass when the block's statistics use bdia_jax.stable (see bdia_stack)."
+        )
+
+
 def draw_gammas(key: jax.Array, depth: int, batch: int, gamma: float, dtype=jnp.float32):
     """Draw γ_{k,b} ∈ {+γ, -γ} uniformly: [depth-1, batch] of dtype."""
     signs = jax.random.bernoulli(key, 0.5, (max(depth - 1, 0), batch))
@@ -216,7 +230,13 @@ def _check_train_gammas_values(gammas, gamma) -> None:
 
 def _apply_block(block_fn, params_k, x, context, key_k):
     """h = block_fn(...), fenced so that XLA compiles the forward and the backward
-    recomputation of the block as the same island (no fusion across the fence)."""
+    recomputation of the block as the same island (no fusion across the fence).
+
+    The fence holds on backends that keep ``optimization_barrier`` through fusion (GPU,
+    TPU). XLA:CPU removes it before fusion (its compiled HLO has no barrier left), so on CPU
+    exactness rests on the plain block compiling alike in both passes; the reversal tests
+    check that at training sizes.
+    """
     params_k, x, context = jax.lax.optimization_barrier((params_k, x, context))
     h = block_fn(params_k, x, context, key_k)
     return jax.lax.optimization_barrier(h)
@@ -272,12 +292,21 @@ def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, kee
 
 def _rebuild_step(block_fn, spec: _Spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits):
     """Rebuild x_{k-1} from (x_k, x_{k+1}); also returns the block's VJP at x_k."""
-    # h for the reconstruction comes from the *same* fenced computation as in the forward
-    # pass. The VJP is a separate evaluation: XLA compiles a block that also keeps residuals
-    # for its VJP with other fusions and reduction orders, and on XLA:CPU that changed h's
-    # last bits at batch >= 64 (an inexact rebuild). This costs one extra block forward.
-    h = _apply_block(block_fn, params_k, x_cur, context, key_k)
-    _, pullback = jax.vjp(lambda p, x, c: block_fn(p, x, c, key_k), params_k, x_cur, context)
+    if spec.recompute == "shared":
+        # One evaluation: the VJP's primal output rebuilds x_{k-1}. Exact only when the
+        # block's forward has the same bits with and without its VJP (bdia_jax.stable).
+        h, pullback = jax.vjp(
+            lambda p, x, c: block_fn(p, x, c, key_k), params_k, x_cur, context
+        )
+    else:
+        # h comes from the *same* fenced computation as in the forward pass and the VJP is
+        # a separate evaluation: XLA compiles a block whose VJP is also taken with other
+        # fusions and reduction orders (on XLA:CPU a jnp.mean in a LayerNorm changed h's
+        # last bits at batch >= 64: an inexact rebuild). Costs one more block forward.
+        h = _apply_block(block_fn, params_k, x_cur, context, key_k)
+        _, pullback = jax.vjp(
+            lambda p, x, c: block_fn(p, x, c, key_k), params_k, x_cur, context
+        )
     gamma_b = broadcast_gamma(gamma_k, x_cur)
     s = fixed_point.unpack_side_bits(bits, x_cur.shape, x_cur.dtype)
     x_prev = bdia_uncombine(x_cur, x_next, h, s, gamma_b, spec.frac_bits, spec.side_bits)
@@ -462,6 +491,7 @@ def bdia_stack(
     train: bool = True,
     quantize: bool = True,
     reversal_probe: jax.Array | None = None,
+    recompute: Recompute = "separate",
     return_stats: bool = False,
 ):
     """Run K residual blocks with the BDIA update.
@@ -487,11 +517,21 @@ def bdia_stack(
         the largest |rebuilt - forward| over x_0 and x_1 (0.0 when reversal was exact).
         Costs two stored states, constant in depth; cheap enough for training.
       return_stats: also return a ``StackStats`` (range, overflow, non-finite values).
+      recompute: how the "reversible" backward pass gets h_k(x_k) to rebuild x_{k-1}.
+        "separate" (default): the same fenced call as the forward pass, then the block's
+        VJP as a second evaluation; exact for any block, one extra block forward per block.
+        "shared": the VJP's own primal output; one forward fewer (the step costs about what
+        per-block remat costs), exact when the block's forward has the same bits whether or
+        not its VJP is taken. XLA:CPU breaks that for ``jnp.mean``-style reductions at
+        training sizes; compute a block's statistics with ``bdia_jax.stable`` (the models
+        in ``bdia_jax.models`` do) and keep ``reversal_probe`` on to check it on your
+        hardware. Ignored by "autodiff" and "remat".
 
     Returns:
       x_K: same shape and dtype as x; or ``(x_K, StackStats)`` with ``return_stats``.
     """
     _check_backprop(backprop)
+    _check_recompute(recompute)
     depth = _depth_of(params)
     x = jnp.asarray(x)
     if x.ndim < 1:
@@ -537,6 +577,7 @@ def bdia_stack(
         verify=reversal_probe is not None,
         remat=backprop == "remat",
         exact_range=fixed_point.exact_range(x.dtype, frac_bits) if quantized else math.inf,
+        recompute=recompute,
     )
     x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
     if backprop == "reversible":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bdia_jax import stable
+
 
 def layer_norm(x, eps=1e-6):
     mean = jnp.mean(x, -1, keepdims=True)
@@ -50,12 +52,17 @@ def _attention(p, y, heads, context=None, compute_dtype=jnp.float32):
 
 
 def make_attn_mlp_block(heads: int = 2, dropout: float = 0.0, compute_dtype=jnp.float32,
-                        use_context: bool = False):
-    """h(x) = a(x) + m(x + a(x)), a = Attn(LN(x)), m = MLP(LN(.)): the pre-LN branch."""
+                        use_context: bool = False, stable_stats: bool = False):
+    """h(x) = a(x) + m(x + a(x)), a = Attn(LN(x)), m = MLP(LN(.)): the pre-LN branch.
+
+    stable_stats: LayerNorm statistics from ``bdia_jax.stable`` (pairwise tree sums) instead of
+    ``jnp.mean``, which makes the block eligible for ``recompute="shared"``.
+    """
 
     def block(p, x, context, key):
-        a = _attention(p, layer_norm(x), heads, context if use_context else None, compute_dtype)
-        y = layer_norm(x + a)
+        norm = stable.layer_norm if stable_stats else layer_norm
+        a = _attention(p, norm(x), heads, context if use_context else None, compute_dtype)
+        y = norm(x + a)
         hidden = jax.nn.gelu(
             (y.astype(compute_dtype) @ p["fc1"].astype(compute_dtype)).astype(jnp.float32)
             + p["b1"]

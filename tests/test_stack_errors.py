@@ -31,6 +31,7 @@ def _stack(**kwargs):
         (dict(frac_bits=21), "out of range"),
         (dict(frac_bits=2.5), "must be an int"),
         (dict(backprop="checkpoint"), "backprop must be one of"),
+        (dict(recompute="twice"), "recompute must be one of"),
         (dict(key=None), "needs `key`"),
         (dict(gammas=jnp.full((3, 2), 0.5)), r"\[depth-1, batch\]"),
         (dict(gammas=jnp.full((2, 3), 0.5)), r"\[depth-1, batch\]"),

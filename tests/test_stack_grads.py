@@ -28,11 +28,11 @@ def _inputs(case):
     return params, x, context, target
 
 
-def _loss_fn(block, backprop, gamma):
+def _loss_fn(block, backprop, gamma, recompute="separate"):
     def loss(params, x, context, target, probe):
         y, stats = bdia_jax.bdia_stack(
             block, params, x, key=jax.random.PRNGKey(4), context=context, gamma=gamma,
-            backprop=backprop, reversal_probe=probe, return_stats=True,
+            backprop=backprop, reversal_probe=probe, return_stats=True, recompute=recompute,
         )
         return jnp.mean((y - target) ** 2), stats
 
@@ -48,17 +48,22 @@ class ReversibleGradientTest(chex.TestCase):
         params, x, context, target = _inputs(case)
         argnums = (0, 1, 2, 4) if case["context"] else (0, 1, 4)
         results = {}
-        for backprop in bdia_jax.BACKPROP_METHODS:
+        methods = [(b, "separate") for b in bdia_jax.BACKPROP_METHODS]
+        methods.append(("reversible", "shared"))
+        for backprop, recompute in methods:
             grad_fn = self.variant(jax.value_and_grad(
-                _loss_fn(case["block"], backprop, gamma), argnums=argnums, has_aux=True))
+                _loss_fn(case["block"], backprop, gamma, recompute), argnums=argnums,
+                has_aux=True))
             (loss, stats), grads = grad_fn(params, x, context, target, jnp.zeros(()))
             assert not bool(stats.overflow) and not bool(stats.nonfinite)
-            results[backprop] = (loss, grads)
+            name = backprop if recompute == "separate" else f"{backprop}_{recompute}"
+            results[name] = (loss, grads)
 
         rev_loss, rev_grads = results["reversible"]
         # The reversal was bit-exact (probe gradient), and the forward losses are identical.
         assert float(rev_grads[-1]) == 0.0
-        for backprop in ("autodiff", "remat"):
+        assert float(results["reversible_shared"][1][-1]) == 0.0
+        for backprop in ("autodiff", "remat", "reversible_shared"):
             chex.assert_trees_all_equal(rev_loss, results[backprop][0])
             assert_grads_close(rev_grads[:-1], results[backprop][1][:-1], rtol=1e-5)
         # Gradients are not trivially zero (so the comparison means something).
