@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bdia_jax import stable
+
 # Masked attention logits get this value; exp(_MASKED - max) is exactly 0.0 in float32,
 # so masked keys contribute exactly nothing (causality and padding tests check bit-equality).
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -230,10 +232,27 @@ class MLP(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(y))).astype(jnp.float32)
 
 
-def layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis in float32, with ``scale`` and ``bias`` Params (the
+    parameter names of ``nnx.LayerNorm``). Its mean and variance are pairwise tree
+    sums (``bdia_jax.stable``), so its bits do not change when XLA also compiles its VJP: this
+    is what lets the models' reversible stacks use ``recompute="shared"``."""
+
+    def __init__(self, width: int, *, epsilon: float = 1e-6, rngs: nnx.Rngs):
+        del rngs  # deterministic initialisation; kept for the nnx constructor convention
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., width] → [..., width] float32."""
+        return stable.layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...],
+                                 self.epsilon)
+
+
+def layer_norm(width: int, rngs: nnx.Rngs) -> LayerNorm:
     """LayerNorm over the last axis, computed and stored in float32 (scale and bias)."""
-    return nnx.LayerNorm(width, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
-                         rngs=rngs)
+    return LayerNorm(width, epsilon=1e-6, rngs=rngs)
 
 
 class EncoderBlock(nnx.Module):

@@ -65,6 +65,10 @@ class Seq2SeqConfig:
     # Gradient method: "reversible" (BDIA only), "autodiff" (the oracle), "remat".
     # update="standard" always uses autodiff ("remat" if asked): it has no inverse.
     backprop: Literal["reversible", "autodiff", "remat"] = "reversible"
+    # How the reversible backward pass gets h_k(x_k): "shared" reuses the block's VJP
+    # forward (about the cost of per-block remat; exact because the blocks' LayerNorms use
+    # bdia_jax.stable), "separate" runs one more block forward (exact for any block).
+    recompute: Literal["separate", "shared"] = "shared"
     gamma: float = 0.5  # |γ| of the BDIA update, a power of two
     frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
     quantize_at_inference: bool = True  # BDIA inference keeps the streams on the grid
@@ -86,7 +90,8 @@ class Seq2SeqConfig:
             )
         if min(self.encoder_depth, self.decoder_depth) < 1:
             raise ValueError("encoder_depth and decoder_depth must be >= 1.")
-        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits)
+        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
+                              self.recompute)
         canonical_dtype(self.compute_dtype)
 
 
@@ -159,7 +164,8 @@ class Seq2SeqTransformer(nnx.Module):
                                 compute_dtype=c.compute_dtype, rngs=block_rngs)
 
         settings = dict(update=c.update, backprop=c.backprop, gamma=c.gamma,
-                        frac_bits=c.frac_bits, quantize_at_inference=c.quantize_at_inference)
+                        frac_bits=c.frac_bits, quantize_at_inference=c.quantize_at_inference,
+                        recompute=c.recompute)
         self.encoder = ResidualStack(make_encoder_block, c.encoder_depth, rngs=rngs, **settings)
         self.encoder_norm = layer_norm(c.width, rngs)
         self.decoder = ResidualStack(make_decoder_block, c.decoder_depth, rngs=rngs, **settings)

@@ -27,14 +27,25 @@ from flax import nnx
 
 from bdia_jax import fixed_point
 from bdia_jax.models.layers import ReversalProbe
-from bdia_jax.stack import BACKPROP_METHODS, StackStats, bdia_stack, standard_stack
+from bdia_jax.stack import (
+    BACKPROP_METHODS,
+    RECOMPUTE_MODES,
+    StackStats,
+    bdia_stack,
+    standard_stack,
+)
 
 Update = Literal["standard", "bdia"]
 UPDATES = ("standard", "bdia")
 
 
-def check_update_settings(update, backprop, gamma, frac_bits) -> None:
-    """Fail early, with the fix, on a bad update/backprop combination."""
+def check_update_settings(update, backprop, gamma, frac_bits, recompute="separate") -> None:
+    """Fail early, with the fix, on a bad update/backprop/recompute combination."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(
+            f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}: 'shared' (the "
+            "models' blocks are built for it) or 'separate' (exact for any block)."
+        )
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}.")
     if backprop not in BACKPROP_METHODS:
@@ -77,17 +88,21 @@ class ResidualStack(nnx.Module):
         "reversible").
       quantize_at_inference: for update="bdia" at train=False, keep the stream on the grid
         (x_0 = Q(x), x_{k+1} = x_k + Q(h)); False gives exactly the standard transformer.
+      recompute: "separate" | "shared", how the reversible backward pass gets h_k(x_k)
+        (see ``bdia_jax.bdia_stack``). "shared" is one block forward cheaper and needs
+        blocks whose statistics come from ``bdia_jax.stable`` (the models' blocks do).
       rngs: parameter initialisation.
     """
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *,
                  update: Update = "bdia", backprop: str = "reversible", gamma: float = 0.5,
                  frac_bits: int | None = 9, quantize_at_inference: bool = True,
-                 rngs: nnx.Rngs):
+                 recompute: str = "separate", rngs: nnx.Rngs):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
-        check_update_settings(update, backprop, gamma, frac_bits)
+        check_update_settings(update, backprop, gamma, frac_bits, recompute)
         self.depth = depth
+        self.recompute = recompute
         self.update = update
         self.backprop = backprop
         self.gamma = float(gamma)
@@ -168,7 +183,7 @@ class ResidualStack(nnx.Module):
             return bdia_stack(
                 block_fn, params, x, key=key, context=context, gamma=self.gamma,
                 frac_bits=self.frac_bits, backprop=self.backprop, train=True,
-                reversal_probe=probe, return_stats=True,
+                reversal_probe=probe, return_stats=True, recompute=self.recompute,
             )
         return bdia_stack(
             block_fn, params, x, gammas=inference_gamma, context=context,

@@ -44,6 +44,10 @@ class ViTConfig:
     # "autodiff" (stored activations; the oracle), "remat" (per-block recomputation).
     # update="standard" always uses autodiff ("remat" if asked): it has no inverse.
     backprop: Literal["reversible", "autodiff", "remat"] = "reversible"
+    # How the reversible backward pass gets h_k(x_k): "shared" reuses the block's VJP
+    # forward (about the cost of per-block remat; exact because the blocks' LayerNorms use
+    # bdia_jax.stable), "separate" runs one more block forward (exact for any block).
+    recompute: Literal["separate", "shared"] = "shared"
     gamma: float = 0.5  # |γ| of the BDIA update, a power of two
     frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
     quantize_at_inference: bool = True  # BDIA inference keeps the stream on the grid
@@ -61,7 +65,8 @@ class ViTConfig:
             raise ValueError(
                 f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
             )
-        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits)
+        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
+                              self.recompute)
         canonical_dtype(self.compute_dtype)
 
     @property
@@ -116,7 +121,8 @@ class ViT(nnx.Module):
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    gamma=c.gamma, frac_bits=c.frac_bits,
-                                   quantize_at_inference=c.quantize_at_inference, rngs=rngs)
+                                   quantize_at_inference=c.quantize_at_inference,
+                                   recompute=c.recompute, rngs=rngs)
         self.norm = layer_norm(c.width, rngs)
         self.head = nnx.Linear(c.width, c.num_classes, rngs=rngs)
 
