@@ -74,6 +74,7 @@ def gpt_config_for(config: ml_collections.ConfigDict, update: str, vocab_size: i
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout=m.dropout,
         attention_dropout=m.attention_dropout, update=update,
         backprop=m.bdia_backprop if update == "bdia" else m.standard_backprop,
+        recompute=m.bdia_recompute,
         gamma=m.gamma, frac_bits=m.frac_bits, quantize_at_inference=m.quantize_at_inference,
         compute_dtype=m.compute_dtype,
     )
@@ -100,6 +101,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     for field in ("dropout", "attention_dropout"):
         checks.require(0 <= m[field] < 1, f"model.{field}", f"must be in [0, 1), got {m[field]}")
     checks.one_of(m.bdia_backprop, ("reversible", "autodiff", "remat"), "model.bdia_backprop")
+    checks.one_of(m.bdia_recompute, ("shared", "separate"), "model.bdia_recompute")
     checks.one_of(m.standard_backprop, ("autodiff", "remat"), "model.standard_backprop")
     gamma_ok = isinstance(m.gamma, float) and 0 < m.gamma < 1 and np.log2(m.gamma).is_integer()
     checks.require(gamma_ok, "model.gamma",

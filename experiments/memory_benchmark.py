@@ -32,28 +32,41 @@ import numpy as np
 import bdia_jax
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 
-# Each method: (label, stack kind, backprop).
+# Each method: (label, stack kind, backprop, recompute of the reversible backward pass).
 METHODS = {
-    "standard": ("conventional transformer, autodiff", "standard", "autodiff"),
-    "standard_remat": ("conventional transformer, per-block remat", "standard", "remat"),
-    "bdia_autodiff": ("BDIA, autodiff (oracle)", "bdia", "autodiff"),
-    "bdia_remat": ("BDIA, per-block remat", "bdia", "remat"),
-    "bdia_reversible": ("BDIA, reversible (this library)", "bdia", "reversible"),
+    "standard": ("conventional transformer, autodiff", "standard", "autodiff", None),
+    "standard_remat": ("conventional transformer, per-block remat", "standard", "remat", None),
+    "bdia_autodiff": ("BDIA, autodiff (oracle)", "bdia", "autodiff", None),
+    "bdia_remat": ("BDIA, per-block remat", "bdia", "remat", None),
+    "bdia_reversible": ("BDIA, reversible, recompute=separate", "bdia", "reversible",
+                        "separate"),
+    "bdia_reversible_shared": ("BDIA, reversible, recompute=shared", "bdia", "reversible",
+                               "shared"),
 }
 
 
-def make_step(kind: str, backprop: str, block, gamma: float, frac_bits: int):
-    """value_and_grad of a mean-square loss w.r.t. the stacked params and the input."""
+def make_step(kind: str, backprop: str, block, gamma: float, frac_bits: int,
+              recompute: str | None = None, probe: bool = False):
+    """value_and_grad of a mean-square loss w.r.t. the stacked params and the input.
 
-    def loss(params, x, key):
+    With ``probe`` the step also returns the reversal error (reversible methods only):
+    (loss, (grad_params, grad_x, reversal_error)).
+    """
+
+    def loss(params, x, key, reversal_probe):
         if kind == "standard":
             y = bdia_jax.standard_stack(block, params, x, key=key, backprop=backprop)
         else:
             y = bdia_jax.bdia_stack(block, params, x, key=key, gamma=gamma,
-                                    frac_bits=frac_bits, backprop=backprop)
+                                    frac_bits=frac_bits, backprop=backprop,
+                                    recompute=recompute or "separate",
+                                    reversal_probe=reversal_probe)
         return jnp.mean(jnp.square(y))
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    if probe:
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3)))
+    return jax.jit(lambda params, x, key: jax.value_and_grad(loss, argnums=(0, 1))(
+        params, x, key, None))
 
 
 def compiled_bytes(step, params, x, key) -> dict:
@@ -95,6 +108,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--time_depth", type=int, default=24, help="depth of the timed step")
     parser.add_argument("--time_rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--time_steps", type=int, default=3, help="steps per method per round")
+    parser.add_argument("--layer_norm", default="stable", choices=("stable", "jnp"),
+                        help="LayerNorm statistics of the benchmark block: 'stable' "
+                             "(bdia_jax.stable tree sums, needed for recompute=shared) or "
+                             "'jnp' (jnp.mean; recompute=shared is then inexact on XLA:CPU)")
     parser.add_argument("--workdir", default="runs/memory_benchmark", help="output folder")
     args = parser.parse_args(argv)
 
@@ -108,14 +125,14 @@ def main(argv=None) -> dict:
         parser.error("--depths and --batches need at least two values each (slopes)")
     os.makedirs(args.workdir, exist_ok=True)
 
-    block = make_attn_mlp_block(heads=args.heads)
+    block = make_attn_mlp_block(heads=args.heads, stable_stats=args.layer_norm == "stable")
     key = jax.random.PRNGKey(0)
     elements = args.seq * args.dim
 
     memory = {m: {} for m in methods}
     for method in methods:
-        _, kind, backprop = METHODS[method]
-        step = make_step(kind, backprop, block, args.gamma, args.frac_bits)
+        _, kind, backprop, recompute = METHODS[method]
+        step = make_step(kind, backprop, block, args.gamma, args.frac_bits, recompute)
         for depth in depths:
             params = init_attn_mlp(jax.random.PRNGKey(1), depth, args.dim, args.hidden)
             for batch in batches:
@@ -129,8 +146,8 @@ def main(argv=None) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(2), (timing_batch, args.seq, args.dim))
     steps = {}
     for method in methods:
-        _, kind, backprop = METHODS[method]
-        steps[method] = make_step(kind, backprop, block, args.gamma, args.frac_bits)
+        _, kind, backprop, recompute = METHODS[method]
+        steps[method] = make_step(kind, backprop, block, args.gamma, args.frac_bits, recompute)
         jax.block_until_ready(steps[method](params, x, key))  # compile + warm up
     times = {m: [] for m in methods}
     for _ in range(args.time_rounds):
@@ -140,6 +157,17 @@ def main(argv=None) -> dict:
                 out = steps[method](params, x, key)
             jax.block_until_ready(out)
             times[method].append((time.perf_counter() - start) / args.time_steps)
+
+    # Exactness of what was timed: the reversal probe of each reversible method on the same
+    # configuration (a separate program, so the timed steps carry no probe).
+    reversal_error = {}
+    for method in methods:
+        _, kind, backprop, recompute = METHODS[method]
+        if backprop == "reversible":
+            probed = make_step(kind, backprop, block, args.gamma, args.frac_bits, recompute,
+                               probe=True)
+            _, (_, _, error) = probed(params, x, key, jnp.zeros(()))
+            reversal_error[method] = float(error)
 
     results = {"config": vars(args), "backend": jax.default_backend(),
                "device": str(jax.devices()[0]), "platform": platform.platform(),
@@ -155,6 +183,7 @@ def main(argv=None) -> dict:
             "bits_per_element_per_block": bits,
             "step_time_s": median_time,
             "step_times_s": times[method],
+            "reversal_error": reversal_error.get(method),
             "memory_bytes": {f"depth={d},batch={b}": memory[method][(d, b)]
                              for d in depths for b in batches},
         }
@@ -166,12 +195,17 @@ def main(argv=None) -> dict:
     print(f"backend={results['backend']} seq={args.seq} dim={args.dim} hidden={args.hidden} "
           f"heads={args.heads} depths={depths} batches={batches} γ=±{args.gamma} "
           f"l={args.frac_bits}; step time at depth {args.time_depth}, batch {timing_batch}")
+    print(f"LayerNorm statistics: {args.layer_norm}")
     print("| method | activation bits / element / block | compiled MiB at depth "
-          f"{depths[-1]}, batch {batches[-1]} | step time (ms) | time / BDIA remat |")
-    print("|---|---:|---:|---:|---:|")
+          f"{depths[-1]}, batch {batches[-1]} | step time (ms) | time / BDIA remat "
+          "| reversal error |")
+    print("|---|---:|---:|---:|---:|---:|")
     for method, bits, step_time, mib in rows:
         ratio = f"{step_time / reference:.2f}x" if reference else "n/a"
-        print(f"| {METHODS[method][0]} | {bits:.2f} | {mib:.1f} | {step_time * 1e3:.1f} | {ratio} |")
+        error = reversal_error.get(method)
+        error = "–" if error is None else f"{error:g}"
+        print(f"| {METHODS[method][0]} | {bits:.2f} | {mib:.1f} | {step_time * 1e3:.1f} "
+              f"| {ratio} | {error} |")
         results["methods"][method]["time_vs_bdia_remat"] = (
             step_time / reference if reference else None)
 

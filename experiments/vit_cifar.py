@@ -74,6 +74,7 @@ def vit_config_for(config: ml_collections.ConfigDict, update: str) -> ViTConfig:
         dropout=m.dropout, attention_dropout=m.attention_dropout, pool=m.pool,
         update=update,
         backprop=m.bdia_backprop if update == "bdia" else m.standard_backprop,
+        recompute=m.bdia_recompute,
         gamma=m.gamma, frac_bits=m.frac_bits,
         quantize_at_inference=m.quantize_at_inference, compute_dtype=m.compute_dtype,
     )
@@ -125,6 +126,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                        f"must be in [0, 1), got {m[field]!r}")
     checks.one_of(m.pool, ("cls", "mean"), "model.pool")
     checks.one_of(m.bdia_backprop, ("reversible", "autodiff", "remat"), "model.bdia_backprop")
+    checks.one_of(m.bdia_recompute, ("shared", "separate"), "model.bdia_recompute")
     checks.one_of(m.standard_backprop, ("autodiff", "remat"), "model.standard_backprop")
     gamma_ok = isinstance(m.gamma, float) and 0 < m.gamma < 1 and (
         float(np.log2(m.gamma)).is_integer() if m.gamma > 0 else False)

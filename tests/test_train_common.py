@@ -274,3 +274,17 @@ def test_diff_fields_names_changed_leaves():
     new = {"a": 1, "b": {"c": 5, "d": 3}, "e": 0}
     assert config_lib.diff_fields(old, new) == ["b.c", "e"]
     assert config_lib.diff_fields(old, new, ignore=["b.c", "e"]) == []
+
+
+def test_loop_warns_once_when_the_reversal_is_not_exact(tmp_path, capsys):
+    mesh, _, state, step = _setup("bdia")
+
+    def inexact_step(state, batch):  # the real step, reporting a rebuilt-state error
+        state, metrics = step(state, batch)
+        return state, {**metrics, "reversal_error": jnp.float32(0.5)}
+
+    (_, result), _ = _run(tmp_path, inexact_step, state, mesh)
+    assert result.max_reversal_error == 0.5
+    out = capsys.readouterr().out
+    assert out.count("did not rebuild the states exactly") == 1
+    assert "--config.model.bdia_recompute=separate" in out

@@ -57,6 +57,7 @@ BAD_VALUES = [
      "must be one of ('reversible', 'autodiff', 'remat'), got 'magic'"),
     ("model.standard_backprop", "reversible",
      "must be one of ('autodiff', 'remat'), got 'reversible'"),
+    ("model.bdia_recompute", "twice", "must be one of ('shared', 'separate'), got 'twice'"),
     ("model.gamma", 0.3, "must be a power of two in (0, 1) such as 0.5 or 0.25, got 0.3"),
     ("model.frac_bits", 21, "must be an int in [0, 20] (the paper: 9)"),
     ("model.frac_bits", -1, "must be an int in [0, 20] (the paper: 9)"),

@@ -248,8 +248,16 @@ def run_loop(
                     pending = []
                     epoch_metrics += host
                     means = _mean_metrics(host)
-                    result.max_reversal_error = max(result.max_reversal_error,
-                                                    means.get("reversal_error_max", 0.0))
+                    reversal_error = means.get("reversal_error_max", 0.0)
+                    if reversal_error > 0.0 and result.max_reversal_error == 0.0:
+                        # Not fatal (the gradients are only slightly off), but never silent.
+                        log(f"[{name}] WARNING: the reversible backward pass did not rebuild "
+                            f"the states exactly by step {done} (reversal error "
+                            f"{reversal_error:.3g}), so the BDIA gradients are off. Set "
+                            f"--config.model.bdia_recompute=separate (or "
+                            f"--config.model.bdia_backprop=remat) and please report the "
+                            f"backend and model size.")
+                    result.max_reversal_error = max(result.max_reversal_error, reversal_error)
                     result.overflow_steps += means.get("overflow_steps", 0)
                     result.nonfinite_steps += means.get("nonfinite_steps", 0)
                     result.skipped_steps += means.get("skipped_steps", 0)

@@ -43,6 +43,9 @@ def _base() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1  # embedding and residual-branch dropout rate
     c.model.attention_dropout = 0.0  # dropout rate on attention probabilities
     c.model.bdia_backprop = "reversible"  # BDIA gradient: "reversible" | "autodiff" | "remat"
+    # Reversible backward: "shared" reuses the VJP forward for the rebuild (the models' blocks
+    # are built for it), "separate" runs one more block forward (exact for any block).
+    c.model.bdia_recompute = "shared"
     c.model.standard_backprop = "autodiff"  # standard gradient: "autodiff" | "remat"
     c.model.gamma = 0.5  # |γ| of the BDIA training update (γ = ±gamma), a power of two
     c.model.frac_bits = 9  # l: fixed-point grid δ = 2**-l for BDIA (the paper: 9)
