@@ -241,10 +241,8 @@ each x_k instead of storing it.
 
 Below: the block stack of a real ViT (its `EncoderBlock`s, attention + MLP, with dropout whose
 keys are replayed), run forward while keeping every state, then encoded (only x_K, x_{K-1} and the
-side bits are kept) and decoded back. The rebuilt states are compared as uint32 bit patterns.
-The one thing the inverse does not restore is the sign of an exact zero: x_{k-1} is rebuilt by
-subtraction, which gives +0.0 where the forward pass may have held −0.0 (Q(−0.0001) = −0.0).
-Both are the same number, so the comparison maps −0.0 to +0.0 first and the table counts such zeros.
+side bits are kept) and decoded back. The rebuilt states are compared as uint32 bit patterns,
+signs of zeros included: Q returns +0.0 for every zero, which is what the inverse rebuilds.
 """)
 
 code('''
@@ -288,18 +286,16 @@ print(f"γ draw for block 1..{depth - 1}, sample 0: {np.asarray(gammas[:, 0]).to
 
 
 def bit_patterns(a):
-    """uint32 view of float32 values, with -0.0 mapped to +0.0 (the same number)."""
-    return (np.asarray(a) + np.float32(0.0)).view(np.uint32)
+    """uint32 view of float32 values (tells -0.0 from +0.0)."""
+    return np.asarray(a).view(np.uint32)
 
 
 forward_bits, rebuilt_bits = bit_patterns(states), bit_patterns(rebuilt)
 for k in range(depth + 1):
     differ = int(np.count_nonzero(forward_bits[k] != rebuilt_bits[k]))
-    signed_zeros = int(np.count_nonzero(np.asarray(states[k]).view(np.uint32)
-                                        != np.asarray(rebuilt[k]).view(np.uint32)))
     print(f"x_{k:<2d} max|x| {float(jnp.max(jnp.abs(states[k]))):8.3f}   "
           f"bit patterns equal: {differ == 0}   ({differ} of {forward_bits[k].size} elements "
-          f"differ{f'; {signed_zeros} zeros rebuilt as +0.0 from -0.0' if signed_zeros else ''})")
+          f"differ)")
 assert np.array_equal(forward_bits, rebuilt_bits), "reversal was not bit-exact"
 assert np.array_equal(np.asarray(states), np.asarray(rebuilt))  # as numbers, too
 assert not bool(encoded.stats.overflow), "the states left the exact range of the grid"
@@ -545,11 +541,12 @@ for r in summary["models"].values():
           f"{r['reversal_error_max'] if r['reversal_exact'] is not None else 'n/a'}; "
           f"overflow steps {r['overflow_steps']}")
 bdia_result = summary["models"]["bdia"]
-if not bdia_result["reversal_exact"]:
-    error = bdia_result["reversal_error_max"]
-    print(f"\\nWARNING: in training the backward pass did NOT rebuild the BDIA-ViT states exactly "
-          f"(largest state difference {error:g} = {error * 2**FRAC_BITS:g} grid steps δ), so its "
-          f"gradients were slightly off. Please report it with the settings above.")
+error = bdia_result["reversal_error_max"]
+assert bdia_result["reversal_exact"], (
+    f"in training the backward pass did NOT rebuild the BDIA-ViT states exactly (largest state "
+    f"difference {error:g} = {error * 2**FRAC_BITS:g} grid steps δ), so its gradients were "
+    f"off. Retry with config.model.bdia_recompute = 'separate' and please report it with "
+    f"the settings above.")
 ''')
 
 # --------------------------------------------------------------------------- 4. γ sweep
