@@ -412,8 +412,8 @@ block = make_attn_mlp_block(heads=mem["heads"])
 compiled = {m: {} for m in MEMORY_METHODS}  # method -> {(depth, batch): bytes}
 start = time.perf_counter()
 for method in MEMORY_METHODS:
-    _, kind, backprop = memory_benchmark.METHODS[method]
-    step = memory_benchmark.make_step(kind, backprop, block, GAMMA, FRAC_BITS)
+    _, kind, backprop, recompute = memory_benchmark.METHODS[method]
+    step = memory_benchmark.make_step(kind, backprop, block, GAMMA, FRAC_BITS, recompute)
     for d, b in points:
         stack_params = init_attn_mlp(jax.random.PRNGKey(1), d, mem["dim"], mem["hidden"])
         shape = jax.ShapeDtypeStruct((b, mem["seq"], mem["dim"]), jnp.float32)
