@@ -30,7 +30,7 @@ from flax import nnx
 
 from bdia_jax.models import GPT, GPTConfig
 from experiments.common import config as config_lib
-from experiments.common import memory, metrics, sharding
+from experiments.common import memory, metrics, runs, sharding
 from experiments.common import train_state as ts
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.loop import (
@@ -44,7 +44,7 @@ from experiments.common.loop import (
     run_loop,
 )
 from experiments.configs.lm import MODES, PRESETS
-from experiments.text import char_lm, runs
+from experiments.text import char_lm
 from experiments.text.losses import token_losses
 from experiments.text.parallel import TextDataError
 

@@ -35,7 +35,7 @@ from flax import nnx
 
 from bdia_jax.models import Seq2SeqConfig, Seq2SeqTransformer, decoding
 from experiments.common import config as config_lib
-from experiments.common import memory, metrics, plots, sharding
+from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.loop import (
@@ -49,7 +49,7 @@ from experiments.common.loop import (
     run_loop,
 )
 from experiments.configs.translation import MODES, PRESETS
-from experiments.text import batching, parallel, runs, tokenizer
+from experiments.text import batching, parallel, tokenizer
 from experiments.text.losses import token_losses
 from experiments.text.parallel import TextDataError
 

@@ -30,7 +30,7 @@ from flax import nnx
 from bdia_jax.models import ViT, ViTConfig
 from experiments import cifar_data
 from experiments.common import config as config_lib
-from experiments.common import memory, metrics, plots, sharding
+from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.loop import (
@@ -59,10 +59,6 @@ MAX_FRAC_BITS = 20
 
 
 # --------------------------------------------------------------------------- config
-
-
-def models_for_mode(mode: str) -> list[str]:
-    return ["standard", "bdia"] if mode == "compare" else [mode]
 
 
 def vit_config_for(config: ml_collections.ConfigDict, update: str) -> ViTConfig:
@@ -410,15 +406,7 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
         "test_accuracy_best": loop_result.best,
         "best_step": loop_result.best_step,
         "gamma_sweep": {**sweep, "num_examples": len(sweep_data) if gammas else 0},
-        "memory": {
-            "compiled": compiled_mem,
-            "compiled_note": "per device, from the compiled train step's memory_analysis(); "
-                             "peak_estimate = argument + output + temp - alias",
-            "device": device_mem,
-            "device_note": None if device_mem is None else (
-                "memory_stats() process-lifetime peak; in compare mode the later model's "
-                "peak includes the earlier one's"),
-        },
+        "memory": runs.memory_record(compiled_mem, device_mem),
         "compile_seconds": compile_seconds,
         "step_time_s": step_time,
         "images_per_s": config.train.batch_size / step_time if step_time else None,
@@ -436,21 +424,6 @@ def train_model(config, update: str, train_data, test_data, mesh, workdir: str,
 
 
 # --------------------------------------------------------------------------- whole run
-
-
-def _check_resume_config(config, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    new = config_lib.to_dict(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = config_lib.diff_fields(old, new, ignore=RESUMABLE_CHANGES)
-        if changed:
-            raise config_lib.ConfigError(
-                f"{workdir} holds a run with a different config (fields: "
-                f"{', '.join(changed)}); resume with the same settings or use a new --workdir."
-            )
-    metrics.write_json(path, new)
 
 
 def _side_by_side(results: dict) -> str:
@@ -526,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.mesh_from_config(config)  # jax.distributed first when multi-host
     validate_config(config, mesh)
     os.makedirs(workdir, exist_ok=True)
-    _check_resume_config(config, workdir)
+    runs.check_resume_config(config, workdir, resumable=RESUMABLE_CHANGES)
     writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
 
     d = config.data
@@ -542,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{jax.process_count()} process(es)); workdir {workdir}")
 
     results = {}
-    for update in models_for_mode(config.mode):
+    for update in runs.models_for_mode(config.mode):
         results[update] = train_model(config, update, train_data, test_data, mesh, workdir,
                                       writer)
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import vit_cifar
-from experiments.common import sharding
+from experiments.common import runs, sharding
 from experiments.common import train_state as ts
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.loop import TrainingInterrupted
@@ -79,12 +79,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
+    resumable = vit_cifar.RESUMABLE_CHANGES
     config = _config()
-    vit_cifar._check_resume_config(config, str(tmp_path))
+    runs.check_resume_config(config, str(tmp_path), resumable=resumable)
     config.train.stop_after_steps = 3  # allowed: it does not change the run
-    vit_cifar._check_resume_config(config, str(tmp_path))
+    runs.check_resume_config(config, str(tmp_path), resumable=resumable)
     config.model.width = 64
     config.optim.learning_rate = 0.1
     with pytest.raises(vit_cifar.config_lib.ConfigError,
                        match="different config .*model.width, optim.learning_rate"):
-        vit_cifar._check_resume_config(config, str(tmp_path))
+        runs.check_resume_config(config, str(tmp_path), resumable=resumable)

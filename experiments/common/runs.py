@@ -1,4 +1,6 @@
-"""Small run helpers shared by the translation and language-model experiments."""
+"""Run helpers shared by the experiments (ViT/CIFAR-10, translation, language model):
+which models a mode trains, the resume-config check, the summary's memory record and the
+side-by-side table of the text experiments."""
 
 from __future__ import annotations
 
