@@ -39,7 +39,6 @@ from experiments.common.loop import (
     LoopResult,
     LoopSettings,
     NonFiniteError,
-    TrainingInterrupted,
     log,
     run_loop,
 )
@@ -511,40 +510,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv) -> None:
-    from absl import flags, logging
-
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep library INFO chatter off the console
-    config = flags.FLAGS.config
-    if flags.FLAGS.data_dir:
-        config.data.tfds_data_dir = flags.FLAGS.data_dir
-    workdir = flags.FLAGS.workdir or os.path.join("runs", f"lm_{config.preset}")
-    try:
-        train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, TextDataError, FileNotFoundError,
-            sharding.DistributedInitError, NonFiniteError) as error:
-        raise SystemExit(f"error: {error}") from None
-    except TrainingInterrupted as stop:
-        raise SystemExit(str(stop)) from None
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    default = os.path.join(os.path.dirname(__file__), "configs", "lm.py") + ":quick"
-    config_flags.DEFINE_config_file(
-        "config", default,
-        "experiments/configs/lm.py:<quick|full|tiny>; override fields with "
-        "--config.<field>=<value>.",
-    )
-    flags.DEFINE_string("workdir", None,
-                        "output folder (default: runs/lm_<preset>); rerun to resume.")
-    flags.DEFINE_string("data_dir", None,
-                        "TFDS data dir (default: config.data.tfds_data_dir, then $TFDS_DATA_DIR).")
+def _set_tfds_data_dir(config, data_dir: str) -> None:
+    config.data.tfds_data_dir = data_dir
 
 
 if __name__ == "__main__":
-    config_lib.run_app(_define_flags, main)
+    runs.run_experiment(
+        "lm", train_and_evaluate, presets=PRESETS, set_data_dir=_set_tfds_data_dir,
+        data_dir_help="TFDS data dir (default: config.data.tfds_data_dir, then $TFDS_DATA_DIR).",
+        errors=(config_lib.ConfigError, TextDataError, FileNotFoundError,
+                sharding.DistributedInitError, NonFiniteError))

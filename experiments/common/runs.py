@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import ml_collections
 
@@ -57,3 +57,55 @@ def format_table(header: list[str], rows: list[tuple[str, list[str]]]) -> str:
     lines = [f"{'':<34}" + "".join(f"{h:>20}" for h in header)]
     lines += [f"{label:<34}" + "".join(f"{v:>20}" for v in values) for label, values in rows]
     return "\n".join(lines)
+
+
+def run_experiment(
+    name: str,
+    train_and_evaluate: Callable[[ml_collections.ConfigDict, str], dict],
+    *,
+    presets: Iterable[str],
+    data_dir_help: str,
+    set_data_dir: Callable[[ml_collections.ConfigDict, str], None],
+    errors: tuple[type[BaseException], ...],
+) -> None:
+    """The command line of ``python -m experiments.<name>``.
+
+    Flags: ``--config`` (``experiments/configs/<name>.py:<preset>``, fields overridable as
+    ``--config.<field>=<value>``), ``--workdir`` (default ``runs/<name>_<preset>``; rerun to
+    resume) and ``--data_dir`` (given to ``set_data_dir``). ``errors`` (bad config, missing
+    data, ...) and an interruption end the run with one line instead of a traceback.
+    """
+    import os
+
+    from absl import flags, logging
+    from ml_collections import config_flags
+
+    from experiments.common.loop import TrainingInterrupted
+
+    def define_flags() -> None:
+        default = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                               f"{name}.py") + ":quick"
+        config_flags.DEFINE_config_file(
+            "config", default,
+            f"experiments/configs/{name}.py:<{'|'.join(presets)}>; override fields with "
+            "--config.<field>=<value>.")
+        flags.DEFINE_string("workdir", None,
+                            f"output folder (default: runs/{name}_<preset>); rerun to resume.")
+        flags.DEFINE_string("data_dir", None, data_dir_help)
+
+    def main(argv) -> None:
+        del argv
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # keep library INFO chatter off the console
+        config = flags.FLAGS.config
+        if flags.FLAGS.data_dir:
+            set_data_dir(config, flags.FLAGS.data_dir)
+        workdir = flags.FLAGS.workdir or os.path.join("runs", f"{name}_{config.preset}")
+        try:
+            train_and_evaluate(config, workdir)
+        except errors as error:
+            raise SystemExit(f"error: {error}") from None
+        except TrainingInterrupted as stop:
+            raise SystemExit(str(stop)) from None
+
+    config_lib.run_app(define_flags, main)
