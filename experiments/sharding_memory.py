@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
+
+from experiments.common.host_devices import fan_out, host_devices
 
 
 def worker(num_devices: int, args) -> dict:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-    )
+    devices = host_devices(num_devices)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -35,9 +33,6 @@ def worker(num_devices: int, args) -> dict:
     import bdia_jax
     from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 
-    devices = jax.devices()[:num_devices]
-    if len(devices) < num_devices:
-        raise RuntimeError(f"asked for {num_devices} devices, found {len(jax.devices())}")
     mesh = Mesh(np.array(devices), ("data",))
     block = make_attn_mlp_block(heads=args.heads)
     params = init_attn_mlp(jax.random.PRNGKey(1), args.depth, args.dim, args.hidden)
@@ -104,17 +99,8 @@ def main(argv=None):
     for c in counts:
         if args.batch % c:
             parser.error(f"--batch {args.batch} is not divisible by {c} devices")
-    rows = []
-    for count in counts:
-        cmd = [sys.executable, "-m", "experiments.sharding_memory", "--worker", str(count)]
-        for name in ("depth", "batch", "seq", "dim", "hidden", "heads"):
-            cmd += [f"--{name}", str(getattr(args, name))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr)
-            raise SystemExit(f"worker for {count} devices failed")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"measured {count} device(s)", flush=True)
+    rows = fan_out("experiments.sharding_memory", counts, args,
+                   ("depth", "batch", "seq", "dim", "hidden", "heads"))
 
     keys = list(rows[0]["results"])
     print(f"\ndepth={args.depth} global batch={args.batch} seq={args.seq} dim={args.dim}: "

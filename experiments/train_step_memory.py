@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
+
+from experiments.common.host_devices import fan_out, host_devices
 
 
 def worker(num_devices: int, args) -> dict:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-    )
+    devices = host_devices(num_devices)
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -37,9 +35,6 @@ def worker(num_devices: int, args) -> dict:
     from experiments.common import train_state as ts
     from experiments.configs.vit_cifar import get_config
 
-    devices = jax.devices()[:num_devices]
-    if len(devices) < num_devices:
-        raise RuntimeError(f"asked for {num_devices} devices, found {len(jax.devices())}")
     config = get_config(args.preset)
     config.train.batch_size = args.batch
     size = config.model.image_size
@@ -90,17 +85,8 @@ def main(argv=None):
     for c in counts:
         if args.batch % c:
             parser.error(f"--batch {args.batch} is not divisible by {c} devices")
-    rows = []
-    for count in counts:
-        cmd = [sys.executable, "-m", "experiments.train_step_memory", "--worker", str(count)]
-        for name in ("preset", "batch", "models", "layouts"):
-            cmd += [f"--{name}", str(getattr(args, name))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"worker for {count} devices failed")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"compiled for {count} device(s)", flush=True)
+    rows = fan_out("experiments.train_step_memory", counts, args,
+                   ("preset", "batch", "models", "layouts"))
 
     print(f"\nvit_cifar preset={args.preset}, global batch {args.batch}: per-device compiled "
           f"memory of the train step, MiB (arguments = state + batch / temporaries / peak)")

@@ -14,6 +14,7 @@
 * ``metrics``     – ``metrics.jsonl`` writer, ``summary.json``, library versions.
 * ``memory``      – compiled memory analysis and device ``memory_stats()``.
 * ``plots``       – PNG plots (matplotlib, Agg backend).
+* ``host_devices`` – one worker process per host-device count (the multi-device benchmarks).
 * ``runs``        – per-run helpers: the models a mode trains, the resume-config check,
                     the summary's memory record, side-by-side tables.
 """
