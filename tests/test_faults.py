@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
+from checkpoint_utils import restore_on_one_device
 from flax import nnx
 
 from bdia_jax.models import ViT, vit_config
@@ -284,16 +284,6 @@ def _finished_steps(directory):
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def _final_state(step_dir):
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(step_dir)
-    metadata = getattr(metadata, "item_metadata", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return jax.device_get(checkpointer.restore(step_dir, target))
-
-
 def _records(workdir):
     out = []
     for record in read_records(str(workdir / "metrics.jsonl")):
@@ -333,8 +323,8 @@ def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(t
 
     reference_out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, reference_out[-3000:]
-    a = _final_state(str(straight / "checkpoints" / "bdia" / str(STEPS) / "state"))
-    b = _final_state(str(ckpt_dir / str(STEPS) / "state"))
+    a = restore_on_one_device(str(straight / "checkpoints" / "bdia" / str(STEPS) / "state"))
+    b = restore_on_one_device(str(ckpt_dir / str(STEPS) / "state"))
     assert int(a["step"]) == int(b["step"]) == STEPS
     chex.assert_trees_all_equal(a["params"], b["params"])
     chex.assert_trees_all_equal(a["opt_state"], b["opt_state"])

@@ -24,8 +24,8 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from checkpoint_utils import restore_on_one_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EXAMPLES = 256
@@ -80,15 +80,8 @@ def _records(workdir):
 
 
 def _final_params(path):
-    """A checkpoint's params restored onto this process's single device, whatever the
-    topology it was saved from."""
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path)
-    metadata = getattr(metadata, "item_metadata", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return jax.tree_util.tree_leaves(jax.device_get(checkpointer.restore(path, target)["params"]))
+    """A checkpoint's params (leaves) restored onto this process's single device."""
+    return jax.tree_util.tree_leaves(restore_on_one_device(path)["params"])
 
 
 @pytest.mark.slow
