@@ -7,26 +7,24 @@ whether or not the run was interrupted. Device side (jitted): random crop with z
 horizontal flip, normalisation with the dataset's mean and standard deviation.
 
 Missing data: TFDS downloads and prepares the dataset when it can; when it cannot (no
-network, ``download=False``) ``DataMissingError`` says how to provide it. There is no
-fallback to fake data.
+network, ``download=False``) ``DataMissingError`` says in one line how to provide it
+(``experiments/common/tfds_download.py``). There is no fallback to fake data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import tfds_download
+from experiments.common.tfds_download import DataMissingError  # noqa: F401  (callers catch it here)
+
 # Per-channel statistics of the CIFAR-10 training images (pixel values in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-class DataMissingError(RuntimeError):
-    """The dataset is not prepared under the data dir and could not be downloaded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,57 +42,13 @@ class ImageSplit:
         return len(self.labels)
 
 
-def resolve_data_dir(data_dir: str | None) -> str | None:
-    """``data_dir`` if given, else ``$TFDS_DATA_DIR``, else None (TFDS's default,
-    ~/tensorflow_datasets)."""
-    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
-
-
-def _missing_message(name: str, data_dir: str | None, cause: str) -> str:
-    where = data_dir or "~/tensorflow_datasets (TFDS default)"
-    return (
-        f"TFDS dataset {name!r} is not prepared in {where} and could not be downloaded "
-        f"({cause}).\nProvide it in one of these ways:\n"
-        f"  * point TFDS_DATA_DIR (or --data_dir / --config.data.data_dir) at a folder that "
-        f"holds a prepared {name} (e.g. {name}/<version>/ with array_record files);\n"
-        f"  * run once with network access (and --config.data.download=true) so TFDS "
-        f"downloads and prepares it;\n"
-        f"  * or prepare it elsewhere with `python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('{name}', data_dir='DIR').download_and_prepare("
-        f"file_format='array_record')\"` and copy DIR over.\n"
-        f"No fake data is used in its place."
-    )
-
-
-def open_source(name: str, split: str, *, data_dir: str | None, download: bool):
-    """A random-access TFDS data source for ``name``/``split``, preparing it if needed."""
-    import tensorflow_datasets as tfds
-
-    data_dir = resolve_data_dir(data_dir)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as error:  # unknown dataset name, unreadable dir, ...
-        raise DataMissingError(_missing_message(name, data_dir, repr(error))) from error
-    if not builder.is_prepared():
-        if not download:
-            raise DataMissingError(
-                _missing_message(name, data_dir, "data.download is false")
-            )
-        try:
-            builder.download_and_prepare(file_format="array_record")
-        except Exception as error:  # network, permissions, disk: all end the run here
-            raise DataMissingError(_missing_message(name, data_dir, repr(error))) from error
-    try:
-        return builder.as_data_source(split=split)
-    except Exception as error:
-        raise DataMissingError(_missing_message(name, data_dir, repr(error))) from error
-
-
 def load_split(name: str, split: str, *, data_dir: str | None = None, download: bool = True,
                num_examples: int = 0, image_key: str = "image",
                label_key: str = "label") -> ImageSplit:
     """Read the first ``num_examples`` (0: all) examples of a split into memory."""
-    source = open_source(name, split, data_dir=data_dir, download=download)
+    source = tfds_download.open_source(name, split, data_dir=data_dir, download=download,
+                                       data_dir_setting="--data_dir",
+                                       download_setting="--config.data.download")
     total = len(source)
     count = total if num_examples <= 0 else min(num_examples, total)
     first = source[0]

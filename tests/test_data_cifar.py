@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import cifar_data
+from experiments.common import tfds_download
 
 
 def test_load_split_under_mock_data():
@@ -31,16 +32,17 @@ def test_missing_data_raises_a_clear_error(tmp_path):
     with pytest.raises(cifar_data.DataMissingError) as info:
         cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path), download=False)
     message = str(info.value)
-    assert "TFDS_DATA_DIR" in message and "--data_dir" in message
-    assert str(tmp_path) in message and "No fake data" in message
+    assert "\n" not in message and str(tmp_path) in message
+    assert "point --data_dir (or TFDS_DATA_DIR, when that is empty) at" in message
+    assert "set --config.data.download=true where www.cs.toronto.edu is reachable" in message
 
 
 def test_data_dir_falls_back_to_the_environment(monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", "/from/env")
-    assert cifar_data.resolve_data_dir(None) == "/from/env"
-    assert cifar_data.resolve_data_dir("/explicit") == "/explicit"
+    assert tfds_download.resolve_data_dir(None) == "/from/env"
+    assert tfds_download.resolve_data_dir("/explicit") == "/explicit"
     monkeypatch.delenv("TFDS_DATA_DIR")
-    assert cifar_data.resolve_data_dir("") is None
+    assert tfds_download.resolve_data_dir("") is None
 
 
 def _has_real_cifar():

@@ -64,18 +64,18 @@ def read_tfds_text(
     data_dir: str | None = None,
     download: bool = False,
 ) -> str:
-    """Concatenates the ``feature`` text of every example of a TFDS split (newline-joined)."""
-    import tensorflow_datasets as tfds  # local: the text-file path must not need TFDS
+    """Concatenates the ``feature`` text of every example of a TFDS split (newline-joined).
 
-    try:
-        data = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-    except Exception as err:  # TFDS raises many types; the fix is the same
-        raise FileNotFoundError(
-            f"Could not open TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}, "
-            f"TFDS_DATA_DIR={os.environ.get('TFDS_DATA_DIR')!r}): {type(err).__name__}: {err}. "
-            "Point TFDS_DATA_DIR (or data.tfds_data_dir) at a prepared copy, set "
-            "data.tfds_download=True on a machine with network access, or set data.text_file."
-        ) from err
+    ``download=True`` lets TFDS download and prepare a missing dataset; a dataset that is
+    neither prepared nor obtainable raises a one-line ``DataMissingError`` (a
+    FileNotFoundError) that says how to provide it.
+    """
+    from experiments.common import tfds_download  # local: the text-file path must not need TFDS
+
+    data = tfds_download.open_source(name, split, data_dir=data_dir, download=download,
+                                     data_dir_setting="--data_dir",
+                                     download_setting="--config.data.tfds_download",
+                                     alternative="set --config.data.text_file to a UTF-8 file")
     pieces = []
     for i in range(len(data)):
         example = data[i]

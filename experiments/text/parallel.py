@@ -152,21 +152,19 @@ def read_tfds_parallel(
 
     Each example must be a dict with one text feature per language (TFDS's translation
     datasets are). ``download=True`` lets TFDS download and prepare the dataset on first use
-    (needs network access and TensorFlow). ``max_examples`` keeps the first n examples.
-    The empty-pair policy of ``read_parallel`` applies.
+    (needs network access and TensorFlow); a dataset that is neither prepared nor obtainable
+    raises a one-line ``DataMissingError`` (a FileNotFoundError) that says how to provide it.
+    ``max_examples`` keeps the first n examples. The empty-pair policy of ``read_parallel``
+    applies.
     """
-    import tensorflow_datasets as tfds  # local: only this optional path needs TFDS
+    from experiments.common import tfds_download  # local: only this optional path needs TFDS
 
     source = f"tfds:{name}[{split}]"
-    try:
-        data = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-    except Exception as err:  # TFDS raises many types; the fix is the same
-        raise FileNotFoundError(
-            f"Could not open TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}): "
-            f"{type(err).__name__}: {err}. Prepare it with network access (set the config's "
-            "tfds_download=True), point TFDS_DATA_DIR/data_dir at a prepared copy, or use "
-            "local text files."
-        ) from err
+    data = tfds_download.open_source(name, split, data_dir=data_dir, download=download,
+                                     data_dir_setting="--config.data.tfds_data_dir",
+                                     download_setting="--config.data.tfds_download",
+                                     alternative="leave --config.data.tfds_name empty and set "
+                                                 "--config.data.dir to a folder of text files")
     count = len(data) if max_examples is None else min(len(data), max_examples)
     src, tgt = [], []
     for i in range(count):
