@@ -120,9 +120,9 @@ class GPT(nnx.Module):
 
         Args:
           tokens: [batch, seq] int32, seq <= max_len.
-          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          key: PRNG key; needed when train=True and (update=BDIA(...) or dropout > 0).
           train: training mode (dropout, BDIA update) or inference (γ = 0).
-          inference_gamma: update="bdia", train=False only: the inference-γ sweep.
+          inference_gamma: update=BDIA(...), train=False only: the inference-γ sweep.
 
         Returns:
           logits [batch, seq, vocab] float32 (position i predicts token i+1);

@@ -137,8 +137,9 @@ class ResidualStack(nnx.Module):
           context: pytree given to every block (e.g. encoder output and source mask).
           key: PRNG key for the BDIA γ draw and the per-block dropout keys (train=True
             only; ignored at inference, which never drops out).
-          train: training update (True) or inference (False).
-          inference_gamma: update="bdia", train=False only: a float or an array
+          train: training update (True) or inference (False). With Reversible() an
+            inference pass runs but is not differentiable (see ``bdia_jax.apply_stack``).
+          inference_gamma: update=BDIA(...), train=False only: a float or an array
             broadcastable to [depth-1, batch] for the inference-γ sweep (None: γ = 0).
 
         Returns:

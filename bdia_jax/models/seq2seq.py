@@ -228,9 +228,9 @@ class Seq2SeqTransformer(nnx.Module):
             shifted right (position i predicts target token i).
           src_mask: optional [batch, src_len] bool (True = real token); default
             src != pad_id. Padded source tokens never affect the output.
-          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          key: PRNG key; needed when train=True and (update=BDIA(...) or dropout > 0).
           train: training mode (dropout, BDIA update) or inference (γ = 0).
-          inference_gamma: update="bdia", train=False: a float (or an array broadcastable
+          inference_gamma: update=BDIA(...), train=False: a float (or an array broadcastable
             to [depth-1, batch] of *both* stacks) for the inference-γ sweep.
 
         Returns:

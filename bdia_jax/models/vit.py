@@ -128,9 +128,9 @@ class ViT(nnx.Module):
 
         Args:
           images: [batch, H, W, C] float32, already normalized.
-          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          key: PRNG key; needed when train=True and (update=BDIA(...) or dropout > 0).
           train: training mode (dropout, BDIA update) or inference.
-          inference_gamma: update="bdia", train=False: float or array broadcastable to
+          inference_gamma: update=BDIA(...), train=False: float or array broadcastable to
             [depth-1, batch] (the inference-γ sweep); None = γ 0.
 
         Returns:
