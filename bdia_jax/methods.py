@@ -173,8 +173,12 @@ def check_method(update: Update, backprop: Backprop) -> None:
 
 
 def default_backprop(update: Update) -> Backprop:
-    """Reversible() for BDIA on a grid with gamma = 2**-m; otherwise Autodiff()."""
-    if isinstance(update, BDIA) and update.frac_bits is not None and update.side_bits:
+    """Reversible() for BDIA on a grid, Autodiff() otherwise (nothing to invert).
+
+    γ plays no part: a BDIA grid update whose γ has no exact inverse (0.3, 0) then fails in
+    ``check_method`` and names the fix, instead of quietly training without reversal.
+    """
+    if isinstance(update, BDIA) and update.frac_bits is not None:
         return Reversible()
     return Autodiff()
 
@@ -186,7 +190,7 @@ def method_from_flat(*, update="bdia", backprop=None, gamma=0.5, frac_bits=9,
 
     update: "standard" | "bdia". gamma, frac_bits, quantize_at_inference are read only for
     "bdia". backprop: "reversible" | "autodiff" | "remat", or None for ``default_backprop``
-    (Reversible for BDIA on a grid with a power-of-two γ, else Autodiff). recompute and
+    (Reversible for BDIA on a grid, else Autodiff). recompute and
     probe are read only for "reversible" (and for None when that resolves to Reversible).
     """
     if update not in UPDATE_NAMES:

@@ -77,10 +77,12 @@ def test_method_from_flat():
     assert bdia_jax.method_from_flat() == (BDIA(), Reversible())
     assert bdia_jax.method_from_flat(update="standard") == (Standard(), Autodiff())
     assert bdia_jax.method_from_flat(update="standard", backprop="remat") == (Standard(), Remat())
-    # backprop=None: Reversible only where an inverse exists, else Autodiff.
-    assert bdia_jax.method_from_flat(gamma=0.6) == (BDIA(gamma=0.6), Autodiff())
-    assert bdia_jax.method_from_flat(gamma=0.0) == (BDIA(gamma=0.0), Autodiff())
+    # backprop=None: Reversible on a grid (a γ with no inverse then fails, naming the
+    # fix, rather than training without reversal), Autodiff without one.
     assert bdia_jax.method_from_flat(frac_bits=None) == (BDIA(frac_bits=None), Autodiff())
+    assert bdia_jax.method_from_flat(gamma=0.6, frac_bits=None) == (
+        BDIA(gamma=0.6, frac_bits=None), Autodiff())
+    assert bdia_jax.method_from_flat(gamma=0.6, backprop="remat") == (BDIA(gamma=0.6), Remat())
     assert bdia_jax.method_from_flat(recompute="shared", probe=False) == (
         BDIA(), Reversible(recompute="shared", probe=False))
     assert bdia_jax.method_from_flat(gamma=0.0, backprop="autodiff") == (BDIA(gamma=0.0),
@@ -88,6 +90,8 @@ def test_method_from_flat():
     for kwargs, match in [(dict(update="fancy"), "update must be one of"),
                           (dict(backprop="checkpoint"), "backprop must be one of"),
                           (dict(gamma=0.3, backprop="reversible"), "power"),
+                          (dict(gamma=0.3), "power"),
+                          (dict(gamma=0.0), "gamma != 0"),
                           (dict(update="standard", backprop="reversible"), "no exact inverse")]:
         with pytest.raises(ValueError, match=match) as info:
             bdia_jax.method_from_flat(**kwargs)
@@ -97,7 +101,9 @@ def test_method_from_flat():
 def test_stack_method_resolves_backprop_and_checks_float32_frac_bits():
     assert StackMethod().backprop == Reversible()
     assert StackMethod(update=Standard()).backprop == Autodiff()
-    assert StackMethod(update=BDIA(gamma=0.6)).backprop == Autodiff()
+    assert StackMethod(update=BDIA(gamma=0.6, frac_bits=None)).backprop == Autodiff()
+    with pytest.raises(ValueError, match="only powers of two"):
+        StackMethod(update=BDIA(gamma=0.6))  # on the grid the default is Reversible
     assert StackMethod(update=BDIA(frac_bits=20)).update.frac_bits == 20
     with pytest.raises(ValueError, match=r"float32 stream: use 0\.\.20"):
         StackMethod(update=BDIA(frac_bits=25))
