@@ -5,6 +5,7 @@ Reversible(...)``) are switches (``bdia_jax.methods``, re-exported here).
 * ``layers``:  attention, MLP, LayerNorm, encoder/decoder residual branches, KV caches.
 * ``residual_stack``: ``ResidualStack`` (depth-stacked parameters → ``bdia_jax.apply_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
+* ``revvit``:  ``RevViT`` / ``RevViTConfig`` / ``revvit_config`` (two-stream reversible ViT).
 * ``gpt``:     ``GPT`` / ``GPTConfig`` / ``gpt_config`` (decoder-only LM, KV cache, sampling).
 * ``seq2seq``: ``Seq2SeqTransformer`` / ``Seq2SeqConfig`` / ``seq2seq_config`` (translation).
 * ``decoding``: greedy and beam search over a KV-cached step function.
@@ -34,6 +35,7 @@ from bdia_jax.models.layers import (
     dot_product_attention,
     padding_mask,
 )
+from bdia_jax.models.revvit import RevBlock, RevViT, RevViTConfig, TwoStreamStack, revvit_config
 from bdia_jax.models.seq2seq import (
     SEQ2SEQ_VARIANTS,
     DecodeState,
@@ -72,6 +74,11 @@ __all__ = [
     "MultiHeadAttention",
     "ResidualStack",
     "ReversalProbe",
+    "RevBlock",
+    "RevViT",
+    "RevViTConfig",
+    "TwoStreamStack",
+    "revvit_config",
     "ViT",
     "ViTConfig",
     "causal_mask",
