@@ -40,10 +40,10 @@ from bdia_jax import revnet
 from bdia_jax.models.layers import (
     MLP,
     MultiHeadAttention,
+    LayerNorm,
     ReversalProbe,
     canonical_dtype,
     dropout,
-    layer_norm,
     split_key,
 )
 from bdia_jax.models.vit import VIT_VARIANTS
@@ -124,10 +124,10 @@ class RevBlock(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dropout: float = 0.0,
                  attention_dropout: float = 0.0, compute_dtype="float32", rngs: nnx.Rngs):
         self.dropout = dropout
-        self.ln1 = layer_norm(width, rngs)
+        self.ln1 = LayerNorm(width, rngs=rngs)
         self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
                                        compute_dtype=compute_dtype, rngs=rngs)
-        self.ln2 = layer_norm(width, rngs)
+        self.ln2 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
 
     def attention_branch(self, x: jax.Array, key=None) -> jax.Array:
@@ -231,7 +231,7 @@ class RevViT(nnx.Module):
 
         self.stack = TwoStreamStack(make_block, c.depth, backprop=c.backprop, rngs=rngs)
         # The fused streams are 2·width wide (concatenation, as the authors' default).
-        self.norm = layer_norm(2 * c.width, rngs)
+        self.norm = LayerNorm(2 * c.width, rngs=rngs)
         self.head = nnx.Linear(2 * c.width, c.num_classes, rngs=rngs)
 
     def _patches(self, images: jax.Array) -> jax.Array:
