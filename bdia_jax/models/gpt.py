@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.models.layers import EncoderBlock, canonical_dtype, dropout, layer_norm
+from bdia_jax.models.layers import EncoderBlock, LayerNorm, canonical_dtype, dropout
 from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
 
 KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
@@ -125,7 +125,7 @@ class GPT(nnx.Module):
                                    gamma=c.gamma, frac_bits=c.frac_bits,
                                    quantize_at_inference=c.quantize_at_inference,
                                    recompute=c.recompute, rngs=rngs)
-        self.norm = layer_norm(c.width, rngs, c.layer_norm_eps)
+        self.norm = LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
 
     def _check_tokens(self, tokens, pos=0):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):

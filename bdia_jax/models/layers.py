@@ -257,9 +257,9 @@ class LayerNorm(nnx.Module):
                                  self.epsilon)
 
 
-def layer_norm(width: int, rngs: nnx.Rngs, epsilon: float = 1e-6) -> LayerNorm:
+def layer_norm(width: int, rngs: nnx.Rngs) -> LayerNorm:
     """LayerNorm over the last axis, computed and stored in float32 (scale and bias)."""
-    return LayerNorm(width, epsilon=epsilon, rngs=rngs)
+    return LayerNorm(width, epsilon=1e-6, rngs=rngs)
 
 
 class EncoderBlock(nnx.Module):
@@ -277,10 +277,10 @@ class EncoderBlock(nnx.Module):
                  approximate_gelu: bool = True, rngs: nnx.Rngs):
         self.causal = causal
         self.dropout = dropout
-        self.ln1 = layer_norm(width, rngs, layer_norm_eps)
+        self.ln1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
         self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
                                        compute_dtype=compute_dtype, rngs=rngs)
-        self.ln2 = layer_norm(width, rngs, layer_norm_eps)
+        self.ln2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
                        approximate_gelu=approximate_gelu, rngs=rngs)
 
