@@ -27,6 +27,7 @@ ignored; an ``lm_head.weight`` must equal ``wte.weight`` (GPT-2 ties them).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -39,7 +40,6 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-import bdia_jax
 from bdia_jax.models import GPT, GPTConfig, ReversalProbe
 
 CONFIG_FILE = "config.json"
@@ -58,7 +58,8 @@ _HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 # GPTConfig fields that the checkpoint fixes.
 _ARCHITECTURE_FIELDS = ("vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
                         "layer_norm_eps", "approximate_gelu")
-# Method settings load_gpt2 accepts (objects, or the flat keywords of method_from_flat).
+# Method settings load_gpt2 accepts besides GPTConfig's fields (objects, or the flat
+# keywords of bdia_jax.method_from_flat).
 _METHOD_KEYWORDS = ("update", "backprop", "gamma", "frac_bits", "quantize_at_inference",
                     "recompute", "probe")
 
@@ -88,29 +89,19 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32")
 
 
 # ---------------------------------------------------------------------------------- config
-def _method_fields(overrides: dict) -> dict:
-    """The method settings among load_gpt2's overrides → GPTConfig method fields.
+def _method_objects(fields: dict) -> dict:
+    """GPTConfig keyword arguments with the flat method keywords (update="bdia", gamma=0.5,
+    frac_bits=9, ...) turned into the method objects by ``bdia_jax.methods.method_overrides``
+    (objects such as update=bdia_jax.BDIA(...) pass through).
 
-    Objects (update=bdia_jax.BDIA(...), backprop=bdia_jax.Reversible(...)) pass through;
-    flat keywords (update="bdia", gamma=0.5, frac_bits=9, ...) go through
-    ``bdia_jax.method_from_flat``. Until ``bdia_jax.methods`` lands, GPTConfig holds the
-    flat fields themselves and they pass through (delete that branch then).
+    Until ``bdia_jax.methods`` lands, GPTConfig holds the flat fields themselves and they
+    pass through unchanged; then this function is ``method_overrides`` (replace it).
     """
-    given = {k: overrides[k] for k in _METHOD_KEYWORDS if k in overrides}
-    if not hasattr(bdia_jax, "method_from_flat"):
-        return given
-    objects = {k: given.pop(k) for k in ("update", "backprop")
-               if k in given and not isinstance(given[k], (str, type(None)))}
-    if objects and given:
-        raise ValueError(
-            f"pass the method either as objects (update=bdia_jax.BDIA(gamma=0.5), "
-            f"backprop=bdia_jax.Reversible()) or as flat keywords (update='bdia', gamma=0.5), "
-            f"not both: got objects {sorted(objects)} and keywords {sorted(given)}."
-        )
-    if objects or not given:
-        return objects
-    update, backprop = bdia_jax.method_from_flat(**given)
-    return {"update": update, "backprop": backprop}
+    if importlib.util.find_spec("bdia_jax.methods") is None:
+        return fields
+    from bdia_jax.methods import method_overrides
+
+    return method_overrides(fields)
 
 
 def _gpt_config(hf: dict, source: str, overrides: dict) -> GPTConfig:
@@ -150,8 +141,7 @@ def _gpt_config(hf: dict, source: str, overrides: dict) -> GPTConfig:
         raise ValueError(f"{source}: embd_pdrop={hf['embd_pdrop']} differs from resid_pdrop="
                          f"{hf['resid_pdrop']}, and GPTConfig has one dropout for both; pass "
                          f"dropout=... to load_gpt2.")
-    rest = {k: v for k, v in overrides.items() if k not in _METHOD_KEYWORDS}
-    return GPTConfig(**{**fields, **rest, **_method_fields(overrides)})
+    return GPTConfig(**_method_objects({**fields, **overrides}))
 
 
 def _hf_config(config: GPTConfig) -> dict:

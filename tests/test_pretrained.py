@@ -249,3 +249,15 @@ def test_missing_files_name_the_layout(tmp_path):
         load_gpt2(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no config.json in"):
         load_gpt2(tmp_path / "nowhere")
+
+
+def test_method_objects_and_flat_keywords_give_the_same_config():
+    methods = pytest.importorskip("bdia_jax.methods")  # the method-object interface
+    objects = load_gpt2(FIXTURE, update=methods.BDIA(gamma=0.25, frac_bits=10),
+                        backprop=methods.Reversible(recompute="shared"))
+    flat = load_gpt2(FIXTURE, update="bdia", gamma=0.25, frac_bits=10, backprop="reversible",
+                     recompute="shared")
+    assert objects.config == flat.config
+    assert objects.config.update == methods.BDIA(gamma=0.25, frac_bits=10)
+    with pytest.raises(ValueError, match="not both"):
+        load_gpt2(FIXTURE, update=methods.BDIA(), gamma=0.5)
