@@ -2,6 +2,9 @@
 
 Architecture: token embedding + learned positions → dropout → ``ResidualStack`` of causal
 ``EncoderBlock``s → final LayerNorm → logits with the token embedding (tied weights).
+Biases on every Linear and LayerNorm. This is GPT-2's architecture; with
+``layer_norm_eps=1e-5`` and ``approximate_gelu=True`` it is GPT-2 exactly, which is how
+``bdia_jax.pretrained.load_gpt2`` builds it.
 
 Keys: the model key is split with ``jax.random.fold_in``: ``fold_in(key, 0)`` is the stack
 key (γ draw and per-block dropout keys), ``fold_in(key, 1)`` the embedding dropout key.
@@ -45,6 +48,8 @@ class GPTConfig(StackMethod):
     # stack input is then ~0.03 per element, so rounding it to δ = 2**-9 (x_0 = Q(x)) is a
     # ~2% perturbation that the first LayerNorm scales up to O(1) at init.
     embed_std: float = 0.02
+    layer_norm_eps: float = 1e-6  # ε of every LayerNorm (GPT-2: 1e-5)
+    approximate_gelu: bool = True  # MLP GELU: tanh approximation (GPT-2) or exact erf
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -55,6 +60,12 @@ class GPTConfig(StackMethod):
             raise ValueError("vocab_size must be >= 2 and max_len >= 1.")
         super().__post_init__()
         canonical_dtype(self.compute_dtype)
+        if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be a float > 0 (GPT-2: 1e-5), got "
+                             f"{self.layer_norm_eps!r}.")
+        if not isinstance(self.approximate_gelu, bool):
+            raise ValueError(f"approximate_gelu must be True (tanh GELU) or False (erf GELU), "
+                             f"got {self.approximate_gelu!r}.")
 
 
 GPT_VARIANTS: dict[str, dict] = {
@@ -89,11 +100,13 @@ class GPT(nnx.Module):
         def make_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, causal=True,
                                 dropout=c.dropout, attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype,
+                                layer_norm_eps=c.layer_norm_eps,
+                                approximate_gelu=c.approximate_gelu, rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    rngs=rngs)
-        self.norm = LayerNorm(c.width, rngs=rngs)
+        self.norm = LayerNorm(c.width, epsilon=c.layer_norm_eps, rngs=rngs)
 
     def _check_tokens(self, tokens, pos=0):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):

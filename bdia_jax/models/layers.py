@@ -220,16 +220,23 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Linear(width → mlp_dim) → GELU → Linear(mlp_dim → width); returns float32."""
+    """Linear(width → mlp_dim) → GELU → Linear(mlp_dim → width); returns float32.
 
-    def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32", rngs: nnx.Rngs):
+    ``approximate_gelu``: True = the tanh approximation (GPT-2's ``gelu_new``), False = the
+    exact erf GELU.
+    """
+
+    def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
+                 approximate_gelu: bool = True, rngs: nnx.Rngs):
         dtype = canonical_dtype(compute_dtype)
+        self.approximate_gelu = approximate_gelu
         self.fc1 = nnx.Linear(width, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.fc2 = nnx.Linear(mlp_dim, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, y: jax.Array) -> jax.Array:
         """y: [..., width] → [..., width] float32."""
-        return self.fc2(jax.nn.gelu(self.fc1(y))).astype(jnp.float32)
+        hidden = jax.nn.gelu(self.fc1(y), approximate=self.approximate_gelu)
+        return self.fc2(hidden).astype(jnp.float32)
 
 
 class LayerNorm(nnx.Module):
@@ -255,19 +262,22 @@ class EncoderBlock(nnx.Module):
 
     ``context``: None, or a bool [batch, len] key-padding mask (True = real token). ``causal=True`` adds the causal mask (decoder-only LM).
     Dropout: ``attention_dropout`` on attention probabilities, ``dropout`` on a(x) and on
-    m(·) (residual dropout), all drawn from the block key.
+    m(·) (residual dropout), all drawn from the block key. ``layer_norm_eps`` and
+    ``approximate_gelu`` (see ``MLP``) let the block be GPT-2's exactly (1e-5, True).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, causal: bool = False,
                  dropout: float = 0.0, attention_dropout: float = 0.0,
-                 compute_dtype="float32", rngs: nnx.Rngs):
+                 compute_dtype="float32", layer_norm_eps: float = 1e-6,
+                 approximate_gelu: bool = True, rngs: nnx.Rngs):
         self.causal = causal
         self.dropout = dropout
-        self.ln1 = LayerNorm(width, rngs=rngs)
+        self.ln1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
         self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
                                        compute_dtype=compute_dtype, rngs=rngs)
-        self.ln2 = LayerNorm(width, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
+        self.ln2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
+                       approximate_gelu=approximate_gelu, rngs=rngs)
 
     def _mask(self, x, context):
         causal = causal_mask(x.shape[1], x.shape[1]) if self.causal else None
