@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import EncoderBlock, canonical_dtype, dropout, layer_norm
 from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
 
@@ -51,6 +52,9 @@ class GPTConfig:
     frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
     quantize_at_inference: bool = True  # BDIA inference keeps the stream on the grid
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    attention: str = "xla"
     # Init std of the token and position embeddings (nanoGPT: 0.02). Note for BDIA: the
     # stack input is then ~0.03 per element, so rounding it to δ = 2**-9 (x_0 = Q(x)) is a
     # ~2% perturbation that the first LayerNorm scales up to O(1) at init.
@@ -66,6 +70,7 @@ class GPTConfig:
         check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
                               self.recompute)
         canonical_dtype(self.compute_dtype)
+        check_attention(self.attention, self.attention_dropout)
 
 
 GPT_VARIANTS: dict[str, dict] = {
@@ -106,7 +111,8 @@ class GPT(nnx.Module):
         def make_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, causal=True,
                                 dropout=c.dropout, attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    gamma=c.gamma, frac_bits=c.frac_bits,

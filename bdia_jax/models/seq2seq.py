@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax.models import decoding
+from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import (
     DecoderBlock,
     EncoderBlock,
@@ -73,6 +74,9 @@ class Seq2SeqConfig:
     frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
     quantize_at_inference: bool = True  # BDIA inference keeps the streams on the grid
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    attention: str = "xla"
     pad_id: int = 0  # padding token (source padding is masked out of attention)
     bos_id: int = 2  # decoder start token
     eos_id: int = 3  # end of sentence
@@ -93,6 +97,7 @@ class Seq2SeqConfig:
         check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
                               self.recompute)
         canonical_dtype(self.compute_dtype)
+        check_attention(self.attention, self.attention_dropout)
 
 
 SEQ2SEQ_VARIANTS: dict[str, dict] = {
@@ -156,12 +161,14 @@ class Seq2SeqTransformer(nnx.Module):
         def make_encoder_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         def make_decoder_block(block_rngs):
             return DecoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         settings = dict(update=c.update, backprop=c.backprop, gamma=c.gamma,
                         frac_bits=c.frac_bits, quantize_at_inference=c.quantize_at_inference,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import EncoderBlock, canonical_dtype, dropout, layer_norm
 from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
 
@@ -52,6 +53,9 @@ class ViTConfig:
     frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
     quantize_at_inference: bool = True  # BDIA inference keeps the stream on the grid
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -68,6 +72,7 @@ class ViTConfig:
         check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
                               self.recompute)
         canonical_dtype(self.compute_dtype)
+        check_attention(self.attention, self.attention_dropout)
 
     @property
     def num_patches(self) -> int:
@@ -117,7 +122,8 @@ class ViT(nnx.Module):
         def make_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    gamma=c.gamma, frac_bits=c.frac_bits,
