@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bdia_jax.models import GPT, ReversalProbe, gpt_config
+from bdia_jax.models import GPT, gpt_config
 from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from experiments.common.memory import compiled_memory
+from experiments.common.train_step import adamw, make_train_step, split_model
 
 # Each gradient method: (label, GPTConfig.update, GPTConfig.backprop).
 METHODS = {
@@ -59,33 +60,19 @@ def model_config(args, method: str, attention: str):
         compute_dtype=args.compute_dtype, attention=attention)
 
 
-def train_step(graphdef, optimizer):
-    """``(params, probes, opt_state, tokens [batch, context+1] int32, key uint32[2]) ->
-    (params, opt_state, loss, reversal_error)``: next-token cross-entropy, AdamW."""
-
-    def step(params, probes, opt_state, tokens, key):
-        def loss_fn(params, probes):
-            logits, _ = nnx.merge(graphdef, params, probes)(tokens[:, :-1], key=key,
-                                                            train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(
-                logits, tokens[:, 1:]).mean()
-
-        loss, (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params,
-                                                                                 probes)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        reversal_error = sum(jax.tree_util.tree_leaves(probe_grads), jnp.zeros(()))
-        return optax.apply_updates(params, updates), opt_state, loss, reversal_error
-
-    return step
+def gpt_loss(model, tokens, key):
+    """Next-token cross-entropy of ``tokens`` [batch, context+1] int32 (train=True)."""
+    logits, _ = model(tokens[:, :-1], key=key, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 def abstract_step(config):
     """(jitted step, abstract params, probes, opt_state) of a GPT with ``config``."""
     model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-    graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
-    optimizer = optax.adamw(3e-4, weight_decay=0.1)
+    graphdef, params, probes = split_model(model)
+    optimizer = adamw()
     opt_state = jax.eval_shape(optimizer.init, params)
-    step = jax.jit(train_step(graphdef, optimizer), donate_argnums=(0, 2))
+    step = jax.jit(make_train_step(graphdef, optimizer, gpt_loss), donate_argnums=(0, 2))
     return step, params, probes, opt_state
 
 
@@ -211,7 +198,7 @@ def markdown(results, budgets, methods) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget_gib", default="16,80", help="comma-separated budgets, GiB")
     parser.add_argument("--small", action="store_true",
@@ -230,7 +217,11 @@ def main(argv=None) -> dict:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    return args
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     results = run(args)
     print("\n" + results["markdown"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
