@@ -1,0 +1,67 @@
+"""experiments.device_check --small: every section on the CPU, its JSON and markdown; and the
+subprocess rerun with the deterministic-ops flag that a non-zero GPU probe triggers."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import device_check
+
+
+def test_small_run_answers_every_section(tmp_path):
+    results = device_check.main(["--small", "--out_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "device_check.json").read_text())
+    assert saved["passed"] is results["passed"] is True
+    for section in ("environment", *device_check.SECTIONS):
+        assert section in saved and "error" not in saved[section], section
+        assert "skipped" not in saved[section], section
+    assert saved["environment"]["backend"] == "cpu"
+
+    cases = saved["exactness"]["cases"]
+    bdia = {name: r for name, r in cases.items() if not name.startswith("revvit/")}
+    assert {r["model"] for r in bdia.values()} == {"vit", "gpt", "seq2seq"}
+    assert {r["method"]["recompute"] for r in bdia.values()} == {"shared", "separate"}
+    assert {r["dtype"] for r in bdia.values()} == {"float32", "bfloat16"}
+    for name, record in bdia.items():
+        assert record["probe"] == 0.0 and record["exact"] is True, name
+        assert record["loss_finite"], name
+    revvit = cases["revvit/reversible/float32"]
+    assert revvit["reconstruction_error"] >= 0.0 and "exact" not in revvit  # not a verdict
+
+    rows = saved["memory"]["rows"]
+    assert set(rows) == set(device_check.PAPER_MEMORY_MB)
+    for name, row in rows.items():
+        assert row["peak_bytes"] > row["param_bytes"] + row["opt_state_bytes"] > 0, name
+        assert row["peak_source"].startswith("compiled")  # CPU: no memory_stats()
+        assert row["paper_mb"] == device_check.PAPER_MEMORY_MB[name]
+
+    methods = saved["step_time"]["methods"]
+    assert set(methods) == {"autodiff", "remat", "bdia"}
+    assert methods["remat"]["over_remat"] == 1.0
+    assert all(m["median_s"] > 0 for m in methods.values())
+
+    assert saved["max_batch"]["table"]["bdia"]["0.006"]["batch"] >= 1
+
+    table = (tmp_path / "device_check.md").read_text()
+    for heading in ("## Exactness", "## Table 1's memory column", "## Step time",
+                    "## Largest batch"):
+        assert heading in table
+    assert "| vit | shared | float32 | 0 | yes |" in table
+    assert "| BDIA-ViT (reversible) |" in table and "| 693.4 |" in table
+    assert "| BDIA, reversible |" in table
+
+
+def test_deterministic_rerun_in_a_subprocess():
+    spec = device_check.exactness_specs(["vit/shared/float32"])["vit/shared/float32"]
+    record = device_check.run_worker("exactness", spec, "small", timeout=300,
+                                     extra_xla_flags=device_check.DETERMINISTIC_FLAG)
+    assert "error" not in record, record
+    assert device_check.DETERMINISTIC_FLAG in record["xla_flags"]
+    assert record["probe"] == 0.0 and record["exact"] is True
+
+
+def test_time_budget_skips_cleanly(tmp_path):
+    results = device_check.main(["--small", "--out_dir", str(tmp_path), "--time_budget_s", "0"])
+    for section in device_check.SECTIONS:
+        assert "skipped" in results[section], section
+    assert "skipped (time budget)" in (tmp_path / "device_check.md").read_text()
