@@ -3,6 +3,7 @@ checkpoints are reported and skipped; non-finite and fixed-point overflow steps 
 configured policy and never reach a checkpoint."""
 
 import functools
+import gc
 import glob
 import json
 import os
@@ -25,7 +26,8 @@ from flax import nnx
 from bdia_jax.models import ViT, vit_config
 from experiments.common import sharding
 from experiments.common import train_state as ts
-from experiments.common.checkpoint import FINGERPRINT_KEY, Checkpointer
+from experiments.common.checkpoint import (FINGERPRINT_KEY, CheckpointMismatchError,
+                                           Checkpointer)
 from experiments.common.loop import LoopSettings, RangeOverflowError, run_loop
 from experiments.common.metrics import MetricsWriter, read_records
 
@@ -329,3 +331,84 @@ def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(t
     chex.assert_trees_all_equal(a["params"], b["params"])
     chex.assert_trees_all_equal(a["opt_state"], b["opt_state"])
     assert _records(straight) == _records(killed)
+
+
+# --------------------------------------------------------------------------- quiet restore
+
+
+def test_random_bytes_in_the_manifest_give_one_line_and_the_fallback(tmp_path, capfd,
+                                                                    monkeypatch):
+    """A garbled manifest.ocdbt fails the step's first read: one line, the fallback, and
+    nothing from Orbax's async reader or TensorStore's threads (they report through
+    sys.unraisablehook, which pytest would turn into a mere warning)."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    directory = str(tmp_path / "ckpt")
+    mesh, like, states = _three_checkpoints(directory)
+    manifests = glob.glob(os.path.join(directory, "3", "state", "**", "manifest.ocdbt"),
+                          recursive=True)
+    assert manifests
+    rng = np.random.default_rng(0)
+    for path in manifests:
+        size = os.path.getsize(path)
+        pathlib.Path(path).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    # Whether the leaked reads print depends on thread timing; what must hold every time is
+    # that the bad step never reaches Orbax's async reader.
+    orbax_restored = []
+    orbax_restore = ckpt._manager.restore
+    monkeypatch.setattr(ckpt._manager, "restore", lambda step, **kwargs: (
+        orbax_restored.append(step), orbax_restore(step, **kwargs))[1])
+    capfd.readouterr()
+    state, record = ckpt.restore(like, sharding.replicated_sharding(mesh))
+    ckpt.close()
+    assert orbax_restored == [2]
+    gc.collect()  # abandoned coroutines would report here...
+    time.sleep(0.5)  # ...and TensorStore's callbacks on their threads
+    out, err = capfd.readouterr()
+    assert not unraisable, [f"{u.exc_type.__name__}: {u.exc_value} in {u.object}"
+                            for u in unraisable]
+    assert err == "", err
+    chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(states[2]))
+    assert record == {"note": 2}
+    assert out.splitlines() == [
+        out.splitlines()[0],
+        "resuming from checkpoint step 2 instead of the unusable step 3"], out
+    assert out.startswith(f"checkpoint step 3 in {directory} is unusable (")
+    assert "manifest" in out.splitlines()[0]
+
+
+# --------------------------------------------------------------------------- config mismatch
+
+
+def _like_state(**model):
+    """A step-0 state of the tiny BDIA-ViT of ``_fresh_state`` with ``model`` changed."""
+    model = ViT(vit_config("tiny", update="bdia", backprop="reversible", frac_bits=9, **model),
+                rngs=nnx.Rngs(0))
+    optimizer, _ = ts.make_optimizer(_optim(), 20, 10)
+    return ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))[1]
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (dict(width=16, num_heads=2, mlp_dim=32),
+     "params.cls_token.value is float32[1, 1, 32] there but float32[1, 1, 16] in this config"),
+    (dict(depth=1), "float32[2, 32] there but float32[1, 32] in this config"),
+    (dict(pool="mean"), "it has 'params.cls_token.value', which this config lacks (0 missing, 3 extra arrays)"),
+])
+def test_a_config_mismatch_stops_without_touching_the_checkpoints(tmp_path, change, fragment):
+    directory = str(tmp_path / "ckpt")
+    mesh, _, _ = _three_checkpoints(directory)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    with pytest.raises(CheckpointMismatchError) as error:
+        ckpt.restore(_like_state(**change), sharding.replicated_sharding(mesh))
+    ckpt.close()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"checkpoint step 3 in {directory} was written with a different config: ")
+    assert fragment in message
+    assert message.endswith("resume with the config it was written with, or use a new "
+                            "--workdir")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert not os.path.exists(directory + ".corrupt")

@@ -234,8 +234,12 @@ def _check_saved_arrays(state_dir: str, abstract, *, where: str) -> None:
             f"{where} was written with a different config: {detail}; resume with the "
             f"config it was written with, or use a new --workdir")
 
-    missing = [name for name in wanted if name not in saved]
-    extra = sorted(name for name in saved if name not in wanted)
+    # Parameters first: their names say most about the change (the optimizer's mirror them).
+    def order(name):
+        return (not name.startswith("params."), name)
+
+    missing = sorted((name for name in wanted if name not in saved), key=order)
+    extra = sorted((name for name in saved if name not in wanted), key=order)
     if missing or extra:
         detail = (f"this config has {missing[0]!r}, which it lacks" if missing
                   else f"it has {extra[0]!r}, which this config lacks")
