@@ -412,3 +412,122 @@ def test_a_config_mismatch_stops_without_touching_the_checkpoints(tmp_path, chan
                             "--workdir")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     assert not os.path.exists(directory + ".corrupt")
+
+
+# --------------------------------------------------------------------------- one run per workdir
+
+
+# ``python -m experiments.vit_cifar <flags>`` on mock CIFAR-10 (256 images of each split).
+CLI_SCRIPT = r"""
+import runpy, sys
+import tensorflow_datasets as tfds
+with tfds.testing.mock_data(num_examples=256):
+    runpy.run_module("experiments.vit_cifar", run_name="__main__", alter_sys=True)
+"""
+HOLD_SCRIPT = r"""
+import sys, time
+from experiments.common.workdir import claimed_workdir
+with claimed_workdir(sys.argv[1], "unused"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _python(script, *args):
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in pathlib.Path(folder).rglob("*"))
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_naming_the_owner(tmp_path, capsys):
+    import socket
+
+    from experiments.common.workdir import LOCK_NAME, claimed_workdir
+
+    workdir = tmp_path / "run"
+    holder = _python(HOLD_SCRIPT, workdir)
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        held = json.loads((workdir / LOCK_NAME).read_text())
+        owner = f"pid {holder.pid} on host {socket.gethostname()}, started {held['started']}"
+        assert held["pid"] == holder.pid
+        before = _listing(workdir)
+        second = _python(CLI_SCRIPT, "--config=experiments/configs/vit_cifar.py:tiny",
+                         f"--workdir={workdir}")
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 1, out + err
+        assert "Traceback" not in out + err
+        assert err.strip().splitlines() == [
+            f"error: --workdir {workdir} is in use by another run ({owner}); wait for it to "
+            f"end, stop it, or pass another --workdir"], err
+        assert _listing(workdir) == before  # the second run wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
+        holder.communicate(timeout=60)
+    assert (workdir / LOCK_NAME).exists()
+    capsys.readouterr()
+    with claimed_workdir(str(workdir), "unused") as claimed:
+        assert claimed == str(workdir)
+        assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert capsys.readouterr().out == (
+        f"{workdir}: taking over the lock of a run that ended without releasing it "
+        f"({owner})\n")
+    assert not (workdir / LOCK_NAME).exists()
+
+
+def _signal_after_a_new_checkpoint(process, ckpt_dir, signum, after=0):
+    """Send ``signum`` once a checkpoint later than step ``after`` exists; its output."""
+    deadline = time.monotonic() + 300
+    while not [s for s in _finished_steps(ckpt_dir) if s > after] and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signum)
+    return process.communicate(timeout=120)
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT) ends the run with one line and exit code 130 and releases the lock;
+    kill -9 leaves the lock file behind, and the next run takes it over. Each time the same
+    command resumes from the last checkpoint."""
+    import socket
+
+    from experiments.common.workdir import LOCK_NAME
+
+    workdir = tmp_path / "run"
+    epochs, steps = 50, 50 * 256 // 32
+    flags = ["--config=experiments/configs/vit_cifar.py:tiny", f"--workdir={workdir}",
+             "--config.mode=bdia", f"--config.train.num_epochs={epochs}",
+             f"--config.train.eval_every_epochs={epochs}", "--config.train.progress=off"]
+    ckpt_dir = workdir / "checkpoints" / "bdia"
+
+    first = _python(CLI_SCRIPT, *flags)
+    out, err = _signal_after_a_new_checkpoint(first, ckpt_dir, signal.SIGINT)
+    assert first.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint")
+    assert not (workdir / LOCK_NAME).exists()
+    after_ctrl_c = _finished_steps(ckpt_dir)[-1]
+
+    second = _python(CLI_SCRIPT, *flags)
+    out, err = _signal_after_a_new_checkpoint(second, ckpt_dir, signal.SIGKILL, after_ctrl_c)
+    assert second.returncode == -signal.SIGKILL, out + err
+    assert f"[BDIA-ViT] resumed from the checkpoint at step {after_ctrl_c}/{steps}" in out
+    assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == second.pid
+    after_kill = _finished_steps(ckpt_dir)[-1]
+    assert after_ctrl_c < after_kill < steps, "the run ended before the signal"
+
+    third = _python(CLI_SCRIPT, *flags, f"--config.train.stop_after_steps={after_kill + 1}")
+    out, err = third.communicate(timeout=300)
+    assert "Traceback" not in out + err
+    assert (f"taking over the lock of a run that ended without releasing it (pid "
+            f"{second.pid} on host {socket.gethostname()}, started ") in out, out + err
+    assert f"[BDIA-ViT] resumed from the checkpoint at step {after_kill}/{steps}" in out
+    assert f"stopped after step {after_kill + 1}" in out + err
+    assert not (workdir / LOCK_NAME).exists()

@@ -33,8 +33,11 @@ shards; the JSON record and the renames are done by process 0).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
+import signal
+import threading
 import time
 
 import jax
@@ -100,13 +103,14 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return  # already saved (e.g. an epoch end that was also a periodic save)
         record = {**record, FINGERPRINT_KEY: fingerprint, "step": int(step)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
-            ),
-            force=True,
-        )
+        with _ctrl_c_deferred():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+                ),
+                force=True,
+            )
 
     def restore(self, like_state, sharding) -> tuple | None:
         """``(state, record)`` of the newest checkpoint that reads back intact, placed
@@ -150,12 +154,13 @@ class Checkpointer:
     def _restore_step(self, step: int, abstract):
         _check_saved_arrays(os.path.join(self.directory, str(step), "state"), abstract,
                             where=f"checkpoint step {step} in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
-            ),
-        )
+        with _ctrl_c_deferred():
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+                ),
+            )
         state, record = restored.state, dict(restored.record or {})
         saved_step = int(to_host(state.step)) if hasattr(state, "step") else step
         if saved_step != step:
@@ -193,6 +198,25 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C until the block ends, then raise it: an interrupt inside Orbax's event
+    loop would abandon its pending reads or writes the way a failed read does (see
+    ``_check_saved_arrays``). Only where Python's own SIGINT handler is installed."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def _check_saved_arrays(state_dir: str, abstract, *, where: str) -> None:

@@ -164,6 +164,7 @@ class _Lock:
             log(f"{workdir}: taking over the lock of a run that ended without releasing it "
                 f"({previous})")
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
