@@ -106,18 +106,20 @@ def run_app(define_flags, main) -> None:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values=None) -> list[str]:
     """absl flag parsing that ends a bad command line with one clear line, not a trace.
 
     Use as ``app.run(main, flags_parser=config.parse_flags)``. Covers: an unknown preset
     (``get_config`` raises inside the config-file flag), a value of the wrong type, an
-    unknown ``--config.<field>``, a config file that cannot be loaded.
+    unknown ``--config.<field>``, a config file that cannot be loaded. ``flag_values``:
+    absl's global ``FLAGS`` unless given.
     """
     from absl import flags
 
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     try:
-        rest = flags.FLAGS(argv)
-        _check_config_files_loaded(flags.FLAGS)
+        rest = flag_values(argv)
+        _check_config_files_loaded(flag_values)
         return rest
     except flags.Error as error:
         raise SystemExit(f"error: {_flag_error_line(str(error))}\n"
