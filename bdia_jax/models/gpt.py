@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax.methods import BDIA, StackMethod
+from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import EncoderBlock, LayerNorm, canonical_dtype, dropout
 from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
@@ -44,6 +45,9 @@ class GPTConfig(StackMethod):
     dropout: float = 0.2  # embedding dropout and residual dropout on a(x), m(y)
     attention_dropout: float = 0.2  # dropout on attention probabilities
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    attention: str = "xla"
     # Init std of the token and position embeddings (nanoGPT: 0.02). Note for BDIA: the
     # stack input is then ~0.03 per element, so rounding it to δ = 2**-9 (x_0 = Q(x)) is a
     # ~2% perturbation that the first LayerNorm scales up to O(1) at init.
@@ -66,6 +70,7 @@ class GPTConfig(StackMethod):
         if not isinstance(self.approximate_gelu, bool):
             raise ValueError(f"approximate_gelu must be True (tanh GELU) or False (erf GELU), "
                              f"got {self.approximate_gelu!r}.")
+        check_attention(self.attention, self.attention_dropout)
 
 
 GPT_VARIANTS: dict[str, dict] = {
@@ -102,7 +107,8 @@ class GPT(nnx.Module):
                                 dropout=c.dropout, attention_dropout=c.attention_dropout,
                                 compute_dtype=c.compute_dtype,
                                 layer_norm_eps=c.layer_norm_eps,
-                                approximate_gelu=c.approximate_gelu, rngs=block_rngs)
+                                approximate_gelu=c.approximate_gelu, attention=c.attention,
+                                rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    rngs=rngs)

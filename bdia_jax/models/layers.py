@@ -12,8 +12,10 @@ at inference and dropout is applied only when a key is given. Dropout masks come
 that key (``jax.random``): blocks hold parameters and nothing else, so the reversible backward
 pass, which replays the same per-block key, redraws exactly the same masks.
 
-Attention is plain jnp (einsum + float32 softmax). ``compute_dtype`` (e.g. bfloat16) is the
-matmul dtype; LayerNorm, softmax and the residual branch output stay float32.
+Attention is plain jnp (einsum + float32 softmax); the ``attention`` option of the attention
+modules and blocks picks "xla" | "chunked" | "cudnn" (``bdia_jax.models.attention``).
+``compute_dtype`` (e.g. bfloat16) is the matmul dtype; LayerNorm, softmax and the residual
+branch output stay float32.
 
 Masks are boolean, True = may attend, broadcastable to [batch, heads, q_len, k_len]. A
 padding mask travels through a stack's ``context`` as bool [batch, k_len] (True = real
@@ -22,7 +24,6 @@ token); the engine gives such a non-float context leaf a float0 (no) cotangent.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -30,10 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax import stable
-
-# Masked attention logits get this value; exp(_MASKED - max) is exactly 0.0 in float32,
-# so masked keys contribute exactly nothing (causality and padding tests check bit-equality).
-_MASKED = float(jnp.finfo(jnp.float32).min)
+from bdia_jax.models.attention import attend, check_attention, dropout
+from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
 
 
 class ReversalProbe(nnx.Variable):
@@ -67,16 +66,6 @@ def canonical_dtype(dtype) -> jnp.dtype:
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {dtype}.")
     return dtype
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout drawn from ``key``; identity when key is None or rate == 0."""
-    if key is None or rate == 0.0:
-        return x
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 def split_key(key: jax.Array | None, num: int) -> tuple:
@@ -124,32 +113,16 @@ def combine_masks(*masks):
     return out
 
 
-def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
-    """Softmax attention in float32.
-
-    q: [batch, heads, q_len, head_dim]; k, v: [batch, heads, k_len, head_dim] (compute dtype).
-    mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or None.
-    Returns [batch, heads, q_len, head_dim] in v's dtype.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum(
-        "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
-    ) * jnp.float32(scale)
-    if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, key)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-
-
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention: self-attention (``kv`` = None) or cross-attention.
 
     Projections q, k, v, o are Linear(width → width) with bias (4·(width² + width) params).
+    ``attention``: "xla" | "chunked" | "cudnn", how softmax attention is computed.
     """
 
     def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
-                 attention_dropout: float = 0.0, compute_dtype="float32", rngs: nnx.Rngs):
+                 attention_dropout: float = 0.0, compute_dtype="float32",
+                 attention: str = "xla", rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(
                 f"width ({width}) must be divisible by num_heads ({num_heads}); "
@@ -161,6 +134,8 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = width // num_heads
         self.attention_dropout = attention_dropout
         self.compute_dtype = dtype
+        check_attention(attention, attention_dropout)
+        self.attention = attention  # "xla" | "chunked" | "cudnn" (bdia_jax.models.attention)
 
         def linear(n_in):
             return nnx.Linear(n_in, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -182,9 +157,8 @@ class MultiHeadAttention(nnx.Module):
     def attend(self, x: jax.Array, kv: KVCache, mask, key=None) -> jax.Array:
         """Queries from x: [batch, q_len, width] against kv → [batch, q_len, width] float32."""
         q = self._heads(self.query(x))
-        o = dot_product_attention(
-            q, kv.key, kv.value, mask, dropout_rate=self.attention_dropout, key=key
-        )
+        o = attend(q, kv.key, kv.value, mask, attention=self.attention,
+                   dropout_rate=self.attention_dropout, key=key)
         b, _, t, _ = o.shape
         o = o.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return self.out(o).astype(jnp.float32)
@@ -269,12 +243,14 @@ class EncoderBlock(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, causal: bool = False,
                  dropout: float = 0.0, attention_dropout: float = 0.0,
                  compute_dtype="float32", layer_norm_eps: float = 1e-6,
-                 approximate_gelu: bool = True, rngs: nnx.Rngs):
+                 approximate_gelu: bool = True, attention: str = "xla",
+                 rngs: nnx.Rngs):
         self.causal = causal
         self.dropout = dropout
         self.ln1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
         self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
-                                       compute_dtype=compute_dtype, rngs=rngs)
+                                       compute_dtype=compute_dtype, attention=attention,
+                                       rngs=rngs)
         self.ln2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
                        approximate_gelu=approximate_gelu, rngs=rngs)
@@ -331,16 +307,19 @@ class DecoderBlock(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *,
                  enc_width: int | None = None, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, compute_dtype="float32", rngs: nnx.Rngs):
+                 attention_dropout: float = 0.0, compute_dtype="float32",
+                 attention: str = "xla", rngs: nnx.Rngs):
         self.dropout = dropout
         self.ln1 = LayerNorm(width, rngs=rngs)
         self.self_attn = MultiHeadAttention(width, num_heads,
                                             attention_dropout=attention_dropout,
-                                            compute_dtype=compute_dtype, rngs=rngs)
+                                            compute_dtype=compute_dtype, attention=attention,
+                                            rngs=rngs)
         self.ln2 = LayerNorm(width, rngs=rngs)
         self.cross_attn = MultiHeadAttention(width, num_heads, kv_width=enc_width,
                                              attention_dropout=attention_dropout,
-                                             compute_dtype=compute_dtype, rngs=rngs)
+                                             compute_dtype=compute_dtype, attention=attention,
+                                             rngs=rngs)
         self.ln3 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from bdia_jax.methods import BDIA, StackMethod
 from bdia_jax.models import decoding
+from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import (
     DecoderBlock,
     EncoderBlock,
@@ -65,6 +66,9 @@ class Seq2SeqConfig(StackMethod):
     dropout: float = 0.1  # embedding dropout and residual dropout in every branch
     attention_dropout: float = 0.0  # dropout on attention probabilities
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    attention: str = "xla"
     pad_id: int = 0  # padding token (source padding is masked out of attention)
     bos_id: int = 2  # decoder start token
     eos_id: int = 3  # end of sentence
@@ -84,6 +88,7 @@ class Seq2SeqConfig(StackMethod):
             raise ValueError("encoder_depth and decoder_depth must be >= 1.")
         super().__post_init__()
         canonical_dtype(self.compute_dtype)
+        check_attention(self.attention, self.attention_dropout)
 
 
 SEQ2SEQ_VARIANTS: dict[str, dict] = {
@@ -137,12 +142,14 @@ class Seq2SeqTransformer(nnx.Module):
         def make_encoder_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         def make_decoder_block(block_rngs):
             return DecoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         settings = dict(update=c.update, backprop=c.backprop)
         self.encoder = ResidualStack(make_encoder_block, c.encoder_depth, rngs=rngs, **settings)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax.methods import BDIA, StackMethod
+from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import EncoderBlock, LayerNorm, canonical_dtype, dropout
 from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
@@ -43,6 +44,9 @@ class ViTConfig(StackMethod):
     pool: Literal["cls", "mean"] = "cls"  # class token, or mean over patch tokens
     channels: int = 3  # input channels (C in [batch, H, W, C])
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -58,6 +62,7 @@ class ViTConfig(StackMethod):
             )
         super().__post_init__()
         canonical_dtype(self.compute_dtype)
+        check_attention(self.attention, self.attention_dropout)
 
     @property
     def num_patches(self) -> int:
@@ -102,7 +107,8 @@ class ViT(nnx.Module):
         def make_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, rngs=block_rngs)
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    rngs=rngs)

@@ -1,0 +1,169 @@
+"""Softmax attention, three ways with the same math: the models' ``attention`` option.
+
+* ``"xla"``     – ``dot_product_attention``: one einsum for the logits, a float32 softmax, one
+  einsum for the output. It materializes the [batch, heads, q_len, k_len] probabilities
+  (and keeps them for the backward pass).
+* ``"chunked"`` – ``chunked_attention``: the same function applied to blocks of
+  ``QUERY_CHUNK`` queries in a ``lax.map``, each block under ``jax.checkpoint``. Only one
+  block's [batch, heads, chunk, k_len] logits and probabilities live at a time, in the
+  forward pass and in the backward pass (which recomputes them block by block). Exact
+  attention, any backend. Each output row is computed by the very ops of ``"xla"`` on its
+  own query row, so the two agree to float rounding (tests/test_attention.py).
+* ``"cudnn"``   – ``fused_attention``: ``jax.nn.dot_product_attention(implementation=
+  "cudnn")``, cuDNN's fused flash-attention kernel. CUDA GPUs only, float16/bfloat16
+  compute, no attention dropout. The boolean mask is passed as a mask (cuDNN turns it into
+  a bias), not as cuDNN's causal mode. Its BDIA reversal exactness is checked on the GPU by
+  the reversal probe, not here.
+
+Why chunking keeps BDIA exact: the reversible backward pass recomputes each block's forward
+(``recompute="shared"``: inside the block's VJP) and needs the forward pass's bits. A query
+row's output depends only on that row's logits, softmax and products, and every chunk runs
+the same ops; tests/test_attention.py checks that the reversal probe reads 0.0 with it.
+
+Shapes: q [batch, heads, q_len, head_dim]; k, v [batch, heads, k_len, head_dim], all in the
+compute dtype. mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or
+None. Outputs [batch, heads, q_len, head_dim] in v's dtype. Dropout on the probabilities is
+drawn from ``key`` (None: none); ``"chunked"`` draws chunk i's mask from
+``fold_in(key, i)``, so its masks differ from ``"xla"``'s but are replayed exactly.
+
+``dropout`` (used on attention probabilities here and on residual branches by the blocks)
+lives here so that ``layers`` can import this module without a cycle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+# Queries per block of "chunked": memory O(batch·heads·QUERY_CHUNK·k_len). Read when a model
+# is traced, so setting it before then changes the block size (the tests use small blocks).
+QUERY_CHUNK = 128
+
+# Masked attention logits get this value; exp(_MASKED - max) is exactly 0.0 in float32,
+# so masked keys contribute exactly nothing (causality and padding tests check bit-equality).
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def check_attention(attention: str, attention_dropout: float = 0.0) -> None:
+    """Fail early, with the fix, on an unknown ``attention`` or one that cannot drop out."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                         f"{attention!r}: 'chunked' saves memory on any backend.")
+    if attention == "cudnn" and attention_dropout:
+        raise ValueError("attention='cudnn' has no attention dropout: set "
+                         "attention_dropout=0.0 or use attention='chunked'.")
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout drawn from ``key``; identity when key is None or rate == 0."""
+    if key is None or rate == 0.0:
+        return x
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
+    """Softmax attention in float32 (``attention="xla"``).
+
+    q: [batch, heads, q_len, head_dim]; k, v: [batch, heads, k_len, head_dim] (compute dtype).
+    mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or None.
+    Returns [batch, heads, q_len, head_dim] in v's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum(
+        "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
+    ) * jnp.float32(scale)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(probs, dropout_rate, key)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+
+
+def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
+                      chunk_size: int | None = None, checkpoint: bool = True):
+    """``dot_product_attention`` over blocks of ``chunk_size`` queries (``"chunked"``).
+
+    Shapes and dtypes as ``dot_product_attention``. ``chunk_size`` (None: ``QUERY_CHUNK``)
+    queries per block: the q_len // chunk_size full blocks run
+    in a ``lax.map``, a shorter last block after it. ``checkpoint``: recompute each block's
+    probabilities in the backward pass instead of keeping all blocks' (without it the
+    backward pass stores the full [batch, heads, q_len, k_len] probabilities again).
+    Chunk i's dropout mask is drawn from ``fold_in(key, i)``.
+    """
+    chunk_size = QUERY_CHUNK if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    q_len = q.shape[2]
+    chunk = min(chunk_size, q_len)
+    num_full = q_len // chunk
+    mask = None if mask is None else jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    per_query_mask = mask is not None and mask.shape[2] != 1
+
+    def one_chunk(q_c, mask_c, index):
+        key_c = None if key is None else jax.random.fold_in(key, index)
+        return dot_product_attention(q_c, k, v, mask_c, dropout_rate=dropout_rate, key=key_c)
+
+    if checkpoint:
+        one_chunk = jax.checkpoint(one_chunk)
+
+    def rows(a, start, stop):
+        return jax.lax.slice_in_dim(a, start, stop, axis=2)
+
+    def chunk_mask(start, stop):
+        return rows(mask, start, stop) if per_query_mask else mask
+
+    if num_full == 1:
+        head = one_chunk(rows(q, 0, chunk), chunk_mask(0, chunk), 0)
+    else:
+        def blocks(a):  # [b, h, num_full * chunk, ...] → [num_full, b, h, chunk, ...]
+            a = rows(a, 0, num_full * chunk)
+            return jnp.moveaxis(a.reshape(a.shape[:2] + (num_full, chunk) + a.shape[3:]), 2, 0)
+
+        mask_blocks = blocks(mask) if per_query_mask else None
+        out = jax.lax.map(
+            lambda xs: one_chunk(xs[0], mask if xs[1] is None else xs[1], xs[2]),
+            (blocks(q), mask_blocks, jnp.arange(num_full)))
+        out = jnp.moveaxis(out, 0, 2)  # [b, h, num_full, chunk, head_dim]
+        head = out.reshape(out.shape[:2] + (num_full * chunk,) + out.shape[4:])
+    if num_full * chunk == q_len:
+        return head
+    tail = one_chunk(rows(q, num_full * chunk, q_len), chunk_mask(num_full * chunk, q_len),
+                     num_full)
+    return jnp.concatenate([head, tail], axis=2)
+
+
+def fused_attention(q, k, v, mask, *, implementation: str = "cudnn"):
+    """``jax.nn.dot_product_attention`` in this module's [batch, heads, len, head_dim] layout.
+
+    ``implementation="cudnn"`` (``attention="cudnn"``) needs a CUDA GPU and float16/bfloat16
+    q, k, v; ``"xla"`` runs anywhere (the tests check the layout and masks with it). No
+    dropout. Returns [batch, heads, q_len, head_dim] in q's dtype.
+    """
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs a CUDA GPU (this backend is "
+                         f"{jax.default_backend()!r}); use attention='chunked' or 'xla'.")
+    if mask is not None:
+        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    out = jax.nn.dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+        mask=mask, implementation=implementation)
+    return out.transpose(0, 2, 1, 3)
+
+
+def attend(q, k, v, mask, *, attention: str, dropout_rate: float = 0.0, key=None):
+    """Softmax attention by the ``attention`` option (see the module docstring).
+
+    Shapes and dtypes as ``dot_product_attention``.
+    """
+    check_attention(attention, dropout_rate)
+    if attention == "chunked":
+        return chunked_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key)
+    if attention == "cudnn":
+        return fused_attention(q, k, v, mask, implementation="cudnn").astype(v.dtype)
+    return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key)

@@ -1,0 +1,246 @@
+"""The largest global batch whose compiled GPT train step fits a memory budget.
+
+    python -m experiments.max_batch                              # GPT-2 medium, 16 and 80 GiB
+    python -m experiments.max_batch --small --budget_gib 0.05,0.1   # seconds (the test)
+
+For each gradient method (standard autodiff, standard per-block remat, BDIA reversible) and
+each attention option (``--attention``; "cudnn" only where it runs) it searches the batch
+by compiling the full train step (forward, backward, AdamW update) on abstract inputs and
+reading XLA's peak estimate (``experiments.common.memory.compiled_memory``: arguments +
+outputs + temporaries - aliased, the donated state included). Nothing is allocated and
+nothing is trained: the model comes from ``nnx.eval_shape``, the tokens are a
+``jax.ShapeDtypeStruct``.
+
+Search: peak memory is close to affine in the batch, so the compiled peaks at batch 1 and 2
+predict the largest batch; secant guesses, with bisection when they stall, narrow the
+bracket (fits, does not fit) to one, so every answer is checked by compiling it and the
+next batch. Each method's row reports the attention option with the largest batch.
+
+The default model is GPT-2 medium sized: 24 blocks, width 1024, 16 heads, MLP 4096,
+context 1024, vocabulary 50257, tied embeddings, no dropout. Writes ``--out`` (JSON) and a
+markdown table beside it (same name, ``.md``), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from bdia_jax.models import GPT, ReversalProbe, gpt_config
+from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from experiments.common.memory import compiled_memory
+
+# Each gradient method: (label, GPTConfig.update, GPTConfig.backprop).
+METHODS = {
+    "autodiff": ("standard, autodiff", "standard", "autodiff"),
+    "remat": ("standard, per-block remat", "standard", "remat"),
+    "bdia": ("BDIA, reversible", "bdia", "reversible"),
+}
+GPT2_MEDIUM = dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, context=1024,
+                   vocab=50257)
+SMALL = dict(width=64, depth=4, num_heads=4, mlp_dim=128, context=64, vocab=256)
+GIB = 2**30
+
+
+def model_config(args, method: str, attention: str):
+    _, update, backprop = METHODS[method]
+    return gpt_config(
+        "nanogpt", vocab_size=args.vocab, max_len=args.context, width=args.width,
+        depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim, dropout=0.0,
+        attention_dropout=0.0, update=update, backprop=backprop,
+        compute_dtype=args.compute_dtype, attention=attention)
+
+
+def train_step(graphdef, optimizer):
+    """``(params, probes, opt_state, tokens [batch, context+1] int32, key uint32[2]) ->
+    (params, opt_state, loss, reversal_error)``: next-token cross-entropy, AdamW."""
+
+    def step(params, probes, opt_state, tokens, key):
+        def loss_fn(params, probes):
+            logits, _ = nnx.merge(graphdef, params, probes)(tokens[:, :-1], key=key,
+                                                            train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits, tokens[:, 1:]).mean()
+
+        loss, (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params,
+                                                                                 probes)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        reversal_error = sum(jax.tree_util.tree_leaves(probe_grads), jnp.zeros(()))
+        return optax.apply_updates(params, updates), opt_state, loss, reversal_error
+
+    return step
+
+
+def abstract_step(config):
+    """(jitted step, abstract params, probes, opt_state) of a GPT with ``config``."""
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
+    optimizer = optax.adamw(3e-4, weight_decay=0.1)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    step = jax.jit(train_step(graphdef, optimizer), donate_argnums=(0, 2))
+    return step, params, probes, opt_state
+
+
+def peak_bytes(compiled_step, batch: int, context: int) -> tuple[int, float]:
+    """(compiled peak estimate in bytes, compile seconds) at ``batch``."""
+    step, params, probes, opt_state = compiled_step
+    tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    start = time.perf_counter()
+    compiled = step.lower(params, probes, opt_state, tokens, key).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+    if memory is None:
+        raise RuntimeError("this backend gives no compiled memory_analysis(); run on CPU, "
+                           "GPU or TPU with a jaxlib that reports it.")
+    return memory["peak_estimate_bytes"], seconds
+
+
+def largest_batch(peak, budget: int, max_batch: int) -> int:
+    """The largest batch b in [0, max_batch] with peak(b) <= budget, for a peak(b) that
+    grows with b (and is cached by the caller).
+
+    Each guess is where the line through peak(1) and the last compiled batch meets the
+    budget, or the neighbour of the last guess when that line points at it again; once a
+    batch that does not fit is known, a guess that does not halve the bracket is followed
+    by a bisection. Near-affine peaks take
+    four compiles (1, 2, the answer, the answer + 1).
+    """
+    if peak(1) > budget:
+        return 0
+    lo, hi = 1, max_batch + 1  # peak(lo) fits; hi is past the answer (compiled or ceiling)
+    last, bisect, hi_compiled = 2, False, False
+    while hi - lo > 1:
+        if bisect:
+            guess = (lo + hi) // 2
+        else:
+            slope = max((peak(last) - peak(1)) / (last - 1), 1.0)
+            guess = 1 + int((budget - peak(1)) // slope)
+            if guess == last:
+                guess = last + 1 if peak(last) <= budget else last - 1
+        guess = min(max(guess, lo + 1), hi - 1)
+        width = hi - lo
+        if peak(guess) <= budget:
+            lo = guess
+        else:
+            hi, hi_compiled = guess, True
+        # Bisect only inside a compiled bracket: halving towards the ceiling would compile
+        # absurd batches.
+        last, bisect = guess, hi_compiled and (hi - lo) > width // 2 and not bisect
+    return lo
+
+
+def attention_options(args) -> list[str]:
+    options = args.attention.split(",")
+    unknown = [a for a in options if a not in ATTENTION_IMPLEMENTATIONS]
+    if unknown:
+        raise SystemExit(f"--attention: unknown {unknown}; choose from "
+                         f"{ATTENTION_IMPLEMENTATIONS}.")
+    if "cudnn" in options and jax.default_backend() != "gpu":
+        print("skipping attention=cudnn: it needs a CUDA GPU", flush=True)
+        options.remove("cudnn")
+    return options
+
+
+def run(args) -> dict:
+    budgets = [float(b) for b in args.budget_gib.split(",")]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
+    results = {"config": vars(args), "backend": jax.default_backend(),
+               "device": str(jax.devices()[0]), "platform": platform.platform(),
+               "jax": jax.__version__, "searches": {}, "table": {}}
+    options = attention_options(args)
+    for method in methods:
+        for attention in options:
+            compiled_step = abstract_step(model_config(args, method, attention))
+            cache, seconds = {}, []
+
+            def peak(batch, compiled_step=compiled_step, cache=cache, seconds=seconds):
+                if batch not in cache:
+                    cache[batch], took = peak_bytes(compiled_step, batch, args.context)
+                    seconds.append(took)
+                    print(f"  {method}/{attention} batch {batch}: "
+                          f"{cache[batch] / GIB:.3f} GiB ({took:.1f} s)", flush=True)
+                return cache[batch]
+
+            found = {str(b): largest_batch(peak, int(b * GIB), args.max_batch)
+                     for b in budgets}
+            results["searches"][f"{method}/{attention}"] = {
+                "max_batch": found, "peak_bytes": {str(k): v for k, v in sorted(cache.items())},
+                "compile_seconds": seconds}
+        for b in budgets:
+            best = max(options,
+                       key=lambda a: results["searches"][f"{method}/{a}"]["max_batch"][str(b)])
+            results["table"].setdefault(method, {})[str(b)] = {
+                "batch": results["searches"][f"{method}/{best}"]["max_batch"][str(b)],
+                "attention": best}
+    results["markdown"] = markdown(results, budgets, methods)
+    return results
+
+
+def markdown(results, budgets, methods) -> str:
+    c = results["config"]
+    lines = [f"GPT: {c['depth']} blocks, width {c['width']}, {c['num_heads']} heads, MLP "
+             f"{c['mlp_dim']}, context {c['context']}, vocab {c['vocab']}, "
+             f"{c['compute_dtype']}; AdamW; XLA:{results['backend'].upper()} compiled peak.",
+             "",
+             "| method | " + " | ".join(f"max batch at {b:g} GiB" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    table = results["table"]
+    for method in methods:
+        cells = [f"{table[method][str(b)]['batch']} ({table[method][str(b)]['attention']})"
+                 for b in budgets]
+        lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+    for other in ("remat", "autodiff"):
+        if "bdia" in table and other in table:
+            ratios = []
+            for b in budgets:
+                base = table[other][str(b)]["batch"]
+                ratios.append(f"{table['bdia'][str(b)]['batch'] / base:.2f}x" if base else "inf")
+            lines.append(f"| BDIA / {other} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget_gib", default="16,80", help="comma-separated budgets, GiB")
+    parser.add_argument("--small", action="store_true",
+                        help=f"a tiny model for tests ({SMALL}) instead of GPT-2 medium")
+    for name, value in GPT2_MEDIUM.items():
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"default {value} (--small: {SMALL[name]})")
+    parser.add_argument("--compute_dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
+    parser.add_argument("--attention", default=",".join(ATTENTION_IMPLEMENTATIONS),
+                        help="attention options to try (cudnn is skipped off GPU)")
+    parser.add_argument("--max_batch", type=int, default=4096, help="search ceiling")
+    parser.add_argument("--out", default="runs/max_batch/max_batch.json", help="JSON output")
+    args = parser.parse_args(argv)
+    preset = SMALL if args.small else GPT2_MEDIUM
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+    results = run(args)
+    print("\n" + results["markdown"])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(results["markdown"] + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

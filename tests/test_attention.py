@@ -1,0 +1,212 @@
+"""The ``attention`` options: "chunked" and the fused wrapper compute the einsum's attention,
+the BDIA reversal stays bit-exact with "chunked", and bad options fail in one line."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from models_utils import jitted, probe_total, train_grads
+
+from bdia_jax.models import (
+    GPT,
+    MultiHeadAttention,
+    ViT,
+    attention,
+    gpt_config,
+    seq2seq_config,
+    vit_config,
+)
+from bdia_jax.models.gpt import GPTConfig
+from bdia_jax.models.layers import causal_mask, combine_masks, key_mask
+from bdia_jax.models.seq2seq import Seq2SeqTransformer
+from bdia_jax.models.vit import ViTConfig
+from experiments.common.memory import compiled_memory
+
+BATCH, HEADS, Q_LEN, K_LEN, HEAD_DIM = 3, 2, 37, 37, 8
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32 rounding of O(1) outputs
+
+
+def _qkv(q_len=Q_LEN, k_len=K_LEN, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (BATCH, HEADS, q_len, HEAD_DIM), dtype)
+    k = jax.random.normal(kk, (BATCH, HEADS, k_len, HEAD_DIM), dtype)
+    v = jax.random.normal(kv, (BATCH, HEADS, k_len, HEAD_DIM), dtype)
+    return q, k, v
+
+
+def _masks(q_len=Q_LEN, k_len=K_LEN, offset=0):
+    lengths = jnp.array([k_len, k_len - 5, 9])  # rows 1 and 2 padded
+    padding = key_mask(jnp.arange(k_len)[None] < lengths[:, None])  # [batch, 1, 1, k_len]
+    causal = causal_mask(q_len, k_len, offset)  # [1, 1, q_len, k_len]
+    return {"none": None, "causal": causal, "padding": padding,
+            "causal+padding": combine_masks(causal, padding)}
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "padding", "causal+padding"])
+@pytest.mark.parametrize("chunk_size, checkpoint", [(8, True), (8, False), (37, True),
+                                                    (64, True), (1, True)])
+def test_chunked_matches_the_einsum(mask_name, chunk_size, checkpoint):
+    q, k, v = _qkv()
+    mask = _masks()[mask_name]
+    want = attention.dot_product_attention(q, k, v, mask)
+    run = jax.jit(lambda q, k, v: attention.chunked_attention(
+        q, k, v, mask, chunk_size=chunk_size, checkpoint=checkpoint))
+    got = run(q, k, v)
+    chex.assert_trees_all_close(got, want, **TOL)
+    if mask_name == "causal":  # masked keys contribute exactly nothing, chunked or not
+        cut = run(q, k, v.at[:, :, 20:].set(0.0))
+        chex.assert_trees_all_equal(cut[:, :, :20], got[:, :, :20])
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_chunked_gradients_match_the_einsum(checkpoint):
+    q, k, v = _qkv()
+    mask = _masks()["causal+padding"]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    want = jax.grad(loss(lambda q, k, v: attention.dot_product_attention(q, k, v, mask)),
+                    argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda q, k, v: attention.chunked_attention(
+        q, k, v, mask, chunk_size=8, checkpoint=checkpoint)), argnums=(0, 1, 2)))(q, k, v)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_dropout_is_replayed_from_the_key():
+    q, k, v = _qkv()
+    run = jax.jit(lambda key: attention.chunked_attention(q, k, v, None, dropout_rate=0.5,
+                                                          key=key, chunk_size=8))
+    first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    chex.assert_trees_all_equal(first, again)
+    assert not np.array_equal(first, other)
+    plain = attention.chunked_attention(q, k, v, None, chunk_size=8)
+    assert not np.array_equal(first, plain)
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "padding", "causal+padding"])
+def test_fused_wrapper_matches_the_einsum(mask_name):
+    """The cuDNN path's layout and mask handling, checked with jax's XLA implementation."""
+    q, k, v = _qkv()
+    mask = _masks()[mask_name]
+    got = attention.fused_attention(q, k, v, mask, implementation="xla")
+    chex.assert_trees_all_close(got, attention.dot_product_attention(q, k, v, mask), **TOL)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN exists on a GPU")
+def test_cudnn_fails_in_one_line_off_gpu():
+    mha = MultiHeadAttention(16, 2, attention="cudnn", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention='cudnn' needs a CUDA GPU.*'chunked'"):
+        mha(jnp.zeros((1, 4, 16), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: GPTConfig(**kw), lambda **kw: ViTConfig(**kw),
+    lambda **kw: seq2seq_config("tiny", **kw)])
+def test_config_validates_attention(make):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        make(attention="flash")
+    with pytest.raises(ValueError, match="attention_dropout=0.0 or use attention='chunked'"):
+        make(attention="cudnn", attention_dropout=0.1)
+    assert make(attention="chunked").attention == "chunked"
+    assert make().attention == "xla"  # the default keeps today's einsum
+
+
+def test_module_validates_attention():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        MultiHeadAttention(16, 2, attention="Chunked", rngs=nnx.Rngs(0))
+
+
+def _pair(make_model, config_fn, **overrides):
+    """The same parameters with attention "xla" and "chunked"."""
+    xla = make_model(config_fn(attention="xla", **overrides), rngs=nnx.Rngs(0))
+    chunked = make_model(config_fn(attention="chunked", **overrides), rngs=nnx.Rngs(0))
+    nnx.update(chunked, nnx.state(xla, nnx.Param))
+    return xla, chunked
+
+
+def _gpt_inputs():
+    return (jax.random.randint(jax.random.key(1), (2, 14), 0, 32, jnp.int32),)
+
+
+def _vit_inputs():
+    return (jax.random.normal(jax.random.key(2), (2, 32, 32, 3)),)  # 17 tokens
+
+
+def _seq2seq_inputs():  # source padding (row 1), causal self-attention, cross-attention
+    src = jnp.where(jnp.arange(11)[None] < jnp.array([[11], [6]]), 5, 0).astype(jnp.int32)
+    return src, jnp.full((2, 9), 7, jnp.int32)
+
+
+@pytest.mark.parametrize("make_model, config_fn, inputs", [
+    (GPT, lambda **kw: gpt_config("tiny", **kw), _gpt_inputs),
+    (ViT, lambda **kw: vit_config("tiny", **kw), _vit_inputs),
+    (Seq2SeqTransformer, lambda **kw: seq2seq_config("tiny", **kw), _seq2seq_inputs),
+], ids=["gpt", "vit", "seq2seq"])
+def test_models_match_with_chunked_attention(monkeypatch, make_model, config_fn, inputs):
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)  # several blocks and a tail
+    xla, chunked = _pair(make_model, config_fn)
+    chex.assert_trees_all_close(jitted(chunked)(*inputs()), jitted(xla)(*inputs()), **TOL)
+
+
+def test_kv_cache_decoding_with_chunked_attention(monkeypatch):
+    """A prompt chunk (causal mask at an offset, per-query rows) and single tokens."""
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 32, jnp.int32)
+    xla, chunked = _pair(GPT, lambda **kw: gpt_config("tiny", **kw))
+    want = jitted(xla)(tokens)
+    cache = chunked.init_cache(2)
+    prompt_logits, cache = chunked.decode_step(cache, tokens[:, :11], 0)
+    step_logits, _ = chunked.decode_step(cache, tokens[:, 11:12], 11)
+    chex.assert_trees_all_close(prompt_logits, want[:, :11], **TOL)
+    chex.assert_trees_all_close(step_logits, want[:, 11:12], **TOL)
+
+
+# Training-like sizes (tests/test_models_training_sizes.py): batch 64, dropout on.
+BATCH_TRAIN = 64
+SIZE = dict(width=128, num_heads=4, mlp_dim=256, dropout=0.1, attention_dropout=0.1,
+            attention="chunked")
+
+
+def _check_probe(model, apply):
+    assert model.stack.recompute == "shared"  # the models' default, the stricter mode
+    _, aux, grads, probes = train_grads(model, apply)
+    assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree_util.tree_leaves(grads))
+    assert probe_total(probes) == 0.0
+
+
+def test_vit_reverses_exactly_with_chunked_attention(monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 65 tokens: 4 blocks and a tail
+    model = ViT(vit_config("tiny", depth=4, patch_size=4, **SIZE), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (BATCH_TRAIN, 32, 32, 3))
+    _check_probe(model, lambda m: m(x, key=jax.random.key(2), train=True))
+
+
+def test_gpt_reverses_exactly_with_chunked_attention(monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 64 tokens: 4 blocks
+    model = GPT(gpt_config("tiny", depth=4, max_len=64, **SIZE), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (BATCH_TRAIN, 64), 0, 32, jnp.int32)
+    _check_probe(model, lambda m: m(tokens, key=jax.random.key(2), train=True))
+
+
+def test_chunked_backward_keeps_one_block_of_probabilities():
+    """Compiled memory of attention's value-and-grad: the einsum keeps [q_len, k_len]
+    probabilities per head, "chunked" one [chunk, k_len] block at a time."""
+    q = jax.ShapeDtypeStruct((1, 2, 1024, 16), jnp.float32)
+
+    def temp_bytes(fn):
+        step = jax.jit(jax.grad(lambda q: jnp.sum(fn(q, q, q, causal_mask(1024, 1024)))))
+        return compiled_memory(step.lower(q).compile())["temp_bytes"]
+
+    probs_bytes = 2 * 1024 * 1024 * 4  # float32 probabilities of the two heads
+    einsum = temp_bytes(attention.dot_product_attention)
+    chunked = temp_bytes(lambda *a: attention.chunked_attention(*a, chunk_size=128))
+    unchecked = temp_bytes(lambda *a: attention.chunked_attention(*a, chunk_size=128,
+                                                                  checkpoint=False))
+    assert einsum >= probs_bytes and unchecked >= probs_bytes  # all blocks' probabilities
+    assert chunked < probs_bytes and 4 * chunked < einsum

@@ -1,0 +1,48 @@
+"""experiments.max_batch: the batch search, and one compile-only run at a tiny size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import max_batch
+
+
+CURVES = {  # peak bytes at batch b: growing, near-affine like compiled peaks
+    "affine": lambda b: 100 + 10 * b,
+    "convex": lambda b: 100 + 10 * b + 3 * b * b // 10,  # the first guess is too large
+    "concave": lambda b: 100 + 10 * b + int(50 * b**0.5),  # the first guess is too small
+    "steps": lambda b: 100 + 10 * b + 40 * (b // 16),  # buffer-assignment jumps
+}
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+@pytest.mark.parametrize("budget, ceiling", [
+    (1000, 4096), (50, 4096), (109, 4096), (110, 4096), (10**9, 64), (10**6, 4096)])
+def test_largest_batch_is_the_last_that_fits(curve, budget, ceiling):
+    calls = []
+
+    def peak(b):
+        calls.append(b)
+        return CURVES[curve](b)
+
+    found = max_batch.largest_batch(peak, budget, ceiling)
+    want = max([0] + [b for b in range(1, ceiling + 1) if CURVES[curve](b) <= budget])
+    assert found == want
+    assert len(set(calls)) <= 20  # a search, not a scan
+
+
+def test_small_run_writes_the_table(tmp_path):
+    out = tmp_path / "max_batch.json"
+    results = max_batch.main(["--small", "--depth", "2", "--context", "32",
+                              "--budget_gib", "0.006", "--methods", "remat,bdia",
+                              "--attention", "chunked", "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == results["table"]
+    assert "| BDIA, reversible |" in (tmp_path / "max_batch.md").read_text()
+    for method in ("remat", "bdia"):
+        search = results["searches"][f"{method}/chunked"]
+        found = search["max_batch"]["0.006"]
+        assert found >= 1, method  # the budget holds batch 1 of this model
+        peaks = {int(b): p for b, p in search["peak_bytes"].items()}
+        assert peaks[found] <= 0.006 * 2**30 < peaks[found + 1]  # compiled, not guessed
