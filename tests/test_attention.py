@@ -14,7 +14,6 @@ from models_utils import jitted, probe_total, train_grads
 from bdia_jax.models import (
     GPT,
     MultiHeadAttention,
-    Reversible,
     ViT,
     attention,
     gpt_config,
@@ -169,13 +168,12 @@ def test_kv_cache_decoding_with_chunked_attention(monkeypatch):
 
 # Training-like sizes (tests/test_models_training_sizes.py): batch 64, dropout on.
 BATCH_TRAIN = 64
-SHARED = Reversible(recompute="shared")  # the stricter mode
 SIZE = dict(width=128, num_heads=4, mlp_dim=256, dropout=0.1, attention_dropout=0.1,
-            attention="chunked", backprop=SHARED)
+            attention="chunked", recompute="shared")
 
 
 def _check_probe(model, apply):
-    assert model.stack.backprop == SHARED
+    assert model.stack.backprop.recompute == "shared"  # the stricter mode
     _, aux, grads, probes = train_grads(model, apply)
     assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree_util.tree_leaves(grads))

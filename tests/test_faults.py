@@ -3,6 +3,7 @@ checkpoints are reported and skipped; non-finite and fixed-point overflow steps 
 configured policy and never reach a checkpoint."""
 
 import functools
+import gc
 import glob
 import json
 import os
@@ -25,7 +26,8 @@ from flax import nnx
 from bdia_jax.models import ViT, vit_config
 from experiments.common import sharding
 from experiments.common import train_state as ts
-from experiments.common.checkpoint import FINGERPRINT_KEY, Checkpointer
+from experiments.common.checkpoint import (FINGERPRINT_KEY, CheckpointMismatchError,
+                                           Checkpointer)
 from experiments.common.loop import LoopSettings, RangeOverflowError, run_loop
 from experiments.common.metrics import MetricsWriter, read_records
 
@@ -329,3 +331,203 @@ def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(t
     chex.assert_trees_all_equal(a["params"], b["params"])
     chex.assert_trees_all_equal(a["opt_state"], b["opt_state"])
     assert _records(straight) == _records(killed)
+
+
+# --------------------------------------------------------------------------- quiet restore
+
+
+def test_random_bytes_in_the_manifest_give_one_line_and_the_fallback(tmp_path, capfd,
+                                                                    monkeypatch):
+    """A garbled manifest.ocdbt fails the step's first read: one line, the fallback, and
+    nothing from Orbax's async reader or TensorStore's threads (they report through
+    sys.unraisablehook, which pytest would turn into a mere warning)."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    directory = str(tmp_path / "ckpt")
+    mesh, like, states = _three_checkpoints(directory)
+    manifests = glob.glob(os.path.join(directory, "3", "state", "**", "manifest.ocdbt"),
+                          recursive=True)
+    assert manifests
+    rng = np.random.default_rng(0)
+    for path in manifests:
+        size = os.path.getsize(path)
+        pathlib.Path(path).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    # Whether the leaked reads print depends on thread timing; what must hold every time is
+    # that the bad step never reaches Orbax's async reader.
+    orbax_restored = []
+    orbax_restore = ckpt._manager.restore
+    monkeypatch.setattr(ckpt._manager, "restore", lambda step, **kwargs: (
+        orbax_restored.append(step), orbax_restore(step, **kwargs))[1])
+    capfd.readouterr()
+    state, record = ckpt.restore(like, sharding.replicated_sharding(mesh))
+    ckpt.close()
+    assert orbax_restored == [2]
+    gc.collect()  # abandoned coroutines would report here...
+    time.sleep(0.5)  # ...and TensorStore's callbacks on their threads
+    out, err = capfd.readouterr()
+    assert not unraisable, [f"{u.exc_type.__name__}: {u.exc_value} in {u.object}"
+                            for u in unraisable]
+    assert err == "", err
+    chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(states[2]))
+    assert record == {"note": 2}
+    assert out.splitlines() == [
+        out.splitlines()[0],
+        "resuming from checkpoint step 2 instead of the unusable step 3"], out
+    assert out.startswith(f"checkpoint step 3 in {directory} is unusable (")
+    assert "manifest" in out.splitlines()[0]
+
+
+# --------------------------------------------------------------------------- config mismatch
+
+
+def _like_state(**model):
+    """A step-0 state of the tiny BDIA-ViT of ``_fresh_state`` with ``model`` changed."""
+    model = ViT(vit_config("tiny", update="bdia", backprop="reversible", frac_bits=9, **model),
+                rngs=nnx.Rngs(0))
+    optimizer, _ = ts.make_optimizer(_optim(), 20, 10)
+    return ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))[1]
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (dict(width=16, num_heads=2, mlp_dim=32),
+     "params.cls_token.value is float32[1, 1, 32] there but float32[1, 1, 16] in this config"),
+    (dict(depth=1), "float32[2, 32] there but float32[1, 32] in this config"),
+    (dict(pool="mean"), "it has 'params.cls_token.value', which this config lacks (0 missing, 3 extra arrays)"),
+])
+def test_a_config_mismatch_stops_without_touching_the_checkpoints(tmp_path, change, fragment):
+    directory = str(tmp_path / "ckpt")
+    mesh, _, _ = _three_checkpoints(directory)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    ckpt = Checkpointer(directory, save_every_steps=1, keep=5)
+    with pytest.raises(CheckpointMismatchError) as error:
+        ckpt.restore(_like_state(**change), sharding.replicated_sharding(mesh))
+    ckpt.close()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"checkpoint step 3 in {directory} was written with a different config: ")
+    assert fragment in message
+    assert message.endswith("resume with the config it was written with, or use a new "
+                            "--workdir")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert not os.path.exists(directory + ".corrupt")
+
+
+# --------------------------------------------------------------------------- one run per workdir
+
+
+# ``python -m experiments.vit_cifar <flags>`` on mock CIFAR-10 (256 images of each split).
+CLI_SCRIPT = r"""
+import runpy, sys
+import tensorflow_datasets as tfds
+with tfds.testing.mock_data(num_examples=256):
+    runpy.run_module("experiments.vit_cifar", run_name="__main__", alter_sys=True)
+"""
+HOLD_SCRIPT = r"""
+import sys, time
+from experiments.common.workdir import claimed_workdir
+with claimed_workdir(sys.argv[1], "unused"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _python(script, *args):
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in pathlib.Path(folder).rglob("*"))
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_naming_the_owner(tmp_path, capsys):
+    import socket
+
+    from experiments.common.workdir import LOCK_NAME, claimed_workdir
+
+    workdir = tmp_path / "run"
+    holder = _python(HOLD_SCRIPT, workdir)
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        held = json.loads((workdir / LOCK_NAME).read_text())
+        owner = f"pid {holder.pid} on host {socket.gethostname()}, started {held['started']}"
+        assert held["pid"] == holder.pid
+        before = _listing(workdir)
+        second = _python(CLI_SCRIPT, "--config=experiments/configs/vit_cifar.py:tiny",
+                         f"--workdir={workdir}")
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 1, out + err
+        assert "Traceback" not in out + err
+        assert err.strip().splitlines() == [
+            f"error: --workdir {workdir} is in use by another run ({owner}); wait for it to "
+            f"end, stop it, or pass another --workdir"], err
+        assert _listing(workdir) == before  # the second run wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
+        holder.communicate(timeout=60)
+    assert (workdir / LOCK_NAME).exists()
+    capsys.readouterr()
+    with claimed_workdir(str(workdir), "unused") as claimed:
+        assert claimed == str(workdir)
+        assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert capsys.readouterr().out == (
+        f"{workdir}: taking over the lock of a run that ended without releasing it "
+        f"({owner})\n")
+    assert not (workdir / LOCK_NAME).exists()
+
+
+def _signal_after_a_new_checkpoint(process, ckpt_dir, signum, after=0):
+    """Send ``signum`` once a checkpoint later than step ``after`` exists; its output."""
+    deadline = time.monotonic() + 300
+    while not [s for s in _finished_steps(ckpt_dir) if s > after] and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signum)
+    return process.communicate(timeout=120)
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT) ends the run with one line and exit code 130 and releases the lock;
+    kill -9 leaves the lock file behind, and the next run takes it over. Each time the same
+    command resumes from the last checkpoint."""
+    import socket
+
+    from experiments.common.workdir import LOCK_NAME
+
+    workdir = tmp_path / "run"
+    epochs, steps = 50, 50 * 256 // 32
+    flags = ["--config=experiments/configs/vit_cifar.py:tiny", f"--workdir={workdir}",
+             "--config.mode=bdia", f"--config.train.num_epochs={epochs}",
+             f"--config.train.eval_every_epochs={epochs}", "--config.train.progress=off"]
+    ckpt_dir = workdir / "checkpoints" / "bdia"
+
+    first = _python(CLI_SCRIPT, *flags)
+    out, err = _signal_after_a_new_checkpoint(first, ckpt_dir, signal.SIGINT)
+    assert first.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint")
+    assert not (workdir / LOCK_NAME).exists()
+    after_ctrl_c = _finished_steps(ckpt_dir)[-1]
+
+    second = _python(CLI_SCRIPT, *flags)
+    out, err = _signal_after_a_new_checkpoint(second, ckpt_dir, signal.SIGKILL, after_ctrl_c)
+    assert second.returncode == -signal.SIGKILL, out + err
+    assert f"[BDIA-ViT] resumed from the checkpoint at step {after_ctrl_c}/{steps}" in out
+    assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == second.pid
+    after_kill = _finished_steps(ckpt_dir)[-1]
+    assert after_ctrl_c < after_kill < steps, "the run ended before the signal"
+
+    third = _python(CLI_SCRIPT, *flags, f"--config.train.stop_after_steps={after_kill + 1}")
+    out, err = third.communicate(timeout=300)
+    assert "Traceback" not in out + err
+    assert (f"taking over the lock of a run that ended without releasing it (pid "
+            f"{second.pid} on host {socket.gethostname()}, started ") in out, out + err
+    assert f"[BDIA-ViT] resumed from the checkpoint at step {after_kill}/{steps}" in out
+    assert f"stopped after step {after_kill + 1}" in out + err
+    assert not (workdir / LOCK_NAME).exists()

@@ -315,3 +315,156 @@ def test_text_experiments_share_the_checks(experiment, field, value, fragment):
     lines = str(info.value).splitlines()
     assert len(lines) == 2 and lines[1].startswith(f"  --config.{field}: "), lines
     assert fragment in lines[1], lines
+
+
+# --------------------------------------------------------------------------- workdir, config file
+
+
+def test_empty_workdir_flag_is_an_error_not_the_default():
+    from experiments.common import workdir as workdir_lib
+
+    assert workdir_lib.resolve(None, "runs/x_tiny") == "runs/x_tiny"
+    assert workdir_lib.resolve("out", "runs/x_tiny") == "out"
+    for empty in ("", "  "):
+        with pytest.raises(workdir_lib.WorkdirError, match=r"^--workdir is empty; give an "
+                           r"output folder, or leave the flag out to use runs/x_tiny$"):
+            workdir_lib.resolve(empty, "runs/x_tiny")
+
+
+def _claim(path):
+    from experiments.common import workdir as workdir_lib
+
+    with workdir_lib.claimed_workdir(str(path), "unused"):
+        pass
+
+
+def test_workdir_that_is_a_file_or_not_writable_is_one_line(tmp_path, monkeypatch):
+    from experiments.common import workdir as workdir_lib
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=f"^--workdir {a_file} is a file, not a folder; pass a folder"):
+        _claim(a_file)
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=f"^cannot create --workdir {a_file}/run \\(Not a directory\\); "):
+        _claim(a_file / "run")
+    assert a_file.read_text() == "keep me"
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: let the check see what a user would
+        monkeypatch.setattr(workdir_lib.os, "access", lambda path, mode: False)
+    try:
+        with pytest.raises(workdir_lib.WorkdirError, match=f"^--workdir {read_only} is not "
+                           "writable; pass a folder you can write to$"):
+            _claim(read_only)
+    finally:
+        read_only.chmod(0o755)
+    assert os.listdir(read_only) == []
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{garbage", "cannot be read \\(Expecting property name enclosed in double quotes"),
+    ("", "cannot be read \\(Expecting value: line 1 column 1"),
+    ("[1, 2]", "holds a JSON list, not a config"),
+])
+def test_garbage_config_json_in_the_workdir_names_the_file(tmp_path, content, why):
+    from experiments.common import workdir as workdir_lib
+
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=f"^{tmp_path}/config.json (\\(the config .*\\) )?{why}"):
+        _claim(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == content
+
+
+def test_a_run_stopped_by_its_config_leaves_the_workdir_as_it_was(tmp_path):
+    from experiments.common import workdir as workdir_lib
+
+    new = tmp_path / "new"
+    with pytest.raises(config_lib.ConfigError):
+        with workdir_lib.claimed_workdir(str(new), "unused") as workdir:
+            assert os.listdir(workdir) == [workdir_lib.LOCK_NAME]
+            (new / "config.json").write_text("{}")  # as check_resume_config does
+            raise config_lib.ConfigError("bad field")
+    assert not new.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "config.json").write_text('{"seed": 0}')
+    with pytest.raises(config_lib.ConfigError):
+        with workdir_lib.claimed_workdir(str(kept), "unused"):
+            raise config_lib.ConfigError("bad field")
+    assert os.listdir(kept) == ["config.json"]
+
+
+def test_fewer_train_examples_than_one_batch_is_one_line():
+    config = get_config("tiny")
+    config.data.num_train_examples = 10
+    with pytest.raises(config_lib.ConfigError, match=(
+            r"^--config.data.num_train_examples=10 is smaller than one batch "
+            r"\(--config.train.batch_size=32\), so no training step could run; use at least "
+            r"32 examples or a smaller batch$")):
+        config_lib.check_train_examples(config)
+    for examples in (0, 32, 33):  # 0: all
+        config.data.num_train_examples = examples
+        config_lib.check_train_examples(config)
+
+
+def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
+    from absl import flags
+    from ml_collections import config_flags
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    for path, fragment in [
+        (tmp_path / "missing.py",
+         f"error: --config: cannot load the config file {tmp_path}/missing.py:tiny "
+         f"([Errno 2] No such file or directory: '{tmp_path}/missing.py'); pass "
+         "--config=experiments/configs/<experiment>.py:<preset>"),
+        (broken, f"error: the config file {broken} does not parse as Python (line 1: "),
+    ]:
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+        with pytest.raises(SystemExit) as stop:
+            config_lib.parse_flags(["prog", f"--config={path}:tiny"], flag_values=flag_values)
+        assert str(stop.value).startswith(fragment), str(stop.value)
+
+
+def test_bad_workdirs_and_config_files_end_with_one_line(tmp_path):
+    """End to end through ``python -m experiments.vit_cifar``: each fails before any data is
+    read, in one line, and leaves the workdir as it was."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "config.json").write_text("{not json")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    tiny = "--config=experiments/configs/vit_cifar.py:tiny"
+    runs = {  # concurrently: each is mostly interpreter start-up
+        "missing config": _cli(f"--config={tmp_path}/missing.py:tiny",
+                               f"--workdir={tmp_path}/new"),
+        "empty workdir": _cli(tiny, "--workdir="),
+        "file workdir": _cli(tiny, f"--workdir={a_file}"),
+        "garbled config.json": _cli(tiny, f"--workdir={garbled}"),
+        "small data": _cli(tiny, f"--workdir={tmp_path}/new",
+                           "--config.data.num_train_examples=8"),
+    }
+    expected = {
+        "missing config": f"error: --config: cannot load the config file {tmp_path}/missing.py",
+        "empty workdir": "error: --workdir is empty; give an output folder, or leave the "
+                         "flag out to use runs/vit_cifar_tiny",
+        "file workdir": f"error: --workdir {a_file} is a file, not a folder",
+        "garbled config.json": f"error: {garbled}/config.json (the config this workdir's run "
+                               "was started with) cannot be read (Expecting property name",
+        "small data": "error: --config.data.num_train_examples=8 is smaller than one batch",
+    }
+    for name, process in runs.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 1, (name, out, err)
+        assert "Traceback" not in out + err, (name, err)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and lines[0].startswith(expected[name]), (name, err)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

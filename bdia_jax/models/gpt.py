@@ -105,9 +105,10 @@ class GPT(nnx.Module):
         def make_block(block_rngs):
             return EncoderBlock(c.width, c.num_heads, c.mlp_dim, causal=True,
                                 dropout=c.dropout, attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                compute_dtype=c.compute_dtype,
                                 layer_norm_eps=c.layer_norm_eps,
-                                approximate_gelu=c.approximate_gelu, rngs=block_rngs)
+                                approximate_gelu=c.approximate_gelu, attention=c.attention,
+                                rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    rngs=rngs)

@@ -13,8 +13,9 @@ that key (``jax.random``): blocks hold parameters and nothing else, so the rever
 pass, which replays the same per-block key, redraws exactly the same masks.
 
 Attention is plain jnp (einsum + float32 softmax); the ``attention`` option of the attention
-modules and blocks picks "xla" | "chunked" | "cudnn" (``bdia_jax.models.attention``). ``compute_dtype`` (e.g. bfloat16) is the
-matmul dtype; LayerNorm, softmax and the residual branch output stay float32.
+modules and blocks picks "xla" | "chunked" | "cudnn" (``bdia_jax.models.attention``).
+``compute_dtype`` (e.g. bfloat16) is the matmul dtype; LayerNorm, softmax and the residual
+branch output stay float32.
 
 Masks are boolean, True = may attend, broadcastable to [batch, heads, q_len, k_len]. A
 padding mask travels through a stack's ``context`` as bool [batch, k_len] (True = real
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax import stable
-from bdia_jax.models.attention import attend, check_attention, dot_product_attention, dropout
+from bdia_jax.models.attention import attend, check_attention, dropout
+from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
 
 
 class ReversalProbe(nnx.Variable):
@@ -240,8 +242,9 @@ class EncoderBlock(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, causal: bool = False,
                  dropout: float = 0.0, attention_dropout: float = 0.0,
-                 compute_dtype="float32", attention: str = "xla", layer_norm_eps: float = 1e-6,
-                 approximate_gelu: bool = True, rngs: nnx.Rngs):
+                 compute_dtype="float32", layer_norm_eps: float = 1e-6,
+                 approximate_gelu: bool = True, attention: str = "xla",
+                 rngs: nnx.Rngs):
         self.causal = causal
         self.dropout = dropout
         self.ln1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)

@@ -18,6 +18,12 @@ Faults:
   step does not match, it prints one line naming the step and the problem, moves that
   folder aside to ``<directory>.corrupt/`` (so a later save at that step is not skipped)
   and falls back to the previous one; with none left the run starts fresh, and says so.
+* Config mismatch is not corruption: a checkpoint whose arrays have other names, shapes or
+  dtypes than the state being resumed was written by another config. ``restore`` raises
+  ``CheckpointMismatchError`` naming the first difference and leaves every checkpoint where
+  it is.
+* Quiet restore: before Orbax reads a step, every saved array is opened and read once with
+  blocking TensorStore calls (``_check_saved_arrays``); see there for why.
 * A state with a non-finite leaf is never written.
 
 Multi-host: every process calls ``save``/``restore`` (Orbax coordinates the writes of the
@@ -26,18 +32,31 @@ shards; the JSON record and the renames are done by process 0).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import shutil
+import signal
+import threading
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments.common.config import ConfigError
 from experiments.common.metrics import log
 from experiments.common.sharding import is_primary, sync, to_host
 from experiments.common.train_state import finite_and_fingerprint
 
 FINGERPRINT_KEY = "state_fingerprint"
+# Saved arrays read at once by the pre-restore check (bounds its host memory).
+_READS_IN_FLIGHT = 8
+
+
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint holds other arrays (names, shapes, dtypes) than the state being resumed:
+    it was written by another config. Not corruption, so nothing is moved aside."""
 
 
 class Checkpointer:
@@ -84,13 +103,14 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return  # already saved (e.g. an epoch end that was also a periodic save)
         record = {**record, FINGERPRINT_KEY: fingerprint, "step": int(step)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
-            ),
-            force=True,
-        )
+        with _ctrl_c_deferred():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+                ),
+                force=True,
+            )
 
     def restore(self, like_state, sharding) -> tuple | None:
         """``(state, record)`` of the newest checkpoint that reads back intact, placed
@@ -98,7 +118,8 @@ class Checkpointer:
         None when there is none. ``like_state`` gives the tree structure/shapes.
 
         A checkpoint that fails to read or to verify is reported in one line, moved to
-        ``<directory>.corrupt/`` and skipped.
+        ``<directory>.corrupt/`` and skipped. Raises ``CheckpointMismatchError`` (and
+        moves nothing) when the newest readable checkpoint was written by another config.
         """
         self._manager.wait_until_finished()
         if isinstance(sharding, jax.sharding.Sharding):
@@ -112,6 +133,8 @@ class Checkpointer:
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 state, record = self._restore_step(step, abstract)
+            except CheckpointMismatchError:
+                raise
             except Exception as error:  # noqa: BLE001 - any failure means: not usable
                 problem = _one_line(error)
                 log(f"checkpoint step {step} in {self.directory} is unusable ({problem}); "
@@ -129,12 +152,15 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, abstract):
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
-            ),
-        )
+        _check_saved_arrays(os.path.join(self.directory, str(step), "state"), abstract,
+                            where=f"checkpoint step {step} in {self.directory}")
+        with _ctrl_c_deferred():
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+                ),
+            )
         state, record = restored.state, dict(restored.record or {})
         saved_step = int(to_host(state.step)) if hasattr(state, "step") else step
         if saved_step != step:
@@ -172,6 +198,115 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C until the block ends, then raise it: an interrupt inside Orbax's event
+    loop would abandon its pending reads or writes the way a failed read does (see
+    ``_check_saved_arrays``). Only where Python's own SIGINT handler is installed."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def _check_saved_arrays(state_dir: str, abstract, *, where: str) -> None:
+    """Open and read every array saved under ``state_dir`` (Orbax's OCDBT + zarr layout)
+    with blocking TensorStore calls, and compare names, shapes and dtypes with ``abstract``.
+
+    Why: Orbax reads a step's arrays as concurrent coroutines under ``asyncio.gather`` on a
+    private event loop. When one read fails (a garbled ``manifest.ocdbt`` or data file),
+    ``gather`` raises at once and Orbax closes the loop while the sibling reads are still
+    pending. Their TensorStore futures complete later on TensorStore's threads and call
+    ``loop.call_soon_threadsafe`` on the closed loop ("RuntimeError: Event loop is closed"),
+    and the abandoned coroutines are closed whenever the garbage collector reaches them
+    ("Exception ignored in: <coroutine object _read_array_index_and_device_put>"), so how
+    much is printed, and when, depends on timing (hence the flake under xdist). The same
+    happens when a shape differs from the config's. Blocking reads have no event loop to
+    outlive: a step that fails here never reaches Orbax, and one that passes has already
+    been read back once in full.
+
+    Raises ``CheckpointMismatchError`` when the arrays' names, shapes or dtypes differ from
+    ``abstract``'s (another config), ``ValueError`` (or TensorStore's error) when they
+    cannot be read (corruption).
+    """
+    import tensorstore as ts
+
+    if not os.path.isfile(os.path.join(state_dir, "manifest.ocdbt")):
+        raise ValueError("its state has no manifest.ocdbt")
+    kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": state_dir}}
+    keys = [key.decode() for key in ts.KvStore.open(kvstore).result().list().result()]
+    drivers = {"/.zarray": "zarr", "/zarr.json": "zarr3"}
+    saved = {key[: -len(suffix)]: driver for key in keys
+             for suffix, driver in drivers.items() if key.endswith(suffix)}
+    if not saved:
+        raise ValueError("its state holds no arrays")
+    wanted = {_param_name(path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+
+    def mismatch(detail: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"{where} was written with a different config: {detail}; resume with the "
+            f"config it was written with, or use a new --workdir")
+
+    # Parameters first: their names say most about the change (the optimizer's mirror them).
+    def order(name):
+        return (not name.startswith("params."), name)
+
+    missing = sorted((name for name in wanted if name not in saved), key=order)
+    extra = sorted((name for name in saved if name not in wanted), key=order)
+    if missing or extra:
+        detail = (f"this config has {missing[0]!r}, which it lacks" if missing
+                  else f"it has {extra[0]!r}, which this config lacks")
+        raise mismatch(f"{detail} ({len(missing)} missing, {len(extra)} extra arrays)")
+    stores = []
+    for name, leaf in wanted.items():
+        store = ts.open({"driver": saved[name], "kvstore": {**kvstore, "path": name + "/"},
+                         "open": True}).result()
+        shape, dtype = tuple(store.shape), np.dtype(store.dtype.numpy_dtype)
+        if shape != tuple(leaf.shape) or dtype != np.dtype(leaf.dtype):
+            raise mismatch(f"{name} is {dtype.name}{list(shape)} there but "
+                           f"{np.dtype(leaf.dtype).name}{list(leaf.shape)} in this config")
+        stores.append(store)
+    # Wait for every read, even after a failure, so that none is left running.
+    errors, in_flight = [], collections.deque()
+
+    def settle_oldest() -> None:
+        try:
+            in_flight.popleft().result()
+        except Exception as error:  # noqa: BLE001 - raised below, after the wait
+            errors.append(error)
+
+    for store in stores:
+        in_flight.append(store.read())
+        if len(in_flight) >= _READS_IN_FLIGHT:
+            settle_oldest()
+    while in_flight:
+        settle_oldest()
+    if errors:
+        raise errors[0]
+
+
+def _param_name(path) -> str:
+    """Orbax's name of the array at a pytree key path: the keys joined with dots."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
 
 
 def _one_line(error: BaseException) -> str:

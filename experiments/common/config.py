@@ -94,28 +94,82 @@ def run_app(define_flags, main) -> None:
         define_flags()
     except (AttributeError, KeyError) as error:
         raise SystemExit(f"error: {_unknown_field_line(error, sys.argv)}") from None
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically, so whatever was saved is intact.
+        print("\ninterrupted (Ctrl-C); rerun the same command to resume from the last "
+              "checkpoint", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+
+
+def parse_flags(argv: list[str], flag_values=None) -> list[str]:
     """absl flag parsing that ends a bad command line with one clear line, not a trace.
 
     Use as ``app.run(main, flags_parser=config.parse_flags)``. Covers: an unknown preset
     (``get_config`` raises inside the config-file flag), a value of the wrong type, an
-    unknown ``--config.<field>``.
+    unknown ``--config.<field>``, a config file that cannot be loaded. ``flag_values``:
+    absl's global ``FLAGS`` unless given.
     """
     from absl import flags
 
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     try:
-        return flags.FLAGS(argv)
+        rest = flag_values(argv)
+        _check_config_files_loaded(flag_values)
+        return rest
     except flags.Error as error:
         raise SystemExit(f"error: {_flag_error_line(str(error))}\n"
                          f"Pass --helpshort or --helpfull to see help on flags.") from None
     except (AttributeError, KeyError) as error:
         raise SystemExit(f"error: {_unknown_field_line(error, argv)}") from None
+    except SyntaxError as error:  # in the config file itself
+        raise SystemExit(f"error: the config file {error.filename} does not parse as Python "
+                         f"(line {error.lineno}: {error.msg}); fix it") from None
     except (TypeError, ValueError) as error:
         raise SystemExit(f"error: bad command-line value: {' '.join(str(error).split())}"
                          ) from None
+
+
+def _check_config_files_loaded(flag_values) -> None:
+    """ml_collections keeps a config file that fails to load (missing, not Python) as a
+    stand-in that raises on first use, deep inside the run; fail here instead."""
+    from ml_collections import config_flags
+
+    for name in flag_values:
+        flag = flag_values[name]
+        try:
+            filename = config_flags.get_config_filename(flag)
+        except TypeError:
+            continue  # not a config-file flag
+        try:
+            getattr(flag.value, "keys", None)
+        except OSError as error:
+            cause = error.__cause__ or error
+            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+            why = lines[-1] if lines else type(cause).__name__
+            raise SystemExit(
+                f"error: --{name}: cannot load the config file {filename} ({why}); pass "
+                f"--{name}=experiments/configs/<experiment>.py:<preset>") from None
+
+
+def check_train_examples(config) -> None:
+    """Raise ``ConfigError`` when ``data.num_train_examples`` (if set, > 0) is smaller than
+    one ``train.batch_size`` batch: every epoch would have no step. Checked from the config
+    alone, before any data is loaded."""
+    data, train = config.get("data"), config.get("train")
+    if data is None or train is None:
+        return
+    examples, batch = data.get("num_train_examples"), train.get("batch_size")
+    if (isinstance(examples, int) and isinstance(batch, int) and not isinstance(examples, bool)
+            and 0 < examples < batch):
+        raise ConfigError(
+            f"--config.data.num_train_examples={examples} is smaller than one batch "
+            f"(--config.train.batch_size={batch}), so no training step could run; use at "
+            f"least {batch} examples or a smaller batch")
 
 
 def _flag_error_line(text: str) -> str:

@@ -81,6 +81,7 @@ def run_experiment(
     from ml_collections import config_flags
 
     from experiments.common.loop import TrainingInterrupted
+    from experiments.common.workdir import WorkdirError, claimed_workdir
 
     def define_flags() -> None:
         default = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
@@ -100,10 +101,12 @@ def run_experiment(
         config = flags.FLAGS.config
         if flags.FLAGS.data_dir:
             set_data_dir(config, flags.FLAGS.data_dir)
-        workdir = flags.FLAGS.workdir or os.path.join("runs", f"{name}_{config.preset}")
         try:
-            train_and_evaluate(config, workdir)
-        except errors as error:
+            config_lib.check_train_examples(config)
+            default = os.path.join("runs", f"{name}_{config.preset}")
+            with claimed_workdir(flags.FLAGS.workdir, default, config) as workdir:
+                train_and_evaluate(config, workdir)
+        except (*errors, WorkdirError) as error:
             raise SystemExit(f"error: {error}") from None
         except TrainingInterrupted as stop:
             raise SystemExit(str(stop)) from None
