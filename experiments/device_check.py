@@ -17,11 +17,12 @@ section, so a run cut short keeps what it found). Sections, in this order:
   ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` and both results are kept. RevViT's
   floating-point reconstruction error is reported beside them (small, not zero: it is
   not a failure).
-* ``memory``: Table 1's memory column like for like, each model in its own process: the
-  device's ``peak_bytes_in_use`` over two full train steps (parameters, AdamW state, batch
-  128, donated state) at the paper size, for ViT (standard autodiff), BDIA-ViT (reversible)
-  and RevViT (reversible), beside the paper's figures. Where the backend has no
-  ``memory_stats()`` (CPU) the compiled peak estimate is the figure.
+* ``memory``: Table 1's memory column like for like, each model in its own process (the
+  three at once): the device's ``peak_bytes_in_use`` over two full train steps (parameters,
+  AdamW state, batch 128, donated state) at the paper size, for ViT (standard autodiff),
+  BDIA-ViT (reversible) and RevViT (reversible), beside the paper's figures. Where the
+  backend has no ``memory_stats()`` (CPU) the compiled peak estimate is the figure, taken in
+  this process.
 * ``step_time``: BDIA reversible, standard per-block remat and standard autodiff ViT train
   steps, interleaved round-robin in one process; median seconds per step and the ratio to
   remat.
@@ -379,14 +380,30 @@ def memory_worker(spec: dict, preset: dict) -> dict:
 
 
 def memory(args, preset: dict, budget: TimeBudget) -> dict:
+    # A process's peak_bytes_in_use cannot be reset: one process per model, all at once
+    # (each reports its own allocator's peak). Without memory_stats() (CPU) the figure is
+    # the compiled estimate, the same in any process: this one.
+    in_process = device_memory() is None
+    specs = {name: {"model": kind, "method": method, "dtype": "float32"}
+             for name, (_, kind, method) in MEMORY_MODELS.items()}
+    if in_process:
+        records = {}
+        for name, spec in specs.items():
+            try:
+                records[name] = dict(SKIPPED) if budget.spent() else memory_worker(spec, preset)
+            except Exception as exc:  # noqa: BLE001
+                records[name] = error_record(exc)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(specs)) as pool:
+            futures = {name: pool.submit(run_worker, "memory", spec, args.preset,
+                                         budget.left()) for name, spec in specs.items()}
+            records = {name: future.result() for name, future in futures.items()}
     rows = {}
-    for name, (label, kind, method) in MEMORY_MODELS.items():
-        if budget.spent():
-            rows[name] = dict(SKIPPED)
+    for name, record in records.items():
+        record["label"] = MEMORY_MODELS[name][0]
+        if status(record):
+            rows[name] = record
             continue
-        spec = {"model": kind, "method": method, "dtype": "float32"}
-        record = run_worker("memory", spec, args.preset, budget.left())
-        record["label"] = label
         device = (record.get("device_memory") or {}).get("peak_bytes_in_use")
         compiled = (record.get("compiled") or {}).get("peak_estimate_bytes")
         record["peak_bytes"] = device if device is not None else compiled
@@ -394,12 +411,13 @@ def memory(args, preset: dict, budget: TimeBudget) -> dict:
                                  else "compiled memory_analysis peak estimate")
         record["paper_mb"] = PAPER_MEMORY_MB[name]
         rows[name] = record
-    vit_peak = rows["vit"].get("peak_bytes")
+    vit_peak = rows.get("vit", {}).get("peak_bytes")
     for name, row in rows.items():
         if vit_peak and row.get("peak_bytes"):
             row["vit_over_this"] = vit_peak / row["peak_bytes"]
             row["paper_vit_over_this"] = PAPER_MEMORY_MB["vit"] / PAPER_MEMORY_MB[name]
-    return {"batch": preset["memory_batch"], "steps": preset["memory_steps"], "rows": rows}
+    return {"batch": preset["memory_batch"], "steps": preset["memory_steps"],
+            "processes": "this one" if in_process else "one per model", "rows": rows}
 
 
 def step_time(args, preset: dict, budget: TimeBudget) -> dict:
@@ -539,7 +557,7 @@ def markdown(results: dict) -> str:
     if status(section):
         lines += [status(section), ""]
     else:
-        lines += [f"Batch {section['batch']}, float32, each model in its own process. Paper: "
+        lines += [f"Batch {section['batch']}, float32, processes: {section['processes']}. Paper: "
                   "Table 1 of arXiv 2407.09093 (its \"MB\").", "",
                   "| model | peak (MiB) | ViT / this | paper (MB) | paper ViT / this | "
                   "figure |", "|---|---:|---:|---:|---:|---|"]
@@ -614,7 +632,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated, from {','.join(SECTIONS)}")
     parser.add_argument("--time_budget_s", type=float, default=None,
                         help="skip the remaining cases once spent (default 210; --small 300)")
-    parser.add_argument("--compile_threads", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--compile_threads", type=int,
+                        default=max(1, min(8, (os.cpu_count() or 1) // 2)),
                         help="XLA compiles at once (1: one after another)")
     parser.add_argument("--deterministic_rerun", choices=("auto", "always", "never"),
                         default="auto", help=f"rerun a non-zero probe with {DETERMINISTIC_FLAG}"

@@ -4,6 +4,7 @@ subprocess rerun with the deterministic-ops flag that a non-zero GPU probe trigg
 from __future__ import annotations
 
 import json
+import os
 
 from experiments import device_check
 
@@ -34,6 +35,7 @@ def test_small_run_answers_every_section(tmp_path):
         assert row["peak_bytes"] > row["param_bytes"] + row["opt_state_bytes"] > 0, name
         assert row["peak_source"].startswith("compiled")  # CPU: no memory_stats()
         assert row["paper_mb"] == device_check.PAPER_MEMORY_MB[name]
+    assert saved["memory"]["processes"] == "this one"
 
     methods = saved["step_time"]["methods"]
     assert set(methods) == {"autodiff", "remat", "bdia"}
@@ -65,3 +67,21 @@ def test_time_budget_skips_cleanly(tmp_path):
     for section in device_check.SECTIONS:
         assert "skipped" in results[section], section
     assert "skipped (time budget)" in (tmp_path / "device_check.md").read_text()
+
+
+def test_memory_runs_one_process_per_model_where_memory_stats_exist(monkeypatch):
+    """The accelerator path of the memory section, on the CPU: a stand-in memory_stats()
+    sends each model to its own worker process (whose CPU reports none: compiled figures)."""
+    monkeypatch.setattr(device_check, "device_memory", lambda: {"bytes_limit": 2**30})
+    monkeypatch.setattr(device_check, "MEMORY_MODELS",  # two, to keep the test short
+                        {k: device_check.MEMORY_MODELS[k] for k in ("vit", "bdia_vit")})
+    args = device_check.parse_args(["--small"])
+    section = device_check.memory(args, device_check.PRESETS["small"],
+                                  device_check.TimeBudget(300))
+    assert section["processes"] == "one per model"
+    assert set(section["rows"]) == {"vit", "bdia_vit"}
+    for name, row in section["rows"].items():
+        assert "error" not in row and "skipped" not in row, row
+        assert row["peak_bytes"] > row["param_bytes"] > 0, name
+        assert row["xla_flags"] == os.environ.get("XLA_FLAGS", ""), name
+    assert section["rows"]["bdia_vit"]["vit_over_this"] > 0
