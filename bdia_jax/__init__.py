@@ -1,41 +1,66 @@
 """bdia_jax: exact bit-level reversible BDIA-transformer training in JAX/Flax.
 
-Core (pure JAX): ``bdia_stack``, ``standard_stack`` and the fixed-point helpers.
+Core (pure JAX): the method objects (``bdia_jax.methods``), ``apply_stack`` and its keyword
+forms ``bdia_stack`` / ``standard_stack`` (``bdia_jax.engine``), and the fixed-point helpers.
 Models (Flax NNX): ``bdia_jax.models``.
 """
 
 from bdia_jax import fixed_point, stable
-from bdia_jax.fixed_point import exact_range, quantize
-from bdia_jax.stack import (
-    BACKPROP_METHODS,
-    RECOMPUTE_MODES,
-    EncodedStack,
+from bdia_jax.engine import (
+    ForwardRecord,
     StackStats,
-    bdia_decode,
-    bdia_encode,
-    bdia_forward_states,
+    apply_stack,
+    bdia_all_states,
+    bdia_forward,
+    bdia_invert,
     bdia_stack,
     draw_gammas,
-    make_spec,
     prepare_keys_and_gammas,
     standard_stack,
+)
+from bdia_jax.fixed_point import exact_range, quantize
+from bdia_jax.methods import (
+    BACKPROP_METHODS,
+    BDIA,
+    RECOMPUTE_MODES,
+    Autodiff,
+    Backprop,
+    Remat,
+    Reversible,
+    Standard,
+    StackMethod,
+    Update,
+    check_method,
+    default_backprop,
+    method_from_flat,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKPROP_METHODS",
+    "BDIA",
     "RECOMPUTE_MODES",
-    "EncodedStack",
+    "Autodiff",
+    "Backprop",
+    "ForwardRecord",
+    "Remat",
+    "Reversible",
+    "StackMethod",
     "StackStats",
-    "bdia_decode",
-    "bdia_encode",
-    "bdia_forward_states",
+    "Standard",
+    "Update",
+    "apply_stack",
+    "bdia_all_states",
+    "bdia_forward",
+    "bdia_invert",
     "bdia_stack",
+    "check_method",
+    "default_backprop",
     "draw_gammas",
     "exact_range",
     "fixed_point",
-    "make_spec",
+    "method_from_flat",
     "prepare_keys_and_gammas",
     "quantize",
     "stable",

@@ -44,6 +44,19 @@ def exact_range(dtype, frac_bits: int) -> float:
     return _EXACT_INTEGER_RANGE[dtype] * 2.0**-frac_bits
 
 
+def check_frac_bits(frac_bits: int, dtype) -> None:
+    """Raise a one-line ValueError unless 0 <= frac_bits <= MAX_FRAC_BITS[dtype]."""
+    dtype = jnp.dtype(dtype)
+    exact_range(dtype, 0)  # raises for streams other than float32/float64
+    limit = MAX_FRAC_BITS[dtype]
+    if not 0 <= frac_bits <= limit:
+        integer_bits = int(np.log2(_EXACT_INTEGER_RANGE[dtype]))
+        raise ValueError(
+            f"frac_bits={frac_bits} is out of range for a {dtype} stream: use 0..{limit} "
+            f"(exact range |x| < 2**{integer_bits} * 2**-frac_bits)."
+        )
+
+
 def quantize(v: jax.Array, frac_bits: int) -> jax.Array:
     """Q(v) = δ · round(v / δ), round half to even, δ = 2**-frac_bits; zero is +0.0.
 

@@ -41,7 +41,7 @@ def mean_last_axis(x: jax.Array) -> jax.Array:
     return sum_last_axis(x) * (1.0 / x.shape[-1])
 
 
-def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None,
+def tree_layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None,
                eps: float = 1e-6) -> jax.Array:
     """LayerNorm over the last axis with fusion-independent statistics.
 

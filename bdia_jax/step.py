@@ -1,4 +1,5 @@
-"""One BDIA update and its exact inverse (a forward/inverse pair).
+"""One BDIA update and its exact inverse (a forward/inverse pair), and the update without
+an inverse (any γ).
 
 For block k ≥ 1, with δ = 2**-frac_bits, |γ| = 2**-m and h = h_k(x_k):
 
@@ -13,6 +14,9 @@ bits in both directions, so ``bdia_uncombine`` returns x_{k-1} bit for bit.
 ``b`` is written as (x - γx) + (h + γh): γ is a power of two, so γx and γh are exact and a
 compiler that fuses a multiply-add (FMA) cannot change the rounding between the forward
 pass and the backward recomputation.
+
+``noninvertible_step`` is the update for any γ (not a power of two, or 0; and at inference):
+x_{k+1} = Q(γ x_{k-1} + (1-γ) x_k + (1+γ) h), one rounding, no side bits, no inverse.
 """
 
 from __future__ import annotations
@@ -31,39 +35,43 @@ def broadcast_gamma(gamma: jax.Array, x: jax.Array) -> jax.Array:
     return gamma.reshape(gamma.shape + (1,) * (x.ndim - gamma.ndim))
 
 
-def residual_term(x_cur: jax.Array, h: jax.Array, gamma_b: jax.Array, frac_bits: int | None):
-    """b = Q((1 - γ) x_k + (1 + γ) h), FMA-safe; unquantized when frac_bits is None.
+def residual_term(x_cur: jax.Array, h: jax.Array, gamma_b: jax.Array, frac_bits: int):
+    """b = Q((1 - γ) x_k + (1 + γ) h), FMA-safe.
 
     x_cur, h: [batch, ...] float; gamma_b: broadcastable to x_cur. Straight-through for Q.
     """
-    v = (x_cur - gamma_b * x_cur) + (h + gamma_b * h)
-    return v if frac_bits is None else quantize_ste(v, frac_bits)
+    return quantize_ste((x_cur - gamma_b * x_cur) + (h + gamma_b * h), frac_bits)
 
 
-def bdia_combine(x_prev, x_cur, h, gamma_b, frac_bits: int | None, side_bits: int):
-    """Forward BDIA update. Returns (x_next, s, b).
+def bdia_combine(x_prev, x_cur, h, gamma_b, frac_bits: int, side_bits: int):
+    """Forward BDIA update on the grid. Returns (x_next, s, b).
 
-    x_prev, x_cur, h: [batch, ...] float32/64 on the grid (x_prev, x_cur).
+    x_prev, x_cur, h: [batch, ...] float32/64; x_prev, x_cur on the grid.
     gamma_b: [batch, 1, ...] of ±2**-side_bits. s: [batch, ...] side bits as small
-    floats in [0, 2**side_bits) (zeros when frac_bits is None: nothing is lost then).
+    floats in [0, 2**side_bits).
     Gradients: straight-through, dx_next = γ dx_prev + (1-γ) dx_cur + (1+γ) dh.
     """
     b = residual_term(x_cur, h, gamma_b, frac_bits)
-    if frac_bits is None:
-        return gamma_b * x_prev + b, jnp.zeros_like(x_prev), b
     coarse, s = split_side_bits(x_prev, frac_bits, side_bits)
     return gamma_b * coarse + b, s, b
 
 
-def bdia_uncombine(x_cur, x_next, h, s, gamma_b, frac_bits: int, side_bits: int):
+def bdia_uncombine(x_cur, x_next, h, s, gamma_b, frac_bits: int):
     """Exact inverse of ``bdia_combine``: rebuild x_prev from (x_cur, x_next, h, s).
 
-    Division by γ is a multiplication by ±2**side_bits: exact.
+    s: the side bits ``bdia_combine`` returned. Division by γ is a multiplication by
+    ±2**side_bits: exact.
     """
-    del side_bits  # s already holds the bits; kept for a symmetric signature
     b = residual_term(x_cur, h, gamma_b, frac_bits)
     coarse = (x_next - b) * (1 / gamma_b)
     return join_side_bits(coarse, s, frac_bits)
+
+
+def noninvertible_step(x_prev, x_cur, h, gamma_b, frac_bits: int | None):
+    """x_{k+1} = Q(γ x_{k-1} + (1-γ) x_k + (1+γ) h) for any γ; unquantized when frac_bits
+    is None. Shapes as ``bdia_combine``; straight-through Q. Not invertible."""
+    v = gamma_b * x_prev + ((x_cur - gamma_b * x_cur) + (h + gamma_b * h))
+    return v if frac_bits is None else quantize_ste(v, frac_bits)
 
 
 def euler_step(x_cur, h, frac_bits: int | None):

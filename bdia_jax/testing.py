@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from bdia_jax import stable
 
 
-def layer_norm(x, eps=1e-6):
+def mean_layer_norm(x, eps=1e-6):
+    """LayerNorm without scale and bias, statistics by ``jnp.mean`` (fusion-sensitive on
+    XLA:CPU, see ``bdia_jax.stable``): x [..., d] → [..., d]."""
     mean = jnp.mean(x, -1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
@@ -60,7 +62,7 @@ def make_attn_mlp_block(heads: int = 2, dropout: float = 0.0, compute_dtype=jnp.
     """
 
     def block(p, x, context, key):
-        norm = stable.layer_norm if stable_stats else layer_norm
+        norm = stable.tree_layer_norm if stable_stats else mean_layer_norm
         a = _attention(p, norm(x), heads, context if use_context else None, compute_dtype)
         y = norm(x + a)
         hidden = jax.nn.gelu(

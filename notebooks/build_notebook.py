@@ -241,14 +241,15 @@ multiplication by γ would drop. Then every step is exact and the backward pass 
 each x_k instead of storing it.
 
 Below: the block stack of a real ViT (its `EncoderBlock`s, attention + MLP, with dropout whose
-keys are replayed), run forward while keeping every state, then encoded (only x_K, x_{K-1} and the
-side bits are kept) and decoded back. The rebuilt states are compared as uint32 bit patterns,
+keys are replayed), run forward while keeping every state, then run by the reversible forward
+(`bdia_forward`: only x_K, x_{K-1} and the side bits are kept) and inverted back (`bdia_invert`). The rebuilt states are compared as uint32 bit patterns,
 signs of zeros included: Q returns +0.0 for every zero, which is what the inverse rebuilds.
 """)
 
 code('''
-exact_cfg = vit_config(**{**SETTINGS["exact_vit"], "update": "bdia", "backprop": "reversible",
-                          "gamma": GAMMA, "frac_bits": FRAC_BITS})
+exact_cfg = vit_config(**SETTINGS["exact_vit"],
+                       update=bdia_jax.BDIA(gamma=GAMMA, frac_bits=FRAC_BITS),
+                       backprop=bdia_jax.Reversible())
 model = ViT(exact_cfg, rngs=nnx.Rngs(0))
 depth, batch = exact_cfg.depth, SETTINGS["exact_batch"]
 tokens = exact_cfg.num_patches + 1  # patches + class token
@@ -263,23 +264,23 @@ def block_fn(params_k, x, context, key_k):
 
 x = jax.random.normal(jax.random.PRNGKey(1), (batch, tokens, exact_cfg.width))  # token embeddings
 key = jax.random.PRNGKey(2)  # draws the γ signs and the per-block dropout keys
-spec = bdia_jax.make_spec(depth, gamma=GAMMA, frac_bits=FRAC_BITS)
 block_keys, gammas = bdia_jax.prepare_keys_and_gammas(key, depth, batch, GAMMA)
 x0 = bdia_jax.quantize(x, FRAC_BITS)  # the stack puts its input on the grid first
 
 
 
 @jax.jit
-def forward_encode_decode(block_params, x0, block_keys, gammas):
-    """All forward states [depth+1, ...]; the encoding; the states rebuilt from it."""
-    args = (block_params, x0, None, block_keys, gammas)
-    states = bdia_jax.bdia_forward_states(block_fn, spec, *args)
-    encoded = bdia_jax.bdia_encode(block_fn, spec, *args)
-    rebuilt = bdia_jax.bdia_decode(block_fn, spec, block_params, encoded, None, block_keys, gammas)
-    return states, encoded, rebuilt
+def forward_and_invert(block_params, x0, block_keys, gammas):
+    """All forward states [depth+1, ...]; the reversible forward's record; the states rebuilt
+    from it."""
+    pair = dict(update=exact_cfg.update, keys=block_keys, gammas=gammas)
+    states = bdia_jax.bdia_all_states(block_fn, block_params, x0, **pair)
+    record = bdia_jax.bdia_forward(block_fn, block_params, x0, **pair)
+    rebuilt = bdia_jax.bdia_invert(block_fn, block_params, record, **pair)
+    return states, record, rebuilt
 
 
-states, encoded, rebuilt = forward_encode_decode(block_params, x0, block_keys, gammas)
+states, record, rebuilt = forward_and_invert(block_params, x0, block_keys, gammas)
 
 print(f"ViT blocks: depth {depth}, width {exact_cfg.width}, {tokens} tokens, batch {batch}, "
       f"γ = ±{GAMMA}, δ = 2^-{FRAC_BITS}, dropout {exact_cfg.dropout}")
@@ -299,16 +300,16 @@ for k in range(depth + 1):
           f"differ)")
 assert np.array_equal(forward_bits, rebuilt_bits), "reversal was not bit-exact"
 assert np.array_equal(np.asarray(states), np.asarray(rebuilt))  # as numbers, too
-assert not bool(encoded.stats.overflow), "the states left the exact range of the grid"
+assert not bool(record.stats.overflow), "the states left the exact range of the grid"
 ''')
 
 code('''
 # What the reversible forward pass keeps, against storing every state: x_K and x_{K-1}, plus
 # side bits [depth-1, batch, m, ceil(elements/8)] uint8 (m = 1 bit per element per block).
-two_states = encoded.x_last.nbytes + encoded.x_before.nbytes
+two_states = record.x_last.nbytes + record.x_before.nbytes
 print(f"all {depth + 1} states: {states.nbytes / 2**10:.1f} KiB;  kept by the reversible "
       f"forward pass: x_K and x_K-1 {two_states / 2**10:.1f} KiB + side bits "
-      f"{encoded.side_bits.nbytes / 2**10:.2f} KiB {encoded.side_bits.shape}")
+      f"{record.side_bits.nbytes / 2**10:.2f} KiB {record.side_bits.shape}")
 ''')
 
 
@@ -350,7 +351,7 @@ for k in range(depth + 1):
 
 md("""
 **In training** the check is built in: each stacked-layers module holds a `ReversalProbe`
-(a zero scalar). With `backprop="reversible"`, the gradient of the loss with respect to it is the
+(a zero scalar). With `backprop=Reversible()`, the gradient of the loss with respect to it is the
 largest |rebuilt − forward| state difference seen in the backward pass, so every training step
 reports its own reversal error (it is the `reversal_error` column of the training logs). Here it is
 for one gradient of the whole ViT, next to the gradient of the same model by ordinary autodiff
@@ -363,7 +364,8 @@ images = jax.random.normal(jax.random.PRNGKey(3), (batch, exact_cfg.image_size,
 labels = jax.random.randint(jax.random.PRNGKey(4), (batch,), 0, exact_cfg.num_classes)
 graph_rev, params, probes, rest = nnx.split(model, nnx.Param, ReversalProbe, ...)
 # The same parameters in the autodiff model (only the gradient method differs).
-graph_ad = nnx.split(ViT(dataclasses.replace(exact_cfg, backprop="autodiff"), rngs=nnx.Rngs(0)),
+graph_ad = nnx.split(ViT(dataclasses.replace(exact_cfg, backprop=bdia_jax.Autodiff()),
+                         rngs=nnx.Rngs(0)),
                      nnx.Param, ReversalProbe, ...)[0]
 
 

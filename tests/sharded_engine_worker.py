@@ -42,13 +42,14 @@ def main():
     ref_loss, ref_grads = step(*on0, jnp.zeros(()))
 
     # Forward states rebuilt under sharding, compared bit for bit with one device.
-    spec = bdia_jax.make_spec(6)
+    update = bdia_jax.BDIA()
     keys, gammas = bdia_jax.prepare_keys_and_gammas(key, 6, 16)
     x0 = bdia_jax.quantize(x, 9)
-    encode = jax.jit(bdia_jax.bdia_encode, static_argnums=(0, 1))
-    decode = jax.jit(bdia_jax.bdia_decode, static_argnums=(0, 1))
-    ref_states = jax.jit(bdia_jax.bdia_forward_states, static_argnums=(0, 1))(
-        block, spec, params, x0, context, keys, gammas)
+    static = dict(static_argnums=(0,), static_argnames=("update",))
+    forward = jax.jit(bdia_jax.bdia_forward, **static)
+    invert = jax.jit(bdia_jax.bdia_invert, **static)
+    ref_states = jax.jit(bdia_jax.bdia_all_states, **static)(
+        block, params, x0, update=update, keys=keys, gammas=gammas, context=context)
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch = NamedSharding(mesh, P("data"))
@@ -63,13 +64,15 @@ def main():
         loss_value, grads = step(p, xs, cs, jnp.zeros(()))
         np.testing.assert_allclose(loss_value, ref_loss, rtol=1e-6)
         assert_grads_close(grads[:3], ref_grads[:3], rtol=1e-5)
-        encoded = encode(block, spec, p, jax.device_put(x0, batch), cs, keys,
-                         jax.device_put(gammas, NamedSharding(mesh, P(None, "data"))))
-        rebuilt = decode(block, spec, p, encoded, cs, keys, gammas)
+        record = forward(block, p, jax.device_put(x0, batch), update=update, keys=keys,
+                          gammas=jax.device_put(gammas, NamedSharding(mesh, P(None, "data"))),
+                          context=cs)
+        rebuilt = invert(block, p, record, update=update, keys=keys, gammas=gammas,
+                         context=cs)
         assert_bits_equal(np.asarray(rebuilt), np.asarray(ref_states))
         report[name] = {
             "reversal_error": float(grads[3]),
-            "side_bits_sharded_on_batch": str(encoded.side_bits.sharding.spec),
+            "side_bits_sharded_on_batch": str(record.side_bits.sharding.spec),
             "input_grad_sharding": str(grads[1].sharding.spec),
         }
     print(json.dumps(report))

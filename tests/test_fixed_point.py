@@ -55,3 +55,16 @@ def test_exact_range_and_dtype_errors():
     assert fixed_point.exact_range(jnp.float32, 9) == 2.0**15
     with pytest.raises(ValueError, match="float32 or float64"):
         fixed_point.exact_range(jnp.bfloat16, 9)
+
+
+def test_frac_bits_limit_per_stream_dtype():
+    fixed_point.check_frac_bits(20, jnp.float32)
+    fixed_point.check_frac_bits(48, jnp.float64)
+    with pytest.raises(ValueError, match=r"out of range for a float32 stream: use 0\.\.20"):
+        fixed_point.check_frac_bits(21, jnp.float32)
+    with pytest.raises(ValueError, match=r"use 0\.\.48"):
+        fixed_point.check_frac_bits(49, jnp.float64)
+    with pytest.raises(ValueError, match="out of range"):
+        fixed_point.check_frac_bits(-1, jnp.float32)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        fixed_point.check_frac_bits(9, jnp.bfloat16)

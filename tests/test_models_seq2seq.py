@@ -24,8 +24,10 @@ from models_utils import (
 
 from bdia_jax.models import (
     SEQ2SEQ_VARIANTS,
+    Autodiff,
     Seq2SeqConfig,
     Seq2SeqTransformer,
+    Standard,
     seq2seq_config,
 )
 from bdia_jax.models.decoding import length_penalty
@@ -77,7 +79,7 @@ def test_seq2seq_shapes_and_param_count(name, share, tie):
     config = seq2seq_config(name, **overrides)
     model = nnx.eval_shape(lambda: Seq2SeqTransformer(config, rngs=nnx.Rngs(0)))
     assert count_params(model) == ordinary_transformer_param_count(config)
-    std_config = dataclasses.replace(config, update="standard")
+    std_config = dataclasses.replace(config, update=Standard(), backprop=Autodiff())
     std = nnx.eval_shape(lambda: Seq2SeqTransformer(std_config, rngs=nnx.Rngs(0)))
     assert count_params(std) == count_params(model)
     src, tgt = jnp.zeros((2, 9), jnp.int32), jnp.zeros((2, 5), jnp.int32)

@@ -1,4 +1,5 @@
-"""The models reverse bit-exactly at training sizes with their default recompute="shared".
+"""The models reverse bit-exactly at training sizes with Reversible(recompute="shared")
+(what the experiments use: the models' LayerNorms use bdia_jax.stable for it).
 
 XLA:CPU compiles reductions differently inside a VJP once the arrays are training-sized
 (batch >= 64; see bdia_jax/stable.py), which small test shapes never show. Each model here
@@ -12,14 +13,24 @@ import jax.numpy as jnp
 from flax import nnx
 from models_utils import probe_total, train_grads
 
-from bdia_jax.models import GPT, Seq2SeqTransformer, ViT, gpt_config, seq2seq_config, vit_config
+from bdia_jax.models import (
+    GPT,
+    Reversible,
+    Seq2SeqTransformer,
+    ViT,
+    gpt_config,
+    seq2seq_config,
+    vit_config,
+)
 
 BATCH = 64  # the smallest batch at which the jnp.mean LayerNorm went inexact on XLA:CPU
-SIZE = dict(width=128, num_heads=4, mlp_dim=256, dropout=0.1, attention_dropout=0.1)
+SHARED = Reversible(recompute="shared")
+SIZE = dict(width=128, num_heads=4, mlp_dim=256, dropout=0.1, attention_dropout=0.1,
+            backprop=SHARED)
 
 
 def _check(model, apply, stacks):
-    assert [stack.recompute for stack in stacks] == ["shared"] * len(stacks)  # the default
+    assert [stack.backprop for stack in stacks] == [SHARED] * len(stacks)
     _, aux, grads, probes = train_grads(model, apply)
     assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree_util.tree_leaves(grads))

@@ -17,8 +17,12 @@ from models_utils import (
 )
 
 from bdia_jax.models import (
+    BDIA,
     VIT_VARIANTS,
+    Autodiff,
     ResidualStack,
+    Reversible,
+    Standard,
     ViT,
     ViTConfig,
     vit_config,
@@ -87,11 +91,30 @@ def test_bad_inputs_fail_loudly():
         vit_config("tiny", update="fancy")
     with pytest.raises(ValueError, match="unknown ViTConfig fields"):
         vit_config("tiny", widht=3)
+    # Issue 11: impossible methods fail at construction, in one line.
+    for overrides, match in [(dict(frac_bits=25), r"float32 stream: use 0\.\.20"),
+                             (dict(gamma=0.3, backprop="reversible"), "2\\*\\*-m"),
+                             (dict(update="standard", backprop="reversible"), "no exact inverse"),
+                             (dict(gamma=-0.5), "use gamma=0.5"),
+                             (dict(update=BDIA(), gamma=0.25), "not both")]:
+        with pytest.raises(ValueError, match=match) as info:
+            vit_config("tiny", **overrides)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="no exact inverse"):
+        ViTConfig(update=Standard(), backprop=Reversible())
+    with pytest.raises(ValueError, match="no exact inverse"):
+        ResidualStack(lambda rngs: None, 2, update=Standard(), backprop=Reversible(),
+                      rngs=nnx.Rngs(0))
+    # Any γ trains where no inverse is needed (Table 2); the default then is Autodiff.
+    assert vit_config("tiny", gamma=0.6).backprop == Autodiff()
+    assert vit_config("tiny", gamma=0.0, frac_bits=None).backprop == Autodiff()
     model = ViT(vit_config("tiny"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="images must be"):
         model(jnp.zeros((2, 28, 28, 3)))
     with pytest.raises(ValueError, match="needs a PRNG `key`"):
         model(images(), train=True)
+    with pytest.raises(ValueError, match="empty batch"):
+        model(jnp.zeros((0, 32, 32, 3)))
 
 
 def test_user_block_must_hold_only_params():
@@ -115,12 +138,12 @@ def test_user_block_through_residual_stack():
         def __call__(self, x, context, key):
             return jnp.tanh(self.lin(x))
 
-    stack = ResidualStack(Tanh, 3, update="bdia", backprop="reversible", rngs=nnx.Rngs(0))
+    stack = ResidualStack(Tanh, 3, update=BDIA(), backprop=Reversible(), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8))
     y, stats = stack(x, key=jax.random.key(1), train=True)
     assert y.shape == x.shape and not bool(stats.nonfinite)
     # Inference without quantization equals x + h_0 + ... computed by hand.
-    stack.quantize_at_inference = False
+    stack.update = BDIA(quantize_at_inference=False)
     want = x
     for k in range(3):
         lin = stack.blocks.lin
@@ -199,7 +222,7 @@ def test_bdia_inference_with_quantization_is_within_a_few_delta():
     tokens = std.patch_embed(std._patches(x)) + std.pos_embed[...]
     exact, _ = std.stack(tokens)
     quant, stats = bdia.stack(tokens)
-    delta = 2.0**-bdia.config.frac_bits
+    delta = 2.0**-bdia.config.update.frac_bits
     on_grid = quant / delta
     assert float(jnp.max(jnp.abs(on_grid - jnp.round(on_grid)))) == 0.0
     assert not bool(stats.overflow)

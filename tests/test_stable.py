@@ -19,7 +19,7 @@ def test_layer_norm_matches_the_float64_reference():
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 7, 48))) * 3 + 1
     scale = np.linspace(0.5, 1.5, 48, dtype=np.float32)
     bias = np.linspace(-1, 1, 48, dtype=np.float32)
-    got = stable.layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    got = stable.tree_layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     assert got.dtype == jnp.float32 and got.shape == x.shape
     np.testing.assert_allclose(got, _reference_layer_norm(x, scale, bias), rtol=2e-5,
                                atol=2e-5)
@@ -37,7 +37,7 @@ def test_layer_norm_bits_do_not_change_when_its_vjp_is_taken(batch):
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, 65, 128))
 
     def f(scale, x):
-        return stable.layer_norm(x, scale)
+        return stable.tree_layer_norm(x, scale)
 
     def with_vjp(scale, x):
         y, pullback = jax.vjp(f, scale, x)
@@ -54,7 +54,7 @@ def test_layer_norm_bits_do_not_depend_on_how_many_rows_are_normalised():
     """KV-cached decoding normalises one token at a time and must match the full pass: each
     row's result may not depend on the other rows (a ones-matmul mean fails this)."""
     x = jax.random.normal(jax.random.PRNGKey(3), (12, 10, 32)) * 2 + 0.5
-    full = jax.jit(stable.layer_norm)(x)
+    full = jax.jit(stable.tree_layer_norm)(x)
     for t in range(10):
-        np.testing.assert_array_equal(bits(jax.jit(stable.layer_norm)(x[:, t:t + 1])),
+        np.testing.assert_array_equal(bits(jax.jit(stable.tree_layer_norm)(x[:, t:t + 1])),
                                       bits(full[:, t:t + 1]))

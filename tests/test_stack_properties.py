@@ -34,21 +34,23 @@ def test_reversal_exact_unless_overflow_reported(depth, batch, dim, gamma, frac_
     params = init_mlp(jax.random.fold_in(key, 1), depth, dim)
     block = make_tanh_block(amplitude=scale * amplitude)
     x = jax.random.normal(jax.random.fold_in(key, 2), (batch, 3, dim)) * scale
-    spec = bdia_jax.make_spec(depth, gamma=gamma, frac_bits=frac_bits)
     keys, gammas = bdia_jax.prepare_keys_and_gammas(jax.random.fold_in(key, 3), depth, batch,
                                                     gamma)
+    pair = dict(update=bdia_jax.BDIA(gamma=gamma, frac_bits=frac_bits), keys=keys,
+                gammas=gammas)
     x0 = bdia_jax.quantize(x, frac_bits)
-    states = _forward(block, spec, params, x0, None, keys, gammas)
-    encoded = _encode(block, spec, params, x0, None, keys, gammas)
-    rebuilt = _decode(block, spec, params, encoded, None, keys, gammas)
+    states = _all_states(block, params, x0, **pair)
+    record = _forward(block, params, x0, **pair)
+    rebuilt = _invert(block, params, record, **pair)
     exact = bool(np.array_equal(np.asarray(bits(rebuilt)), np.asarray(bits(states))))
-    overflow = bool(encoded.stats.overflow)
+    overflow = bool(record.stats.overflow)
     # Exact whenever no overflow is reported (equivalently: inexact ⇒ overflow reported).
-    assert exact or overflow, (float(encoded.stats.max_abs), limit)
+    assert exact or overflow, (float(record.stats.max_abs), limit)
     # The flag agrees with the states it summarises.
-    assert overflow == bool(encoded.stats.max_abs >= limit)
+    assert overflow == bool(record.stats.max_abs >= limit)
 
 
-_forward = jax.jit(bdia_jax.bdia_forward_states, static_argnums=(0, 1))
-_encode = jax.jit(bdia_jax.bdia_encode, static_argnums=(0, 1))
-_decode = jax.jit(bdia_jax.bdia_decode, static_argnums=(0, 1))
+_STATIC = dict(static_argnums=(0,), static_argnames=("update",))
+_all_states = jax.jit(bdia_jax.bdia_all_states, **_STATIC)
+_forward = jax.jit(bdia_jax.bdia_forward, **_STATIC)
+_invert = jax.jit(bdia_jax.bdia_invert, **_STATIC)

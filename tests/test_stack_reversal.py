@@ -20,20 +20,20 @@ from bdia_jax.testing import (
 BATCH, SEQ, DIM = 3, 4, 8
 
 
+def _jit(fn):
+    return jax.jit(fn, static_argnums=(0,), static_argnames=("update",))
+
+
 def _round_trip(block, params, x, key, gamma, context=None):
     depth = jax.tree_util.tree_leaves(params)[0].shape[0]
-    spec = bdia_jax.make_spec(depth, gamma=gamma, frac_bits=9)
+    update = bdia_jax.BDIA(gamma=gamma, frac_bits=9)
     keys, gammas = bdia_jax.prepare_keys_and_gammas(key, depth, x.shape[0], gamma)
     x0 = bdia_jax.quantize(x, 9)
-    forward = jax.jit(bdia_jax.bdia_forward_states, static_argnums=(0, 1))
-    states = forward(block, spec, params, x0, context, keys, gammas)
-    encoded = jax.jit(bdia_jax.bdia_encode, static_argnums=(0, 1))(
-        block, spec, params, x0, context, keys, gammas
-    )
-    rebuilt = jax.jit(bdia_jax.bdia_decode, static_argnums=(0, 1))(
-        block, spec, params, encoded, context, keys, gammas
-    )
-    return states, rebuilt, encoded
+    pair = dict(update=update, keys=keys, gammas=gammas, context=context)
+    states = _jit(bdia_jax.bdia_all_states)(block, params, x0, **pair)
+    record = _jit(bdia_jax.bdia_forward)(block, params, x0, **pair)
+    rebuilt = _jit(bdia_jax.bdia_invert)(block, params, record, **pair)
+    return states, rebuilt, record
 
 
 @pytest.mark.parametrize(
@@ -46,9 +46,9 @@ def test_stack_round_trip_bit_exact(depth, gamma, scale):
     # Branch amplitude scale/4 keeps depth-64 states of ~1e3 inside the exact range (32768).
     block = make_tanh_block(amplitude=scale / 4)
     x = jax.random.normal(jax.random.PRNGKey(2), (BATCH, SEQ, DIM)) * scale
-    states, rebuilt, encoded = _round_trip(block, params, x, key, gamma)
+    states, rebuilt, record = _round_trip(block, params, x, key, gamma)
     assert states.shape == (depth + 1, BATCH, SEQ, DIM)
-    assert not bool(encoded.stats.overflow) and not bool(encoded.stats.nonfinite)
+    assert not bool(record.stats.overflow) and not bool(record.stats.nonfinite)
     if scale > 1:  # the large-input case really is large
         assert float(jnp.max(jnp.abs(states))) > 1e3
     assert_bits_equal(rebuilt, states)
@@ -72,9 +72,9 @@ def test_side_bit_memory_is_m_bits_per_element():
     params = init_mlp(jax.random.PRNGKey(0), depth, DIM)
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, DIM))
     for gamma, bits in [(0.5, 1), (0.25, 2)]:
-        _, _, encoded = _round_trip(make_tanh_block(), params, x, jax.random.PRNGKey(2), gamma)
-        assert encoded.side_bits.dtype == jnp.uint8
-        assert encoded.side_bits.shape == (depth - 1, BATCH, bits, SEQ * DIM // 8)
+        _, _, record = _round_trip(make_tanh_block(), params, x, jax.random.PRNGKey(2), gamma)
+        assert record.side_bits.dtype == jnp.uint8
+        assert record.side_bits.shape == (depth - 1, BATCH, bits, SEQ * DIM // 8)
 
 
 @pytest.mark.parametrize("depth", [2, 8])
@@ -132,8 +132,8 @@ def test_overflow_and_nonfinite_are_reported():
         assert bool(bad.nonfinite)
     # Just below the bound: no overflow reported, and reversal is exact.
     x_edge = jnp.full((BATCH, SEQ, DIM), limit / 4)
-    states, rebuilt, encoded = _round_trip(block, params, x_edge, key, 0.5)
-    assert not bool(encoded.stats.overflow)
+    states, rebuilt, record = _round_trip(block, params, x_edge, key, 0.5)
+    assert not bool(record.stats.overflow)
     assert_bits_equal(rebuilt, states)
 
 
@@ -157,6 +157,9 @@ def test_inference_paths():
     standard = bdia_jax.standard_stack(block, params, x)
     # Unquantized BDIA inference is the standard transformer, bit for bit.
     unquantized = bdia_jax.bdia_stack(block, params, x, train=False, quantize=False)
+    chex.assert_trees_all_equal(unquantized, bdia_jax.apply_stack(
+        block, params, x, update=bdia_jax.BDIA(quantize_at_inference=False),
+        backprop=bdia_jax.Autodiff(), train=False)[0])
     chex.assert_trees_all_equal(unquantized, standard)
     # Quantized inference (γ = 0) is within a few grid steps of it.
     quantized = bdia_jax.bdia_stack(block, params, x, train=False)

@@ -1,14 +1,24 @@
 """Flax NNX models on the BDIA engine: ordinary pre-LN transformers whose training update
-(``update="standard" | "bdia"``) and gradient method (``backprop``) are switches.
+(``update=Standard() | BDIA(...)``) and gradient method (``backprop=Autodiff() | Remat() |
+Reversible(...)``) are switches (``bdia_jax.methods``, re-exported here).
 
 * ``layers``:  attention, MLP, LayerNorm, encoder/decoder residual branches, KV caches.
-* ``stack``:   ``ResidualStack`` (depth-stacked parameters → ``bdia_stack``/``standard_stack``).
+* ``residual_stack``: ``ResidualStack`` (depth-stacked parameters → ``bdia_jax.apply_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
 * ``gpt``:     ``GPT`` / ``GPTConfig`` / ``gpt_config`` (decoder-only LM, KV cache, sampling).
 * ``seq2seq``: ``Seq2SeqTransformer`` / ``Seq2SeqConfig`` / ``seq2seq_config`` (translation).
 * ``decoding``: greedy and beam search over a KV-cached step function.
 """
 
+from bdia_jax.methods import (
+    BDIA,
+    Autodiff,
+    Remat,
+    Reversible,
+    StackMethod,
+    Standard,
+    method_from_flat,
+)
 from bdia_jax.models import decoding
 from bdia_jax.models.gpt import GPT, GPT_VARIANTS, GPTConfig, gpt_config
 from bdia_jax.models.layers import (
@@ -17,6 +27,7 @@ from bdia_jax.models.layers import (
     DecoderCache,
     EncoderBlock,
     KVCache,
+    LayerNorm,
     MultiHeadAttention,
     ReversalProbe,
     causal_mask,
@@ -30,10 +41,18 @@ from bdia_jax.models.seq2seq import (
     Seq2SeqTransformer,
     seq2seq_config,
 )
-from bdia_jax.models.stack import ResidualStack, stats_to_aux
+from bdia_jax.models.residual_stack import ResidualStack, stats_to_aux
 from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
 
 __all__ = [
+    "BDIA",
+    "Autodiff",
+    "LayerNorm",
+    "Remat",
+    "Reversible",
+    "StackMethod",
+    "Standard",
+    "method_from_flat",
     "SEQ2SEQ_VARIANTS",
     "DecodeState",
     "Seq2SeqConfig",

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.models.layers import EncoderBlock, canonical_dtype, dropout, layer_norm
-from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
+from bdia_jax.methods import BDIA, StackMethod
+from bdia_jax.models.layers import EncoderBlock, LayerNorm, canonical_dtype, dropout
+from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
 KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    """GPT settings. Defaults: nanoGPT's ``shakespeare_char`` model."""
+class GPTConfig(StackMethod):
+    """GPT settings. Defaults: nanoGPT's ``shakespeare_char`` model. The training method is
+    the keyword-only ``update`` / ``backprop`` pair of ``StackMethod``."""
 
     vocab_size: int = 65  # tokens (65 characters in tiny_shakespeare)
     max_len: int = 256  # context length: positions 0 … max_len-1 (nanoGPT block_size)
@@ -39,17 +40,6 @@ class GPTConfig:
     mlp_dim: int = 1536  # hidden size of each block's MLP
     dropout: float = 0.2  # embedding dropout and residual dropout on a(x), m(y)
     attention_dropout: float = 0.2  # dropout on attention probabilities
-    update: Literal["standard", "bdia"] = "bdia"  # training update (baseline or BDIA)
-    # Gradient method: "reversible" (BDIA only), "autodiff" (the oracle), "remat".
-    # update="standard" always uses autodiff ("remat" if asked): it has no inverse.
-    backprop: Literal["reversible", "autodiff", "remat"] = "reversible"
-    # How the reversible backward pass gets h_k(x_k): "shared" reuses the block's VJP
-    # forward (about the cost of per-block remat; exact because the blocks' LayerNorms use
-    # bdia_jax.stable), "separate" runs one more block forward (exact for any block).
-    recompute: Literal["separate", "shared"] = "shared"
-    gamma: float = 0.5  # |γ| of the BDIA update, a power of two
-    frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
-    quantize_at_inference: bool = True  # BDIA inference keeps the stream on the grid
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
     # Init std of the token and position embeddings (nanoGPT: 0.02). Note for BDIA: the
     # stack input is then ~0.03 per element, so rounding it to δ = 2**-9 (x_0 = Q(x)) is a
@@ -63,8 +53,7 @@ class GPTConfig:
             )
         if self.vocab_size < 2 or self.max_len < 1:
             raise ValueError("vocab_size must be >= 2 and max_len >= 1.")
-        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
-                              self.recompute)
+        super().__post_init__()
         canonical_dtype(self.compute_dtype)
 
 
@@ -82,13 +71,7 @@ GPT_VARIANTS: dict[str, dict] = {
 
 def gpt_config(name: str, **overrides) -> GPTConfig:
     """A named GPT variant ("tiny", "small", "nanogpt") with field overrides."""
-    if name not in GPT_VARIANTS:
-        raise ValueError(f"unknown GPT variant {name!r}; choose one of {sorted(GPT_VARIANTS)}.")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; valid: {sorted(fields)}.")
-    return GPTConfig(**{**GPT_VARIANTS[name], **overrides})
+    return named_config(GPTConfig, GPT_VARIANTS, name, overrides)
 
 
 class GPT(nnx.Module):
@@ -109,10 +92,8 @@ class GPT(nnx.Module):
                                 compute_dtype=c.compute_dtype, rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
-                                   gamma=c.gamma, frac_bits=c.frac_bits,
-                                   quantize_at_inference=c.quantize_at_inference,
-                                   recompute=c.recompute, rngs=rngs)
-        self.norm = layer_norm(c.width, rngs)
+                                   rngs=rngs)
+        self.norm = LayerNorm(c.width, rngs=rngs)
 
     def _check_tokens(self, tokens, pos=0):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -139,9 +120,9 @@ class GPT(nnx.Module):
 
         Args:
           tokens: [batch, seq] int32, seq <= max_len.
-          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          key: PRNG key; needed when train=True and (update=BDIA(...) or dropout > 0).
           train: training mode (dropout, BDIA update) or inference (γ = 0).
-          inference_gamma: update="bdia", train=False only: the inference-γ sweep.
+          inference_gamma: update=BDIA(...), train=False only: the inference-γ sweep.
 
         Returns:
           logits [batch, seq, vocab] float32 (position i predicts token i+1);
@@ -149,7 +130,8 @@ class GPT(nnx.Module):
         """
         c = self.config
         self._check_tokens(tokens)
-        if train and key is None and (c.update == "bdia" or c.dropout or c.attention_dropout):
+        if train and key is None and (isinstance(c.update, BDIA) or c.dropout
+                                      or c.attention_dropout):
             raise ValueError(
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "
                 "key=jax.random.key(step)."

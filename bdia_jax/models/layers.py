@@ -246,13 +246,8 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., width] → [..., width] float32."""
-        return stable.layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...],
+        return stable.tree_layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...],
                                  self.epsilon)
-
-
-def layer_norm(width: int, rngs: nnx.Rngs) -> LayerNorm:
-    """LayerNorm over the last axis, computed and stored in float32 (scale and bias)."""
-    return LayerNorm(width, epsilon=1e-6, rngs=rngs)
 
 
 class EncoderBlock(nnx.Module):
@@ -268,10 +263,10 @@ class EncoderBlock(nnx.Module):
                  compute_dtype="float32", rngs: nnx.Rngs):
         self.causal = causal
         self.dropout = dropout
-        self.ln1 = layer_norm(width, rngs)
+        self.ln1 = LayerNorm(width, rngs=rngs)
         self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
                                        compute_dtype=compute_dtype, rngs=rngs)
-        self.ln2 = layer_norm(width, rngs)
+        self.ln2 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
 
     def _mask(self, x, context):
@@ -328,15 +323,15 @@ class DecoderBlock(nnx.Module):
                  enc_width: int | None = None, dropout: float = 0.0,
                  attention_dropout: float = 0.0, compute_dtype="float32", rngs: nnx.Rngs):
         self.dropout = dropout
-        self.ln1 = layer_norm(width, rngs)
+        self.ln1 = LayerNorm(width, rngs=rngs)
         self.self_attn = MultiHeadAttention(width, num_heads,
                                             attention_dropout=attention_dropout,
                                             compute_dtype=compute_dtype, rngs=rngs)
-        self.ln2 = layer_norm(width, rngs)
+        self.ln2 = LayerNorm(width, rngs=rngs)
         self.cross_attn = MultiHeadAttention(width, num_heads, kv_width=enc_width,
                                              attention_dropout=attention_dropout,
                                              compute_dtype=compute_dtype, rngs=rngs)
-        self.ln3 = layer_norm(width, rngs)
+        self.ln3 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
 
     @staticmethod

@@ -25,29 +25,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bdia_jax.methods import BDIA, StackMethod
 from bdia_jax.models import decoding
 from bdia_jax.models.layers import (
     DecoderBlock,
     EncoderBlock,
     canonical_dtype,
+    LayerNorm,
     dropout,
-    layer_norm,
     padding_mask,
 )
-from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
+from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
 KEY_ENCODER, KEY_DECODER, KEY_SRC_EMBED, KEY_TGT_EMBED = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig:
-    """Encoder-decoder settings. Defaults: a Transformer-base-like model."""
+class Seq2SeqConfig(StackMethod):
+    """Encoder-decoder settings. Defaults: a Transformer-base-like model. The training
+    method (both stacks) is the keyword-only ``update`` / ``backprop`` pair of
+    ``StackMethod``."""
 
     src_vocab_size: int = 8000  # source vocabulary
     tgt_vocab_size: int = 8000  # target vocabulary
@@ -61,17 +64,6 @@ class Seq2SeqConfig:
     mlp_dim: int = 2048  # hidden size of each block's MLP
     dropout: float = 0.1  # embedding dropout and residual dropout in every branch
     attention_dropout: float = 0.0  # dropout on attention probabilities
-    update: Literal["standard", "bdia"] = "bdia"  # training update of both stacks
-    # Gradient method: "reversible" (BDIA only), "autodiff" (the oracle), "remat".
-    # update="standard" always uses autodiff ("remat" if asked): it has no inverse.
-    backprop: Literal["reversible", "autodiff", "remat"] = "reversible"
-    # How the reversible backward pass gets h_k(x_k): "shared" reuses the block's VJP
-    # forward (about the cost of per-block remat; exact because the blocks' LayerNorms use
-    # bdia_jax.stable), "separate" runs one more block forward (exact for any block).
-    recompute: Literal["separate", "shared"] = "shared"
-    gamma: float = 0.5  # |γ| of the BDIA update, a power of two
-    frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
-    quantize_at_inference: bool = True  # BDIA inference keeps the streams on the grid
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
     pad_id: int = 0  # padding token (source padding is masked out of attention)
     bos_id: int = 2  # decoder start token
@@ -90,8 +82,7 @@ class Seq2SeqConfig:
             )
         if min(self.encoder_depth, self.decoder_depth) < 1:
             raise ValueError("encoder_depth and decoder_depth must be >= 1.")
-        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
-                              self.recompute)
+        super().__post_init__()
         canonical_dtype(self.compute_dtype)
 
 
@@ -109,17 +100,7 @@ SEQ2SEQ_VARIANTS: dict[str, dict] = {
 
 def seq2seq_config(name: str, **overrides) -> Seq2SeqConfig:
     """A named encoder-decoder variant ("tiny", "small", "base") with field overrides."""
-    if name not in SEQ2SEQ_VARIANTS:
-        raise ValueError(
-            f"unknown Seq2Seq variant {name!r}; choose one of {sorted(SEQ2SEQ_VARIANTS)}."
-        )
-    fields = {f.name for f in dataclasses.fields(Seq2SeqConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(
-            f"unknown Seq2SeqConfig fields {sorted(unknown)}; valid: {sorted(fields)}."
-        )
-    return Seq2SeqConfig(**{**SEQ2SEQ_VARIANTS[name], **overrides})
+    return named_config(Seq2SeqConfig, SEQ2SEQ_VARIANTS, name, overrides)
 
 
 class DecodeState(NamedTuple):
@@ -163,13 +144,11 @@ class Seq2SeqTransformer(nnx.Module):
                                 attention_dropout=c.attention_dropout,
                                 compute_dtype=c.compute_dtype, rngs=block_rngs)
 
-        settings = dict(update=c.update, backprop=c.backprop, gamma=c.gamma,
-                        frac_bits=c.frac_bits, quantize_at_inference=c.quantize_at_inference,
-                        recompute=c.recompute)
+        settings = dict(update=c.update, backprop=c.backprop)
         self.encoder = ResidualStack(make_encoder_block, c.encoder_depth, rngs=rngs, **settings)
-        self.encoder_norm = layer_norm(c.width, rngs)
+        self.encoder_norm = LayerNorm(c.width, rngs=rngs)
         self.decoder = ResidualStack(make_decoder_block, c.decoder_depth, rngs=rngs, **settings)
-        self.decoder_norm = layer_norm(c.width, rngs)
+        self.decoder_norm = LayerNorm(c.width, rngs=rngs)
         if not c.tie_output:
             self.head = nnx.Linear(c.width, c.tgt_vocab_size, rngs=rngs)
 
@@ -249,9 +228,9 @@ class Seq2SeqTransformer(nnx.Module):
             shifted right (position i predicts target token i).
           src_mask: optional [batch, src_len] bool (True = real token); default
             src != pad_id. Padded source tokens never affect the output.
-          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          key: PRNG key; needed when train=True and (update=BDIA(...) or dropout > 0).
           train: training mode (dropout, BDIA update) or inference (γ = 0).
-          inference_gamma: update="bdia", train=False: a float (or an array broadcastable
+          inference_gamma: update=BDIA(...), train=False: a float (or an array broadcastable
             to [depth-1, batch] of *both* stacks) for the inference-γ sweep.
 
         Returns:
@@ -259,7 +238,8 @@ class Seq2SeqTransformer(nnx.Module):
           "nonfinite"} over both stacks.
         """
         c = self.config
-        if train and key is None and (c.update == "bdia" or c.dropout or c.attention_dropout):
+        if train and key is None and (isinstance(c.update, BDIA) or c.dropout
+                                      or c.attention_dropout):
             raise ValueError(
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "
                 "key=jax.random.key(step)."

@@ -18,15 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.models.layers import EncoderBlock, canonical_dtype, dropout, layer_norm
-from bdia_jax.models.stack import ResidualStack, check_update_settings, stats_to_aux
+from bdia_jax.methods import BDIA, StackMethod
+from bdia_jax.models.layers import EncoderBlock, LayerNorm, canonical_dtype, dropout
+from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
 KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """ViT settings. Defaults: the paper's CIFAR-10 model."""
+class ViTConfig(StackMethod):
+    """ViT settings. Defaults: the paper's CIFAR-10 model. The training method is the
+    keyword-only ``update`` / ``backprop`` pair of ``StackMethod`` (default BDIA(), with
+    Reversible() resolved from it)."""
 
     image_size: int = 32  # input height = width, pixels
     patch_size: int = 4  # square patches; image_size must be a multiple (32/4 → 64 tokens)
@@ -39,18 +42,6 @@ class ViTConfig:
     attention_dropout: float = 0.1  # dropout on attention probabilities
     pool: Literal["cls", "mean"] = "cls"  # class token, or mean over patch tokens
     channels: int = 3  # input channels (C in [batch, H, W, C])
-    update: Literal["standard", "bdia"] = "bdia"  # training update (baseline or BDIA)
-    # Gradient method: "reversible" (BDIA only: exact reversal, O(1) activation memory),
-    # "autodiff" (stored activations; the oracle), "remat" (per-block recomputation).
-    # update="standard" always uses autodiff ("remat" if asked): it has no inverse.
-    backprop: Literal["reversible", "autodiff", "remat"] = "reversible"
-    # How the reversible backward pass gets h_k(x_k): "shared" reuses the block's VJP
-    # forward (about the cost of per-block remat; exact because the blocks' LayerNorms use
-    # bdia_jax.stable), "separate" runs one more block forward (exact for any block).
-    recompute: Literal["separate", "shared"] = "shared"
-    gamma: float = 0.5  # |γ| of the BDIA update, a power of two
-    frac_bits: int | None = 9  # fixed-point δ = 2**-frac_bits (None: unquantized BDIA)
-    quantize_at_inference: bool = True  # BDIA inference keeps the stream on the grid
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
 
     def __post_init__(self):
@@ -65,8 +56,7 @@ class ViTConfig:
             raise ValueError(
                 f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
             )
-        check_update_settings(self.update, self.backprop, self.gamma, self.frac_bits,
-                              self.recompute)
+        super().__post_init__()
         canonical_dtype(self.compute_dtype)
 
     @property
@@ -86,14 +76,9 @@ VIT_VARIANTS: dict[str, dict] = {
 
 
 def vit_config(name: str, **overrides) -> ViTConfig:
-    """A named ViT variant ("tiny", "small", "paper") with field overrides."""
-    if name not in VIT_VARIANTS:
-        raise ValueError(f"unknown ViT variant {name!r}; choose one of {sorted(VIT_VARIANTS)}.")
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown ViTConfig fields {sorted(unknown)}; valid: {sorted(fields)}.")
-    return ViTConfig(**{**VIT_VARIANTS[name], **overrides})
+    """A named ViT variant ("tiny", "small", "paper") with field overrides (method objects
+    or flat method keywords, see ``residual_stack.named_config``)."""
+    return named_config(ViTConfig, VIT_VARIANTS, name, overrides)
 
 
 class ViT(nnx.Module):
@@ -120,10 +105,8 @@ class ViT(nnx.Module):
                                 compute_dtype=c.compute_dtype, rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
-                                   gamma=c.gamma, frac_bits=c.frac_bits,
-                                   quantize_at_inference=c.quantize_at_inference,
-                                   recompute=c.recompute, rngs=rngs)
-        self.norm = layer_norm(c.width, rngs)
+                                   rngs=rngs)
+        self.norm = LayerNorm(c.width, rngs=rngs)
         self.head = nnx.Linear(c.width, c.num_classes, rngs=rngs)
 
     def _patches(self, images: jax.Array) -> jax.Array:
@@ -145,9 +128,9 @@ class ViT(nnx.Module):
 
         Args:
           images: [batch, H, W, C] float32, already normalized.
-          key: PRNG key; needed when train=True and (update="bdia" or dropout > 0).
+          key: PRNG key; needed when train=True and (update=BDIA(...) or dropout > 0).
           train: training mode (dropout, BDIA update) or inference.
-          inference_gamma: update="bdia", train=False: float or array broadcastable to
+          inference_gamma: update=BDIA(...), train=False: float or array broadcastable to
             [depth-1, batch] (the inference-γ sweep); None = γ 0.
 
         Returns:
@@ -155,7 +138,8 @@ class ViT(nnx.Module):
           scalars from the stack.
         """
         c = self.config
-        if train and key is None and (c.update == "bdia" or c.dropout or c.attention_dropout):
+        if train and key is None and (isinstance(c.update, BDIA) or c.dropout
+                                      or c.attention_dropout):
             raise ValueError(
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "
                 "key=jax.random.key(step)."

@@ -1,10 +1,14 @@
-"""Depth-stacked residual blocks: the BDIA stack, its exact inverse, and the baseline.
+"""The pure-JAX engine: K residual blocks with depth-stacked parameters.
 
 Public entry points:
-  * ``bdia_stack``      – the BDIA recurrence; gradient by ``"reversible"`` (custom VJP that
-                          rebuilds states bit for bit), ``"autodiff"`` (the oracle) or ``"remat"``.
+  * ``apply_stack``     – the core: ``update`` (``Standard`` | ``BDIA``) and ``backprop``
+                          (``Autodiff`` | ``Remat`` | ``Reversible``) objects from
+                          ``bdia_jax.methods``; always returns ``(x_K, StackStats)``.
+  * ``bdia_stack``      – the plain keyword form (gamma=, frac_bits=, backprop="reversible",
+                          ...), a thin layer over ``apply_stack``.
   * ``standard_stack``  – the conventional transformer x_{k+1} = x_k + h_k(x_k).
-  * ``bdia_encode`` / ``bdia_decode`` – the forward/inverse pair behind the custom VJP,
+  * ``bdia_forward`` / ``bdia_invert`` – the forward/inverse pair behind the reversible
+                          custom VJP (``bdia_all_states`` is their step-by-step reference),
                           exposed for tests, debugging and verification.
 
 The block contract: ``block_fn(params_k, x, context, key_k) -> h`` is a pure function;
@@ -12,7 +16,9 @@ h has x's shape and dtype. ``key_k`` is None when the stack got no key: a block 
 apply dropout only when it receives a key.
 
 Layout of the math (see docs/design.md): x_0 = Q(x); x_1 = x_0 + Q(h_0(x_0));
-x_{k+1} = γ_k (x_{k-1} - s_{k-1} δ) + Q((1-γ_k) x_k + (1+γ_k) h_k(x_k)) for k ≥ 1.
+x_{k+1} = γ_k (x_{k-1} - s_{k-1} δ) + Q((1-γ_k) x_k + (1+γ_k) h_k(x_k)) for k ≥ 1 with
+|γ| = 2**-m; for other γ x_{k+1} = Q(γ_k x_{k-1} + (1-γ_k) x_k + (1+γ_k) h_k(x_k)) (no
+inverse). Without a grid (BDIA(frac_bits=None)) Q is the identity.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -28,13 +35,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdia_jax import fixed_point
-from bdia_jax.step import bdia_combine, bdia_uncombine, broadcast_gamma, euler_step
+from bdia_jax.methods import (
+    BDIA,
+    Backprop,
+    Remat,
+    Reversible,
+    Standard,
+    Update,
+    check_method,
+    method_from_flat,
+)
+from bdia_jax.step import (
+    bdia_combine,
+    bdia_uncombine,
+    broadcast_gamma,
+    euler_step,
+    noninvertible_step,
+)
 
 BlockFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
-Backprop = Literal["reversible", "autodiff", "remat"]
-BACKPROP_METHODS = ("reversible", "autodiff", "remat")
-Recompute = Literal["separate", "shared"]
-RECOMPUTE_MODES = ("separate", "shared")
 
 
 class StackStats(NamedTuple):
@@ -43,6 +62,7 @@ class StackStats(NamedTuple):
     max_abs:   float scalar, largest |x_k| and |Q-term| over all blocks and elements.
     overflow:  bool scalar, max_abs reached the exact range of the fixed-point grid
                (``fixed_point.exact_range``): reversal is no longer guaranteed exact.
+               Always False without a grid.
     nonfinite: bool scalar, a NaN or Inf reached the residual stream.
     """
 
@@ -51,7 +71,7 @@ class StackStats(NamedTuple):
     nonfinite: jax.Array
 
 
-class EncodedStack(NamedTuple):
+class ForwardRecord(NamedTuple):
     """What the reversible forward pass keeps: constant in depth apart from the side bits.
 
     x_last:      [batch, ...] x_K.
@@ -68,18 +88,26 @@ class EncodedStack(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """Static settings of one stack call (hashable: it is a custom_vjp nondiff arg)."""
+    """Static settings of one stack pass (hashable: it is a custom_vjp nondiff arg)."""
 
     depth: int
-    gamma: float  # |γ|, a power of two; 0.0 at inference
-    side_bits: int  # m = -log2|γ|
-    frac_bits: int | None  # None: no quantization
-    verify: bool
+    frac_bits: int | None  # None: no grid
+    side_bits: int | None  # m of the invertible update (|γ| = 2**-m on a grid); else None
+    verify: bool  # keep x_0, x_1 for the reversal probe
     remat: bool
     exact_range: float
-    # How the reversible backward pass gets h_k(x_k): "separate" (its own forward, then the
-    # VJP) or "shared" (the VJP's primal output). See ``bdia_stack``.
-    recompute: str = "separate"
+    recompute: str  # Reversible.recompute (unused otherwise)
+
+
+def _spec(depth, dtype, frac_bits, side_bits, backprop, verify=False) -> _Spec:
+    if frac_bits is not None:
+        fixed_point.check_frac_bits(frac_bits, dtype)
+    return _Spec(
+        depth=depth, frac_bits=frac_bits, side_bits=side_bits if frac_bits is not None else None,
+        verify=verify, remat=isinstance(backprop, Remat),
+        exact_range=math.inf if frac_bits is None else fixed_point.exact_range(dtype, frac_bits),
+        recompute=backprop.recompute if isinstance(backprop, Reversible) else "separate",
+    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -104,39 +132,6 @@ def _depth_of(params) -> int:
     return depth
 
 
-def _side_bits_of(gamma: float) -> int:
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-        raise ValueError(f"gamma must be a Python float such as 0.5 or 0.25, got {gamma!r}.")
-    if gamma == 0:
-        raise ValueError(
-            "backprop='reversible' needs gamma != 0 (the update is not invertible at γ=0); "
-            "use gamma=0.5 or 0.25, or backprop='autodiff'/'remat'."
-        )
-    m = -math.log2(abs(gamma))
-    if not (0 < abs(gamma) < 1) or m != round(m) or round(m) > 8:
-        raise ValueError(
-            f"|gamma| must be a power of two 2**-m with 1 <= m <= 8 (e.g. 0.5 or 0.25), got "
-            f"{gamma}; the inverse divides by γ and only powers of two divide exactly."
-        )
-    return int(round(m))
-
-
-def _check_frac_bits(frac_bits, dtype) -> None:
-    if frac_bits is None:
-        return
-    if not isinstance(frac_bits, (int, np.integer)) or isinstance(frac_bits, bool):
-        raise ValueError(f"frac_bits must be an int (e.g. 9) or None, got {frac_bits!r}.")
-    limit = fixed_point.MAX_FRAC_BITS.get(jnp.dtype(dtype))
-    if limit is None:
-        fixed_point.exact_range(dtype, 0)  # raises the dtype error
-    if not 0 <= frac_bits <= limit:
-        raise ValueError(
-            f"frac_bits={frac_bits} is out of range for {jnp.dtype(dtype)}: use 0..{limit} "
-            f"(exact range |x| < 2**{24 if jnp.dtype(dtype) == jnp.float32 else 53}"
-            f" * 2**-frac_bits)."
-        )
-
-
 def _check_block_output(block_fn, params, x, context, keys) -> None:
     p0 = jax.tree_util.tree_map(lambda a: a[0], params)
     k0 = None if keys is None else keys[0]
@@ -154,20 +149,6 @@ def _check_block_output(block_fn, params, x, context, keys) -> None:
         )
 
 
-def _check_backprop(backprop) -> None:
-    if backprop not in BACKPROP_METHODS:
-        raise ValueError(f"backprop must be one of {BACKPROP_METHODS}, got {backprop!r}.")
-
-
-def _check_recompute(recompute) -> None:
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(
-            f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}: 'separate' is "
-            "exact for any block; 'shared' saves one block forward per block in the backward "
-            "pass when the block's statistics use bdia_jax.stable (see bdia_stack)."
-        )
-
-
 def draw_gammas(key: jax.Array, depth: int, batch: int, gamma: float, dtype=jnp.float32):
     """Draw γ_{k,b} ∈ {+γ, -γ} uniformly: [depth-1, batch] of dtype."""
     signs = jax.random.bernoulli(key, 0.5, (max(depth - 1, 0), batch))
@@ -180,7 +161,7 @@ def _keys_and_gammas(key, gammas, depth, batch, gamma, dtype, need_gammas):
         block_keys = None
         if need_gammas and gammas is None:
             raise ValueError(
-                "bdia_stack(train=True) needs `key` (to draw γ and block keys) or an explicit "
+                "a BDIA training pass needs `key` (to draw γ and block keys) or an explicit "
                 "`gammas` array of shape [depth-1, batch]."
             )
     else:
@@ -213,14 +194,15 @@ def _check_gammas(gammas, depth, batch, train):
 
 
 def _check_train_gammas_values(gammas, gamma) -> None:
-    """With concrete gammas, check they are ±γ (the reversal divides by them)."""
+    """With concrete gammas, check they are ±γ (the invertible update keeps log2(1/γ) side
+    bits and the reversal divides by γ)."""
     try:
         values = np.asarray(gammas)
     except jax.errors.TracerArrayConversionError:
         return  # traced: cannot check here; documented contract
     if values.size and not np.all(np.abs(values) == gamma):
         raise ValueError(
-            f"training gammas must all be +{gamma} or -{gamma}; got values "
+            f"training gammas must all be ±{gamma} (update=BDIA(gamma={gamma})); got values "
             f"{np.unique(values)[:8]}."
         )
 
@@ -270,20 +252,31 @@ def _slice_rest(tree):
 
 
 def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, keep_bits: bool):
-    """BDIA training forward from a grid input x0. Returns (x_K, x_{K-1}, x_1, bits, max_abs)."""
+    """BDIA training forward from x0 (on the grid when spec.frac_bits is set).
+
+    Returns (x_K, x_{K-1}, x_1, packed side bits or None, max_abs). The side-bit form is
+    used when spec.side_bits is set, the one-rounding ``noninvertible_step`` otherwise.
+    """
     call = _block_caller(block_fn, spec.remat)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
     max_abs0 = _max_abs(x0, x1, h0 if spec.frac_bits is None else x1 - x0)
+    keep_bits = keep_bits and spec.side_bits is not None
 
     def body(carry, xs):
         x_prev, x_cur, max_abs = carry
         params_k, key_k, gamma_k = xs
         h = call(params_k, x_cur, context, key_k)
         gamma_b = broadcast_gamma(gamma_k, x_cur)
-        x_next, s, b = bdia_combine(x_prev, x_cur, h, gamma_b, spec.frac_bits, spec.side_bits)
-        bits = fixed_point.pack_side_bits(s, spec.side_bits) if keep_bits else None
-        return (x_cur, x_next, jnp.maximum(max_abs, _max_abs(x_next, b))), bits
+        if spec.side_bits is None:
+            x_next = noninvertible_step(x_prev, x_cur, h, gamma_b, spec.frac_bits)
+            new_max, bits = _max_abs(x_next), None
+        else:
+            x_next, s, b = bdia_combine(x_prev, x_cur, h, gamma_b, spec.frac_bits,
+                                        spec.side_bits)
+            new_max = _max_abs(x_next, b)
+            bits = fixed_point.pack_side_bits(s, spec.side_bits) if keep_bits else None
+        return (x_cur, x_next, jnp.maximum(max_abs, new_max)), bits
 
     xs = (_slice_rest(params), None if keys is None else keys[1:], gammas)
     (x_before, x_last, max_abs), bits = jax.lax.scan(body, (x0, x1, max_abs0), xs)
@@ -309,26 +302,39 @@ def _rebuild_step(block_fn, spec: _Spec, context, x_cur, x_next, params_k, key_k
         )
     gamma_b = broadcast_gamma(gamma_k, x_cur)
     s = fixed_point.unpack_side_bits(bits, x_cur.shape, x_cur.dtype)
-    x_prev = bdia_uncombine(x_cur, x_next, h, s, gamma_b, spec.frac_bits, spec.side_bits)
+    x_prev = bdia_uncombine(x_cur, x_next, h, s, gamma_b, spec.frac_bits)
     return x_prev, gamma_b, pullback
 
 
-# --------------------------------------------------------------------------- encode / decode
+# --------------------------------------------------------------------------- forward / invert
 
 
-def bdia_encode(block_fn: BlockFn, spec: _Spec, params, x0, context, keys, gammas):
-    """Reversible forward: x0 (on the grid) → EncodedStack. See ``bdia_stack`` for args."""
+def _pair_spec(update: BDIA, params, x0) -> _Spec:
+    check_method(update, Reversible(probe=False))
+    return _spec(_depth_of(params), jnp.asarray(x0).dtype, update.frac_bits, update.side_bits,
+                 Reversible(probe=False))
+
+
+def bdia_forward(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas,
+                 context=None) -> ForwardRecord:
+    """Reversible forward from x0 [batch, ...] (already on the grid: Q(x)) → ForwardRecord.
+
+    update: an invertible BDIA (a grid and |γ| = 2**-m). keys: [depth] block keys or None;
+    gammas: [depth-1, batch] of ±γ (``prepare_keys_and_gammas`` gives both).
+    """
+    spec = _pair_spec(update, params, x0)
     x_last, x_before, _, bits, max_abs = _train_forward(
         block_fn, spec, params, x0, context, keys, gammas, keep_bits=True
     )
-    return EncodedStack(x_last, x_before, bits, _stats(max_abs, spec))
+    return ForwardRecord(x_last, x_before, bits, _stats(max_abs, spec))
 
 
-def bdia_decode(block_fn: BlockFn, spec: _Spec, params, encoded: EncodedStack, context, keys,
-                gammas):
-    """Inverse of ``bdia_encode``: rebuild all states [depth+1, batch, ...] (x_0 … x_K)."""
+def bdia_invert(block_fn: BlockFn, params, record: ForwardRecord, *, update: BDIA, keys,
+                gammas, context=None) -> jax.Array:
+    """Inverse of ``bdia_forward``: rebuild all states [depth+1, batch, ...] (x_0 … x_K)."""
+    spec = _pair_spec(update, params, record.x_last)
     if spec.depth == 1:
-        return jnp.stack([encoded.x_before, encoded.x_last])
+        return jnp.stack([record.x_before, record.x_last])
 
     def body(carry, xs):
         x_cur, x_next = carry
@@ -338,14 +344,16 @@ def bdia_decode(block_fn: BlockFn, spec: _Spec, params, encoded: EncodedStack, c
         )
         return (x_prev, x_cur), x_prev
 
-    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas, encoded.side_bits)
-    _, rebuilt = jax.lax.scan(body, (encoded.x_before, encoded.x_last), xs, reverse=True)
-    return jnp.concatenate([rebuilt, encoded.x_before[None], encoded.x_last[None]])
+    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas, record.side_bits)
+    _, rebuilt = jax.lax.scan(body, (record.x_before, record.x_last), xs, reverse=True)
+    return jnp.concatenate([rebuilt, record.x_before[None], record.x_last[None]])
 
 
-def bdia_forward_states(block_fn: BlockFn, spec: _Spec, params, x0, context, keys, gammas):
-    """All forward states [depth+1, batch, ...] (x_0 … x_K), computed step by step with
-    the same update as the stack (for round-trip tests against ``bdia_decode``)."""
+def bdia_all_states(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas,
+                    context=None) -> jax.Array:
+    """All forward states [depth+1, batch, ...] (x_0 … x_K), computed step by step with the
+    same update as the stack: the reference for round trips through ``bdia_invert``."""
+    spec = _pair_spec(update, params, x0)
     call = _block_caller(block_fn, False)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
@@ -449,32 +457,169 @@ _reversible.defvjp(_reversible_fwd, _reversible_bwd)
 # --------------------------------------------------------------------------- inference
 
 
-def _inference_forward(block_fn, params, x, context, keys, gammas, frac_bits, remat):
-    """x_{k+1} = x_k + Q(h_k(x_k)) (γ = 0), or with explicit inference gammas
-    x_{k+1} = Q(γ x_{k-1} + (1-γ) x_k + (1+γ) h_k(x_k)). Unquantized if frac_bits is None."""
-    call = _block_caller(block_fn, remat)
-    x0 = x if frac_bits is None else fixed_point.quantize_ste(x, frac_bits)
+def _inference_forward(block_fn, spec: _Spec, params, x, context, keys, gammas):
+    """x_0 = Q(x), x_{k+1} = x_k + Q(h_k(x_k)) (γ = 0), or with explicit inference gammas
+    ``noninvertible_step``. Q is the identity when spec.frac_bits is None."""
+    call = _block_caller(block_fn, spec.remat)
+    x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
-    x1 = euler_step(x0, h0, frac_bits)
+    x1 = euler_step(x0, h0, spec.frac_bits)
 
     def body(carry, xs):
         x_prev, x_cur, max_abs = carry
         params_k, key_k, gamma_k = xs
         h = call(params_k, x_cur, context, key_k)
         if gamma_k is None:
-            x_next = euler_step(x_cur, h, frac_bits)
+            x_next = euler_step(x_cur, h, spec.frac_bits)
         else:
-            g = broadcast_gamma(gamma_k, x_cur)
-            v = g * x_prev + ((x_cur - g * x_cur) + (h + g * h))
-            x_next = v if frac_bits is None else fixed_point.quantize_ste(v, frac_bits)
+            x_next = noninvertible_step(x_prev, x_cur, h, broadcast_gamma(gamma_k, x_cur),
+                                        spec.frac_bits)
         return (x_cur, x_next, jnp.maximum(max_abs, _max_abs(x_next))), None
 
     xs = (_slice_rest(params), None if keys is None else keys[1:], gammas)
     (_, x_last, max_abs), _ = jax.lax.scan(body, (x0, x1, _max_abs(x0, x1)), xs)
-    return x_last, max_abs
+    return x_last, _stats(max_abs, spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _inference_without_gradient(block_fn, spec: _Spec, params, x, context, keys, gammas):
+    return _inference_forward(block_fn, spec, params, x, context, keys, gammas)
+
+
+def _inference_without_gradient_fwd(block_fn, spec, params, x, context, keys, gammas):
+    raise ValueError(
+        "this stack pass has train=False with backprop=Reversible(): the inference update "
+        "has no inverse, so it is not differentiable; pass backprop=Autodiff() or Remat() "
+        "to differentiate an inference pass, or train=True."
+    )
+
+
+def _inference_without_gradient_bwd(block_fn, spec, residuals, cotangents):
+    raise AssertionError("unreachable: the forward rule raises")
+
+
+_inference_without_gradient.defvjp(_inference_without_gradient_fwd,
+                                   _inference_without_gradient_bwd)
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def apply_stack(
+    block_fn: BlockFn,
+    params,
+    x: jax.Array,
+    *,
+    update: Update,
+    backprop: Backprop,
+    key: jax.Array | None = None,
+    gammas: jax.Array | None = None,
+    context: Any = None,
+    train: bool = True,
+    reversal_probe: jax.Array | None = None,
+) -> tuple[jax.Array, StackStats]:
+    """Run K residual blocks with ``update`` and differentiate them by ``backprop``.
+
+    Args:
+      block_fn: ``block_fn(params_k, x, context, key_k) -> h``, the residual branch, pure;
+        h has x's shape and dtype (it may compute internally in bfloat16).
+      params: pytree, every leaf stacked on a leading [depth] axis.
+      x: [batch, ...] float32 (or float64) stack input, batch >= 1, e.g. [batch, seq, dim].
+      update: ``Standard()`` or ``BDIA(gamma, frac_bits, quantize_at_inference)``.
+      backprop: ``Autodiff()``, ``Remat()`` or ``Reversible(recompute, probe)``; the pair is
+        checked by ``check_method`` (Standard + Reversible raises).
+      key: PRNG key. Split into the γ draw (BDIA training, when ``gammas`` is None) and
+        the per-block ``key_k`` given to ``block_fn`` (dropout); the reversible backward
+        pass replays the same keys. None: every key_k is None.
+      gammas: BDIA only. Training: optional [depth-1, batch] γ_k per sample for blocks
+        1…K-1 (±gamma when the update is invertible). Inference: optional values
+        broadcastable to [depth-1, batch] (the inference-γ sweep; None is γ = 0).
+      context: optional pytree given to every block (e.g. encoder output). Differentiable.
+      train: True runs the BDIA training update (random ±γ); False the inference update
+        (γ = 0 or ``gammas``; on the grid iff frac_bits is set and quantize_at_inference).
+        ``train`` never changes what ``backprop`` means: Autodiff and Remat differentiate
+        either pass; an inference pass with Reversible runs forward but raises if it is
+        differentiated (γ = 0 has no inverse: say Autodiff() or Remat() to differentiate
+        it). For Standard, train changes nothing.
+      reversal_probe: float scalar (use 0.0), required exactly when train=True with
+        ``Reversible(probe=True)``: its gradient is the largest |rebuilt - forward| over
+        x_0 and x_1 (0.0 when the reversal was exact). Anything else raises.
+
+    Returns:
+      (x_K of x's shape and dtype, StackStats).
+    """
+    check_method(update, backprop)
+    depth = _depth_of(params)
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"x must have a leading batch axis, got shape {x.shape}.")
+    if x.shape[0] == 0:
+        raise ValueError(f"x has an empty batch (shape {x.shape}); pass at least one example.")
+    if not isinstance(train, bool):
+        raise ValueError(f"train must be True or False, got {train!r}.")
+    batch = x.shape[0]
+    reversible_train = train and isinstance(backprop, Reversible)
+    if reversible_train and backprop.probe and reversal_probe is None:
+        raise ValueError(
+            "backprop=Reversible(probe=True) reports the reversal error as the gradient of "
+            "`reversal_probe`: pass reversal_probe=jnp.zeros(()), or use "
+            "Reversible(probe=False)."
+        )
+    if reversal_probe is not None and not (reversible_train and backprop.probe):
+        raise ValueError(
+            f"reversal_probe is read only by a train=True pass with "
+            f"backprop=Reversible(probe=True), got train={train}, backprop={backprop!r}: "
+            "nothing is rebuilt here, so drop reversal_probe."
+        )
+    if isinstance(update, Standard) and gammas is not None:
+        raise ValueError("gammas apply only to update=BDIA(...); drop them for Standard().")
+
+    if isinstance(update, Standard) or not train:
+        inference_grid = (isinstance(update, BDIA) and update.quantize_at_inference
+                          and update.frac_bits is not None)
+        spec = _spec(depth, x.dtype, update.frac_bits if inference_grid else None, None,
+                     backprop)
+        block_keys, _ = _keys_and_gammas(key, None, depth, batch, 0.0, x.dtype, False)
+        if gammas is not None:
+            gammas = _check_gammas(gammas, depth, batch, train=False).astype(x.dtype)
+        _check_block_output(block_fn, params, x, context, block_keys)
+        forward = (_inference_without_gradient if isinstance(backprop, Reversible)
+                   else _inference_forward)
+        return forward(block_fn, spec, params, x, context, block_keys, gammas)
+
+    spec = _spec(depth, x.dtype, update.frac_bits, update.side_bits, backprop,
+                 verify=reversal_probe is not None)
+    block_keys, gammas = _keys_and_gammas(key, gammas, depth, batch, update.gamma, x.dtype,
+                                          True)
+    gammas = _check_gammas(gammas, depth, batch, train=True).astype(x.dtype)
+    if spec.side_bits is not None:
+        _check_train_gammas_values(gammas, update.gamma)
+    _check_block_output(block_fn, params, x, context, block_keys)
+    x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
+    if reversible_train:
+        probe = None if reversal_probe is None else jnp.asarray(reversal_probe, x.dtype)
+        return _reversible(block_fn, spec, params, x0, context, block_keys, gammas, probe)
+    x_last, _, _, _, max_abs = _train_forward(
+        block_fn, spec, params, x0, context, block_keys, gammas, keep_bits=False
+    )
+    return x_last, _stats(max_abs, spec)
+
+
+def _warn_if_overflow(stats: StackStats) -> None:
+    """Warn (RuntimeWarning, from the host, under jit too) when the stream left the exact
+    range of the grid: used when the caller did not ask for the stats."""
+
+    def warn(overflow, max_abs):
+        if bool(overflow):
+            warnings.warn(
+                f"bdia_stack: the residual stream reached |x| = {float(max_abs):g}, past the "
+                "exact range of the fixed-point grid, so the reversal (and its gradients) is "
+                "no longer exact; lower frac_bits or the stream's scale, and pass "
+                "return_stats=True to read StackStats yourself.",
+                RuntimeWarning, stacklevel=2,
+            )
+
+    jax.debug.callback(warn, stats.overflow, stats.max_abs)
 
 
 def bdia_stack(
@@ -487,108 +632,44 @@ def bdia_stack(
     context: Any = None,
     gamma: float = 0.5,
     frac_bits: int | None = 9,
-    backprop: Backprop = "reversible",
+    backprop: Literal["reversible", "autodiff", "remat"] | None = None,
     train: bool = True,
     quantize: bool = True,
     reversal_probe: jax.Array | None = None,
-    recompute: Recompute = "separate",
+    recompute: Literal["separate", "shared"] = "separate",
     return_stats: bool = False,
 ):
-    """Run K residual blocks with the BDIA update.
+    """The plain keyword form of ``apply_stack`` with the BDIA update.
 
-    Args:
-      block_fn: ``block_fn(params_k, x, context, key_k) -> h``, the residual branch, pure;
-        h has x's shape and dtype (it may compute internally in bfloat16).
-      params: pytree, every leaf stacked on a leading [depth] axis.
-      x: [batch, ...] float32 (or float64) stack input, e.g. [batch, seq, dim].
-      key: PRNG key. Draws γ (when ``gammas`` is None) and the per-block ``key_k`` given
-        to ``block_fn`` (for dropout); the backward pass replays the same keys.
-      gammas: optional [depth-1, batch] array of ±gamma for blocks 1…K-1. With
-        ``train=False`` any values broadcastable to that shape (inference-γ sweep).
-      context: optional pytree given to every block (e.g. encoder output). Differentiable.
-      gamma: |γ|, a power of two (0.5, 0.25, …).
-      frac_bits: l in δ = 2**-l; None disables quantization (autodiff/remat only).
-      backprop: "reversible" | "autodiff" | "remat".
-      train: True for the BDIA training update; False for inference (γ = 0, or ``gammas``).
-        At inference ``backprop`` only chooses plain autodiff or per-block remat
-        ("reversible" differentiates as "autodiff": γ = 0 has no inverse).
-      quantize: False gives the unquantized standard transformer at inference.
-      reversal_probe: optional float scalar (use 0.0). With "reversible", its gradient is
-        the largest |rebuilt - forward| over x_0 and x_1 (0.0 when reversal was exact).
-        Costs two stored states, constant in depth; cheap enough for training.
-      return_stats: also return a ``StackStats`` (range, overflow, non-finite values).
-      recompute: how the "reversible" backward pass gets h_k(x_k) to rebuild x_{k-1}.
-        "separate" (default): the same fenced call as the forward pass, then the block's
-        VJP as a second evaluation; exact for any block, one extra block forward per block.
-        "shared": the VJP's own primal output; one forward fewer (the step costs about what
-        per-block remat costs), exact when the block's forward has the same bits whether or
-        not its VJP is taken. XLA:CPU breaks that for ``jnp.mean``-style reductions at
-        training sizes; compute a block's statistics with ``bdia_jax.stable`` (the models
-        in ``bdia_jax.models`` do) and keep ``reversal_probe`` on to check it on your
-        hardware. Ignored by "autodiff" and "remat".
+    Builds ``method_from_flat(update="bdia", backprop=backprop, gamma=gamma,
+    frac_bits=frac_bits if quantize else None, recompute=recompute,
+    probe=reversal_probe is not None)`` and calls ``apply_stack`` (see there for key,
+    gammas, context, train, reversal_probe).
 
-    Returns:
-      x_K: same shape and dtype as x; or ``(x_K, StackStats)`` with ``return_stats``.
+    gamma: |γ| in [0, 1); "reversible" needs 2**-m (0.5, 0.25, …), other values (0.6, 0)
+      train with "autodiff" / "remat".
+    frac_bits: l in δ = 2**-l; None (or quantize=False) is the unquantized ablation.
+    backprop: "reversible" | "autodiff" | "remat"; None (default) picks "reversible" for a
+      grid with a power-of-two gamma, else "autodiff".
+    recompute: "separate" | "shared", see ``bdia_jax.Reversible``.
+    return_stats: return ``(x_K, StackStats)``. Without it a range overflow (the reversal
+      is no longer exact) is reported by a RuntimeWarning, since the caller cannot see it.
+
+    Returns x_K (same shape and dtype as x), or ``(x_K, StackStats)`` with return_stats.
     """
-    _check_backprop(backprop)
-    _check_recompute(recompute)
-    depth = _depth_of(params)
-    x = jnp.asarray(x)
-    if x.ndim < 1:
-        raise ValueError(f"x must have a leading batch axis, got shape {x.shape}.")
-    batch = x.shape[0]
-    quantized = quantize and frac_bits is not None
-    if quantized or (train and backprop == "reversible"):
-        fixed_point.exact_range(x.dtype, 0)  # raises for non-float32/64 streams
-        _check_frac_bits(frac_bits, x.dtype)
-
-    if not train:
-        block_keys, _ = _keys_and_gammas(key, None, depth, batch, gamma, x.dtype, False)
-        if gammas is not None:
-            gammas = _check_gammas(gammas, depth, batch, train=False).astype(x.dtype)
-        _check_block_output(block_fn, params, x, context, block_keys)
-        x_last, max_abs = _inference_forward(
-            block_fn, params, x, context, block_keys, gammas,
-            frac_bits if quantized else None, backprop == "remat",
-        )
-        if not return_stats:
-            return x_last
-        spec = _Spec(depth, 0.0, 0, frac_bits if quantized else None, False, False,
-                     fixed_point.exact_range(x.dtype, frac_bits) if quantized else math.inf)
-        return x_last, _stats(max_abs, spec)
-
-    if backprop == "reversible" and not quantized:
-        raise ValueError(
-            "backprop='reversible' needs the fixed-point grid: set frac_bits (e.g. 9) and "
-            "quantize=True, or use backprop='autodiff'/'remat' for the no-quantization ablation."
-        )
-    side_bits = _side_bits_of(gamma)
-    block_keys, gammas = _keys_and_gammas(key, gammas, depth, batch, gamma, x.dtype, True)
-    gammas = _check_gammas(gammas, depth, batch, train=True).astype(x.dtype)
-    _check_train_gammas_values(gammas, gamma)
-    _check_block_output(block_fn, params, x, context, block_keys)
-    if reversal_probe is not None and backprop != "reversible":
-        reversal_probe = None  # nothing is rebuilt: the probe's gradient is 0
-    spec = _Spec(
-        depth=depth,
-        gamma=float(abs(gamma)),
-        side_bits=side_bits,
-        frac_bits=frac_bits if quantized else None,
-        verify=reversal_probe is not None,
-        remat=backprop == "remat",
-        exact_range=fixed_point.exact_range(x.dtype, frac_bits) if quantized else math.inf,
-        recompute=recompute,
+    if not isinstance(quantize, bool):
+        raise ValueError(f"quantize must be True or False, got {quantize!r}.")
+    update, bp = method_from_flat(
+        update="bdia", backprop=backprop, gamma=gamma, frac_bits=frac_bits if quantize else None,
+        recompute=recompute, probe=reversal_probe is not None,
     )
-    x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
-    if backprop == "reversible":
-        probe = None if reversal_probe is None else jnp.asarray(reversal_probe, x.dtype)
-        x_last, stats = _reversible(block_fn, spec, params, x0, context, block_keys, gammas, probe)
-    else:
-        x_last, _, _, _, max_abs = _train_forward(
-            block_fn, spec, params, x0, context, block_keys, gammas, keep_bits=False
-        )
-        stats = _stats(max_abs, spec)
-    return (x_last, stats) if return_stats else x_last
+    x_last, stats = apply_stack(block_fn, params, x, update=update, backprop=bp, key=key,
+                                gammas=gammas, context=context, train=train,
+                                reversal_probe=reversal_probe)
+    if return_stats:
+        return x_last, stats
+    _warn_if_overflow(stats)
+    return x_last
 
 
 def standard_stack(
@@ -603,33 +684,20 @@ def standard_stack(
 ):
     """The conventional pre-LN transformer: x_{k+1} = x_k + h_k(x_k), unquantized.
 
-    The baseline every experiment compares against. Same block contract and key split as
-    ``bdia_stack`` (so a standard and a BDIA model given the same key draw the same dropout
-    masks). ``backprop`` is "autodiff" or "remat" ("reversible" raises: this update has no
-    exact inverse).
+    The baseline every experiment compares against: ``apply_stack`` with ``Standard()``.
+    Same block contract and key split as ``bdia_stack`` (so a standard and a BDIA model
+    given the same key draw the same dropout masks). ``backprop`` is "autodiff" or "remat"
+    ("reversible" raises: this update has no exact inverse). Returns x_K, or
+    ``(x_K, StackStats)`` with return_stats.
     """
-    if backprop == "reversible":
-        raise ValueError(
-            "standard_stack cannot use backprop='reversible': x_{k+1} = x_k + h(x_k) has no "
-            "exact inverse; use bdia_stack for reversible training, or 'autodiff'/'remat'."
-        )
-    _check_backprop(backprop)
-    return bdia_stack(
-        block_fn, params, x, key=key, context=context, frac_bits=None, backprop=backprop,
-        train=False, quantize=False, return_stats=return_stats,
-    )
-
-
-def make_spec(depth: int, *, gamma: float = 0.5, frac_bits: int = 9, dtype=jnp.float32,
-              verify: bool = False) -> _Spec:
-    """Static spec for ``bdia_encode`` / ``bdia_decode`` / ``bdia_forward_states``."""
-    _check_frac_bits(frac_bits, dtype)
-    return _Spec(depth, float(abs(gamma)), _side_bits_of(gamma), frac_bits, verify, False,
-                 fixed_point.exact_range(dtype, frac_bits))
+    _, bp = method_from_flat(update="standard", backprop=backprop)
+    out = apply_stack(block_fn, params, x, update=Standard(), backprop=bp, key=key,
+                      context=context, train=False)
+    return out if return_stats else out[0]
 
 
 def prepare_keys_and_gammas(key, depth: int, batch: int, gamma: float = 0.5,
                             dtype=jnp.float32):
-    """The (block_keys [depth], gammas [depth-1, batch]) that ``bdia_stack`` derives from
-    ``key`` in training, for use with ``bdia_encode`` / ``bdia_decode``."""
+    """The (block_keys [depth], gammas [depth-1, batch]) that a BDIA training pass derives
+    from ``key``, for use with ``bdia_forward`` / ``bdia_invert`` / ``bdia_all_states``."""
     return _keys_and_gammas(key, None, depth, batch, gamma, dtype, True)

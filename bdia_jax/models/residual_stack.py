@@ -1,15 +1,14 @@
 """``ResidualStack``: K identical residual blocks with depth-stacked parameters.
 
 The module owns the parameters (built with ``nnx.split_rngs`` + ``nnx.vmap``, so every
-parameter has a leading [depth] axis) and hands them to the pure-JAX engine:
+parameter has a leading [depth] axis) and hands them to the pure-JAX engine
+``bdia_jax.apply_stack`` with its method objects, unchanged:
 
-  update="standard"            → ``bdia_jax.standard_stack`` (x_{k+1} = x_k + h_k(x_k),
-                                   unquantized; gradient by autodiff, or per-block remat)
-  update="bdia", train=True    → ``bdia_jax.bdia_stack`` (BDIA update; gradient by
-                                   ``backprop`` = "reversible" | "autodiff" | "remat")
-  update="bdia", train=False   → ``bdia_stack(train=False)``: γ = 0 (a standard transformer),
-                                   quantized iff ``quantize_at_inference``; an optional
-                                   ``inference_gamma`` for the paper's inference-γ sweep.
+  update=Standard()            x_{k+1} = x_k + h_k(x_k), unquantized (Autodiff or Remat)
+  update=BDIA(...), train=True  the BDIA update, gradient by ``backprop``
+  update=BDIA(...), train=False γ = 0 (a standard transformer), on the grid iff
+                                ``quantize_at_inference``; an optional ``inference_gamma``
+                                for the paper's inference-γ sweep
 
 A block is any Flax NNX module whose state is only ``nnx.Param`` and whose call is
 ``block(x, context, key) -> h`` (h: x's shape and dtype; dropout only when key is not
@@ -18,46 +17,26 @@ None, drawn from that key). Pass a factory ``make_block(rngs) -> block`` to wrap
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax import fixed_point
-from bdia_jax.models.layers import ReversalProbe
-from bdia_jax.stack import (
-    BACKPROP_METHODS,
-    RECOMPUTE_MODES,
-    StackStats,
-    bdia_stack,
-    standard_stack,
+from bdia_jax.engine import StackStats, apply_stack
+from bdia_jax.methods import (
+    BDIA,
+    FLAT_METHOD_FIELDS,
+    Backprop,
+    Reversible,
+    StackMethod,
+    Update,
+    method_overrides,
 )
-
-Update = Literal["standard", "bdia"]
-UPDATES = ("standard", "bdia")
-
-
-def check_update_settings(update, backprop, gamma, frac_bits, recompute="separate") -> None:
-    """Fail early, with the fix, on a bad update/backprop/recompute combination."""
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(
-            f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}: 'shared' (the "
-            "models' blocks are built for it) or 'separate' (exact for any block)."
-        )
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}.")
-    if backprop not in BACKPROP_METHODS:
-        raise ValueError(f"backprop must be one of {BACKPROP_METHODS}, got {backprop!r}.")
-    if update == "bdia" and backprop == "reversible" and frac_bits is None:
-        raise ValueError(
-            "update='bdia' with backprop='reversible' needs frac_bits (e.g. 9): exact "
-            "reversal works on the fixed-point grid; use backprop='autodiff' for the "
-            "unquantized ablation."
-        )
-    if update == "bdia" and not isinstance(gamma, (int, float)):
-        raise ValueError(f"gamma must be a Python float such as 0.5, got {gamma!r}.")
+from bdia_jax.models.layers import ReversalProbe
 
 
 def stats_to_aux(*stats: StackStats) -> dict[str, jax.Array]:
@@ -72,6 +51,25 @@ def stats_to_aux(*stats: StackStats) -> dict[str, jax.Array]:
     return {"max_abs": max_abs, "overflow": overflow, "nonfinite": nonfinite}
 
 
+def named_config(config_cls, variants: dict[str, dict], name: str, overrides: dict):
+    """``config_cls(**variants[name], **overrides)`` for the models' ``*_config(name, ...)``.
+
+    The method may be given as objects (update=BDIA(...), backprop=Reversible(...)) or as
+    flat keywords (update="standard", backprop="remat", gamma=..., frac_bits=...,
+    recompute=...), which ``bdia_jax.methods.method_overrides`` turns into objects.
+    """
+    kind = config_cls.__name__.removesuffix("Config")
+    if name not in variants:
+        raise ValueError(f"unknown {kind} variant {name!r}; choose one of {sorted(variants)}.")
+    fields = {f.name for f in dataclasses.fields(config_cls)} | set(FLAT_METHOD_FIELDS)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown {config_cls.__name__} fields {sorted(unknown)}; valid: {sorted(fields)}."
+        )
+    return config_cls(**{**variants[name], **method_overrides(overrides)})
+
+
 class ResidualStack(nnx.Module):
     """K residual blocks x_{k+1} = x_k + h_k(x_k) (standard) or the BDIA update.
 
@@ -79,35 +77,21 @@ class ResidualStack(nnx.Module):
       make_block: ``make_block(rngs) -> nnx.Module``; called once under ``nnx.vmap`` to
         create all K blocks with a leading [depth] axis on every parameter.
       depth: K ≥ 1.
-      update: "standard" (baseline) | "bdia".
-      backprop: "reversible" | "autodiff" | "remat". With update="standard" the gradient
-        is autodiff through stored activations ("reversible" means the same there: the
-        standard update has no inverse), or per-block remat with "remat".
-      gamma: |γ| of the BDIA training update (a power of two: 0.5, 0.25, …).
-      frac_bits: l in δ = 2**-l of the fixed-point grid (None: unquantized; not with
-        "reversible").
-      quantize_at_inference: for update="bdia" at train=False, keep the stream on the grid
-        (x_0 = Q(x), x_{k+1} = x_k + Q(h)); False gives exactly the standard transformer.
-      recompute: "separate" | "shared", how the reversible backward pass gets h_k(x_k)
-        (see ``bdia_jax.bdia_stack``). "shared" is one block forward cheaper and needs
-        blocks whose statistics come from ``bdia_jax.stable`` (the models' blocks do).
+      update: ``Standard()`` | ``BDIA(gamma, frac_bits, quantize_at_inference)``.
+      backprop: ``Autodiff()`` | ``Remat()`` | ``Reversible(recompute, probe)``, or None
+        for ``bdia_jax.default_backprop(update)``. The pair is checked here
+        (``StackMethod``): Standard + Reversible raises.
       rngs: parameter initialisation.
     """
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *,
-                 update: Update = "bdia", backprop: str = "reversible", gamma: float = 0.5,
-                 frac_bits: int | None = 9, quantize_at_inference: bool = True,
-                 recompute: str = "separate", rngs: nnx.Rngs):
+                 update: Update = BDIA(), backprop: Backprop | None = None, rngs: nnx.Rngs):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
-        check_update_settings(update, backprop, gamma, frac_bits, recompute)
+        method = StackMethod(update=update, backprop=backprop)
         self.depth = depth
-        self.recompute = recompute
-        self.update = update
-        self.backprop = backprop
-        self.gamma = float(gamma)
-        self.frac_bits = frac_bits
-        self.quantize_at_inference = quantize_at_inference
+        self.update = method.update
+        self.backprop = method.backprop
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -153,50 +137,40 @@ class ResidualStack(nnx.Module):
           context: pytree given to every block (e.g. encoder output and source mask).
           key: PRNG key for the BDIA γ draw and the per-block dropout keys (train=True
             only; ignored at inference, which never drops out).
-          train: training update (True) or inference (False).
-          inference_gamma: update="bdia", train=False only: a float or an array
+          train: training update (True) or inference (False). With Reversible() an
+            inference pass runs but is not differentiable (see ``bdia_jax.apply_stack``).
+          inference_gamma: update=BDIA(...), train=False only: a float or an array
             broadcastable to [depth-1, batch] for the inference-γ sweep (None: γ = 0).
 
         Returns:
           (x_K [batch, ...] float32, StackStats).
         """
         graphdef, params = self._block_graph()
-        block_fn = self._block_fn(graphdef)
-        if inference_gamma is not None and (train or self.update != "bdia"):
+        if inference_gamma is not None and (train or not isinstance(self.update, BDIA)):
             raise ValueError(
-                "inference_gamma applies only to update='bdia' at train=False; drop it or "
-                "switch the model to update='bdia'."
+                "inference_gamma applies only to update=BDIA(...) at train=False; drop it or "
+                "switch the model to update=BDIA()."
             )
-        if self.update == "standard":
-            return standard_stack(
-                block_fn, params, x, key=key if train else None, context=context,
-                backprop="remat" if self.backprop == "remat" else "autodiff",
-                return_stats=True,
+        if train and isinstance(self.update, BDIA) and key is None:
+            raise ValueError(
+                "update=BDIA(...) with train=True needs a PRNG `key` (it draws the random "
+                "γ signs and the dropout masks): pass key=jax.random.key(step)."
             )
-        if train:
-            if key is None:
-                raise ValueError(
-                    "update='bdia' with train=True needs a PRNG `key` (it draws the random "
-                    "γ signs and the dropout masks): pass key=jax.random.key(step)."
-                )
-            probe = self.reversal_probe[...] if self.backprop == "reversible" else None
-            return bdia_stack(
-                block_fn, params, x, key=key, context=context, gamma=self.gamma,
-                frac_bits=self.frac_bits, backprop=self.backprop, train=True,
-                reversal_probe=probe, return_stats=True, recompute=self.recompute,
-            )
-        return bdia_stack(
-            block_fn, params, x, gammas=inference_gamma, context=context,
-            frac_bits=self.frac_bits, backprop=self.backprop, train=False,
-            quantize=self.quantize_at_inference, return_stats=True,
+        probe = None
+        if train and isinstance(self.backprop, Reversible) and self.backprop.probe:
+            probe = self.reversal_probe[...]
+        return apply_stack(
+            self._block_fn(graphdef), params, x, update=self.update, backprop=self.backprop,
+            key=key if train else None, gammas=inference_gamma, context=context, train=train,
+            reversal_probe=probe,
         )
 
     # ------------------------------------------------------------------ cached decoding
     @property
     def quantized_inference(self) -> bool:
         """Whether inference keeps the stream on the fixed-point grid."""
-        return (self.update == "bdia" and self.quantize_at_inference
-                and self.frac_bits is not None)
+        return (isinstance(self.update, BDIA) and self.update.quantize_at_inference
+                and self.update.frac_bits is not None)
 
     def map_blocks(self, fn: Callable[[nnx.Module], Any]):
         """Apply ``fn(block)`` to every block; outputs stacked on a leading [depth] axis.
@@ -222,7 +196,7 @@ class ResidualStack(nnx.Module):
           (x_K [batch, t, width], updated cache).
         """
         graphdef, params = self._block_graph()
-        frac_bits = self.frac_bits if self.quantized_inference else None
+        frac_bits = self.update.frac_bits if self.quantized_inference else None
         if frac_bits is not None:
             x = fixed_point.quantize(x, frac_bits)
 
