@@ -9,6 +9,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+import bdia_jax
 from bdia_jax.models import ViTConfig
 from experiments import vit_cifar
 from experiments.common import sharding, trainer
@@ -134,7 +135,8 @@ def test_standard_sweep_model_is_the_unquantized_bdia_inference_twin():
 
     standard = vit_config_for("standard")
     twin = vit_cifar.sweep_config_for(standard, "standard")
-    assert (twin.update, twin.frac_bits, twin.quantize_at_inference) == ("bdia", None, False)
+    assert twin.update == bdia_jax.BDIA(frac_bits=None, quantize_at_inference=False)
+    assert twin.backprop == bdia_jax.Autodiff()
     assert twin.width == standard.width and twin.depth == standard.depth
     bdia = vit_config_for("bdia")
     assert vit_cifar.sweep_config_for(bdia, "bdia") is bdia

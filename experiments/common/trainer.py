@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+import bdia_jax
 from experiments.common import config as config_lib
 from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
@@ -66,38 +67,20 @@ LOOP_KINDS = ("train", "eval")
 
 
 def method_fields(method: Mapping[str, Any]) -> dict:
-    """The ``update`` / ``backprop`` fields of a model config from the flat keywords of
-    ``bdia_jax.method_from_flat`` (validated there; ValueError/TypeError naming the fix)."""
-    from bdia_jax.fixed_point import MAX_FRAC_BITS
-    from bdia_jax.models.stack import check_update_settings
-
-    # Until bdia_jax.method_from_flat lands: the model configs' flat fields and checks.
-    flat = {k: v for k, v in method.items() if k != "probe"}
-    update, backprop = flat.get("update", "bdia"), flat.get("backprop", "reversible")
-    gamma, frac_bits = flat.get("gamma", 0.5), flat.get("frac_bits", 9)
-    check_update_settings(update, backprop, gamma, frac_bits, flat.get("recompute", "separate"))
-    if update == "standard" and backprop == "reversible":
-        raise ValueError("update='standard' has no inverse: use backprop='autodiff' or 'remat'.")
-    limit = MAX_FRAC_BITS[np.dtype(np.float32)]
-    if frac_bits is not None and not (isinstance(frac_bits, int) and 0 <= frac_bits <= limit):
-        raise ValueError(f"frac_bits must be an int in [0, {limit}] (the paper: 9) or None, "
-                         f"got {frac_bits!r}.")
-    if update == "bdia" and backprop == "reversible" and not (
-            0 < gamma < 1 and float(np.log2(gamma)).is_integer()):
-        raise ValueError(f"backprop='reversible' needs gamma a power of two in (0, 1) such "
-                         f"as 0.5 or 0.25, got {gamma!r}; or use backprop='autodiff'.")
-    return flat
+    """The ``update`` / ``backprop`` objects of a model config from the flat keywords of
+    ``bdia_jax.method_from_flat`` (which validates them: ValueError/TypeError naming the
+    fix)."""
+    update, backprop = bdia_jax.method_from_flat(**method)
+    return {"update": update, "backprop": backprop}
 
 
 def backprop_name(model_config) -> str:
     """"reversible", "autodiff" or "remat": how ``model_config``'s stack is differentiated."""
-    if model_config.update == "standard" and model_config.backprop == "reversible":
-        return "autodiff"
-    return model_config.backprop
+    return type(model_config.backprop).__name__.lower()
 
 
 def is_reversible(model_config) -> bool:
-    return model_config.update == "bdia" and model_config.backprop == "reversible"
+    return isinstance(model_config.backprop, bdia_jax.Reversible)
 
 
 def models_for_mode(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -303,15 +286,21 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     for field in task.fraction_fields:
         checks.fraction(_get(config, field), field)
     task.validate(config, checks, mesh)
+    # The model config checks its own fields (and a method against its stream): an error
+    # with every method is the architecture's, else the method's.
     model_checked = any(p.startswith("  --config.model.") for p in checks.problems[before:])
-    for fields in methods.values():  # the model config checks its own fields
+    failures = {}
+    for name, fields in methods.items():
         try:
             task.config_class(**config.model, **task.model_fields(config, None), **fields)
         except (TypeError, ValueError, ArithmeticError) as error:
-            line = f"  --config.model: {str(error).splitlines()[0]}"
-            if line not in checks.problems and (isinstance(error, ValueError)
-                                                or not model_checked):
-                checks.problems.append(line)
+            if isinstance(error, ValueError) or not model_checked:
+                failures[name] = str(error).splitlines()[0]
+    for name, message in failures.items():
+        shared = len(methods) > 1 and list(failures.values()).count(message) == len(methods)
+        line = f"  --config.{'model' if shared or len(methods) == 1 else f'methods.{name}'}: "
+        if line + message not in checks.problems:
+            checks.problems.append(line + message)
 
     t = config.train
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
