@@ -31,15 +31,17 @@ def worker(num_devices: int, args) -> dict:
 
     from bdia_jax.models import ViT
     from experiments import vit_cifar
-    from experiments.common import memory, sharding
+    from experiments.common import memory, sharding, trainer
     from experiments.common import train_state as ts
     from experiments.configs.vit_cifar import get_config
 
     config = get_config(args.preset)
     config.train.batch_size = args.batch
     size = config.model.image_size
+    task = vit_cifar.TASK
     out = {"devices": num_devices, "results": {}}
     for layout in args.layouts.split(","):
+        # The trainer's layouts: parameters replicated ("dp") or FSDP over every device.
         mesh = sharding.make_mesh(devices, fsdp=num_devices if layout == "fsdp" else 1)
         batch_sharding = sharding.batch_sharding(mesh)
         batch = {
@@ -47,8 +49,9 @@ def worker(num_devices: int, args) -> dict:
                                           sharding=batch_sharding),
             "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding),
         }
-        for update in args.models.split(","):
-            vit_cfg = vit_cifar.vit_config_for(config, update)
+        for name in args.models.split(","):
+            vit_cfg = task.config_class(**config.model,
+                                        **trainer.method_fields(config.methods[name]))
             optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
             graphdef, state = ts.create_train_state(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
                                                     jax.random.PRNGKey(0))
@@ -57,12 +60,12 @@ def worker(num_devices: int, args) -> dict:
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                 shardings)
             compiled = ts.compile_train_step(
-                ts.make_train_step(graphdef, vit_cifar.make_loss_fn(config), optimizer,
+                ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
                                    schedule=schedule,
                                    gather_params=sharding.gather_sharding(mesh)),
                 abstract, batch, state_sharding=shardings, batch_sharding=batch_sharding,
                 metrics_sharding=sharding.replicated_sharding(mesh))
-            out["results"][f"{layout}/{update}"] = memory.compiled_memory(compiled)
+            out["results"][f"{layout}/{name}"] = memory.compiled_memory(compiled)
     return out
 
 
@@ -71,7 +74,8 @@ def main(argv=None):
     parser.add_argument("--preset", default="quick", help="vit_cifar preset (model size)")
     parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
     parser.add_argument("--batch", type=int, default=128, help="global batch (divisible)")
-    parser.add_argument("--models", default="standard,bdia", help="standard and/or bdia")
+    parser.add_argument("--models", default="standard,bdia",
+                        help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
     parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)

@@ -9,8 +9,10 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+import bdia_jax
+from bdia_jax.models import ViTConfig
 from experiments import vit_cifar
-from experiments.common import sharding
+from experiments.common import sharding, trainer
 from experiments.common.config import ConfigError
 from experiments.configs.vit_cifar import get_config
 
@@ -82,7 +84,8 @@ def test_compare_mode_trains_both_models_from_the_same_start(tmp_path):
     standard x_0 + h(x_0) up to ~1e-6, so the two training curves coincide closely; a
     different init, batch order or augmentation would separate them at once."""
     config = _tiny(log_every_steps=1, num_epochs=1)
-    config.model.update(depth=1, frac_bits=20, dropout=0.0, attention_dropout=0.0)
+    config.model.update(depth=1, dropout=0.0, attention_dropout=0.0)
+    config.methods.bdia.frac_bits = 20
     config.eval.sweep_gammas = ()
     with tfds.testing.mock_data(num_examples=256):
         vit_cifar.train_and_evaluate(config, str(tmp_path))
@@ -102,13 +105,13 @@ def test_validation_reports_every_bad_field():
     config.model.num_heads = 3  # does not divide width 32
     config.mode = "both"
     config.train.on_nonfinite = "ignore"
-    config.model.gamma = 0.3
+    config.methods.bdia.recompute = "twice"
     with pytest.raises(ConfigError) as info:
         vit_cifar.validate_config(config, sharding.make_mesh())
     text = str(info.value)
-    for field in ("model.depth", "model.num_heads", "mode", "train.on_nonfinite",
-                  "model.gamma"):
+    for field in ("model.depth", "model", "mode", "train.on_nonfinite", "methods.bdia"):
         assert f"--config.{field}:" in text, field
+    assert "num_heads (3)" in text and "recompute" in text
     assert "5 problems" in text
 
 
@@ -116,8 +119,8 @@ def test_presets():
     assert get_config().preset == "quick"
     paper = get_config("paper")
     assert (paper.model.depth, paper.model.width, paper.model.num_heads, paper.model.mlp_dim,
-            paper.model.patch_size, paper.train.batch_size, paper.model.gamma,
-            paper.model.frac_bits) == (6, 512, 8, 512, 4, 128, 0.5, 9)
+            paper.model.patch_size, paper.train.batch_size, paper.methods.bdia.gamma,
+            paper.methods.bdia.frac_bits) == (6, 512, 8, 512, 4, 128, 0.5, 9)
     for preset in ("quick", "paper", "tiny"):
         vit_cifar.validate_config(get_config(preset), sharding.make_mesh())
     with pytest.raises(ValueError, match="unknown vit_cifar preset 'huge'"):
@@ -126,12 +129,17 @@ def test_presets():
 
 def test_standard_sweep_model_is_the_unquantized_bdia_inference_twin():
     config = get_config("tiny")
-    standard = vit_cifar.vit_config_for(config, "standard")
-    twin = vit_cifar.sweep_config_for(standard)
-    assert (twin.update, twin.frac_bits, twin.quantize_at_inference) == ("bdia", None, False)
+
+    def vit_config_for(name):
+        return ViTConfig(**config.model, **trainer.method_fields(config.methods[name]))
+
+    standard = vit_config_for("standard")
+    twin = vit_cifar.sweep_config_for(standard, "standard")
+    assert twin.update == bdia_jax.BDIA(frac_bits=None, quantize_at_inference=False)
+    assert twin.backprop == bdia_jax.Autodiff()
     assert twin.width == standard.width and twin.depth == standard.depth
-    bdia = vit_cifar.vit_config_for(config, "bdia")
-    assert vit_cifar.sweep_config_for(bdia) is bdia
+    bdia = vit_config_for("bdia")
+    assert vit_cifar.sweep_config_for(bdia, "bdia") is bdia
 
 
 def _cli(args, cwd, env_extra=None):

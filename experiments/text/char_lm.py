@@ -129,7 +129,7 @@ class CharVocab:
                 "data.vocab_source='all' to build the vocabulary from every split."
             ) from None
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
         """int ids -> text."""
         return "".join(self.chars[int(i)] for i in ids)
 
