@@ -108,7 +108,10 @@ class CharLM(trainer.Task):
                           "loss (nats / character)", (
                               plots.Series("train", "loss", "minibatch", alpha=0.25),
                               plots.Series("eval", "val_loss", "validation", marker="o"),
-                              plots.Series("eval", "train_loss", "training", "--", "s"))),)
+                              plots.Series("eval", "train_loss", "training", "--", "s"))),
+              # Overfitting shows as a gap that keeps growing.
+              plots.Panel("generalization gap", "validation - training loss", (
+                  plots.Series("eval", "gap", "gap", marker="o"),)))
     plot_file = "losses.png"
     plot_title = "Character LM: training and validation loss"
 
@@ -126,6 +129,8 @@ class CharLM(trainer.Task):
         checks.require(0 < d.val_fraction < 1, "data.val_fraction",
                        f"must be in (0, 1), got {d.val_fraction}")
         checks.one_of(d.vocab_source, ("train", "all"), "data.vocab_source")
+        checks.require(0 < d.train_fraction <= 1, "data.train_fraction",
+                       f"must be in (0, 1], got {d.train_fraction}")
         for field in ("num_steps", "batch_size", "eval_every_steps"):
             checks.int_at_least(t[field], f"train.{field}")
         if all(isinstance(t[f], int) and t[f] >= 1 for f in ("num_steps", "eval_every_steps")):
@@ -153,6 +158,9 @@ class CharLM(trainer.Task):
             texts = {"train": char_lm.read_tfds_text(d.tfds_name, d.train_split, **kwargs),
                      "validation": char_lm.read_tfds_text(d.tfds_name, d.val_split, **kwargs)}
             source = f"tfds:{d.tfds_name} ({d.train_split} / {d.val_split})"
+        if d.train_fraction < 1:
+            texts["train"] = texts["train"][:int(len(texts["train"]) * d.train_fraction)]
+            source += f", first {d.train_fraction:.0%} of the training text"
         vocab_text = texts["train"] if d.vocab_source == "train" else "".join(texts.values())
         vocab = char_lm.vocab_train_or_load(os.path.join(workdir, "vocab.json"), vocab_text)
         return LMData(vocab, vocab.encode(texts["train"], what="the training text"),
