@@ -650,7 +650,7 @@ def side_by_side(task: Task, runs: list[list[dict]]) -> str:
     ]
     cells = [(label, [_cell([get(r) for r in seeds], fmt) for seeds in runs])
              for label, get, fmt in rows]
-    cells.append(("overflow / non-finite / skipped" + (" (all seeds)" if len(runs[0]) > 1
+    cells.append(("overflow/non-finite/skipped" + (" (sum)" if len(runs[0]) > 1
                                                          else ""),
                   [" / ".join(str(sum(r.get(k, 0) for r in seeds)) for k in
                               ("overflow_steps", "nonfinite_steps", "skipped_steps"))
