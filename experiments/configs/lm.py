@@ -92,21 +92,16 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick", "full", "tiny" or "overfit")."""
-    preset = common.check_preset("lm", preset, PRESETS)
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("lm", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: both models train, evaluate and sample in ~10 minutes.
         c.model.update(max_len=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
                        attention_dropout=0.0)
-        c.train.num_steps = 600
-        c.train.batch_size = 32
-        c.train.eval_every_steps = 100
-        c.optim.warmup_epochs = 0.5  # 50 steps
-        c.optim.learning_rate = 2e-3
-        c.eval.num_windows = 64
-        c.eval.sample_length = 300
-    elif preset == "overfit":
+        c.train.update(num_steps=600, batch_size=32, eval_every_steps=100)
+        # warmup_epochs: 50 steps
+        c.optim.update(warmup_epochs=0.5, learning_rate=2e-3)
+        c.eval.update(num_windows=64, sample_length=300)
+    elif c.preset == "overfit":
         # The paper's GPT claim (BDIA: higher training loss, lower validation loss) in a
         # regime that overfits: the quick model on the first 10% of tiny_shakespeare's
         # training text (~100k characters), 1,500 steps of 32 x 64 characters (~30 passes),
@@ -115,25 +110,16 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
                        attention_dropout=0.0)
         c.data.train_fraction = 0.1
         c.seeds = (0, 1, 2)
-        c.train.num_steps = 1500
-        c.train.batch_size = 32
-        c.train.eval_every_steps = 100  # the validation-loss (and gap) curve: 15 points
-        c.optim.warmup_epochs = 0.5  # 50 steps
-        c.optim.learning_rate = 2e-3
-        c.eval.num_windows = 128
-        c.eval.sample_length = 300
-    elif preset == "full":
+        # eval_every_steps: the validation-loss (and gap) curve, 15 points
+        c.train.update(num_steps=1500, batch_size=32, eval_every_steps=100)
+        c.optim.update(warmup_epochs=0.5, learning_rate=2e-3)
+        c.eval.update(num_windows=128, sample_length=300)
+    elif c.preset == "full":
         c.train.log_every_steps = 100
-    elif preset == "tiny":
+    elif c.preset == "tiny":
         c.model.update(max_len=16, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
                        attention_dropout=0.0)
-        c.train.num_steps = 8
-        c.train.batch_size = 4
-        c.train.eval_every_steps = 4
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.num_windows = 8
-        c.eval.batch_size = 4
-        c.eval.num_samples = 1
-        c.eval.sample_length = 20
+        c.train.update(num_steps=8, batch_size=4, eval_every_steps=4, log_every_steps=2,
+                       checkpoint_every_steps=4)
+        c.eval.update(num_windows=8, batch_size=4, num_samples=1, sample_length=20)
     return c

@@ -87,55 +87,37 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick", "paper", "tiny", "overfit", "gamma_ablation")."""
-    preset = common.check_preset("vit_cifar", preset, PRESETS)
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("vit_cifar", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: a width-64 ViT, one epoch over all 50k training images,
         # for each model, plus a full test evaluation and a 5-point γ sweep on 2000 test
         # images (the README's results give the figures and the wall time).
         c.model.update(width=64, depth=4, num_heads=2, mlp_dim=128, patch_size=4)
-        c.train.num_epochs = 1
-        c.train.batch_size = 128
-        c.train.log_every_steps = 25
-        c.eval.sweep_gammas = (-0.5, -0.25, 0.0, 0.25, 0.5)
-        c.eval.sweep_num_examples = 2000
-    elif preset == "paper":
+        c.train.update(num_epochs=1, batch_size=128, log_every_steps=25)
+        c.eval.update(sweep_gammas=(-0.5, -0.25, 0.0, 0.25, 0.5), sweep_num_examples=2000)
+    elif c.preset == "paper":
         c.model.update(width=512, depth=6, num_heads=8, mlp_dim=512, patch_size=4,
                        dropout=0.1, attention_dropout=0.1)
         c.methods.bdia.update(gamma=0.5, frac_bits=9)
-        c.train.batch_size = 128
-        c.train.num_epochs = 200  # long training, as in the paper's CIFAR-10 runs
-        c.train.log_every_steps = 100
-        c.train.checkpoint_every_steps = 2000
-        c.optim.learning_rate = 5e-4
-        c.optim.warmup_epochs = 5.0
-        c.optim.weight_decay = 0.05
-        c.eval.batch_size = 1024
-        c.eval.sweep_num_examples = 0
-    elif preset == "tiny":
+        # num_epochs: long training, as in the paper's CIFAR-10 runs
+        c.train.update(batch_size=128, num_epochs=200, log_every_steps=100,
+                       checkpoint_every_steps=2000)
+        c.optim.update(learning_rate=5e-4, warmup_epochs=5.0, weight_decay=0.05)
+        c.eval.update(batch_size=1024, sweep_num_examples=0)
+    elif c.preset == "tiny":
         c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
-        c.data.num_train_examples = 256
-        c.data.num_test_examples = 128
-        c.train.num_epochs = 2
-        c.train.batch_size = 32
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.batch_size = 64
-        c.eval.sweep_gammas = (-0.5, 0.0, 0.5)
-        c.eval.sweep_num_examples = 0
-    elif preset in ("overfit", "gamma_ablation"):
+        c.data.update(num_train_examples=256, num_test_examples=128)
+        c.train.update(num_epochs=2, batch_size=32, log_every_steps=2, checkpoint_every_steps=4)
+        c.eval.update(batch_size=64, sweep_gammas=(-0.5, 0.0, 0.5), sweep_num_examples=0)
+    elif c.preset in ("overfit", "gamma_ablation"):
         # The quick model at depth 6 on a tenth of the training set: the standard ViT's test
         # accuracy stalls halfway through while its training accuracy keeps rising.
         c.model.update(width=64, depth=6, num_heads=2, mlp_dim=128, patch_size=4)
         c.data.num_train_examples = 5000
-        c.mode = "table1" if preset == "overfit" else "gamma_ablation"
+        c.mode = "table1" if c.preset == "overfit" else "gamma_ablation"
         c.seeds = (0, 1, 2)
-        c.train.num_epochs = 60
-        c.train.batch_size = 128
-        c.train.eval_every_epochs = 2  # the test loss curve: 30 points per model
-        c.train.log_every_steps = 20
-        c.train.checkpoint_every_steps = 400
-        c.eval.sweep_gammas = (-0.5, -0.25, 0.0, 0.25, 0.5)
-        c.eval.sweep_num_examples = 2000
+        # eval_every_epochs: the test loss curve, 30 points per model
+        c.train.update(num_epochs=60, batch_size=128, eval_every_epochs=2, log_every_steps=20,
+                       checkpoint_every_steps=400)
+        c.eval.update(sweep_gammas=(-0.5, -0.25, 0.0, 0.25, 0.5), sweep_num_examples=2000)
     return c
