@@ -77,7 +77,10 @@ class CharLM(trainer.Task):
                           "loss (nats / character)", (
                               plots.Series("train", "loss", "minibatch", alpha=0.25),
                               plots.Series("eval", "val_loss", "validation", marker="o"),
-                              plots.Series("eval", "train_loss", "training", "--", "s"))),)
+                              plots.Series("eval", "train_loss", "training", "--", "s"))),
+              # Overfitting shows as a gap that keeps growing.
+              plots.Panel("generalization gap", "validation - training loss", (
+                  plots.Series("eval", "gap", "gap", marker="o"),)))
     plot_file, plot_title = "losses.png", "Character LM: training and validation loss"
 
     def validate(self, config, checks, mesh):
@@ -89,6 +92,8 @@ class CharLM(trainer.Task):
         checks.require(0 < d.val_fraction < 1, "data.val_fraction",
                        f"must be in (0, 1), got {d.val_fraction}")
         checks.one_of(d.vocab_source, ("train", "all"), "data.vocab_source")
+        checks.require(0 < d.train_fraction <= 1, "data.train_fraction",
+                       f"must be in (0, 1], got {d.train_fraction}")
         if all(isinstance(t[f], int) and t[f] >= 1 for f in ("num_steps", "eval_every_steps")):
             checks.require(t.num_steps % t.eval_every_steps == 0, "train.num_steps",
                            f"must be a multiple of train.eval_every_steps="

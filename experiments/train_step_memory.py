@@ -29,7 +29,6 @@ def worker(num_devices: int, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from bdia_jax.models import ViT
     from experiments import vit_cifar
     from experiments.common import memory, sharding, trainer
     from experiments.common import train_state as ts
@@ -50,11 +49,12 @@ def worker(num_devices: int, args) -> dict:
             "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding),
         }
         for name in args.models.split(","):
-            vit_cfg = task.config_class(**config.model,
-                                        **trainer.method_fields(config.methods[name]))
+            # RevViT too: the trainer builds every config.methods entry.
+            model_cfg, model_class = trainer.build_model_config(
+                task, config, config.methods[name].to_dict(), None)
             optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-            graphdef, state = ts.create_train_state(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
-                                                    jax.random.PRNGKey(0))
+            graphdef, state = ts.create_train_state(model_class(model_cfg, rngs=nnx.Rngs(0)),
+                                                    optimizer, jax.random.PRNGKey(0))
             shardings = sharding.train_state_shardings(state, mesh)
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,

@@ -1,9 +1,17 @@
-"""Standard ViT vs BDIA-ViT on CIFAR-10: the project's main job.
+"""Standard ViT vs BDIA-ViT (and RevViT) on CIFAR-10: the project's main job.
 
-    python -m experiments.vit_cifar                       # quick preset, both models
+    python -m experiments.vit_cifar                       # quick preset, ViT and BDIA-ViT
+    python -m experiments.vit_cifar --config.mode=table1  # ViT, RevViT, BDIA-ViT (Table 1)
+    python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:overfit
+    python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:gamma_ablation
     python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:paper \\
         --workdir=runs/vit_cifar_paper --data_dir=/path/to/tensorflow_datasets
     python -m experiments.vit_cifar --config.mode=bdia --config.train.num_epochs=3
+
+Modes beyond the trainer's: "table1" trains ViT, RevViT and BDIA-ViT; "gamma_ablation" the
+unquantized BDIA-ViT (autodiff) at γ = 0, ±0.25, ±0.5, ±0.6 (the paper's Table 2).
+RevViT (``bdia_jax.models.RevViT``, ``config.methods.revvit``) shares ``config.model``; its
+floating-point reconstruction error is reported, not checked to be 0; it has no inference γ.
 
 Trains the models that ``config.mode`` names (see ``experiments.common.trainer``) with
 on-device crop/flip augmentation; evaluates on the test split with E[γ] = 0 and runs the
@@ -22,12 +30,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bdia_jax.models import ViT, ViTConfig
+from bdia_jax.models import RevViT, RevViTConfig, ViT, ViTConfig
 from experiments import cifar_data
 from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common import train_state as ts
 from experiments.common.loop import log
-from experiments.configs.vit_cifar import PRESETS
+from experiments.configs.vit_cifar import GAMMA_ABLATION, PRESETS
 
 # The inference update that a standard ViT's parameters are swept in (the paper applies
 # γ to a conventionally trained model this way; at γ = 0 it is the standard transformer).
@@ -46,7 +54,9 @@ def sweep_config_for(vit_cfg: ViTConfig, update: str) -> ViTConfig:
 def _eval_sums(model, batch, gamma):
     """{"correct", "loss_sum", "count"} of one padded batch ("mask": real examples) at
     E[γ] = 0 (``gamma`` None) or at a traced inference γ (one compilation per sweep)."""
-    logits, _ = model(cifar_data.normalize(batch["image"]), train=False, inference_gamma=gamma)
+    # RevViT has no inference γ (it is only ever evaluated with gamma None).
+    kwargs = {} if gamma is None else {"inference_gamma": gamma}
+    logits, _ = model(cifar_data.normalize(batch["image"]), train=False, **kwargs)
     mask = batch["mask"].astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -64,7 +74,12 @@ def evaluate(step, state, data: cifar_data.ImageSplit, batch_size: int, mesh, ga
 class ViTCifar(trainer.Task):
     name, presets = "vit_cifar", PRESETS
     config_class, model_class = ViTConfig, ViT
-    display_names = {"standard": "ViT", "bdia": "BDIA-ViT", "revvit": "RevViT"}
+    architectures = {"revvit": trainer.Architecture(RevViTConfig, RevViT)}
+    mode_models = {"table1": ("standard", "revvit", "bdia"),
+                   "gamma_ablation": tuple(GAMMA_ABLATION)}
+    display_names = {"standard": "ViT", "bdia": "BDIA-ViT", "revvit": "RevViT",
+                     **{name: f"BDIA γ=±{g:g}" if g else "BDIA γ=0"
+                        for name, g in GAMMA_ABLATION.items()}}
     summary_keys = ("loss", "accuracy", "reversal_error_max", "overflow_steps")
     data_dir_field = "data.data_dir"
     data_dir_help = "TFDS data dir (default: config.data.data_dir, then $TFDS_DATA_DIR)."
@@ -163,7 +178,7 @@ class ViTCifar(trainer.Task):
         e, test = run.config.eval, run.data["test"]
         gammas = [float(g) for g in e.sweep_gammas]
         sweep = {"gammas": [], "accuracy": [], "num_examples": 0}
-        if gammas:
+        if gammas and "architecture" not in run.method:  # RevViT: no inference γ
             sweep_cfg = sweep_config_for(run.model_config, run.method.get("update"))
             graphdef = run.graphdef if sweep_cfg == run.model_config else ts.split_model(
                 nnx.eval_shape(lambda: ViT(sweep_cfg, rngs=nnx.Rngs(run.seed))))[0]
@@ -186,10 +201,11 @@ class ViTCifar(trainer.Task):
         return {"test_examples": len(test), "gamma_sweep": sweep}
 
     def extra_rows(self, results):
+        gammas = max((r["gamma_sweep"]["gammas"] for r in results), key=len)
         return [(f"accuracy at inference γ={g:+.2f}",
-                 [f"{r['gamma_sweep']['accuracy'][i]:.2%}"
-                  if i < len(r["gamma_sweep"]["accuracy"]) else "n/a" for r in results])
-                for i, g in enumerate(results[0]["gamma_sweep"]["gammas"])]
+                 lambda r, i=i: (r["gamma_sweep"]["accuracy"][i]
+                                 if i < len(r["gamma_sweep"]["accuracy"]) else None), "{:.2%}")
+                for i, g in enumerate(gammas)]
 
     def write_files(self, config, workdir, results):
         lines = {r["name"]: (r["gamma_sweep"]["gammas"], r["gamma_sweep"]["accuracy"])

@@ -64,6 +64,8 @@ class LoopSettings:
       it, go on). Either way a run with skipped updates ends with one warning line.
     progress: "auto" (bars when stderr is a terminal), "on" or "off".
     examples_per_step: global batch size, for examples per second.
+    exact_reversal: a non-zero reversal error is a defect worth a warning (BDIA on its
+      grid); False for a floating-point reversal (RevViT), whose error is only measured.
     nonfinite_fix, overflow_fix, reversal_fix, skipped_fix: the end of the message at a
       non-finite step, at a range overflow, at an inexact reversal and after a run with
       skipped updates: what the user can change (the trainer names its config flags here;
@@ -78,6 +80,7 @@ class LoopSettings:
     on_nonfinite: str = "stop"
     progress: str = "auto"
     examples_per_step: int = 1
+    exact_reversal: bool = True
     nonfinite_fix: str = "Lower the learning rate or clip the gradients."
     overflow_fix: str = "Use fewer fractional bits or a lower learning rate."
     reversal_fix: str = "Use the separate recompute mode or remat."
@@ -260,7 +263,8 @@ def run_loop(
                     epoch_metrics += host
                     means = _mean_metrics(host)
                     reversal_error = means.get("reversal_error_max", 0.0)
-                    if reversal_error > 0.0 and result.max_reversal_error == 0.0:
+                    if (settings.exact_reversal and reversal_error > 0.0
+                            and result.max_reversal_error == 0.0):
                         # Not fatal (the gradients are only slightly off), but never silent.
                         log(f"[{name}] WARNING: the reversible backward pass did not rebuild "
                             f"the states exactly by step {done} (reversal error "

@@ -9,8 +9,13 @@ The trainer does everything else, the same way for every experiment:
   ``distributed``), the task's own fields in ``Task.validate``, and the model config's
   own checks by building it;
 * the models of a run: ``config.mode`` is "compare" (every name of ``config.models``, in
-  order) or one name of ``config.methods``; each entry of ``config.methods`` holds the flat
-  keywords of ``bdia_jax.method_from_flat``;
+  order), a mode of the task's ``mode_models`` (its list of names, e.g. vit_cifar's
+  "table1"), or one name of ``config.methods``; each entry of ``config.methods`` holds the
+  flat keywords of ``bdia_jax.method_from_flat``, or ``architecture=<name>`` and that
+  architecture's own method fields (``Task.architectures``, e.g. RevViT);
+* the seeds: ``config.seeds`` empty trains ``config.seed`` in ``workdir``; else every seed
+  in its own ``workdir/seed_<s>/`` (a complete, separately resumable run) and the summary
+  and table give mean ± standard deviation over the seeds (``aggregate``);
 * per model: the same initialisation, data order and keys; train state on the mesh
   (replicated, or FSDP-sharded with the weights all-gathered in the train AND the eval
   steps); checkpoint and resume (records past the restored step, or all of a model's
@@ -76,17 +81,84 @@ def method_fields(method: Mapping[str, Any]) -> dict:
 
 
 def backprop_name(model_config) -> str:
-    """"reversible", "autodiff" or "remat": how ``model_config``'s stack is differentiated."""
-    return type(model_config.backprop).__name__.lower()
+    """"reversible", "autodiff" or "remat": how ``model_config``'s stack is differentiated
+    (a method object, or an architecture's own string such as RevViT's)."""
+    backprop = model_config.backprop
+    return backprop if isinstance(backprop, str) else type(backprop).__name__.lower()
 
 
 def is_reversible(model_config) -> bool:
     return isinstance(model_config.backprop, bdia_jax.Reversible)
 
 
-def models_for_mode(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """"compare" → every name of ``config.models``; else the one name ``mode`` gives."""
-    return tuple(config.models) if config.mode == "compare" else (config.mode,)
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A model a task trains besides its own (``config.methods.<name>.architecture``).
+
+    config_class(**config.model fields it has, **the entry's other keys) builds its config
+    (``backprop`` among them: "reversible" | "autodiff"); model_class(config, rngs=...)
+    the model, with the call and aux of the task's model. Its reversal (``backprop`` =
+    "reversible") is exact only in real arithmetic: the probe's error is reported, never
+    warned about.
+    """
+
+    config_class: type
+    model_class: type
+
+
+def models_for_mode(config: ml_collections.ConfigDict, task: Task | None = None
+                    ) -> tuple[str, ...]:
+    """"compare" → every name of ``config.models``; a mode of ``task.mode_models`` → its
+    names; else the one name ``mode`` gives."""
+    if config.mode == "compare":
+        return tuple(config.models)
+    if task is not None and config.mode in task.mode_models:
+        return tuple(task.mode_models[config.mode])
+    return (config.mode,)
+
+
+def seeds_of(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The seeds a run trains: ``config.seeds``, or ``(config.seed,)`` when it is empty."""
+    return tuple(config.seeds) or (config.seed,)
+
+
+def _architecture(task: Task, method: Mapping[str, Any]) -> Architecture | None:
+    name = method.get("architecture")
+    if name is None:
+        return None
+    if name not in task.architectures:
+        raise ValueError(f"architecture must be one of {tuple(task.architectures)}, got "
+                         f"{name!r}.")
+    return task.architectures[name]
+
+
+def build_model_config(task: Task, config, method: Mapping[str, Any], data):
+    """(model config, model class) of one ``config.methods`` entry (``data`` None while
+    validating). An architecture entry gets the ``config.model`` fields its config class
+    has; a field it lacks must keep the task's default (else a ValueError naming it)."""
+    arch = _architecture(task, method)
+    model_fields = {**config.model, **task.model_fields(config, data)}
+    if arch is None:
+        return (task.config_class(**model_fields, **method_fields(method)),
+                task.model_class)
+    own = {f.name for f in dataclasses.fields(arch.config_class)}
+    defaults = {f.name: f.default for f in dataclasses.fields(task.config_class)}
+    for field, value in model_fields.items():
+        if field not in own and field in defaults and value != defaults[field]:
+            raise ValueError(f"{arch.config_class.__name__} has no field {field!r}: keep "
+                             f"--config.model.{field}={defaults[field]!r} to train it.")
+    fields = {k: v for k, v in model_fields.items() if k in own}
+    extra = {k: v for k, v in method.items() if k != "architecture"}
+    return arch.config_class(**fields, **extra), arch.model_class
+
+
+def reversal_kind(model_config) -> str | None:
+    """"exact" (BDIA's Reversible: a non-zero error is a defect), "floating-point" (an
+    architecture's own reversible backward, e.g. RevViT: its error is only measured) or
+    None (no reversal: autodiff or remat)."""
+    if is_reversible(model_config):
+        return "exact"
+    return "floating-point" if model_config.backprop == "reversible" else None
 
 
 # --------------------------------------------------------------------------- the task
@@ -122,7 +194,9 @@ class Task:
 
     name: the experiment (``experiments/configs/<name>.py``, ``runs/<name>_<preset>``).
     presets: its presets. config_class, model_class: the model (``model_class(
-      config_class(...), rngs=...)``). display_names: model name → name in records.
+      config_class(...), rngs=...)``). architectures: other models it trains (name →
+      ``Architecture``). mode_models: modes that name a list of models (e.g. "table1").
+      display_names: model name → name in records.
     resumable: the task's fields that may change on resume. errors: the task's data
       errors, ended with one line by the command line. data_dir_field, data_dir_help: the
       config field that --data_dir sets, and its help.
@@ -141,6 +215,8 @@ class Task:
     presets: tuple[str, ...] = ()
     config_class: type = object
     model_class: type = object
+    architectures: Mapping[str, Architecture] = {}
+    mode_models: Mapping[str, tuple[str, ...]] = {}
     display_names: Mapping[str, str] = {}
     resumable: tuple[str, ...] = ()
     errors: tuple[type[BaseException], ...] = ()
@@ -167,11 +243,6 @@ class Task:
     def data_record(self, data) -> dict:
         """What the data is (summary.json's "data", and the log)."""
         raise NotImplementedError
-
-    def model_classes(self, name: str) -> tuple[type, type]:
-        """(config class, module class) of the model ``config.methods[name]`` (a baseline
-        of another class, e.g. a RevViT, is chosen here by its name)."""
-        return self.config_class, self.model_class
 
     def model_fields(self, config, data) -> dict:
         """Model-config fields that come from the data (vocabulary sizes, ...); ``data``
@@ -201,7 +272,9 @@ class Task:
         """The task's extra figures of a trained model (merged into its result)."""
         return {}
 
-    def extra_rows(self, results: list[dict]) -> list[tuple[str, list[str]]]:
+    def extra_rows(self, results: list[dict]) -> list[tuple[str, Callable, str]]:
+        """More rows of the side-by-side table: (label, result -> value or None, format);
+        ``results``: one result per model (of the first seed)."""
         return []
 
     def write_files(self, config, workdir: str, results: list[dict]) -> list[str]:
@@ -270,15 +343,26 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     checks = config_lib.Checks()
     checks.one_of(config.preset, task.presets, "preset")
     checks.int_at_least(config.seed, "seed", 0)
+    seeds = tuple(config.seeds)
+    checks.require(all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+                   and len(set(seeds)) == len(seeds), "seeds",
+                   f"must be distinct ints >= 0 (empty: config.seed alone), got {seeds}")
     models, names = tuple(config.models), tuple(config.methods)
     in_order = (*[n for n in models if n in names], *[n for n in names if n not in models])
-    checks.one_of(config.mode, ("compare", *in_order), "mode")
+    checks.one_of(config.mode, ("compare", *task.mode_models, *in_order), "mode")
     checks.require(bool(models) and set(models) <= set(names) and len(set(models)) == len(models),
                    "models", f"must name distinct entries of config.methods {names}, got {models}")
+    for mode, listed in task.mode_models.items():
+        if config.mode == mode:
+            checks.require(set(listed) <= set(names), "methods",
+                           f"mode {mode!r} trains {listed}; config.methods lacks "
+                           f"{tuple(n for n in listed if n not in names)}")
     methods = {}
     for name in names:
+        method = config.methods[name].to_dict()
         try:
-            methods[name] = method_fields(config.methods[name].to_dict())
+            arch = _architecture(task, method)
+            methods[name] = method if arch is not None else method_fields(method)
         except (TypeError, ValueError) as error:
             checks.require(False, f"methods.{name}", str(error).splitlines()[0])
     before = len(checks.problems)
@@ -291,10 +375,9 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     # with every method is the architecture's, else the method's.
     model_checked = any(p.startswith("  --config.model.") for p in checks.problems[before:])
     failures = {}
-    for name, fields in methods.items():
+    for name in methods:
         try:
-            config_class, _ = task.model_classes(name)
-            config_class(**config.model, **task.model_fields(config, None), **fields)
+            build_model_config(task, config, config.methods[name].to_dict(), None)
         except (TypeError, ValueError, ArithmeticError) as error:
             if isinstance(error, ValueError) or not model_checked:
                 failures[name] = str(error).splitlines()[0]
@@ -362,9 +445,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
 
     seed = config.seed
     method = config.methods[name].to_dict()
-    config_class, model_class = task.model_classes(name)
-    model_config = config_class(**config.model, **task.model_fields(config, data),
-                                **method_fields(method))
+    model_config, model_class = build_model_config(task, config, method, data)
     model = model_class(model_config, rngs=nnx.Rngs(seed))  # same init for all models
     num_epochs, spe, eval_every, examples_per_step = task.schedule(config, data)
     num_steps = num_epochs * spe
@@ -409,7 +490,8 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     compile_seconds = time.perf_counter() - compile_start
     compiled_mem = memory.compiled_memory(measured)
     fsdp = sharding.fsdp_size(mesh)
-    log(f"[{display}] {num_params:,} parameters, update={method.get('update')}, "
+    kind = method.get("update", method.get("architecture"))
+    log(f"[{display}] {num_params:,} parameters, update={kind}, "
         f"backprop={backprop_name(model_config)}; {num_steps} steps ({num_epochs} epochs x "
         f"{spe}) of {examples_per_step:.4g} {task.throughput[1]} on "
         f"{sharding.num_data_shards(mesh)} device(s)"
@@ -424,7 +506,8 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
         num_epochs=num_epochs, steps_per_epoch=spe, log_every_steps=t.log_every_steps,
         eval_every_epochs=eval_every, stop_after_steps=t.stop_after_steps,
         on_nonfinite=t.on_nonfinite, progress=t.progress,
-        examples_per_step=examples_per_step, **_fixes(name),
+        examples_per_step=examples_per_step,
+        exact_reversal=reversal_kind(model_config) != "floating-point", **_fixes(name),
     )
     try:
         state, loop_result = run_loop(
@@ -462,9 +545,11 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
         throughput_key: examples_per_step / step_time if step_time else None,
         "train_seconds": loop_result.train_seconds,
         "timed_steps": loop_result.timed_steps,
+        "reversal": reversal_kind(model_config),
         "reversal_error_max": loop_result.max_reversal_error,
+        # Claimed only for BDIA's exact reversal; a floating-point one is just measured.
         "reversal_exact": (loop_result.max_reversal_error == 0.0
-                           if is_reversible(model_config) else None),
+                           if reversal_kind(model_config) == "exact" else None),
         "overflow_steps": loop_result.overflow_steps,
         "nonfinite_steps": loop_result.nonfinite_steps,
         "skipped_steps": loop_result.skipped_steps,
@@ -513,42 +598,129 @@ def memory_record(compiled_mem: dict | None, device_mem: dict | None) -> dict:
 # --------------------------------------------------------------------------- whole run
 
 
-def _cell(value, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def side_by_side(task: Task, results: list[dict]) -> str:
-    """The table printed at the end of a run: one column per model."""
+def mean_std(values: list):
+    """(mean, std) trees over per-seed values of one shape: numbers → their mean and sample
+    standard deviation (ddof=1; None for one seed), lists of numbers element-wise, dicts by
+    their common keys; anything else (strings, None, a mix) is left out (None)."""
+    first = values[0]
+    if all(_number(v) for v in values):
+        data = np.asarray(values, np.float64)
+        return float(data.mean()), (float(data.std(ddof=1)) if len(data) > 1 else None)
+    if all(isinstance(v, dict) for v in values):
+        means, stds = {}, {}
+        for key in first:
+            if all(key in v for v in values):
+                pair = mean_std([v[key] for v in values])
+                if pair is not None:
+                    means[key], stds[key] = pair
+        return (means, stds) if means else None
+    if all(isinstance(v, list) and len(v) == len(first) for v in values) and first:
+        pairs = [mean_std(list(column)) for column in zip(*values, strict=True)]
+        if all(p is not None for p in pairs):
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+    return None
 
-    def mb(r, where, key):
+
+def aggregate(per_seed: Mapping[int, dict]) -> dict:
+    """One model's entry of a several-seed summary: {"seeds", "mean", "std", "per_seed"}
+    (``per_seed``: seed → that seed's result; ``mean``/``std``: ``mean_std`` of them)."""
+    seeds = list(per_seed)
+    pair = mean_std([per_seed[s] for s in seeds]) or ({}, {})
+    return {"seeds": seeds, "mean": pair[0], "std": pair[1],
+            "per_seed": {str(s): per_seed[s] for s in seeds}}
+
+
+def _cell(values: list, fmt: str) -> str:
+    """One table cell over the seeds: the value, or "mean ± std"; "n/a" if any is None."""
+    if not values or any(v is None for v in values):
+        return "n/a"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    mean, std = mean_std(values)
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def _mb(where: str, key: str):
+    def get(r):
         value = (r["memory"][where] or {}).get(key)
-        return _cell(None if value is None else value / 2**20, "{:.1f} MB")
+        return None if value is None else value / 2**20
+    return get
 
+
+def side_by_side(task: Task, runs: list[list[dict]]) -> str:
+    """The table printed at the end of a run: one column per model; ``runs``: per model,
+    its results at every seed (a cell is "mean ± std" over several)."""
     throughput_key, throughput_label = task.throughput
-    rows = [(label, [_cell(r.get(key), fmt) for r in results])
-            for label, key, fmt in task.table]
+    rows = [(label, lambda r, key=key: r.get(key), fmt) for label, key, fmt in task.table]
     rows += [
-        ("train-step memory (compiled)",
-         [mb(r, "compiled", "peak_estimate_bytes") for r in results]),
-        ("  of which temp (activations)", [mb(r, "compiled", "temp_bytes") for r in results]),
-        ("device peak (memory_stats)", [mb(r, "device", "peak_bytes_in_use") for r in results]),
-        ("step time", [_cell(None if r["step_time_s"] is None else r["step_time_s"] * 1e3,
-                             "{:.1f} ms") for r in results]),
-        (f"{throughput_label} / s", [_cell(r.get(throughput_key), "{:.1f}") for r in results]),
-        ("reversal error (max)", ["n/a" if r["reversal_exact"] is None
-                                  else f"{r['reversal_error_max']:.3g}" for r in results]),
-        ("overflow / non-finite / skipped",
-         [f"{r['overflow_steps']} / {r['nonfinite_steps']} / {r.get('skipped_steps', 0)}"
-          for r in results]),
-        *task.extra_rows(results),
+        ("train-step memory (compiled)", _mb("compiled", "peak_estimate_bytes"), "{:.1f} MB"),
+        ("  of which temp (activations)", _mb("compiled", "temp_bytes"), "{:.1f} MB"),
+        ("device peak (memory_stats)", _mb("device", "peak_bytes_in_use"), "{:.1f} MB"),
+        ("step time", lambda r: None if r["step_time_s"] is None else r["step_time_s"] * 1e3,
+         "{:.1f} ms"),
+        (f"{throughput_label} / s", lambda r: r.get(throughput_key), "{:.1f}"),
+        # BDIA's (exact) and RevViT's (floating-point) reversals alike; n/a without one.
+        ("reversal error (max)",
+         lambda r: r["reversal_error_max"] if r.get("reversal") else None, "{:.3g}"),
+        *task.extra_rows([seeds[0] for seeds in runs]),
     ]
-    lines = [f"{'':<34}" + "".join(f"{r['name']:>20}" for r in results)]
-    lines += [f"{label:<34}" + "".join(f"{v:>20}" for v in values) for label, values in rows]
+    cells = [(label, [_cell([get(r) for r in seeds], fmt) for seeds in runs])
+             for label, get, fmt in rows]
+    cells.append(("overflow/non-finite/skipped" + (" (sum)" if len(runs[0]) > 1
+                                                         else ""),
+                  [" / ".join(str(sum(r.get(k, 0) for r in seeds)) for k in
+                              ("overflow_steps", "nonfinite_steps", "skipped_steps"))
+                   for seeds in runs]))
+    width = max(20, *(len(v) + 2 for _, values in cells for v in values))
+    lines = [f"{'':<34}" + "".join(f"{seeds[0]['name']:>{width}}" for seeds in runs)]
+    lines += [f"{label:<34}" + "".join(f"{v:>{width}}" for v in values)
+              for label, values in cells]
     return "\n".join(lines)
+
+
+def _mean_records(per_seed: list[list[dict]]) -> list[dict]:
+    """The records of one model averaged over seeds, per (kind, step): numeric fields
+    that every seed has (the curves of a several-seed run)."""
+    groups: dict[tuple, list[dict]] = {}
+    for records in per_seed:
+        for r in records:
+            groups.setdefault((r.get("kind"), r.get("step")), []).append(r)
+    out = []
+    for (kind, step), group in groups.items():
+        if len(group) == len(per_seed):
+            keys = [k for k in group[0] if all(_number(g.get(k)) for g in group)]
+            out.append({"kind": kind, "step": step,
+                        **{k: float(np.mean([g[k] for g in group])) for k in keys}})
+    return out
+
+
+def _train_one_seed(task: Task, config, data, mesh, workdir: str
+                    ) -> tuple[list[dict], list[str]]:
+    """Every model of ``config`` at ``config.seed`` in ``workdir``: their results, and the
+    names of the run's files (curves, the task's files; written by process 0)."""
+    writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+    results = [train_model(task, config, name, data, mesh, workdir, writer)
+               for name in models_for_mode(config, task)]
+    files = []
+    if sharding.is_primary():  # multi-host: process 0 writes the files
+        records = {r["name"]: metrics.read_records(writer.path, model=r["name"])
+                   for r in results}
+        plots.plot_records(records, task.panels, os.path.join(workdir, task.plot_file),
+                           title=task.plot_title)
+        files = [task.plot_file, *task.write_files(config, workdir, results)]
+    return results, files
 
 
 def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run the experiment that ``config`` describes; write everything to ``workdir``.
+
+    Several seeds (``config.seeds``): each in ``workdir/seed_<s>`` with its own config.json,
+    metrics, checkpoints, files and summary.json (resumable on its own); ``workdir``'s
+    summary.json then holds ``aggregate`` per model and its plot the seed-mean curves.
 
     Returns the summary (also written to ``workdir/summary.json``). Raises ``ConfigError``
     for bad fields, the task's data errors, ``NonFiniteError`` under the "stop" policy,
@@ -558,8 +730,8 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
     mesh = sharding.mesh_from_config(config)  # jax.distributed first when multi-host
     validate_config(task, config, mesh)
     os.makedirs(workdir, exist_ok=True)
-    runs.check_resume_config(config, workdir, resumable=RESUMABLE + task.resumable)
-    writer = metrics.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+    # Seeds may be added to a run (the finished ones are reused).
+    runs.check_resume_config(config, workdir, resumable=RESUMABLE + task.resumable + ("seeds",))
 
     load_start = time.perf_counter()
     data = task.load_data(config, workdir, mesh)
@@ -569,29 +741,55 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
         f" {sharding.num_data_shards(mesh)} {jax.default_backend()} device(s) (mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)); workdir {workdir}")
 
-    names = models_for_mode(config)
-    results = [train_model(task, config, name, data, mesh, workdir, writer) for name in names]
-
-    files = []
-    if sharding.is_primary():  # multi-host: process 0 writes the files
-        records = {r["name"]: metrics.read_records(writer.path, model=r["name"])
-                   for r in results}
-        plots.plot_records(records, task.panels, os.path.join(workdir, task.plot_file),
-                           title=task.plot_title)
-        files = [task.plot_file, *task.write_files(config, workdir, results)]
-    summary = {
+    names = models_for_mode(config, task)
+    base = {
         "config": config_lib.to_dict(config),
         "versions": {**metrics.versions(), **task.versions()},
         "devices": metrics.device_info(mesh),
         "data": record,
-        "models": dict(zip(names, results, strict=True)),
-        "plots": [f for f in files if f.endswith(".png")],
-        "wall_seconds": time.perf_counter() - start,
     }
+    if not config.seeds:
+        results, files = _train_one_seed(task, config, data, mesh, workdir)
+        runs_by_model = [[r] for r in results]
+        models = dict(zip(names, results, strict=True))
+    else:
+        per_seed: dict[int, list[dict]] = {}
+        for seed in config.seeds:
+            seed_config = config.copy_and_resolve_references()
+            seed_config.seed, seed_config.seeds = seed, ()
+            seed_dir = os.path.join(workdir, f"seed_{seed}")
+            os.makedirs(seed_dir, exist_ok=True)
+            runs.check_resume_config(seed_config, seed_dir,
+                                     resumable=RESUMABLE + task.resumable)
+            log(f"--- seed {seed} ({len(per_seed) + 1}/{len(config.seeds)}) in {seed_dir}")
+            seed_start = time.perf_counter()
+            per_seed[seed], seed_files = _train_one_seed(task, seed_config, data, mesh,
+                                                         seed_dir)
+            metrics.write_json(os.path.join(seed_dir, "summary.json"), {
+                **base, "config": config_lib.to_dict(seed_config), "seeds": [seed],
+                "models": dict(zip(names, per_seed[seed], strict=True)),
+                "plots": [f for f in seed_files if f.endswith(".png")],
+                "wall_seconds": time.perf_counter() - seed_start})
+        runs_by_model = [[per_seed[s][i] for s in config.seeds] for i in range(len(names))]
+        models = {name: aggregate(dict(zip(config.seeds, seeds_results, strict=True)))
+                  for name, seeds_results in zip(names, runs_by_model, strict=True)}
+        files = []
+        if sharding.is_primary():
+            files = [task.plot_file]
+            records = {seeds_results[0]["name"]: _mean_records([
+                metrics.read_records(os.path.join(workdir, f"seed_{s}", "metrics.jsonl"),
+                                     model=seeds_results[0]["name"]) for s in config.seeds])
+                for seeds_results in runs_by_model}
+            plots.plot_records(records, task.panels, os.path.join(workdir, task.plot_file),
+                               title=f"{task.plot_title} (mean of {len(config.seeds)} seeds)")
+    summary = {**base, "seeds": list(seeds_of(config)), "models": models,
+               "plots": [f for f in files if f.endswith(".png")], "wall_seconds": time.perf_counter() - start}
     metrics.write_json(os.path.join(workdir, "summary.json"), summary)
-    log("\n" + side_by_side(task, results))
-    log(f"\nwrote {os.path.join(workdir, 'summary.json')}, metrics.jsonl, "
-        f"{', '.join(files)} and checkpoints/ ({summary['wall_seconds']:.0f}s)")
+    log("\n" + side_by_side(task, runs_by_model))
+    where = (f"; each seed's metrics.jsonl, files and checkpoints/ in {workdir}/seed_<s>/"
+             if config.seeds else f", metrics.jsonl and checkpoints/")
+    log(f"\nwrote {os.path.join(workdir, 'summary.json')}, {', '.join(files)}{where} "
+        f"({summary['wall_seconds']:.0f}s)")
     return summary
 
 

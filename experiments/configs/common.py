@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.preset = "quick"  # the preset these values came from (recorded in summary.json)
     # Initialisation, data order, augmentation, dropout masks and γ draws all derive from it.
     c.seed = 0
+    # Several seeds, e.g. (0, 1, 2): each trains in workdir/seed_<s>/ and the summary gives
+    # mean ± std over them (empty: `seed` alone, in the workdir itself).
+    c.seeds = ()
     # Which model(s) to train: "compare" trains every entry of `models`, in order, from the
     # same initialisation on the same data order and keys, and prints them side by side; the
     # name of one entry of `methods` trains only that one.

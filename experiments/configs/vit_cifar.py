@@ -1,4 +1,4 @@
-"""Configs of ``python -m experiments.vit_cifar`` (ViT vs BDIA-ViT on CIFAR-10).
+"""Configs of ``python -m experiments.vit_cifar`` (ViT vs BDIA-ViT, and RevViT, on CIFAR-10).
 
 Select a preset with ``--config=experiments/configs/vit_cifar.py:<preset>`` and override
 any field on the command line, e.g. ``--config.train.num_epochs=3``. Presets:
@@ -8,6 +8,14 @@ any field on the command line, e.g. ``--config.train.num_epochs=3``. Presets:
 * ``paper``: the paper's CIFAR-10 setting (ViT depth 6, width 512, 8 heads, MLP 512,
   patch 4, batch 128, γ = ±0.5, l = 9, long training), for accelerators.
 * ``tiny``: a few steps on a few hundred images, for smoke tests and CI.
+* ``overfit``: the data-limited regime where the paper's regularization claim lives: the
+  first 5,000 training images, a depth-6 width-64 ViT, 60 epochs (the standard ViT
+  overfits), ViT / RevViT / BDIA-ViT (mode "table1") at seeds 0, 1, 2.
+* ``gamma_ablation``: the paper's Table 2 at the ``overfit`` size: the unquantized
+  BDIA-ViT (frac_bits None, autodiff) at γ = 0, ±0.25, ±0.5, ±0.6, seeds 0, 1, 2.
+
+Modes (``--config.mode``) of every preset: "compare" (``models``), "table1" (ViT, RevViT,
+BDIA-ViT), "gamma_ablation" (the ``GAMMA_ABLATION`` entries), or one ``methods`` name.
 """
 
 from __future__ import annotations
@@ -16,11 +24,20 @@ import ml_collections
 
 from experiments.configs import common
 
-PRESETS = ("quick", "paper", "tiny")
+PRESETS = ("quick", "paper", "tiny", "overfit", "gamma_ablation")
+
+# The paper's Table 2: ``methods`` entry → |γ| of the unquantized BDIA-ViT trained with
+# autodiff (no grid, no inverse, so any γ in [0, 1) trains; γ = 0 is the standard update).
+GAMMA_ABLATION = {"bdia_g000": 0.0, "bdia_g025": 0.25, "bdia_g050": 0.5, "bdia_g060": 0.6}
 
 
 def _base() -> ml_collections.ConfigDict:
     c = common.base_config()  # preset, seed, mode, models, methods, mesh, distributed
+    # RevViT (bdia_jax.models.RevViTConfig) with the config.model fields it shares with the
+    # ViT; backprop "reversible" (rebuilt in floating point) or "autodiff".
+    c.methods.revvit = dict(architecture="revvit", backprop="reversible")
+    for name, gamma in GAMMA_ABLATION.items():
+        c.methods[name] = dict(update="bdia", gamma=gamma, frac_bits=None, backprop="autodiff")
 
     # --- the ViT architecture (fields of bdia_jax.models.ViTConfig, under their names)
     c.model = ml_collections.ConfigDict()
@@ -69,7 +86,7 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    """The config of ``preset`` ("quick", "paper" or "tiny")."""
+    """The config of ``preset`` ("quick", "paper", "tiny", "overfit", "gamma_ablation")."""
     c = common.preset_config("vit_cifar", preset, PRESETS, _base)
     if c.preset == "quick":
         # Sized for a 2-core CPU: a width-64 ViT, one epoch over all 50k training images,
@@ -92,4 +109,15 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.data.update(num_train_examples=256, num_test_examples=128)
         c.train.update(num_epochs=2, batch_size=32, log_every_steps=2, checkpoint_every_steps=4)
         c.eval.update(batch_size=64, sweep_gammas=(-0.5, 0.0, 0.5), sweep_num_examples=0)
+    elif c.preset in ("overfit", "gamma_ablation"):
+        # The quick model at depth 6 on a tenth of the training set: the standard ViT's test
+        # accuracy stalls halfway through while its training accuracy keeps rising.
+        c.model.update(width=64, depth=6, num_heads=2, mlp_dim=128, patch_size=4)
+        c.data.num_train_examples = 5000
+        c.mode = "table1" if c.preset == "overfit" else "gamma_ablation"
+        c.seeds = (0, 1, 2)
+        # eval_every_epochs: the test loss curve, 30 points per model
+        c.train.update(num_epochs=60, batch_size=128, eval_every_epochs=2, log_every_steps=20,
+                       checkpoint_every_steps=400)
+        c.eval.update(sweep_gammas=(-0.5, -0.25, 0.0, 0.25, 0.5), sweep_num_examples=2000)
     return c

@@ -254,6 +254,9 @@ def load_lm_data(d, vocab_path: str) -> LMData:
         texts = {"train": read_tfds_text(d.tfds_name, d.train_split, **kwargs),
                  "validation": read_tfds_text(d.tfds_name, d.val_split, **kwargs)}
         source = f"tfds:{d.tfds_name} ({d.train_split} / {d.val_split})"
+    if d.train_fraction < 1:  # a data-limited run (the lm overfit preset)
+        texts["train"] = texts["train"][:int(len(texts["train"]) * d.train_fraction)]
+        source += f", first {d.train_fraction:.0%} of the training text"
     vocab_text = texts["train"] if d.vocab_source == "train" else "".join(texts.values())
     vocab = vocab_train_or_load(vocab_path, vocab_text)
     return LMData(vocab, vocab.encode(texts["train"], what="the training text"),
