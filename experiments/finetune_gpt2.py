@@ -18,7 +18,6 @@ checkpoints (rerunning the same command resumes).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -264,7 +263,7 @@ class FinetuneGPT2(trainer.Task):
     best = ("val_loss", "min", "val_loss_best")
     final = {"val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
     summary_keys = ("loss", "reversal_error_max", "overflow_steps")
-    throughput = ("pairs_per_s", "pairs / s")
+    throughput = ("pairs_per_s", "pairs")
     table = (("validation loss (best)", "val_loss_best", "{:.4f}"),
              ("validation loss (final)", "val_loss_final", "{:.4f}"),
              ("validation perplexity (final)", "val_perplexity_final", "{:.2f}"),
@@ -278,9 +277,6 @@ class FinetuneGPT2(trainer.Task):
                   plots.Series("eval", "val_perplexity", "validation", marker="o"),)))
     plot_title = "GPT-2 fine-tuned on E2E NLG: standard vs BDIA"
 
-    def set_data_dir(self, config, path):
-        config.data.dir = path
-
     def validate(self, config, checks, mesh):
         checks.one_of(config.data.tiny_standin, (True, False), "data.tiny_standin")
         checks.one_of(config.eval.bleu_split, ("validation", "test"), "eval.bleu_split")
@@ -291,14 +287,6 @@ class FinetuneGPT2(trainer.Task):
 
     def load_data(self, config, workdir, mesh):
         return load_finetune_data(config, workdir)
-
-    def describe_data(self, data):
-        return (f"{data.source}: {len(data.train.inputs):,} training / "
-                f"{len(data.validation.inputs):,} validation pairs, {len(data.bleu_mrs)} "
-                f"{data.bleu_split} mrs to decode; checkpoint {data.checkpoint} "
-                f"(vocab {data.architecture['vocab_size']}, width "
-                f"{data.architecture['width']}, depth {data.architecture['depth']}), "
-                f"tokenizer {data.tokenizer.source}")
 
     def data_record(self, data):
         return {"source": data.source, "checkpoint": data.checkpoint,
@@ -314,9 +302,6 @@ class FinetuneGPT2(trainer.Task):
         t = config.train
         spe = (len(data.train.inputs) if data else t.batch_size) // t.batch_size
         return t.num_epochs, spe, t.eval_every_epochs, t.batch_size
-
-    def describe_steps(self, config, data):
-        return f"of {config.train.batch_size} pairs x {config.data.max_len} tokens"
 
     def batch_fn(self, run):
         batch, n = run.config.train.batch_size, len(run.data.train.inputs)
@@ -396,8 +381,7 @@ class FinetuneGPT2(trainer.Task):
 
 
 TASK = FinetuneGPT2()
-train_and_evaluate = functools.partial(trainer.train_and_evaluate, TASK)
-validate_config = functools.partial(trainer.validate_config, TASK)
+train_and_evaluate, validate_config = trainer.entry_points(TASK)
 
 if __name__ == "__main__":
     trainer.main(TASK)

@@ -14,8 +14,6 @@ vocab.json and Orbax checkpoints (rerunning the same command resumes).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import time
 
@@ -24,23 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdia_jax.models import GPT, GPTConfig
-from experiments.common import plots, sharding, trainer
+from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.lm import PRESETS
 from experiments.text import char_lm
 from experiments.text.losses import token_losses
 from experiments.text.parallel import TextDataError
-
-
-@dataclasses.dataclass(frozen=True)
-class LMData:
-    """Tokenized text: vocab, train_ids / val_ids int32 [n], where it came from."""
-
-    vocab: char_lm.CharVocab
-    train_ids: np.ndarray
-    val_ids: np.ndarray
-    source: str
 
 
 def _nll_sums(model, batch):
@@ -60,46 +48,27 @@ def mean_loss(step, state, windows, batch_size: int, mesh) -> float:
     return sums["nll_sum"] / sums["count"]
 
 
-def sample_texts(model: GPT, vocab: char_lm.CharVocab, config, key) -> list[str]:
-    """``eval.num_samples`` continuations of ``eval.sample_prompt`` (E[γ] = 0, KV cache).
-
-    Longer than the context, a sample is generated in chunks: each chunk restarts the
-    cache from the last max_len/2 characters (nanoGPT instead recomputes the last
-    `max_len` characters at every step; the model sees at least half a context here).
-    """
-    e, context = config.eval, config.model.max_len
-    prompt = vocab.encode(e.sample_prompt, what="eval.sample_prompt")
-    rows = np.repeat(prompt[None, :], e.num_samples, axis=0)
-    generated, chunk = 0, 0
-    keep = max(1, context // 2)
-    top_k = min(e.top_k, vocab.size) or None
-    while generated < e.sample_length:
-        window = rows[:, -keep:] if generated else rows
-        new = min(context - window.shape[1], e.sample_length - generated)
-        out = model.generate(jnp.asarray(window), new, key=jax.random.fold_in(key, chunk),
-                             temperature=float(e.temperature), top_k=top_k)
-        rows = np.concatenate([rows, np.asarray(out[:, window.shape[1] :])], axis=1)
-        generated += new
-        chunk += 1
-    return [vocab.detokenize(row) for row in rows]
-
-
 class CharLM(trainer.Task):
-    name = "lm"
-    presets = PRESETS
+    name, presets = "lm", PRESETS
     config_class, model_class = GPTConfig, GPT
     display_names = {"standard": "GPT", "bdia": "BDIA-GPT"}
+    errors = (TextDataError, FileNotFoundError)
+    data_dir_field = "data.tfds_data_dir"
+    data_dir_help = "TFDS data dir (default: config.data.tfds_data_dir, then $TFDS_DATA_DIR)."
     resumable = ("data.tfds_data_dir", "data.tfds_download", "eval.batch_size",
                  "eval.num_samples", "eval.sample_length", "eval.sample_prompt",
                  "eval.temperature", "eval.top_k")
-    errors = (TextDataError, FileNotFoundError)
-    data_dir_help = "TFDS data dir (default: config.data.tfds_data_dir, then $TFDS_DATA_DIR)."
     batch_fields = ("train.batch_size", "eval.batch_size")
-    best = ("val_loss", "min", "val_loss_best")
+    int_fields = {**{f"model.{f}": 1 for f in ("max_len", "width", "depth", "num_heads",
+                                               "mlp_dim")},
+                  **{f"train.{f}": 1 for f in ("num_steps", "batch_size", "eval_every_steps")},
+                  **{f"eval.{f}": 0 for f in ("num_windows", "num_samples", "top_k")},
+                  "eval.batch_size": 1, "eval.sample_length": 1}
+    fraction_fields = ("model.dropout", "model.attention_dropout")
+    summary_keys = ("loss", "reversal_error_max", "overflow_steps")
+    best, throughput = ("val_loss", "min", "val_loss_best"), ("tokens_per_s", "characters")
     final = {"val_loss_final": "val_loss", "train_loss_final": "train_loss",
              "gap_final": "gap", "val_perplexity_final": "val_perplexity"}
-    summary_keys = ("loss", "reversal_error_max", "overflow_steps")
-    throughput = ("tokens_per_s", "characters / s")
     table = (("validation loss (best)", "val_loss_best", "{:.4f}"),
              ("validation loss (final)", "val_loss_final", "{:.4f}"),
              ("training loss (final, eval)", "train_loss_final", "{:.4f}"),
@@ -109,32 +78,21 @@ class CharLM(trainer.Task):
                               plots.Series("train", "loss", "minibatch", alpha=0.25),
                               plots.Series("eval", "val_loss", "validation", marker="o"),
                               plots.Series("eval", "train_loss", "training", "--", "s"))),)
-    plot_file = "losses.png"
-    plot_title = "Character LM: training and validation loss"
-
-    def set_data_dir(self, config, path):
-        config.data.tfds_data_dir = path
+    plot_file, plot_title = "losses.png", "Character LM: training and validation loss"
 
     def validate(self, config, checks, mesh):
         m, d, t, e = config.model, config.data, config.train, config.eval
-        for field in ("max_len", "width", "depth", "num_heads", "mlp_dim"):
-            checks.int_at_least(m[field], f"model.{field}")
-        for field in ("dropout", "attention_dropout"):
-            checks.fraction(m[field], f"model.{field}")
         checks.require(bool(d.text_file or d.tfds_name), "data.tfds_name",
                        "set a TFDS text dataset (e.g. tiny_shakespeare) or data.text_file")
+        if not d.text_file:
+            data_checks.check_tfds_data_dir(d.tfds_data_dir, "data.tfds_data_dir", checks)
         checks.require(0 < d.val_fraction < 1, "data.val_fraction",
                        f"must be in (0, 1), got {d.val_fraction}")
         checks.one_of(d.vocab_source, ("train", "all"), "data.vocab_source")
-        for field in ("num_steps", "batch_size", "eval_every_steps"):
-            checks.int_at_least(t[field], f"train.{field}")
         if all(isinstance(t[f], int) and t[f] >= 1 for f in ("num_steps", "eval_every_steps")):
             checks.require(t.num_steps % t.eval_every_steps == 0, "train.num_steps",
                            f"must be a multiple of train.eval_every_steps="
                            f"{t.eval_every_steps}, got {t.num_steps}")
-        for field, low in (("num_windows", 0), ("batch_size", 1), ("num_samples", 0),
-                           ("sample_length", 1), ("top_k", 0)):
-            checks.int_at_least(e[field], f"eval.{field}", low)
         checks.require(e.temperature >= 0, "eval.temperature",
                        f"must be >= 0, got {e.temperature}")
         checks.require(isinstance(m.max_len, int) and 1 <= len(e.sample_prompt) < m.max_len,
@@ -142,25 +100,7 @@ class CharLM(trainer.Task):
                        f"must hold 1 to model.max_len-1 characters, got {e.sample_prompt!r}")
 
     def load_data(self, config, workdir, mesh):
-        """Reads the splits, builds (or reloads) the vocabulary, encodes both splits."""
-        d = config.data
-        if d.text_file:
-            texts = char_lm.split_text(char_lm.read_text_file(d.text_file), d.val_fraction)
-            source = f"{d.text_file} (last {d.val_fraction:.0%} = validation)"
-        else:
-            kwargs = dict(feature=d.text_feature, data_dir=d.tfds_data_dir or None,
-                          download=d.tfds_download)
-            texts = {"train": char_lm.read_tfds_text(d.tfds_name, d.train_split, **kwargs),
-                     "validation": char_lm.read_tfds_text(d.tfds_name, d.val_split, **kwargs)}
-            source = f"tfds:{d.tfds_name} ({d.train_split} / {d.val_split})"
-        vocab_text = texts["train"] if d.vocab_source == "train" else "".join(texts.values())
-        vocab = char_lm.vocab_train_or_load(os.path.join(workdir, "vocab.json"), vocab_text)
-        return LMData(vocab, vocab.encode(texts["train"], what="the training text"),
-                      vocab.encode(texts["validation"], what="the validation text"), source)
-
-    def describe_data(self, data):
-        return (f"{data.source}: {len(data.train_ids):,} training / {len(data.val_ids):,} "
-                f"validation characters, vocabulary {data.vocab.size}")
+        return char_lm.load_lm_data(config.data, os.path.join(workdir, "vocab.json"))
 
     def data_record(self, data):
         return {"source": data.source, "train_characters": len(data.train_ids),
@@ -174,9 +114,6 @@ class CharLM(trainer.Task):
         t = config.train
         return (t.num_steps // t.eval_every_steps, t.eval_every_steps, 1,
                 t.batch_size * config.model.max_len)
-
-    def describe_steps(self, config, data):
-        return f"of {config.train.batch_size} x {config.model.max_len} characters"
 
     def batch_fn(self, run):
         t, context = run.config.train, run.config.model.max_len
@@ -227,8 +164,9 @@ class CharLM(trainer.Task):
         e, samples = run.config.eval, []
         if e.num_samples:
             start = time.perf_counter()
-            samples = sample_texts(ts.merge_model(run.graphdef, state), run.data.vocab,
-                                   run.config, jax.random.PRNGKey(run.seed + 7))
+            samples = char_lm.sample_texts(ts.merge_model(run.graphdef, state), run.data.vocab,
+                                           e, run.config.model.max_len,
+                                           jax.random.PRNGKey(run.seed + 7))
             log(f"[{run.display}] {len(samples)} sample(s) of {e.sample_length} characters "
                 f"({time.perf_counter() - start:.1f}s); the first:\n{samples[0]}\n")
         val_windows, train_windows = self._windows(run)
@@ -244,8 +182,7 @@ class CharLM(trainer.Task):
 
 
 TASK = CharLM()
-train_and_evaluate = functools.partial(trainer.train_and_evaluate, TASK)
-validate_config = functools.partial(trainer.validate_config, TASK)
+train_and_evaluate, validate_config = trainer.entry_points(TASK)
 
 if __name__ == "__main__":
     trainer.main(TASK)

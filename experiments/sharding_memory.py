@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 
-from experiments.common.host_devices import fan_out, host_devices
+from experiments.common.host_devices import host_devices, measure
 
 
 def worker(num_devices: int, args) -> dict:
@@ -57,8 +57,9 @@ def worker(num_devices: int, args) -> dict:
                 if kind == "standard":
                     y = bdia_jax.standard_stack(block, params, x, key=key)
                 else:
-                    y = bdia_jax.bdia_stack(block, params, x, key=key, backprop=backprop,
-                                            reversal_probe=probe)
+                    y = bdia_jax.bdia_stack(
+                        block, params, x, key=key, backprop=backprop,
+                        reversal_probe=probe if backprop == "reversible" else None)
                 return jnp.mean(jnp.square(y))
 
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
@@ -71,7 +72,6 @@ def worker(num_devices: int, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
     parser.add_argument("--depth", type=int, default=24, help="blocks")
     parser.add_argument("--batch", type=int, default=32, help="global batch (divisible)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sample")
@@ -79,19 +79,10 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--workdir", default="runs/sharding_memory", help="output folder")
-    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+    args, rows = measure("experiments.sharding_memory", parser, worker,
+                         ("depth", "batch", "seq", "dim", "hidden", "heads"), argv)
+    if rows is None:  # a worker
         return None
-
-    counts = [int(c) for c in args.devices.split(",")]
-    for c in counts:
-        if args.batch % c:
-            parser.error(f"--batch {args.batch} is not divisible by {c} devices")
-    rows = fan_out("experiments.sharding_memory", counts, args,
-                   ("depth", "batch", "seq", "dim", "hidden", "heads"))
 
     keys = list(rows[0]["results"])
     print(f"\ndepth={args.depth} global batch={args.batch} seq={args.seq} dim={args.dim}: "

@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 
-from experiments.common.host_devices import fan_out, host_devices
+from experiments.common.host_devices import host_devices, measure
 
 
 def worker(num_devices: int, args) -> dict:
@@ -72,25 +72,15 @@ def worker(num_devices: int, args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="quick", help="vit_cifar preset (model size)")
-    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
     parser.add_argument("--batch", type=int, default=128, help="global batch (divisible)")
     parser.add_argument("--models", default="standard,bdia",
                         help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
     parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
-    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+    args, rows = measure("experiments.train_step_memory", parser, worker,
+                         ("preset", "batch", "models", "layouts"), argv)
+    if rows is None:  # a worker
         return None
-
-    counts = [int(c) for c in args.devices.split(",")]
-    for c in counts:
-        if args.batch % c:
-            parser.error(f"--batch {args.batch} is not divisible by {c} devices")
-    rows = fan_out("experiments.train_step_memory", counts, args,
-                   ("preset", "batch", "models", "layouts"))
 
     print(f"\nvit_cifar preset={args.preset}, global batch {args.batch}: per-device compiled "
           f"memory of the train step, MiB (arguments = state + batch / temporaries / peak)")

@@ -18,10 +18,7 @@ config.json, curves.png, translations_<model>.txt, tokenizer/ and Orbax checkpoi
 
 from __future__ import annotations
 
-import functools
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +26,6 @@ import sacrebleu
 
 from bdia_jax.models import Seq2SeqConfig, Seq2SeqTransformer
 from experiments.common import data_checks, plots, sharding, trainer
-from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.translation import PRESETS
 from experiments.text import tokenizer, translate, translation_data
@@ -46,15 +42,15 @@ def _token_sums(model, batch):
 
 
 class Translation(trainer.Task):
-    name = "translation"
-    presets = PRESETS
+    name, presets = "translation", PRESETS
     config_class, model_class = Seq2SeqConfig, Seq2SeqTransformer
     display_names = {"standard": "Transformer", "bdia": "BDIA-Transformer"}
-    resumable = ("data.dir", "data.tfds_data_dir", "data.tfds_download",
-                 "eval.decode_batch_size", "eval.num_examples_to_print")
     errors = (TextDataError, FileNotFoundError)
     data_dir_help = ("folder of the {split}.{lang}[.gz] files (default: config.data.dir, "
                      "../shared/data/multi30k).")
+    resumable = ("data.dir", "data.tfds_data_dir", "data.tfds_download",
+                 "eval.decode_batch_size", "eval.num_examples_to_print")
+    summary_keys = ("loss", "nll", "reversal_error_max", "overflow_steps")
     batch_fields = ("eval.decode_batch_size",)
     int_fields = {**{f"model.{f}": 1 for f in ("width", "encoder_depth", "decoder_depth",
                                                "num_heads", "mlp_dim")},
@@ -64,10 +60,9 @@ class Translation(trainer.Task):
                   "eval.max_decode_len": 2, "eval.decode_batch_size": 1,
                   "eval.num_examples_to_print": 0}
     fraction_fields = ("model.dropout", "model.attention_dropout", "optim.label_smoothing")
-    best = ("val_loss", "min", "val_loss_best")
-    final = {"val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
-    summary_keys = ("loss", "nll", "reversal_error_max", "overflow_steps")
-    throughput = ("sentences_per_s", "sentences / s")
+    best, final = ("val_loss", "min", "val_loss_best"), {
+        "val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
+    throughput = ("sentences_per_s", "sentences")
     table = (("test BLEU (greedy)", "test_bleu_greedy", "{:.2f}"),
              ("test BLEU (beam)", "test_bleu_beam", "{:.2f}"),
              ("validation loss (final)", "val_loss_final", "{:.4f}"),
@@ -78,9 +73,6 @@ class Translation(trainer.Task):
               plots.Panel("validation loss", "nats / token", (
                   plots.Series("eval", "val_loss", "validation", marker="o"),)))
     plot_title = "Translation: training and validation loss"
-
-    def set_data_dir(self, config, path):
-        config.data.dir = path
 
     def validate(self, config, checks, mesh):
         d, tk, b, e = config.data, config.tokenizer, config.batch, config.eval
@@ -103,11 +95,6 @@ class Translation(trainer.Task):
     def load_data(self, config, workdir, mesh):
         return translation_data.load_data(config, workdir, mesh)
 
-    def describe_data(self, data):
-        s = data.stats
-        return (f"{s['source']}: {s['pairs']} pairs (dropped empty {s['dropped_empty']}, too "
-                f"long {s['dropped_too_long']}); vocabulary {s['vocab_size']}")
-
     def data_record(self, data):
         return data.stats
 
@@ -125,10 +112,6 @@ class Translation(trainer.Task):
         return (config.train.num_epochs, spe, config.train.eval_every_epochs,
                 len(data.train.pairs) / spe)
 
-    def describe_steps(self, config, data):
-        return (f"({config.train.num_epochs} epochs x {data.train.num_batches} batches, "
-                f"buckets {data.stats['batch_sizes']} sentences)")
-
     def batch_fn(self, run):
         plan_cache, spe = {}, run.data.train.num_batches
 
@@ -143,24 +126,10 @@ class Translation(trainer.Task):
 
         return get_batch
 
-    def compile_step(self, run, train_step, state, state_sharding, get_batch):
-        """One executable per bucket shape, all compiled up front (in parallel: XLA
-        compiles outside the GIL), so compilation never lands in the timed windows."""
-        batches, mesh = run.data.train, run.mesh
-
-        def compile_for(length):
-            example = sharding.shard_batch(
-                device_batch(batches.make_batch(length, np.zeros((0,), np.int64))), mesh)
-            return example["src"].shape, ts.compile_train_step(
-                train_step, state, example, state_sharding=state_sharding,
-                batch_sharding=sharding.batch_sharding(mesh),
-                metrics_sharding=sharding.replicated_sharding(mesh))
-
-        with ThreadPoolExecutor(max_workers=min(len(batches.bucket_lengths),
-                                                os.cpu_count() or 1)) as pool:
-            compiled = dict(pool.map(compile_for, batches.bucket_lengths))
-        largest = compiled[max(compiled, key=lambda shape: shape[1])]
-        return (lambda s, batch: compiled[batch["src"].shape](s, batch)), largest
+    def example_batches(self, run, get_batch):
+        empty = np.zeros((0,), np.int64)  # one batch of every bucket length
+        return [sharding.shard_batch(device_batch(run.data.train.make_batch(n, empty)), run.mesh)
+                for n in run.data.train.bucket_lengths]
 
     def loss_fn(self, config):
         """Label-smoothed cross-entropy averaged over the batch's real target tokens."""
@@ -193,29 +162,22 @@ class Translation(trainer.Task):
 
     def report(self, run, state):
         """Test-set translation at E[γ] = 0, greedy and beam search; sacreBLEU."""
-        e, data = run.config.eval, run.data
-        out, seconds, signature = {}, {}, None
-        for method, beam in (("greedy", 1), ("beam", e.beam_size)):
-            start = time.perf_counter()
-            step = trainer.model_step(run, translate.translate_batch, max_len=e.max_decode_len,
-                                      beam_size=beam, alpha=e.length_penalty)
-            out[method] = translate.translate_all(
-                step, state, data.test_src, data.tokenizers.tgt, batch_size=e.decode_batch_size,
-                bucket_lengths=run.config.batch.bucket_lengths, mesh=run.mesh)
-            seconds[method] = time.perf_counter() - start
-            out[f"bleu_{method}"], signature = translate.bleu(out[method], data.test_references)
+        e, data, n = run.config.eval, run.data, len(run.data.test_references)
+        out = translate.translate_test_set(
+            lambda beam: trainer.model_step(run, translate.translate_batch, beam_size=beam,
+                                            max_len=e.max_decode_len, alpha=e.length_penalty),
+            state, data, e, run.config.batch.bucket_lengths, run.mesh)
         run.writer.write({"model": run.display, "kind": "test", "step": run.num_steps,
                           "bleu_greedy": out["bleu_greedy"], "bleu_beam": out["bleu_beam"],
-                          "beam_size": e.beam_size, "num_sentences": len(data.test_references)})
-        log(f"[{run.display}] test sacreBLEU on {len(data.test_references)} sentences: greedy "
-            f"{out['bleu_greedy']:.2f} ({seconds['greedy']:.1f}s), beam {e.beam_size} "
-            f"{out['bleu_beam']:.2f} ({seconds['beam']:.1f}s)  [{signature}]")
+                          "beam_size": e.beam_size, "num_sentences": n})
+        log(f"[{run.display}] test sacreBLEU on {n} sentences: greedy {out['bleu_greedy']:.2f} "
+            f"({out['seconds']['greedy']:.1f}s), beam {e.beam_size} {out['bleu_beam']:.2f} "
+            f"({out['seconds']['beam']:.1f}s)  [{out['signature']}]")
         examples = [{"source": data.test_sources[i], "reference": data.test_references[i],
                      "greedy": out["greedy"][i], "beam": out["beam"][i]}
-                    for i in range(min(e.num_examples_to_print, len(data.test_sources)))]
+                    for i in range(min(e.num_examples_to_print, n))]
         for ex in examples:
-            log(f"  src:    {ex['source']}\n  ref:    {ex['reference']}\n"
-                f"  greedy: {ex['greedy']}\n  beam:   {ex['beam']}")
+            log("\n".join(f"  {k + ':':<8}{v}" for k, v in ex.items()))
         if sharding.is_primary():  # multi-host: process 0 writes the files
             with open(os.path.join(run.workdir, f"translations_{run.name}.txt"), "w",
                       encoding="utf-8") as f:
@@ -223,8 +185,8 @@ class Translation(trainer.Task):
                     f.write(f"{i}\tgreedy\t{g}\n{i}\tbeam\t{b}\n")
         return {"test_bleu_greedy": out["bleu_greedy"], "test_bleu_beam": out["bleu_beam"],
                 "beam_size": e.beam_size, "length_penalty": e.length_penalty,
-                "bleu_signature": signature, "test_sentences": len(data.test_references),
-                "decode_seconds": seconds, "examples": examples}
+                "bleu_signature": out["signature"], "test_sentences": n,
+                "decode_seconds": out["seconds"], "examples": examples}
 
     def write_files(self, config, workdir, results):
         return [f"translations_{name}.txt" for name in trainer.models_for_mode(config)]
@@ -234,8 +196,7 @@ class Translation(trainer.Task):
 
 
 TASK = Translation()
-train_and_evaluate = functools.partial(trainer.train_and_evaluate, TASK)
-validate_config = functools.partial(trainer.validate_config, TASK)
+train_and_evaluate, validate_config = trainer.entry_points(TASK)
 
 if __name__ == "__main__":
     trainer.main(TASK)

@@ -14,7 +14,6 @@ curves.png, gamma_sweep.png and Orbax checkpoints (rerunning the same command re
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 
@@ -30,19 +29,15 @@ from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.vit_cifar import PRESETS
 
-# The inference update a standard ViT's parameters are swept in (see sweep_config_for).
+# The inference update that a standard ViT's parameters are swept in (the paper applies
+# γ to a conventionally trained model this way; at γ = 0 it is the standard transformer).
 SWEEP_METHOD = dict(update="bdia", frac_bits=None, quantize_at_inference=False,
                     backprop="autodiff")
 
 
 def sweep_config_for(vit_cfg: ViTConfig, update: str) -> ViTConfig:
-    """The model that evaluates ``vit_cfg``'s parameters with an inference γ.
-
-    BDIA-ViT (``update`` "bdia"): itself. Standard ViT: the same parameters in the
-    unquantized BDIA inference update x_{k+1} = γ x_{k-1} + (1-γ) x_k + (1+γ) h_k (at γ = 0
-    exactly the standard transformer), which is how the paper applies γ to a
-    conventionally trained model.
-    """
+    """The model that evaluates ``vit_cfg``'s parameters with an inference γ: itself for
+    BDIA (``update`` "bdia"), else the same architecture with ``SWEEP_METHOD``."""
     if update == "bdia":
         return vit_cfg
     return dataclasses.replace(vit_cfg, **trainer.method_fields(SWEEP_METHOD))
@@ -66,23 +61,16 @@ def evaluate(step, state, data: cifar_data.ImageSplit, batch_size: int, mesh, ga
     return {"accuracy": sums["correct"] / sums["count"], "loss": sums["loss_sum"] / sums["count"]}
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageData:
-    train: cifar_data.ImageSplit
-    test: cifar_data.ImageSplit
-    name: str
-
-
 class ViTCifar(trainer.Task):
-    name = "vit_cifar"
-    presets = PRESETS
+    name, presets = "vit_cifar", PRESETS
     config_class, model_class = ViTConfig, ViT
     display_names = {"standard": "ViT", "bdia": "BDIA-ViT", "revvit": "RevViT"}
+    summary_keys = ("loss", "accuracy", "reversal_error_max", "overflow_steps")
+    data_dir_field = "data.data_dir"
+    data_dir_help = "TFDS data dir (default: config.data.data_dir, then $TFDS_DATA_DIR)."
+    errors = (cifar_data.DataMissingError,)
     resumable = ("data.data_dir", "data.download", "eval.batch_size", "eval.sweep_gammas",
                  "eval.sweep_num_examples")
-    errors = (cifar_data.DataMissingError,)
-    data_dir_help = "TFDS data dir (default: config.data.data_dir, then $TFDS_DATA_DIR)."
-    batch_fields = ("train.batch_size", "eval.batch_size")
     int_fields = {**{f"model.{f}": 1 for f in ("image_size", "patch_size", "num_classes",
                                                "width", "depth", "num_heads", "mlp_dim")},
                   **{f"data.{f}": 0 for f in ("num_train_examples", "num_test_examples",
@@ -90,13 +78,12 @@ class ViTCifar(trainer.Task):
                   "train.num_epochs": 1, "train.batch_size": 1, "train.eval_every_epochs": 1,
                   "eval.batch_size": 1}
     fraction_fields = ("model.dropout", "model.attention_dropout", "optim.label_smoothing")
-    best = ("accuracy", "max", "test_accuracy_best")
-    final = {"test_accuracy_final": "accuracy", "test_loss_final": "loss"}
-    summary_keys = ("loss", "accuracy", "reversal_error_max", "overflow_steps")
-    throughput = ("images_per_s", "images / s")
+    batch_fields = ("train.batch_size", "eval.batch_size")
     table = (("test accuracy (final, E[γ]=0)", "test_accuracy_final", "{:.2%}"),
              ("test accuracy (best)", "test_accuracy_best", "{:.2%}"),
              ("test loss (final)", "test_loss_final", "{:.4f}"))
+    best, throughput = ("accuracy", "max", "test_accuracy_best"), ("images_per_s", "images")
+    final = {"test_accuracy_final": "accuracy", "test_loss_final": "loss"}
     panels = (plots.Panel("loss", "cross-entropy", (
                   plots.Series("train", "loss", "training batches", alpha=0.7),
                   plots.Series("eval", "loss", "test", marker="o"))),
@@ -104,9 +91,6 @@ class ViTCifar(trainer.Task):
                   plots.Series("train", "accuracy", "training batches", "--", alpha=0.7),
                   plots.Series("eval", "accuracy", "test", marker="o"))))
     plot_title = "CIFAR-10: loss and accuracy"
-
-    def set_data_dir(self, config, path):
-        config.data.data_dir = path
 
     def validate(self, config, checks, mesh):
         d, e = config.data, config.eval
@@ -127,31 +111,23 @@ class ViTCifar(trainer.Task):
     def load_data(self, config, workdir, mesh):
         d = config.data
         kwargs = dict(data_dir=d.data_dir or None, download=d.download)
-        return ImageData(
-            cifar_data.load_split(d.name, d.train_split, num_examples=d.num_train_examples,
-                                  **kwargs),
-            cifar_data.load_split(d.name, d.test_split, num_examples=d.num_test_examples,
-                                  **kwargs), d.name)
-
-    def describe_data(self, data):
-        return f"{data.name} {len(data.train)} train / {len(data.test)} test images"
+        splits = {split: cifar_data.load_split(d.name, d[f"{split}_split"],
+                                               num_examples=d[f"num_{split}_examples"],
+                                               **kwargs) for split in ("train", "test")}
+        return {**splits, "source": f"tfds:{d.name}"}
 
     def data_record(self, data):
-        return {"source": f"tfds:{data.name}", "train_examples": len(data.train),
-                "test_examples": len(data.test)}
+        return {"source": data["source"], "train_examples": len(data["train"]),
+                "test_examples": len(data["test"])}
 
     def schedule(self, config, data):
         t = config.train
-        spe = cifar_data.TrainBatches(data.train, t.batch_size, config.seed).steps_per_epoch
+        spe = cifar_data.TrainBatches(data["train"], t.batch_size, config.seed).steps_per_epoch
         return t.num_epochs, spe, t.eval_every_epochs, t.batch_size
-
-    def describe_steps(self, config, data):
-        epochs, spe, _, batch = self.schedule(config, data)
-        return f"({epochs} epochs x {spe}) of {batch} images"
 
     def batch_fn(self, run):
         size = run.config.train.batch_size
-        batches = cifar_data.TrainBatches(run.data.train, size, run.seed)
+        batches = cifar_data.TrainBatches(run.data["train"], size, run.seed)
         # Each process reads only the rows of every global batch that its devices hold.
         rows = sharding.process_rows(run.mesh, size)
         return lambda step: sharding.shard_local_batch(batches(step, rows), run.mesh, size)
@@ -180,11 +156,11 @@ class ViTCifar(trainer.Task):
     def evaluator(self, run):
         step = trainer.model_step(run, _eval_sums)
         size = run.config.eval.batch_size
-        return lambda state: evaluate(step, state, run.data.test, size, run.mesh)
+        return lambda state: evaluate(step, state, run.data["test"], size, run.mesh)
 
     def report(self, run, state):
         """The inference-γ sweep on the final parameters."""
-        e, test = run.config.eval, run.data.test
+        e, test = run.config.eval, run.data["test"]
         gammas = [float(g) for g in e.sweep_gammas]
         sweep = {"gammas": [], "accuracy": [], "num_examples": 0}
         if gammas:
@@ -226,8 +202,7 @@ class ViTCifar(trainer.Task):
 
 
 TASK = ViTCifar()
-train_and_evaluate = functools.partial(trainer.train_and_evaluate, TASK)
-validate_config = functools.partial(trainer.validate_config, TASK)
+train_and_evaluate, validate_config = trainer.entry_points(TASK)
 
 if __name__ == "__main__":
     trainer.main(TASK)

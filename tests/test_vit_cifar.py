@@ -76,6 +76,23 @@ def test_train_and_evaluate_writes_everything(tmp_path, capsys):
     assert again["models"] == json.loads(json.dumps(summary["models"]))
     assert "already finished" in capsys.readouterr().out
 
+    # A finished run whose eval settings changed is evaluated again from its final
+    # checkpoint (no training): the summary and the records hold the new sweep only.
+    config.mode = "bdia"
+    config.eval.sweep_gammas = (0.25,)
+    with tfds.testing.mock_data(num_examples=256):
+        redone = vit_cifar.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "eval.sweep_gammas changed since; evaluating its final checkpoint again" in out
+    assert "epoch 2/2" not in out  # nothing trained
+    bdia = redone["models"]["bdia"]
+    assert bdia["gamma_sweep"]["gammas"] == [0.25]
+    assert bdia["test_accuracy_final"] == summary["models"]["bdia"]["test_accuracy_final"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["inference_gamma"] for r in records
+            if r["model"] == "BDIA-ViT" and r["kind"] == "sweep"] == [0.25]
+    assert len([r for r in records if r["model"] == "ViT" and r["kind"] == "sweep"]) == 3
+
 
 @pytest.mark.slow
 def test_compare_mode_trains_both_models_from_the_same_start(tmp_path):
@@ -147,6 +164,13 @@ def _cli(args, cwd, env_extra=None):
     env.pop("TFDS_DATA_DIR", None)
     return subprocess.run([sys.executable, "-m", "experiments.vit_cifar", *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_help_lists_the_experiment_flags(tmp_path):
+    run = _cli(["--help"], cwd=tmp_path)
+    assert "Traceback" not in run.stderr, run.stderr
+    for flag in ("--config:", "--workdir:", "--data_dir:"):
+        assert flag in run.stdout, run.stdout
 
 
 def test_cli_rejects_bad_fields_with_one_line_each(tmp_path):

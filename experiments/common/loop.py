@@ -60,7 +60,8 @@ class LoopSettings:
     stop_after_steps: if > 0, raise ``TrainingInterrupted`` after this global step.
     on_nonfinite: what to do at a step with a non-finite loss/gradient or a fixed-point
       range overflow: "stop" (raise ``NonFiniteError`` / ``RangeOverflowError`` naming the
-      step) or "skip" (drop the update, count it, go on).
+      step, counted from 1 like checkpoints and records) or "skip" (drop the update, count
+      it, go on). Either way a run with skipped updates ends with one warning line.
     progress: "auto" (bars when stderr is a terminal), "on" or "off".
     examples_per_step: global batch size, for examples per second.
     nonfinite_fix, overflow_fix, reversal_fix, skipped_fix: the end of the message at a

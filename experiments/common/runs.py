@@ -49,6 +49,7 @@ def run_experiment(
     data, ...) and an interruption end the run with one line instead of a traceback.
     """
     import os
+    import sys
 
     from absl import flags, logging
     from ml_collections import config_flags
@@ -66,6 +67,8 @@ def run_experiment(
         flags.DEFINE_string("workdir", None,
                             f"output folder (default: runs/{name}_<preset>); rerun to resume.")
         flags.DEFINE_string("data_dir", None, data_dir_help)
+        for flag in ("config", "workdir", "data_dir"):  # listed by --help (the main module's)
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
 
     def main(argv) -> None:
         del argv

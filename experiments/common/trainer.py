@@ -28,6 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -123,14 +124,15 @@ class Task:
     presets: its presets. config_class, model_class: the model (``model_class(
       config_class(...), rngs=...)``). display_names: model name → name in records.
     resumable: the task's fields that may change on resume. errors: the task's data
-      errors, ended with one line by the command line. data_dir_help: the --data_dir help.
+      errors, ended with one line by the command line. data_dir_field, data_dir_help: the
+      config field that --data_dir sets, and its help.
     batch_fields: config fields holding batch sizes that must split over the devices.
     int_fields: the task's int fields → their least value; fraction_fields: its rates in
       [0, 1) (validated here; ``validate`` checks the rest).
     best: (eval metric, "max" | "min", result key) of the best evaluation.
     final: result key → eval metric of the last evaluation.
     summary_keys: training metrics of the per-epoch line.
-    throughput: (result key, table label, examples per step is of what unit).
+    throughput: (result key, what an example is): examples per second of training.
     table: rows (label, result key, format) at the top of the side-by-side table.
     panels, plot_file, plot_title: the curves plot (``plots.Panel``s).
     """
@@ -142,21 +144,18 @@ class Task:
     display_names: Mapping[str, str] = {}
     resumable: tuple[str, ...] = ()
     errors: tuple[type[BaseException], ...] = ()
-    data_dir_help = ""
+    data_dir_field, data_dir_help = "data.dir", ""
     batch_fields: tuple[str, ...] = ()
     int_fields: Mapping[str, int] = {}
     fraction_fields: tuple[str, ...] = ()
     best = ("accuracy", "max", "accuracy_best")
     final: Mapping[str, str] = {}
     summary_keys: tuple[str, ...] = ("loss",)
-    throughput = ("examples_per_s", "examples / s")
+    throughput = ("examples_per_s", "examples")
     table: tuple[tuple[str, str, str], ...] = ()
     panels: tuple[plots.Panel, ...] = ()
     plot_file = "curves.png"
     plot_title = ""
-
-    def set_data_dir(self, config, path: str) -> None:
-        raise NotImplementedError
 
     def validate(self, config, checks: config_lib.Checks, mesh) -> None:
         """Append problems with the task's own fields (model, data, eval, its train
@@ -165,11 +164,14 @@ class Task:
     def load_data(self, config, workdir: str, mesh):
         raise NotImplementedError
 
-    def describe_data(self, data) -> str:
+    def data_record(self, data) -> dict:
+        """What the data is (summary.json's "data", and the log)."""
         raise NotImplementedError
 
-    def data_record(self, data) -> dict | None:
-        return None
+    def model_classes(self, name: str) -> tuple[type, type]:
+        """(config class, module class) of the model ``config.methods[name]`` (a baseline
+        of another class, e.g. a RevViT, is chosen here by its name)."""
+        return self.config_class, self.model_class
 
     def model_fields(self, config, data) -> dict:
         """Model-config fields that come from the data (vocabulary sizes, ...); ``data``
@@ -180,20 +182,14 @@ class Task:
         """(num_epochs, steps_per_epoch, eval_every_epochs, examples_per_step)."""
         raise NotImplementedError
 
-    def describe_steps(self, config, data) -> str:
-        return ""
-
     def batch_fn(self, run: ModelRun) -> Callable[[int], dict]:
         """``step -> batch`` of sharded device arrays (a function of the step alone)."""
         raise NotImplementedError
 
-    def compile_step(self, run: ModelRun, train_step, state, state_sharding, get_batch):
-        """(callable step, the executable whose memory is reported)."""
-        compiled = ts.compile_train_step(
-            train_step, state, get_batch(0), state_sharding=state_sharding,
-            batch_sharding=sharding.batch_sharding(run.mesh),
-            metrics_sharding=sharding.replicated_sharding(run.mesh))
-        return compiled, compiled
+    def example_batches(self, run: ModelRun, get_batch) -> list[dict]:
+        """One batch of every shape the train step will see: each shape is compiled up
+        front, so compilation never lands in the timed training windows."""
+        return [get_batch(0)]
 
     def loss_fn(self, config) -> ts.LossFn:
         raise NotImplementedError
@@ -264,6 +260,11 @@ def _get(config, dotted: str):
     return config
 
 
+def _set(config, value, *, field: str) -> None:
+    *parents, leaf = field.split(".")
+    _get(config, ".".join(parents))[leaf] = value
+
+
 def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None:
     """Raise ``ConfigError`` listing every bad field (one line each, naming the field)."""
     checks = config_lib.Checks()
@@ -292,7 +293,8 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     failures = {}
     for name, fields in methods.items():
         try:
-            task.config_class(**config.model, **task.model_fields(config, None), **fields)
+            config_class, _ = task.model_classes(name)
+            config_class(**config.model, **task.model_fields(config, None), **fields)
         except (TypeError, ValueError, ArithmeticError) as error:
             if isinstance(error, ValueError) or not model_checked:
                 failures[name] = str(error).splitlines()[0]
@@ -360,9 +362,10 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
 
     seed = config.seed
     method = config.methods[name].to_dict()
-    model_config = task.config_class(**config.model, **task.model_fields(config, data),
-                                     **method_fields(method))
-    model = task.model_class(model_config, rngs=nnx.Rngs(seed))  # same init for all models
+    config_class, model_class = task.model_classes(name)
+    model_config = config_class(**config.model, **task.model_fields(config, data),
+                                **method_fields(method))
+    model = model_class(model_config, rngs=nnx.Rngs(seed))  # same init for all models
     num_epochs, spe, eval_every, examples_per_step = task.schedule(config, data)
     num_steps = num_epochs * spe
     optimizer, schedule = ts.make_optimizer(config.optim, num_steps, spe)
@@ -401,13 +404,15 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
                                     schedule=schedule,
                                     stop_on_nonfinite=t.on_nonfinite == "stop",
                                     gather_params=run.gather)
-    step_fn, measured = task.compile_step(run, train_step, state, state_sharding, get_batch)
+    step_fn, measured = _compile_per_shape(train_step, state, state_sharding,
+                                           task.example_batches(run, get_batch), mesh)
     compile_seconds = time.perf_counter() - compile_start
     compiled_mem = memory.compiled_memory(measured)
     fsdp = sharding.fsdp_size(mesh)
     log(f"[{display}] {num_params:,} parameters, update={method.get('update')}, "
-        f"backprop={backprop_name(model_config)}; {num_steps} steps "
-        f"{task.describe_steps(config, data)} on {sharding.num_data_shards(mesh)} device(s)"
+        f"backprop={backprop_name(model_config)}; {num_steps} steps ({num_epochs} epochs x "
+        f"{spe}) of {examples_per_step:.4g} {task.throughput[1]} on "
+        f"{sharding.num_data_shards(mesh)} device(s)"
         f"{f' (FSDP over {fsdp})' if fsdp > 1 else ''}; train step compiled in "
         f"{compile_seconds:.1f}s"
         + (f", peak memory estimate {memory.megabytes(compiled_mem['peak_estimate_bytes']):.1f}"
@@ -469,6 +474,28 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     return result
 
 
+def _shapes(batch) -> tuple:
+    return tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+
+
+def _compile_per_shape(train_step, state, state_sharding, examples: list[dict], mesh):
+    """(step dispatching on the batch shapes, the executable of the largest batch: its
+    memory is reported). The shapes compile in parallel (XLA compiles outside the GIL)."""
+
+    def compile_for(batch):
+        return _shapes(batch), ts.compile_train_step(
+            train_step, state, batch, state_sharding=state_sharding,
+            batch_sharding=sharding.batch_sharding(mesh),
+            metrics_sharding=sharding.replicated_sharding(mesh))
+
+    with ThreadPoolExecutor(max_workers=min(len(examples), os.cpu_count() or 1)) as pool:
+        compiled = dict(pool.map(compile_for, examples))
+    largest = compiled[max(compiled, key=lambda shapes: sum(map(np.prod, shapes)))]
+    if len(compiled) == 1:
+        return largest, largest
+    return (lambda s, batch: compiled[_shapes(batch)](s, batch)), largest
+
+
 def memory_record(compiled_mem: dict | None, device_mem: dict | None) -> dict:
     """The "memory" entry of a model's result (see experiments.common.memory)."""
     return {
@@ -507,7 +534,7 @@ def side_by_side(task: Task, results: list[dict]) -> str:
         ("device peak (memory_stats)", [mb(r, "device", "peak_bytes_in_use") for r in results]),
         ("step time", [_cell(None if r["step_time_s"] is None else r["step_time_s"] * 1e3,
                              "{:.1f} ms") for r in results]),
-        (throughput_label, [_cell(r.get(throughput_key), "{:.1f}") for r in results]),
+        (f"{throughput_label} / s", [_cell(r.get(throughput_key), "{:.1f}") for r in results]),
         ("reversal error (max)", ["n/a" if r["reversal_exact"] is None
                                   else f"{r['reversal_error_max']:.3g}" for r in results]),
         ("overflow / non-finite / skipped",
@@ -536,7 +563,9 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
 
     load_start = time.perf_counter()
     data = task.load_data(config, workdir, mesh)
-    log(f"data: {task.describe_data(data)}; loaded in {time.perf_counter() - load_start:.1f}s;"
+    record = task.data_record(data)
+    log(f"data: {', '.join(f'{k} {v}' for k, v in record.items())}; loaded in "
+        f"{time.perf_counter() - load_start:.1f}s;"
         f" {sharding.num_data_shards(mesh)} {jax.default_backend()} device(s) (mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)); workdir {workdir}")
 
@@ -554,7 +583,7 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
         "config": config_lib.to_dict(config),
         "versions": {**metrics.versions(), **task.versions()},
         "devices": metrics.device_info(mesh),
-        "data": task.data_record(data),
+        "data": record,
         "models": dict(zip(names, results, strict=True)),
         "plots": [f for f in files if f.endswith(".png")],
         "wall_seconds": time.perf_counter() - start,
@@ -566,11 +595,18 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
     return summary
 
 
+def entry_points(task: Task):
+    """``(train_and_evaluate(config, workdir), validate_config(config, mesh))`` of a task."""
+    return (functools.partial(train_and_evaluate, task),
+            functools.partial(validate_config, task))
+
+
 def main(task: Task) -> None:
     """``python -m experiments.<task.name>``: the command line (see ``runs.run_experiment``)."""
     runs.run_experiment(
         task.name, functools.partial(train_and_evaluate, task), presets=task.presets,
-        set_data_dir=task.set_data_dir, data_dir_help=task.data_dir_help,
+        set_data_dir=functools.partial(_set, field=task.data_dir_field),
+        data_dir_help=task.data_dir_help,
         # NonFiniteError includes RangeOverflowError.
         errors=(config_lib.ConfigError, sharding.DistributedInitError, NonFiniteError,
                 *task.errors))

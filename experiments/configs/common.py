@@ -85,12 +85,15 @@ def add_optim(c: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDi
     return c
 
 
-def check_preset(experiment: str, preset: str, presets: tuple[str, ...]) -> str:
-    """``preset`` ("" means "quick"), or a ValueError naming the presets."""
+def preset_config(experiment: str, preset: str, presets: tuple[str, ...], base):
+    """``base()`` with ``preset`` recorded ("" means "quick"); a ValueError naming the
+    presets for an unknown one. The caller then applies the preset's values."""
     preset = preset or "quick"
     if preset not in presets:
         raise ValueError(
             f"unknown {experiment} preset {preset!r}; use one of {presets}, e.g. "
             f"--config=experiments/configs/{experiment}.py:quick"
         )
-    return preset
+    c = base()
+    c.preset = preset
+    return c

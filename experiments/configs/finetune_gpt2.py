@@ -87,17 +87,15 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick" or "paper")."""
-    preset = common.check_preset("finetune_gpt2", preset, PRESETS)
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("finetune_gpt2", preset, PRESETS, _base)
+    if c.preset == "quick":
         # The tiny stand-in: a few steps of a 2-layer GPT-2 of width 32 on 4 mrs.
         c.model.update(dropout=0.0, attention_dropout=0.0)
         c.optim.update(learning_rate=3e-3, warmup_epochs=0.5)
         c.train.update(num_epochs=10, batch_size=4, log_every_steps=2,
                        checkpoint_every_steps=100)
         c.eval.update(batch_size=4, decode_batch_size=4, max_new_tokens=24, beam_size=3)
-    elif preset == "paper":
+    elif c.preset == "paper":
         c.data.tiny_standin = False  # the real files, named on the command line
         # Full fine-tuning of GPT-2 medium: lr 5e-5 and a decay to 0 (guess: the HF
         # run_clm default; LoRA's 2e-4 is for its adapters); 500 warmup steps of LoRA are

@@ -87,32 +87,21 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick", "full" or "tiny")."""
-    preset = common.check_preset("lm", preset, PRESETS)
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("lm", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: both models train, evaluate and sample in ~10 minutes.
         c.model.update(max_len=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
                        attention_dropout=0.0)
-        c.train.num_steps = 600
-        c.train.batch_size = 32
-        c.train.eval_every_steps = 100
-        c.optim.warmup_epochs = 0.5  # 50 steps
-        c.optim.learning_rate = 2e-3
-        c.eval.num_windows = 64
-        c.eval.sample_length = 300
-    elif preset == "full":
+        c.train.update(num_steps=600, batch_size=32, eval_every_steps=100)
+        # warmup_epochs: 50 steps
+        c.optim.update(warmup_epochs=0.5, learning_rate=2e-3)
+        c.eval.update(num_windows=64, sample_length=300)
+    elif c.preset == "full":
         c.train.log_every_steps = 100
-    elif preset == "tiny":
+    elif c.preset == "tiny":
         c.model.update(max_len=16, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
                        attention_dropout=0.0)
-        c.train.num_steps = 8
-        c.train.batch_size = 4
-        c.train.eval_every_steps = 4
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.num_windows = 8
-        c.eval.batch_size = 4
-        c.eval.num_samples = 1
-        c.eval.sample_length = 20
+        c.train.update(num_steps=8, batch_size=4, eval_every_steps=4, log_every_steps=2,
+                       checkpoint_every_steps=4)
+        c.eval.update(num_windows=8, batch_size=4, num_samples=1, sample_length=20)
     return c

@@ -98,10 +98,8 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick", "full" or "tiny")."""
-    preset = common.check_preset("translation", preset, PRESETS)
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("translation", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: both models train, evaluate and decode in ~10 minutes.
         # One epoch of a small model, no dropout (it underfits anyway in one epoch).
         c.model.update(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, mlp_dim=256,
@@ -111,42 +109,27 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         # Three shapes to compile per model. With 2000 pieces 96% of the Multi30k training
         # pairs fit in 36 tokens; the longer ones are dropped (counted in summary.json) and
         # the few longer test sources are truncated.
-        c.batch.bucket_lengths = (16, 24, 36)
-        c.batch.tokens_per_batch = 2048
+        c.batch.update(bucket_lengths=(16, 24, 36), tokens_per_batch=2048)
         c.train.num_epochs = 1
         # Peak learning rate measured on this preset (standard model, 1 epoch, validation
         # loss): 2e-3 → 3.45, 4e-3 → 3.04, 7e-3 → 2.86 (BDIA at 7e-3: 2.97, stable).
-        c.optim.learning_rate = 7e-3
-        c.optim.warmup_epochs = 0.1
-        c.eval.beam_size = 4
-        c.eval.max_decode_len = 48
-    elif preset == "full":
+        c.optim.update(learning_rate=7e-3, warmup_epochs=0.1)
+        c.eval.update(beam_size=4, max_decode_len=48)
+    elif c.preset == "full":
         # Transformer-base-like model for accelerators (Multi30k or WMT via data.tfds_name).
         c.model.update(width=512, encoder_depth=6, decoder_depth=6, num_heads=8,
                        mlp_dim=2048, dropout=0.1)
         c.tokenizer.vocab_size = 8000
         c.batch.tokens_per_batch = 8192
-        c.train.num_epochs = 30
-        c.train.log_every_steps = 100
-        c.train.checkpoint_every_steps = 1000
-        c.optim.learning_rate = 7e-4
-        c.optim.warmup_epochs = 2.0
-        c.eval.beam_size = 5
-        c.eval.decode_batch_size = 128
-    elif preset == "tiny":
+        c.train.update(num_epochs=30, log_every_steps=100, checkpoint_every_steps=1000)
+        c.optim.update(learning_rate=7e-4, warmup_epochs=2.0)
+        c.eval.update(beam_size=5, decode_batch_size=128)
+    elif c.preset == "tiny":
         c.model.update(width=32, encoder_depth=2, decoder_depth=2, num_heads=2, mlp_dim=64,
                        dropout=0.0)
         c.tokenizer.vocab_size = 300
-        c.data.num_train_examples = 64
-        c.data.num_val_examples = 16
-        c.data.num_test_examples = 8
-        c.batch.bucket_lengths = (32, 64)
-        c.batch.tokens_per_batch = 256
-        c.train.num_epochs = 2
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.beam_size = 2
-        c.eval.max_decode_len = 24
-        c.eval.decode_batch_size = 4
-        c.eval.num_examples_to_print = 2
+        c.data.update(num_train_examples=64, num_val_examples=16, num_test_examples=8)
+        c.batch.update(bucket_lengths=(32, 64), tokens_per_batch=256)
+        c.train.update(num_epochs=2, log_every_steps=2, checkpoint_every_steps=4)
+        c.eval.update(beam_size=2, max_decode_len=24, decode_batch_size=4, num_examples_to_print=2)
     return c

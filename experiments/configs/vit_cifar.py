@@ -70,41 +70,26 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick", "paper" or "tiny")."""
-    preset = common.check_preset("vit_cifar", preset, PRESETS)
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("vit_cifar", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: a width-64 ViT, one epoch over all 50k training images,
         # for each model, plus a full test evaluation and a 5-point γ sweep on 2000 test
         # images (the README's results give the figures and the wall time).
         c.model.update(width=64, depth=4, num_heads=2, mlp_dim=128, patch_size=4)
-        c.train.num_epochs = 1
-        c.train.batch_size = 128
-        c.train.log_every_steps = 25
-        c.eval.sweep_gammas = (-0.5, -0.25, 0.0, 0.25, 0.5)
-        c.eval.sweep_num_examples = 2000
-    elif preset == "paper":
+        c.train.update(num_epochs=1, batch_size=128, log_every_steps=25)
+        c.eval.update(sweep_gammas=(-0.5, -0.25, 0.0, 0.25, 0.5), sweep_num_examples=2000)
+    elif c.preset == "paper":
         c.model.update(width=512, depth=6, num_heads=8, mlp_dim=512, patch_size=4,
                        dropout=0.1, attention_dropout=0.1)
         c.methods.bdia.update(gamma=0.5, frac_bits=9)
-        c.train.batch_size = 128
-        c.train.num_epochs = 200  # long training, as in the paper's CIFAR-10 runs
-        c.train.log_every_steps = 100
-        c.train.checkpoint_every_steps = 2000
-        c.optim.learning_rate = 5e-4
-        c.optim.warmup_epochs = 5.0
-        c.optim.weight_decay = 0.05
-        c.eval.batch_size = 1024
-        c.eval.sweep_num_examples = 0
-    elif preset == "tiny":
+        # num_epochs: long training, as in the paper's CIFAR-10 runs
+        c.train.update(batch_size=128, num_epochs=200, log_every_steps=100,
+                       checkpoint_every_steps=2000)
+        c.optim.update(learning_rate=5e-4, warmup_epochs=5.0, weight_decay=0.05)
+        c.eval.update(batch_size=1024, sweep_num_examples=0)
+    elif c.preset == "tiny":
         c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
-        c.data.num_train_examples = 256
-        c.data.num_test_examples = 128
-        c.train.num_epochs = 2
-        c.train.batch_size = 32
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.batch_size = 64
-        c.eval.sweep_gammas = (-0.5, 0.0, 0.5)
-        c.eval.sweep_num_examples = 0
+        c.data.update(num_train_examples=256, num_test_examples=128)
+        c.train.update(num_epochs=2, batch_size=32, log_every_steps=2, checkpoint_every_steps=4)
+        c.eval.update(batch_size=64, sweep_gammas=(-0.5, 0.0, 0.5), sweep_num_examples=0)
     return c

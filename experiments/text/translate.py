@@ -3,6 +3,8 @@ with the KV cache at E[γ] = 0, detokenization and corpus sacreBLEU."""
 
 from __future__ import annotations
 
+import time
+
 import jax.numpy as jnp
 import numpy as np
 import sacrebleu
@@ -70,3 +72,22 @@ def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
     metric = sacrebleu.metrics.BLEU()
     score = metric.corpus_score(hypotheses, [references])
     return float(score.score), str(metric.get_signature())
+
+
+def translate_test_set(make_step, state, data, e, bucket_lengths, mesh) -> dict:
+    """Greedy and beam-search translations of the test split with their sacreBLEU.
+
+    make_step(beam_size): a jitted ``translate_batch``; data: a
+    ``translation_data.TranslationData``; e: the ``eval`` config section. Returns
+    {"greedy", "beam": translations, "bleu_greedy", "bleu_beam", "seconds": {method: s},
+    "signature": sacreBLEU's}.
+    """
+    out = {"seconds": {}}
+    for method, beam in (("greedy", 1), ("beam", e.beam_size)):
+        start = time.perf_counter()
+        out[method] = translate_all(make_step(beam), state, data.test_src, data.tokenizers.tgt,
+                                    batch_size=e.decode_batch_size,
+                                    bucket_lengths=bucket_lengths, mesh=mesh)
+        out["seconds"][method] = time.perf_counter() - start
+        out[f"bleu_{method}"], out["signature"] = bleu(out[method], data.test_references)
+    return out
