@@ -99,24 +99,27 @@ def compile_step(args, update: str, dropout: float):
     import jax.numpy as jnp
     from flax import nnx
 
-    from bdia_jax.models import ViT
     from experiments import vit_cifar
     from experiments.common import train_state as ts
     from experiments.configs.vit_cifar import get_config
+
+    from experiments.common import trainer
 
     config = get_config(args.preset)
     config.train.batch_size = args.batch
     config.model.depth = args.depth
     config.model.dropout = config.model.attention_dropout = dropout
-    vit_cfg = vit_cifar.vit_config_for(config, update)
+    task = vit_cifar.TASK
+    vit_cfg, model_class = trainer.build_model_config(
+        task, config, config.methods[update].to_dict(), None)
     optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-    graphdef = ts.split_model(nnx.eval_shape(lambda: ViT(vit_cfg, rngs=nnx.Rngs(0))))[0]
+    graphdef = ts.split_model(nnx.eval_shape(lambda: model_class(vit_cfg, rngs=nnx.Rngs(0))))[0]
     state = jax.eval_shape(lambda: ts.create_train_state(
-        ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer, jax.random.PRNGKey(0))[1])
+        model_class(vit_cfg, rngs=nnx.Rngs(0)), optimizer, jax.random.PRNGKey(0))[1])
     size = config.model.image_size
     batch = {"image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
-    step = ts.make_train_step(graphdef, vit_cifar.make_loss_fn(config), optimizer,
+    step = ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
                               schedule=schedule)
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     return compiled, state, config

@@ -31,6 +31,8 @@ import numpy as np
 
 import bdia_jax
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
+from experiments.common import plots
+from experiments.common.memory import step_memory
 
 # Each method: (label, stack kind, backprop, recompute of the reversible backward pass).
 METHODS = {
@@ -67,19 +69,6 @@ def make_step(kind: str, backprop: str, block, gamma: float, frac_bits: int,
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3)))
     return jax.jit(lambda params, x, key: jax.value_and_grad(loss, argnums=(0, 1))(
         params, x, key, None))
-
-
-def compiled_bytes(step, params, x, key) -> dict:
-    compiled = step.lower(params, x, key).compile()
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        raise RuntimeError("this backend gives no compiled memory_analysis()")
-    fields = {
-        name: int(getattr(analysis, f"{name}_size_in_bytes"))
-        for name in ("argument", "output", "temp", "alias", "generated_code")
-    }
-    fields["total"] = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]
-    return fields
 
 
 def mixed_slope(depths, batches, totals) -> float:
@@ -137,7 +126,7 @@ def main(argv=None) -> dict:
             params = init_attn_mlp(jax.random.PRNGKey(1), depth, args.dim, args.hidden)
             for batch in batches:
                 x = jax.ShapeDtypeStruct((batch, args.seq, args.dim), jnp.float32)
-                memory[method][(depth, batch)] = compiled_bytes(step, params, x, key)
+                memory[method][(depth, batch)] = step_memory(step, params, x, key)
         print(f"compiled {method}", flush=True)
 
     # Timing, interleaved: round r runs every method once, so drift hits all alike.
@@ -174,7 +163,8 @@ def main(argv=None) -> dict:
                "jax": jax.__version__, "methods": {}}
     rows = []
     for method in methods:
-        totals = [[memory[method][(d, b)]["total"] for d in depths] for b in batches]
+        totals = [[memory[method][(d, b)]["peak_estimate_bytes"] for d in depths]
+                  for b in batches]
         slope = mixed_slope(depths, batches, totals)  # bytes per block per sample
         bits = slope * 8 / elements
         median_time = statistics.median(times[method])
@@ -188,7 +178,7 @@ def main(argv=None) -> dict:
                              for d in depths for b in batches},
         }
         rows.append((method, bits, median_time,
-                     memory[method][(depths[-1], batches[-1])]["total"] / 2**20))
+                     memory[method][(depths[-1], batches[-1])]["peak_estimate_bytes"] / 2**20))
 
     reference = results["methods"].get("bdia_remat", {}).get("step_time_s")
     print()
@@ -217,23 +207,12 @@ def main(argv=None) -> dict:
 
 
 def _plot(results, depths, batch, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for record in results["methods"].values():
-        mib = [record["memory_bytes"][f"depth={d},batch={batch}"]["total"] / 2**20 for d in depths]
-        ax.plot(depths, mib, marker="o", label=record["label"])
-    ax.set_xlabel("depth (blocks)")
-    ax.set_ylabel(f"compiled step memory (MiB), batch {batch}")
-    ax.set_title("value-and-grad memory vs depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.plot_lines(
+        {r["label"]: (depths, [r["memory_bytes"][f"depth={d},batch={batch}"]
+                               ["peak_estimate_bytes"] / 2**20 for d in depths])
+         for r in results["methods"].values()},
+        path, xlabel="depth (blocks)", ylabel=f"compiled step memory (MiB), batch {batch}",
+        title="value-and-grad memory vs depth")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 
 Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
 the devices are forced with ``--xla_force_host_platform_device_count``). The global batch is
-fixed and sharded over a ``data`` mesh axis, so the side bits and the two kept states —
+fixed and sharded over every device, so the side bits and the two kept states —
 sharded along the batch like the activations — shrink per device as devices are added.
-With ``fsdp`` the parameters (and so their gradients) are also sharded, along their last
-axis. Memory is the compiled program's per-device ``memory_analysis()``
-(arguments + outputs + temporaries - aliased). Also checks, per device count, that the
+With ``fsdp`` the parameters (and so their gradients) are also sharded, in the trainer's
+FSDP layout (``experiments.common.sharding``: each array along its largest divisible axis,
+all-gathered at the start of the step). Memory is the compiled program's per-device
+``memory_analysis()`` (``experiments.common.memory``: arguments + outputs + temporaries -
+aliased). Also checks, per device count, that the
 reversal stayed bit-exact (reversal probe = 0) and that the loss matches one device.
 """
 
@@ -19,68 +21,57 @@ import argparse
 import json
 import os
 
-from experiments.common.host_devices import fan_out, host_devices
+from experiments.common.host_devices import host_devices, measure
 
 
 def worker(num_devices: int, args) -> dict:
     devices = host_devices(num_devices)
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     import bdia_jax
     from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
+    from experiments.common import sharding
+    from experiments.common.memory import step_memory
 
-    mesh = Mesh(np.array(devices), ("data",))
     block = make_attn_mlp_block(heads=args.heads)
     params = init_attn_mlp(jax.random.PRNGKey(1), args.depth, args.dim, args.hidden)
     x = jax.random.normal(jax.random.PRNGKey(2), (args.batch, args.seq, args.dim))
     key = jax.random.PRNGKey(0)
-
-    def make(backprop, kind="bdia"):
-        def loss(params, x, probe):
-            if kind == "standard":
-                y = bdia_jax.standard_stack(block, params, x, key=key)
-            else:
-                y = bdia_jax.bdia_stack(block, params, x, key=key, backprop=backprop,
-                                        reversal_probe=probe)
-            return jnp.mean(jnp.square(y))
-
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
-
-    batch_sharding = NamedSharding(mesh, P("data"))
-    layouts = {
-        "dp": lambda a: NamedSharding(mesh, P()),
-        "fsdp": lambda a: NamedSharding(mesh, P(*([None] * (a.ndim - 1)), "data")),
-    }
+    methods = {"standard": ("standard", "autodiff"), "bdia_remat": ("bdia", "remat"),
+               "bdia_reversible": ("bdia", "reversible")}
     out = {"devices": num_devices, "results": {}}
-    x_sharded = jax.device_put(x, batch_sharding)
-    for layout, spec in layouts.items():
-        sharded_params = jax.tree_util.tree_map(lambda a, spec=spec: jax.device_put(a, spec(a)),
-                                                params)
-        for name, (kind, backprop) in {"standard": ("standard", "autodiff"),
-                                       "bdia_remat": ("bdia", "remat"),
-                                       "bdia_reversible": ("bdia", "reversible")}.items():
-            step = make(backprop, kind)
-            compiled = step.lower(sharded_params, x_sharded, jnp.zeros(())).compile()
-            m = compiled.memory_analysis()
-            total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                     - m.alias_size_in_bytes)
-            (loss, (_, probe_grad)) = compiled(sharded_params, x_sharded, jnp.zeros(()))
-            out["results"][f"{layout}/{name}"] = {
-                "per_device_total_bytes": int(total),
-                "per_device_temp_bytes": int(m.temp_size_in_bytes),
-                "loss": float(loss),
-                "reversal_error": float(probe_grad),
-            }
+    for layout in ("dp", "fsdp"):
+        # The trainer's layouts (experiments.common.sharding): the batch over every device;
+        # the parameters replicated ("dp") or FSDP-sharded over all of them, all-gathered at
+        # the start of the step.
+        mesh = sharding.make_mesh(devices, fsdp=num_devices if layout == "fsdp" else 1)
+        gather = sharding.gather_sharding(mesh)
+        placed = sharding.place(params, sharding.param_shardings(params, mesh))
+        x_sharded = jax.device_put(x, sharding.batch_sharding(mesh))
+        for name, (kind, backprop) in methods.items():
+            def loss(params, x, probe, kind=kind, backprop=backprop):
+                if gather is not None:
+                    params = jax.lax.with_sharding_constraint(
+                        params, jax.tree_util.tree_map(lambda _: gather, params))
+                if kind == "standard":
+                    y = bdia_jax.standard_stack(block, params, x, key=key)
+                else:
+                    y = bdia_jax.bdia_stack(
+                        block, params, x, key=key, backprop=backprop,
+                        reversal_probe=probe if backprop == "reversible" else None)
+                return jnp.mean(jnp.square(y))
+
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
+            figures = step_memory(step, placed, x_sharded, jnp.zeros(()))
+            loss_value, (_, probe_grad) = step(placed, x_sharded, jnp.zeros(()))
+            out["results"][f"{layout}/{name}"] = {**figures, "loss": float(loss_value),
+                                                  "reversal_error": float(probe_grad)}
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
     parser.add_argument("--depth", type=int, default=24, help="blocks")
     parser.add_argument("--batch", type=int, default=32, help="global batch (divisible)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sample")
@@ -88,19 +79,10 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--workdir", default="runs/sharding_memory", help="output folder")
-    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+    args, rows = measure("experiments.sharding_memory", parser, worker,
+                         ("depth", "batch", "seq", "dim", "hidden", "heads"), argv)
+    if rows is None:  # a worker
         return None
-
-    counts = [int(c) for c in args.devices.split(",")]
-    for c in counts:
-        if args.batch % c:
-            parser.error(f"--batch {args.batch} is not divisible by {c} devices")
-    rows = fan_out("experiments.sharding_memory", counts, args,
-                   ("depth", "batch", "seq", "dim", "hidden", "heads"))
 
     keys = list(rows[0]["results"])
     print(f"\ndepth={args.depth} global batch={args.batch} seq={args.seq} dim={args.dim}: "
@@ -108,7 +90,7 @@ def main(argv=None):
     print("| layout/method | " + " | ".join(f"{r['devices']} dev" for r in rows) + " |")
     print("|---|" + "---:|" * len(rows))
     for k in keys:
-        cells = [f"{r['results'][k]['per_device_total_bytes'] / 2**20:.1f}" for r in rows]
+        cells = [f"{r['results'][k]['peak_estimate_bytes'] / 2**20:.1f}" for r in rows]
         print(f"| {k} | " + " | ".join(cells) + " |")
     errors = {k: max(r["results"][k]["reversal_error"] for r in rows) for k in keys}
     losses = {k: [r["results"][k]["loss"] for r in rows] for k in keys}

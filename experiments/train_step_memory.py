@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 
-from experiments.common.host_devices import fan_out, host_devices
+from experiments.common.host_devices import host_devices, measure
 
 
 def worker(num_devices: int, args) -> dict:
@@ -29,17 +29,18 @@ def worker(num_devices: int, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from bdia_jax.models import ViT
     from experiments import vit_cifar
-    from experiments.common import memory, sharding
+    from experiments.common import memory, sharding, trainer
     from experiments.common import train_state as ts
     from experiments.configs.vit_cifar import get_config
 
     config = get_config(args.preset)
     config.train.batch_size = args.batch
     size = config.model.image_size
+    task = vit_cifar.TASK
     out = {"devices": num_devices, "results": {}}
     for layout in args.layouts.split(","):
+        # The trainer's layouts: parameters replicated ("dp") or FSDP over every device.
         mesh = sharding.make_mesh(devices, fsdp=num_devices if layout == "fsdp" else 1)
         batch_sharding = sharding.batch_sharding(mesh)
         batch = {
@@ -47,46 +48,39 @@ def worker(num_devices: int, args) -> dict:
                                           sharding=batch_sharding),
             "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding),
         }
-        for update in args.models.split(","):
-            vit_cfg = vit_cifar.vit_config_for(config, update)
+        for name in args.models.split(","):
+            # RevViT too: the trainer builds every config.methods entry.
+            model_cfg, model_class = trainer.build_model_config(
+                task, config, config.methods[name].to_dict(), None)
             optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-            graphdef, state = ts.create_train_state(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
-                                                    jax.random.PRNGKey(0))
+            graphdef, state = ts.create_train_state(model_class(model_cfg, rngs=nnx.Rngs(0)),
+                                                    optimizer, jax.random.PRNGKey(0))
             shardings = sharding.train_state_shardings(state, mesh)
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                 shardings)
             compiled = ts.compile_train_step(
-                ts.make_train_step(graphdef, vit_cifar.make_loss_fn(config), optimizer,
+                ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
                                    schedule=schedule,
                                    gather_params=sharding.gather_sharding(mesh)),
                 abstract, batch, state_sharding=shardings, batch_sharding=batch_sharding,
                 metrics_sharding=sharding.replicated_sharding(mesh))
-            out["results"][f"{layout}/{update}"] = memory.compiled_memory(compiled)
+            out["results"][f"{layout}/{name}"] = memory.compiled_memory(compiled)
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="quick", help="vit_cifar preset (model size)")
-    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
     parser.add_argument("--batch", type=int, default=128, help="global batch (divisible)")
-    parser.add_argument("--models", default="standard,bdia", help="standard and/or bdia")
+    parser.add_argument("--models", default="standard,bdia",
+                        help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
     parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
-    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+    args, rows = measure("experiments.train_step_memory", parser, worker,
+                         ("preset", "batch", "models", "layouts"), argv)
+    if rows is None:  # a worker
         return None
-
-    counts = [int(c) for c in args.devices.split(",")]
-    for c in counts:
-        if args.batch % c:
-            parser.error(f"--batch {args.batch} is not divisible by {c} devices")
-    rows = fan_out("experiments.train_step_memory", counts, args,
-                   ("preset", "batch", "models", "layouts"))
 
     print(f"\nvit_cifar preset={args.preset}, global batch {args.batch}: per-device compiled "
           f"memory of the train step, MiB (arguments = state + batch / temporaries / peak)")

@@ -189,6 +189,7 @@ from bdia_jax.models import ReversalProbe, ViT, vit_config
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 from experiments import memory_benchmark, vit_cifar
 from experiments.common import metrics as run_metrics
+from experiments.common.memory import step_memory
 from experiments.configs.vit_cifar import get_config
 
 # experiments.common.plots selects the headless Agg backend; plot inline in this notebook.
@@ -419,8 +420,8 @@ for method in MEMORY_METHODS:
     for d, b in points:
         stack_params = init_attn_mlp(jax.random.PRNGKey(1), d, mem["dim"], mem["hidden"])
         shape = jax.ShapeDtypeStruct((b, mem["seq"], mem["dim"]), jnp.float32)
-        compiled[method][(d, b)] = memory_benchmark.compiled_bytes(
-            step, stack_params, shape, jax.random.PRNGKey(0))["total"]
+        compiled[method][(d, b)] = step_memory(
+            step, stack_params, shape, jax.random.PRNGKey(0))["peak_estimate_bytes"]
     print(f"compiled {method} at {len(points)} (depth, batch) points "
           f"({time.perf_counter() - start:.0f}s)")
 
@@ -464,7 +465,7 @@ code('''
 if SETTING == "full":
     config = get_config("paper")  # the paper's setting, unchanged
 elif SETTING == "default":
-    config = get_config("quick")  # ViT width 128, depth 4, 4 heads, MLP 256, patch 4
+    config = get_config("quick")  # the README's quick preset (see its results section)
     config.eval.sweep_gammas = (-0.5, -0.375, -0.25, -0.125, 0.0, 0.125, 0.25, 0.375, 0.5)
     if ACCELERATOR:  # all of CIFAR-10, a few epochs
         config.train.num_epochs = 5
@@ -486,11 +487,11 @@ config.data.data_dir = DATA_DIR
 # One run folder per distinct config: rerunning reuses it, a changed config starts a new one.
 config_hash = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:8]
 workdir = os.path.join(OUTPUT_ROOT, f"notebook_{SETTING}_{BACKEND}_{config_hash}")
-m = config.model
+m, bdia = config.model, config.methods.bdia
 print(f"preset {config.preset}, mode {config.mode}: ViT width {m.width}, depth {m.depth}, "
       f"{m.num_heads} heads, MLP {m.mlp_dim}, patch {m.patch_size}; {config.train.num_epochs} "
-      f"epoch(s) of batch {config.train.batch_size}; BDIA γ = ±{m.gamma}, l = {m.frac_bits}; "
-      f"run folder {workdir}")
+      f"epoch(s) of batch {config.train.batch_size}; BDIA γ = ±{bdia.gamma}, "
+      f"l = {bdia.frac_bits}; run folder {workdir}")
 ''')
 
 code('''
@@ -547,7 +548,7 @@ error = bdia_result["reversal_error_max"]
 assert bdia_result["reversal_exact"], (
     f"in training the backward pass did NOT rebuild the BDIA-ViT states exactly (largest state "
     f"difference {error:g} = {error * 2**FRAC_BITS:g} grid steps δ), so its gradients were "
-    f"off. Retry with config.model.bdia_recompute = 'separate' and please report it with "
+    f"off. Retry with config.methods.bdia.recompute = 'separate' and please report it with "
     f"the settings above.")
 ''')
 

@@ -134,7 +134,7 @@ def test_overflow_step_follows_the_policy_and_is_never_checkpointed(tmp_path, po
 
     if policy == "stop":
         with pytest.raises(RangeOverflowError,
-                           match=f"fixed-point range overflow at step {overflow_step} "):
+                           match=f"fixed-point range overflow at step {overflow_step + 1} "):
             run()
         saved = Checkpointer(str(tmp_path / "ckpt"), save_every_steps=3, keep=10)
         assert saved.all_steps() == [3, 4]  # nothing after the bad step was written

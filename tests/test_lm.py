@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from experiments import lm
 from experiments.common.config import ConfigError
 from experiments.common.loop import TrainingInterrupted
+from experiments.common.metrics import read_records
 from experiments.configs.lm import get_config
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
@@ -21,7 +22,7 @@ def tiny_config(text_file: str, **train):
     c = get_config("tiny")
     c.data.text_file = text_file
     c.data.val_fraction = 0.2
-    c.model.update(context=16, width=32, depth=2, num_heads=2, mlp_dim=64)
+    c.model.update(max_len=16, width=32, depth=2, num_heads=2, mlp_dim=64)
     c.optim.learning_rate = 1e-2
     c.optim.warmup_epochs = 0.0
     c.train.update(num_steps=48, batch_size=8, eval_every_steps=16, log_every_steps=8,
@@ -79,8 +80,8 @@ def test_lm_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, text_
     a, b = straight["models"]["bdia"], resumed["models"]["bdia"]
     for key in ("val_loss_final", "train_loss_final", "val_loss_best", "samples"):
         assert a[key] == b[key], key
-    steps = [r["step"] for r in lm.metrics.read_records(os.path.join(workdir, "metrics.jsonl"),
-                                                         kind="train")]
+    steps = [r["step"] for r in read_records(os.path.join(workdir, "metrics.jsonl"),
+                                             kind="train")]
     assert steps == sorted(set(steps))  # no duplicated records after the resume
 
 
@@ -106,7 +107,8 @@ def test_lm_config_and_data_errors(tmp_path, text_file):
     config.train.num_steps = 50
     with pytest.raises(ConfigError) as info:
         lm.train_and_evaluate(config, str(tmp_path / "bad"))
-    assert "model.num_heads" in str(info.value) and "train.num_steps" in str(info.value)
+    assert "--config.model: width (32) must be divisible by num_heads (3)" in str(info.value)
+    assert "train.num_steps" in str(info.value)
     with pytest.raises(FileNotFoundError, match="data.text_file"):
         lm.train_and_evaluate(tiny_config(str(tmp_path / "nope.txt")), str(tmp_path / "x"))
     # A resumed workdir with a changed config is refused.

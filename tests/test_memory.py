@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
-from experiments.memory_benchmark import compiled_bytes, make_step, mixed_slope
+from experiments.common.memory import step_memory
+from experiments.memory_benchmark import make_step, mixed_slope
 
 # Big enough per sample (8192 elements: 1 KiB of side bits per block) that the signal
 # dominates the few KiB by which XLA's buffer assignment varies between programs.
@@ -23,7 +24,7 @@ def _bits_per_element_per_block(kind, backprop, gamma):
         for depth in DEPTHS:
             params = init_attn_mlp(jax.random.PRNGKey(1), depth, DIM, HIDDEN)
             x = jax.ShapeDtypeStruct((batch, SEQ, DIM), jnp.float32)
-            row.append(compiled_bytes(step, params, x, key)["total"])
+            row.append(step_memory(step, params, x, key)["peak_estimate_bytes"])
         totals.append(row)
     return mixed_slope(DEPTHS, BATCHES, totals) * 8 / (SEQ * DIM)
 

@@ -313,7 +313,7 @@ def test_char_vocab_round_trip_save_and_reuse(tmp_path):
     vocab = char_lm.vocab_train_or_load(path, TEXT)
     assert vocab.chars == tuple(sorted(set(TEXT)))
     ids = vocab.encode(TEXT)
-    assert ids.dtype == np.int32 and vocab.decode(ids) == TEXT
+    assert ids.dtype == np.int32 and vocab.detokenize(ids) == TEXT
     assert char_lm.vocab_train_or_load(path, TEXT) == vocab
     with pytest.raises(ValueError, match="differs"):
         char_lm.vocab_train_or_load(path, TEXT + "Z")

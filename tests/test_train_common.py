@@ -15,7 +15,7 @@ from flax import nnx
 
 from bdia_jax.models import ViT, vit_config
 from experiments.common import config as config_lib
-from experiments.common import sharding
+from experiments.common import sharding, trainer
 from experiments.common import train_state as ts
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.loop import (
@@ -162,7 +162,8 @@ def _run(tmp_path, step, state, mesh, *, poison_step=None, policy="stop", stop_a
 
 def test_loop_stops_at_a_nonfinite_step_and_never_checkpoints_it(tmp_path):
     mesh, _, state, step = _setup("standard")
-    with pytest.raises(NonFiniteError, match="at step 4 "):
+    # Batch 4 (0-based) is step 5: steps count from 1, like checkpoints and records.
+    with pytest.raises(NonFiniteError, match="at step 5 .*from step 4 or earlier"):
         _run(tmp_path, step, state, mesh, poison_step=4)
     saved = Checkpointer(str(tmp_path / "ckpt"), save_every_steps=3, keep=10)
     assert saved.latest_step() == 4  # saved after step 3 and at the epoch end (step 4)
@@ -171,10 +172,12 @@ def test_loop_stops_at_a_nonfinite_step_and_never_checkpoints_it(tmp_path):
     saved.close()
 
 
-def test_loop_skip_policy_counts_and_continues(tmp_path):
+def test_loop_skip_policy_counts_and_continues(tmp_path, capsys):
     mesh, _, state, step = _setup("standard")
     (state, result), _ = _run(tmp_path, step, state, mesh, poison_step=5, policy="skip")
     assert int(state.step) == 8 and result.nonfinite_steps == 1
+    # ...and says so once, at the end.
+    assert capsys.readouterr().out.count("of 8 updates were skipped (non-finite: 1,") == 1
     assert result.best == 8.0 and result.best_step == 8
     records = read_records(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
@@ -287,4 +290,25 @@ def test_loop_warns_once_when_the_reversal_is_not_exact(tmp_path, capsys):
     assert result.max_reversal_error == 0.5
     out = capsys.readouterr().out
     assert out.count("did not rebuild the states exactly") == 1
-    assert "--config.model.bdia_recompute=separate" in out
+    assert "separate recompute mode" in out  # LoopSettings.reversal_fix
+
+
+def test_loop_does_not_blame_the_recompute_mode_for_an_overflow(tmp_path, capsys):
+    """A step that left the grid's range has no exact reversal to check: it counts as an
+    overflow (skipped under "skip"), not as an inexact reversal."""
+    mesh, _, state, step = _setup("bdia", stop_on_nonfinite=False)
+
+    def overflowing_step(state, batch):
+        state, metrics = step(state, batch)
+        return state, {**metrics, "reversal_error": jnp.float32(0.5), "overflow": jnp.asarray(True)}
+
+    (_, result), _ = _run(tmp_path, overflowing_step, state, mesh, policy="skip")
+    assert result.max_reversal_error == 0.0 and result.overflow_steps == 8
+    assert "did not rebuild" not in capsys.readouterr().out
+
+
+def test_trainer_names_the_flags_of_the_fixes():
+    fixes = trainer._fixes("bdia")
+    assert "--config.methods.bdia.recompute=separate" in fixes["reversal_fix"]
+    assert "--config.methods.bdia.frac_bits" in fixes["overflow_fix"]
+    assert "--config.optim.learning_rate" in fixes["nonfinite_fix"]

@@ -136,5 +136,6 @@ def test_translation_config_errors(tmp_path, corpus):
     with pytest.raises(ConfigError) as info:
         translation.train_and_evaluate(config, str(tmp_path / "w"))
     message = str(info.value)
-    for field in ("model.num_heads", "batch.bucket_lengths", "eval.beam_size"):
+    for field in ("--config.model: width (32) must be divisible by num_heads (3)",
+                  "batch.bucket_lengths", "eval.beam_size"):
         assert field in message

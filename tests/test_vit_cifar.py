@@ -9,8 +9,10 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
+import bdia_jax
+from bdia_jax.models import ViTConfig
 from experiments import vit_cifar
-from experiments.common import sharding
+from experiments.common import sharding, trainer
 from experiments.common.config import ConfigError
 from experiments.configs.vit_cifar import get_config
 
@@ -74,6 +76,23 @@ def test_train_and_evaluate_writes_everything(tmp_path, capsys):
     assert again["models"] == json.loads(json.dumps(summary["models"]))
     assert "already finished" in capsys.readouterr().out
 
+    # A finished run whose eval settings changed is evaluated again from its final
+    # checkpoint (no training): the summary and the records hold the new sweep only.
+    config.mode = "bdia"
+    config.eval.sweep_gammas = (0.25,)
+    with tfds.testing.mock_data(num_examples=256):
+        redone = vit_cifar.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "eval.sweep_gammas changed since; evaluating its final checkpoint again" in out
+    assert "epoch 2/2" not in out  # nothing trained
+    bdia = redone["models"]["bdia"]
+    assert bdia["gamma_sweep"]["gammas"] == [0.25]
+    assert bdia["test_accuracy_final"] == summary["models"]["bdia"]["test_accuracy_final"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["inference_gamma"] for r in records
+            if r["model"] == "BDIA-ViT" and r["kind"] == "sweep"] == [0.25]
+    assert len([r for r in records if r["model"] == "ViT" and r["kind"] == "sweep"]) == 3
+
 
 @pytest.mark.slow
 def test_compare_mode_trains_both_models_from_the_same_start(tmp_path):
@@ -82,7 +101,8 @@ def test_compare_mode_trains_both_models_from_the_same_start(tmp_path):
     standard x_0 + h(x_0) up to ~1e-6, so the two training curves coincide closely; a
     different init, batch order or augmentation would separate them at once."""
     config = _tiny(log_every_steps=1, num_epochs=1)
-    config.model.update(depth=1, frac_bits=20, dropout=0.0, attention_dropout=0.0)
+    config.model.update(depth=1, dropout=0.0, attention_dropout=0.0)
+    config.methods.bdia.frac_bits = 20
     config.eval.sweep_gammas = ()
     with tfds.testing.mock_data(num_examples=256):
         vit_cifar.train_and_evaluate(config, str(tmp_path))
@@ -102,13 +122,13 @@ def test_validation_reports_every_bad_field():
     config.model.num_heads = 3  # does not divide width 32
     config.mode = "both"
     config.train.on_nonfinite = "ignore"
-    config.model.gamma = 0.3
+    config.methods.bdia.recompute = "twice"
     with pytest.raises(ConfigError) as info:
         vit_cifar.validate_config(config, sharding.make_mesh())
     text = str(info.value)
-    for field in ("model.depth", "model.num_heads", "mode", "train.on_nonfinite",
-                  "model.gamma"):
+    for field in ("model.depth", "model", "mode", "train.on_nonfinite", "methods.bdia"):
         assert f"--config.{field}:" in text, field
+    assert "num_heads (3)" in text and "recompute" in text
     assert "5 problems" in text
 
 
@@ -116,8 +136,8 @@ def test_presets():
     assert get_config().preset == "quick"
     paper = get_config("paper")
     assert (paper.model.depth, paper.model.width, paper.model.num_heads, paper.model.mlp_dim,
-            paper.model.patch_size, paper.train.batch_size, paper.model.gamma,
-            paper.model.frac_bits) == (6, 512, 8, 512, 4, 128, 0.5, 9)
+            paper.model.patch_size, paper.train.batch_size, paper.methods.bdia.gamma,
+            paper.methods.bdia.frac_bits) == (6, 512, 8, 512, 4, 128, 0.5, 9)
     for preset in ("quick", "paper", "tiny"):
         vit_cifar.validate_config(get_config(preset), sharding.make_mesh())
     with pytest.raises(ValueError, match="unknown vit_cifar preset 'huge'"):
@@ -126,12 +146,17 @@ def test_presets():
 
 def test_standard_sweep_model_is_the_unquantized_bdia_inference_twin():
     config = get_config("tiny")
-    standard = vit_cifar.vit_config_for(config, "standard")
-    twin = vit_cifar.sweep_config_for(standard)
-    assert (twin.update, twin.frac_bits, twin.quantize_at_inference) == ("bdia", None, False)
+
+    def vit_config_for(name):
+        return ViTConfig(**config.model, **trainer.method_fields(config.methods[name]))
+
+    standard = vit_config_for("standard")
+    twin = vit_cifar.sweep_config_for(standard, "standard")
+    assert twin.update == bdia_jax.BDIA(frac_bits=None, quantize_at_inference=False)
+    assert twin.backprop == bdia_jax.Autodiff()
     assert twin.width == standard.width and twin.depth == standard.depth
-    bdia = vit_cifar.vit_config_for(config, "bdia")
-    assert vit_cifar.sweep_config_for(bdia) is bdia
+    bdia = vit_config_for("bdia")
+    assert vit_cifar.sweep_config_for(bdia, "bdia") is bdia
 
 
 def _cli(args, cwd, env_extra=None):
@@ -139,6 +164,13 @@ def _cli(args, cwd, env_extra=None):
     env.pop("TFDS_DATA_DIR", None)
     return subprocess.run([sys.executable, "-m", "experiments.vit_cifar", *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_help_lists_the_experiment_flags(tmp_path):
+    run = _cli(["--help"], cwd=tmp_path)
+    assert "Traceback" not in run.stderr, run.stderr
+    for flag in ("--config:", "--workdir:", "--data_dir:"):
+        assert flag in run.stdout, run.stdout
 
 
 def test_cli_rejects_bad_fields_with_one_line_each(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import vit_cifar
-from experiments.common import runs, sharding
+from experiments.common import config as config_lib
+from experiments.common import runs, sharding, trainer
 from experiments.common import train_state as ts
 from experiments.common.checkpoint import Checkpointer
 from experiments.common.loop import TrainingInterrupted
@@ -31,11 +32,11 @@ def _config(**train):
 def _final_state(workdir, config):
     """The final checkpoint of the BDIA model, restored onto this process's mesh."""
     mesh = sharding.make_mesh()
-    vit_cfg = vit_cifar.vit_config_for(config, "bdia")
     from flax import nnx
 
-    from bdia_jax.models import ViT
+    from bdia_jax.models import ViT, ViTConfig
 
+    vit_cfg = ViTConfig(**config.model, **trainer.method_fields(config.methods.bdia))
     optimizer, _ = ts.make_optimizer(config.optim, 16, 8)
     _, like = ts.create_train_state(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
                                     jax.random.PRNGKey(0))
@@ -79,13 +80,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
-    resumable = vit_cifar.RESUMABLE_CHANGES
+    resumable = trainer.RESUMABLE + vit_cifar.TASK.resumable
     config = _config()
     runs.check_resume_config(config, str(tmp_path), resumable=resumable)
     config.train.stop_after_steps = 3  # allowed: it does not change the run
     runs.check_resume_config(config, str(tmp_path), resumable=resumable)
     config.model.width = 64
     config.optim.learning_rate = 0.1
-    with pytest.raises(vit_cifar.config_lib.ConfigError,
+    with pytest.raises(config_lib.ConfigError,
                        match="different config .*model.width, optim.learning_rate"):
         runs.check_resume_config(config, str(tmp_path), resumable=resumable)

@@ -1,5 +1,8 @@
-"""Training infrastructure shared by the experiments.
+"""Training infrastructure shared by the experiments (see docs/architecture.md).
 
+* ``trainer``     – the one driver: ``Task`` (what an experiment supplies), validation of
+                    the shared config sections, per-model train/resume/evaluate/report,
+                    summary, side-by-side table, curves plot.
 * ``config``      – config validation (one clear line per bad field) and config records.
 * ``sharding``    – the (data, fsdp) device mesh: batch sharded over every device,
                     parameters replicated or FSDP-sharded; jax.distributed set-up,
@@ -12,9 +15,11 @@
 * ``loop``        – the epoch/step loop: progress bars, logging, evaluation hooks,
                     checkpoints, the non-finite/overflow policy, deterministic interruption.
 * ``metrics``     – ``metrics.jsonl`` writer, ``summary.json``, library versions.
-* ``memory``      – compiled memory analysis and device ``memory_stats()``.
-* ``plots``       – PNG plots (matplotlib, Agg backend).
+* ``memory``      – the one peak-memory figure (compiled memory analysis) and device
+                    ``memory_stats()``.
+* ``plots``       – every PNG plot (matplotlib, Agg backend).
+* ``data_checks`` – TFDS dataset-name and data-dir checks.
 * ``host_devices`` – one worker process per host-device count (the multi-device benchmarks).
-* ``runs``        – per-run helpers: the models a mode trains, the resume-config check,
-                    the summary's memory record, side-by-side tables.
+* ``runs``        – the command line of ``python -m experiments.<name>`` and the
+                    ``config.json`` resume check.
 """

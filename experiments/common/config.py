@@ -37,6 +37,15 @@ class Checks:
         allowed = tuple(allowed)
         return self.require(value in allowed, field, f"must be one of {allowed}, got {value!r}")
 
+    def int_at_least(self, value: Any, field: str, low: int = 1, note: str = "") -> bool:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        return self.require(ok, field, f"must be an int >= {low}{note}, got {value!r}")
+
+    def fraction(self, value: Any, field: str) -> bool:
+        """A rate in [0, 1) (dropout, label smoothing)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        return self.require(ok, field, f"must be in [0, 1), got {value!r}")
+
     def positive(self, value: Any, field: str, *, allow_zero: bool = False) -> bool:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             value >= 0 if allow_zero else value > 0

@@ -8,6 +8,7 @@ from the parent; the worker calls ``host_devices`` before it touches JAX. Used b
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -46,3 +47,22 @@ def fan_out(module: str, counts: list[int], args, forwarded: tuple[str, ...]) ->
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"measured {count} device(s)", flush=True)
     return rows
+
+
+def measure(module: str, parser: argparse.ArgumentParser, worker, forwarded: tuple[str, ...],
+            argv=None):
+    """The command line of a per-device-count benchmark: adds ``--devices`` (each count
+    must divide ``--batch``) and the hidden ``--worker``, parses ``argv``. In a worker:
+    prints ``worker(count, args)`` as one JSON line and returns ``(args, None)``; in the
+    parent: returns ``(args, rows)`` from ``fan_out`` over the counts."""
+    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return args, None
+    counts = [int(c) for c in args.devices.split(",")]
+    for c in counts:
+        if args.batch % c:
+            parser.error(f"--batch {args.batch} is not divisible by {c} devices")
+    return args, fan_out(module, counts, args, forwarded)

@@ -60,9 +60,16 @@ class LoopSettings:
     stop_after_steps: if > 0, raise ``TrainingInterrupted`` after this global step.
     on_nonfinite: what to do at a step with a non-finite loss/gradient or a fixed-point
       range overflow: "stop" (raise ``NonFiniteError`` / ``RangeOverflowError`` naming the
-      step) or "skip" (drop the update, count it, go on).
+      step, counted from 1 like checkpoints and records) or "skip" (drop the update, count
+      it, go on). Either way a run with skipped updates ends with one warning line.
     progress: "auto" (bars when stderr is a terminal), "on" or "off".
     examples_per_step: global batch size, for examples per second.
+    exact_reversal: a non-zero reversal error is a defect worth a warning (BDIA on its
+      grid); False for a floating-point reversal (RevViT), whose error is only measured.
+    nonfinite_fix, overflow_fix, reversal_fix, skipped_fix: the end of the message at a
+      non-finite step, at a range overflow, at an inexact reversal and after a run with
+      skipped updates: what the user can change (the trainer names its config flags here;
+      the loop knows no config).
     """
 
     num_epochs: int
@@ -73,6 +80,11 @@ class LoopSettings:
     on_nonfinite: str = "stop"
     progress: str = "auto"
     examples_per_step: int = 1
+    exact_reversal: bool = True
+    nonfinite_fix: str = "Lower the learning rate or clip the gradients."
+    overflow_fix: str = "Use fewer fractional bits or a lower learning rate."
+    reversal_fix: str = "Use the separate recompute mode or remat."
+    skipped_fix: str = "Lower the learning rate or clip the gradients."
 
     @property
     def num_steps(self) -> int:
@@ -145,7 +157,11 @@ def _mean_metrics(host_metrics: list[dict]) -> dict:
         else:
             out[key] = float(values.astype(np.float64).mean())
     if "reversal_error" in host_metrics[0]:
-        out["reversal_error_max"] = float(max(float(m["reversal_error"]) for m in host_metrics))
+        # Over the applied steps only: a step that overflowed the grid (or went non-finite)
+        # has no exact reversal to check; it is counted in overflow_steps instead.
+        out["reversal_error_max"] = max(
+            [float(m["reversal_error"]) for m in host_metrics
+             if not (m.get("overflow", False) or m.get("nonfinite", False))], default=0.0)
     return out
 
 
@@ -205,21 +221,19 @@ def run_loop(
         if not firsts:
             return
         first = min(firsts)
+        bad = first + 1  # steps count from 1, like checkpoint folders and records
         kept = (f"that update and all later ones were not applied and no checkpoint holds "
-                f"them (the last checkpoint is from before step {first})")
+                f"them (the newest checkpoint is from step {first} or earlier)")
         if first == first_nonfinite:
             raise NonFiniteError(
-                f"[{name}] non-finite loss or gradients at step {first} (seen by step "
-                f"{at_step}); {kept}. Lower --config.optim.learning_rate, set "
-                f"--config.optim.grad_clip_norm, or pass --config.train.on_nonfinite=skip "
-                f"to drop such steps and continue."
+                f"[{name}] non-finite loss or gradients at step {bad} (seen by step "
+                f"{at_step}); {kept}. {settings.nonfinite_fix}"
             )
         raise RangeOverflowError(
-            f"[{name}] fixed-point range overflow at step {first} (seen by step {at_step}): "
+            f"[{name}] fixed-point range overflow at step {bad} (seen by step {at_step}): "
             f"the BDIA residual stream reached the exact range of the grid "
             f"(|x| < 2**(24 - frac_bits) in float32), so the reversal would not be exact; "
-            f"{kept}. Lower --config.model.frac_bits or --config.optim.learning_rate, or "
-            f"pass --config.train.on_nonfinite=skip to drop such steps and continue."
+            f"{kept}. {settings.overflow_fix}"
         )
 
     for epoch in range(start // spe, settings.num_epochs):
@@ -249,14 +263,13 @@ def run_loop(
                     epoch_metrics += host
                     means = _mean_metrics(host)
                     reversal_error = means.get("reversal_error_max", 0.0)
-                    if reversal_error > 0.0 and result.max_reversal_error == 0.0:
+                    if (settings.exact_reversal and reversal_error > 0.0
+                            and result.max_reversal_error == 0.0):
                         # Not fatal (the gradients are only slightly off), but never silent.
                         log(f"[{name}] WARNING: the reversible backward pass did not rebuild "
                             f"the states exactly by step {done} (reversal error "
-                            f"{reversal_error:.3g}), so the BDIA gradients are off. Set "
-                            f"--config.model.bdia_recompute=separate (or "
-                            f"--config.model.bdia_backprop=remat) and please report the "
-                            f"backend and model size.")
+                            f"{reversal_error:.3g}, on a step within the grid's range), so "
+                            f"the BDIA gradients are off. {settings.reversal_fix}")
                     result.max_reversal_error = max(result.max_reversal_error, reversal_error)
                     result.overflow_steps += means.get("overflow_steps", 0)
                     result.nonfinite_steps += means.get("nonfinite_steps", 0)
@@ -305,4 +318,10 @@ def run_loop(
                     )
         finally:
             bar.close()
+    if result.skipped_steps:
+        # One line per model at the end: these updates were never applied.
+        log(f"[{name}] WARNING: {result.skipped_steps} of {settings.num_steps} updates were "
+            f"skipped (non-finite: {result.nonfinite_steps}, range overflow: "
+            f"{result.overflow_steps}); the model trained on the others only, so its "
+            f"figures do not describe a full run. {settings.skipped_fix}")
     return state, result

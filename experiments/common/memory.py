@@ -1,4 +1,4 @@
-"""Memory figures of a training step.
+"""Memory figures of a training step: the one place that reads and sums them.
 
 * ``compiled_memory`` – XLA's memory analysis of the compiled step, on any backend, per
   device: argument (inputs incl. the donated state), output, temp (activations and other
@@ -9,6 +9,8 @@
   process-lifetime ``peak_bytes_in_use`` over the local devices. It cannot be reset, so when
   several models train in one process the later ones report the larger of their own peak
   and the earlier ones'.
+* ``step_memory`` – ``compiled_memory`` of a jitted function at given arguments (the
+  benchmarks), raising where the backend has no analysis.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ def compiled_memory(compiled) -> dict | None:
         out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
     )
     return out
+
+
+def step_memory(jitted, *args) -> dict:
+    """``compiled_memory`` of ``jitted.lower(*args).compile()`` (arguments may be
+    ``jax.ShapeDtypeStruct``s); RuntimeError when the backend gives no analysis."""
+    figures = compiled_memory(jitted.lower(*args).compile())
+    if figures is None:
+        raise RuntimeError("this backend gives no compiled memory_analysis()")
+    return figures
 
 
 def device_memory() -> dict | None:

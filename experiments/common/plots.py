@@ -1,6 +1,16 @@
-"""PNG plots of a run (matplotlib, headless Agg backend)."""
+"""The project's PNG plots (matplotlib, headless Agg backend): every figure of the
+experiments and the benchmarks is drawn here.
+
+* ``plot_records`` – curves of a run's ``metrics.jsonl`` records against step, one colour
+  per model, in panels described by ``Panel`` / ``Series`` (each experiment declares its
+  panels; the trainer draws them).
+* ``plot_lines`` – one line per label over a shared x axis (the inference-γ sweep, memory
+  against depth).
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import matplotlib
 
@@ -8,33 +18,47 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(curves: dict[str, dict[str, list]], path: str, *, title: str = "") -> None:
-    """Training loss (left) and a metric (right: training curve dashed, evaluations as
-    markers, same colour per model) against step.
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One metric of one record kind, drawn for every model.
 
-    curves: {model: {"train_step": [...], "train_loss": [...],
-             "train_value": [...] (optional, the metric on training batches),
-             "eval_step": [...], "eval_value": [...], "eval_label": str,
-             "eval_split": str (optional, legend name of the evaluated split; "test")}}.
+    kind: the record kind ("train" or "eval"); key: the metric; label: legend suffix
+    ("training batches", "test", ...); linestyle, marker, alpha: matplotlib styles.
     """
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
-    eval_label = "eval"
-    for i, (name, c) in enumerate(curves.items()):
-        color = f"C{i}"
-        if c.get("train_step"):
-            ax_loss.plot(c["train_step"], c["train_loss"], color=color, label=name)
-            if c.get("train_value"):
-                ax_eval.plot(c["train_step"], c["train_value"], color=color, linestyle="--",
-                             alpha=0.7, label=f"{name} (training batches)")
-        if c.get("eval_step"):
-            ax_eval.plot(c["eval_step"], c["eval_value"], color=color, marker="o",
-                         label=f"{name} ({c.get('eval_split', 'test')})")
-            eval_label = c.get("eval_label", eval_label)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
-    ax_eval.set(xlabel="step", ylabel=eval_label, title=eval_label)
-    for ax in (ax_loss, ax_eval):
+
+    kind: str
+    key: str
+    label: str
+    linestyle: str = "-"
+    marker: str | None = None
+    alpha: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One subplot: a title, a y label and the series drawn in it."""
+
+    title: str
+    ylabel: str
+    series: tuple[Series, ...]
+
+
+def plot_records(records: dict[str, list[dict]], panels: tuple[Panel, ...], path: str, *,
+                 title: str = "") -> None:
+    """Draw ``panels`` side by side from ``records`` = {model name: its records}; a series
+    whose key a model's records lack is left out for that model."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for i, (name, mine) in enumerate(records.items()):
+            for s in panel.series:
+                points = [(r["step"], r[s.key]) for r in mine
+                          if r.get("kind") == s.kind and isinstance(r.get(s.key), (int, float))]
+                if points:
+                    ax.plot(*zip(*points, strict=True), color=f"C{i}", linestyle=s.linestyle,
+                            marker=s.marker, alpha=s.alpha, label=f"{name} ({s.label})")
+        ax.set(xlabel="step", ylabel=panel.ylabel, title=panel.title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -42,15 +66,15 @@ def plot_curves(curves: dict[str, dict[str, list]], path: str, *, title: str = "
     plt.close(fig)
 
 
-def plot_sweep(sweeps: dict[str, tuple[list, list]], path: str, *, xlabel: str,
-               ylabel: str, title: str = "") -> None:
-    """One line per model: sweeps = {model: (x values, y values)}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (xs, ys) in sweeps.items():
-        ax.plot(xs, ys, marker="o", label=name)
+def plot_lines(lines: dict[str, tuple[list, list]], path: str, *, xlabel: str, ylabel: str,
+               title: str = "") -> None:
+    """One line per label: lines = {label: (x values, y values)}."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker="o", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

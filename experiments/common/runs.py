@@ -1,6 +1,5 @@
-"""Run helpers shared by the experiments (ViT/CIFAR-10, translation, language model):
-which models a mode trains, the resume-config check, the summary's memory record and the
-side-by-side table of the text experiments."""
+"""The command line of the experiments (``python -m experiments.<name>``) and the
+workdir's config record (``config.json``: a resumed run must be the same run)."""
 
 from __future__ import annotations
 
@@ -12,11 +11,6 @@ import ml_collections
 
 from experiments.common import config as config_lib
 from experiments.common import metrics
-
-
-def models_for_mode(mode: str) -> list[str]:
-    """"compare" → both updates (standard first), else just the one named."""
-    return ["standard", "bdia"] if mode == "compare" else [mode]
 
 
 def check_resume_config(
@@ -38,27 +32,6 @@ def check_resume_config(
     metrics.write_json(path, new)
 
 
-def memory_record(compiled_mem: dict | None, device_mem: dict | None) -> dict:
-    """The "memory" entry of a model's summary (see experiments.common.memory)."""
-    return {
-        "compiled": compiled_mem,
-        "compiled_note": "per device, from the compiled train step's memory_analysis(); "
-        "peak_estimate = argument + output + temp - alias",
-        "device": device_mem,
-        "device_note": None
-        if device_mem is None
-        else "memory_stats() process-lifetime peak; in compare mode the later model's "
-        "peak includes the earlier one's",
-    }
-
-
-def format_table(header: list[str], rows: list[tuple[str, list[str]]]) -> str:
-    """A plain side-by-side table: a label column, then one column per model."""
-    lines = [f"{'':<34}" + "".join(f"{h:>20}" for h in header)]
-    lines += [f"{label:<34}" + "".join(f"{v:>20}" for v in values) for label, values in rows]
-    return "\n".join(lines)
-
-
 def run_experiment(
     name: str,
     train_and_evaluate: Callable[[ml_collections.ConfigDict, str], dict],
@@ -76,6 +49,7 @@ def run_experiment(
     data, ...) and an interruption end the run with one line instead of a traceback.
     """
     import os
+    import sys
 
     from absl import flags, logging
     from ml_collections import config_flags
@@ -93,6 +67,8 @@ def run_experiment(
         flags.DEFINE_string("workdir", None,
                             f"output folder (default: runs/{name}_<preset>); rerun to resume.")
         flags.DEFINE_string("data_dir", None, data_dir_help)
+        for flag in ("config", "workdir", "data_dir"):  # listed by --help (the main module's)
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
 
     def main(argv) -> None:
         del argv

@@ -104,6 +104,16 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
     return nnx.merge(graphdef, state.params, state.probes, state.rest)
 
 
+def gathered(params, gather_params):
+    """``params`` constrained to ``gather_params`` (inside a jitted step; see
+    ``make_train_step``): under FSDP the weights are all-gathered once, so the
+    batch-sharded activations keep their layout. None: unchanged."""
+    if gather_params is None:
+        return params
+    return jax.lax.with_sharding_constraint(
+        params, jax.tree_util.tree_map(lambda _: gather_params, params))
+
+
 # --------------------------------------------------------------------------- optimizer
 
 
@@ -210,10 +220,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
         key = jax.random.fold_in(state.base_key, state.step)
 
         def objective(params, probes):
-            if gather_params is not None:
-                params = jax.lax.with_sharding_constraint(params, jax.tree_util.tree_map(
-                    lambda _: gather_params, params))
-            model = nnx.merge(graphdef, params, probes, state.rest)
+            model = nnx.merge(graphdef, gathered(params, gather_params), probes, state.rest)
             loss, metrics = loss_fn(model, batch, key)
             _, _, _, rest = nnx.split(model, nnx.Param, probe, ...)
             return loss, (metrics, rest)
@@ -290,11 +297,6 @@ def compile_train_step(train_step, state: TrainState, batch: dict, *, state_shar
         donate_argnums=0,
     )
     return jitted.lower(state, batch).compile()
-
-
-def all_finite(tree) -> bool:
-    """True when every floating leaf of ``tree`` is finite (host check before saving)."""
-    return finite_and_fingerprint(tree)[0]
 
 
 def finite_and_fingerprint(tree) -> tuple[bool, int]:

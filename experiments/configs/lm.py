@@ -8,6 +8,8 @@ on the command line, e.g. ``--config.train.num_steps=2000``. Presets:
 * ``full``: nanoGPT's ``shakespeare_char`` setting (6 layers, 6 heads, width 384, context
   256, dropout 0.2, 5000 steps of 64 windows), for accelerators.
 * ``tiny``: a few steps of a tiny model, for smoke tests and CI.
+* ``overfit``: the quick model on 10% of the training text, 1,500 steps, 3 seeds: the
+  standard GPT's validation loss turns up; best and final validation loss and the gap.
 
 Data: a TFDS text dataset (``data.tfds_name``, feature ``data.text_feature``; needs
 ``TFDS_DATA_DIR`` or ``data.tfds_data_dir`` to point at a prepared copy, or network access
@@ -23,37 +25,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.common import sharding
+from experiments.configs import common
 
-PRESETS = ("quick", "full", "tiny")
-MODES = ("compare", "standard", "bdia")
+PRESETS = ("quick", "full", "tiny", "overfit")
 
 
 def _base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = "quick"  # the preset these values came from (recorded in summary.json)
-    c.seed = 0  # initialisation, training windows, dropout and γ draws all derive from it
-    # Which model(s) to train: "compare" trains the standard GPT and then BDIA-GPT on the
-    # same initialisation, windows and keys; "standard" or "bdia" trains only that one.
-    c.mode = "compare"
+    c = common.base_config()  # preset, seed, mode, models, methods, mesh, distributed
 
-    # --- the decoder-only transformer (bdia_jax.models.GPTConfig; `update` from `mode`)
+    # --- the decoder-only transformer (fields of bdia_jax.models.GPTConfig, under their
+    # names; vocab_size comes from the data)
     c.model = ml_collections.ConfigDict()
-    c.model.context = 256  # tokens (characters) of context (nanoGPT block_size)
+    c.model.max_len = 256  # tokens (characters) of context (nanoGPT block_size)
     c.model.width = 384  # residual stream (embedding) dimension (nanoGPT n_embd)
     c.model.depth = 6  # transformer blocks K (nanoGPT n_layer)
     c.model.num_heads = 6  # attention heads; width must be divisible by it
     c.model.mlp_dim = 1536  # hidden size of each block's MLP (4 x width)
     c.model.dropout = 0.2  # embedding and residual-branch dropout rate
     c.model.attention_dropout = 0.2  # dropout rate on attention probabilities
-    c.model.bdia_backprop = "reversible"  # BDIA gradient: "reversible" | "autodiff" | "remat"
-    # Reversible backward: "shared" reuses the VJP forward for the rebuild (the models' blocks
-    # are built for it), "separate" runs one more block forward (exact for any block).
-    c.model.bdia_recompute = "shared"
-    c.model.standard_backprop = "autodiff"  # standard gradient: "autodiff" | "remat"
-    c.model.gamma = 0.5  # |γ| of the BDIA training update (γ = ±gamma), a power of two
-    c.model.frac_bits = 9  # l: fixed-point grid δ = 2**-l for BDIA (the paper: 9)
-    c.model.quantize_at_inference = True  # BDIA inference keeps the stream on the grid
     c.model.compute_dtype = "float32"  # matmul dtype: "float32", or "bfloat16" on TPU/GPU
 
     # --- data
@@ -70,38 +59,21 @@ def _base() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.1  # validation share of data.text_file
     # Vocabulary: the characters of the training split ("train") or of all splits ("all").
     c.data.vocab_source = "train"
+    # Train on the first fraction of the training characters (1.0: all); the validation
+    # split stays whole. Less data than the model can hold is how the LM overfits.
+    c.data.train_fraction = 1.0
 
-    # --- optimisation (Optax; nanoGPT's shakespeare_char values)
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # "adamw" | "adam" | "sgd" | "lamb"
-    c.optim.schedule = "warmup_cosine"  # "warmup_cosine" | "warmup_constant"
-    c.optim.learning_rate = 1e-3  # peak learning rate
-    # Linear warmup from 0, in loop "epochs" of train.eval_every_steps steps (fractions
-    # allowed): 100 steps / 250 = 0.4 as in nanoGPT.
-    c.optim.warmup_epochs = 0.4
-    c.optim.end_learning_rate_factor = 0.1  # cosine decays to lr * this (nanoGPT: 1e-4)
-    c.optim.weight_decay = 0.1  # decoupled weight decay on weight matrices
-    c.optim.b1 = 0.9  # Adam first-moment decay
-    c.optim.b2 = 0.99  # Adam second-moment decay (nanoGPT shakespeare_char: 0.99)
-    c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.momentum = 0.9  # SGD momentum (only for name="sgd")
-    c.optim.grad_clip_norm = 1.0  # clip gradients to this global norm (0: no clipping)
+    # --- optimisation: nanoGPT's shakespeare_char values. Warmup is in loop "epochs" of
+    # train.eval_every_steps steps: 100 steps / 250 = 0.4 as in nanoGPT; the cosine ends at
+    # lr * 0.1 (nanoGPT: 1e-4); Adam b2 0.99 as in shakespeare_char.
+    common.add_optim(c, warmup_epochs=0.4, end_learning_rate_factor=0.1, weight_decay=0.1,
+                     b2=0.99)
 
-    # --- training loop
-    c.train = ml_collections.ConfigDict()
+    # --- training loop (the shared fields: experiments/configs/common.py)
+    common.add_train(c)
     c.train.num_steps = 5000  # optimizer steps (a multiple of eval_every_steps)
-    c.train.batch_size = 64  # windows per step; must divide evenly over the local devices
+    c.train.batch_size = 64  # windows per step; must divide evenly over the devices
     c.train.eval_every_steps = 250  # evaluate (and end a loop "epoch") every N steps
-    c.train.log_every_steps = 50  # write a metrics.jsonl "train" record every N steps
-    c.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and every eval)
-    c.train.keep_checkpoints = 2  # keep the last N checkpoints per model
-    c.train.async_checkpoints = False  # write checkpoints in the background
-    # "stop": end the run at a NaN/Inf loss or gradient, naming the step; "skip": drop such
-    # updates, count them and continue.
-    c.train.on_nonfinite = "stop"
-    c.train.progress = "auto"  # progress bars: "auto" (when a terminal), "on", "off"
-    # Testing aid: stop after this global step as if killed (0: never); rerunning resumes.
-    c.train.stop_after_steps = 0
 
     # --- evaluation (at E[γ] = 0: the inference update of both models)
     c.eval = ml_collections.ConfigDict()
@@ -115,46 +87,39 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.sample_prompt = "\n"  # prompt the samples start from (characters of the vocab)
     c.eval.temperature = 0.8  # sampling temperature
     c.eval.top_k = 200  # sample among the top-k characters (0: all)
-
-    # --- devices: the mesh (data parallelism, optional FSDP) and multi-host set-up; the
-    # fields are documented in experiments/common/sharding.py:add_parallel_config.
-    sharding.add_parallel_config(c)
     return c
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    """The config of ``preset`` ("quick", "full" or "tiny")."""
-    preset = preset or "quick"
-    if preset not in PRESETS:
-        raise ValueError(
-            f"unknown lm preset {preset!r}; use one of {PRESETS}, e.g. "
-            "--config=experiments/configs/lm.py:quick"
-        )
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    """The config of ``preset`` ("quick", "full", "tiny" or "overfit")."""
+    c = common.preset_config("lm", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: both models train, evaluate and sample in ~10 minutes.
-        c.model.update(context=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
+        c.model.update(max_len=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
                        attention_dropout=0.0)
-        c.train.num_steps = 600
-        c.train.batch_size = 32
-        c.train.eval_every_steps = 100
-        c.optim.warmup_epochs = 0.5  # 50 steps
-        c.optim.learning_rate = 2e-3
-        c.eval.num_windows = 64
-        c.eval.sample_length = 300
-    elif preset == "full":
+        c.train.update(num_steps=600, batch_size=32, eval_every_steps=100)
+        # warmup_epochs: 50 steps
+        c.optim.update(warmup_epochs=0.5, learning_rate=2e-3)
+        c.eval.update(num_windows=64, sample_length=300)
+    elif c.preset == "overfit":
+        # The paper's GPT claim (BDIA: higher training loss, lower validation loss) in a
+        # regime that overfits: the quick model on the first 10% of tiny_shakespeare's
+        # training text (~100k characters), 1,500 steps of 32 x 64 characters (~30 passes),
+        # well past the standard GPT's best-validation step; seeds 0, 1, 2.
+        c.model.update(max_len=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
+                       attention_dropout=0.0)
+        c.data.train_fraction = 0.1
+        c.seeds = (0, 1, 2)
+        # eval_every_steps: the validation-loss (and gap) curve, 15 points
+        c.train.update(num_steps=1500, batch_size=32, eval_every_steps=100)
+        c.optim.update(warmup_epochs=0.5, learning_rate=2e-3)
+        c.eval.update(num_windows=128, sample_length=300)
+    elif c.preset == "full":
         c.train.log_every_steps = 100
-    elif preset == "tiny":
-        c.model.update(context=16, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
+    elif c.preset == "tiny":
+        c.model.update(max_len=16, width=32, depth=2, num_heads=2, mlp_dim=64, dropout=0.0,
                        attention_dropout=0.0)
-        c.train.num_steps = 8
-        c.train.batch_size = 4
-        c.train.eval_every_steps = 4
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.num_windows = 8
-        c.eval.batch_size = 4
-        c.eval.num_samples = 1
-        c.eval.sample_length = 20
+        c.train.update(num_steps=8, batch_size=4, eval_every_steps=4, log_every_steps=2,
+                       checkpoint_every_steps=4)
+        c.eval.update(num_windows=8, batch_size=4, num_samples=1, sample_length=20)
     return c

@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.common import sharding
+from experiments.configs import common
 
 PRESETS = ("quick", "full", "tiny")
-MODES = ("compare", "standard", "bdia")
 
 
 def _base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = "quick"  # the preset these values came from (recorded in summary.json)
-    c.seed = 0  # initialisation, batch order, dropout and γ draws all derive from it
-    # Which model(s) to train: "compare" trains the standard Transformer and then the
-    # BDIA-Transformer on the same initialisation, batches and keys; "standard" or "bdia"
-    # trains only that one.
-    c.mode = "compare"
+    c = common.base_config()  # preset, seed, mode, models, methods, mesh, distributed
 
-    # --- the encoder-decoder (bdia_jax.models.Seq2SeqConfig; `update` comes from `mode`)
+    # --- the encoder-decoder (fields of bdia_jax.models.Seq2SeqConfig, under their names;
+    # vocabularies and token ids come from the tokenizer, max_len from the bucket lengths
+    # and eval.max_decode_len)
     c.model = ml_collections.ConfigDict()
     c.model.width = 256  # residual stream (embedding) dimension
     c.model.encoder_depth = 3  # encoder blocks (>= 1)
@@ -42,14 +37,6 @@ def _base() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 1024  # hidden size of each block's MLP
     c.model.dropout = 0.1  # embedding and residual-branch dropout rate
     c.model.attention_dropout = 0.0  # dropout rate on attention probabilities
-    c.model.bdia_backprop = "reversible"  # BDIA gradient: "reversible" | "autodiff" | "remat"
-    # Reversible backward: "shared" reuses the VJP forward for the rebuild (the models' blocks
-    # are built for it), "separate" runs one more block forward (exact for any block).
-    c.model.bdia_recompute = "shared"
-    c.model.standard_backprop = "autodiff"  # standard gradient: "autodiff" | "remat"
-    c.model.gamma = 0.5  # |γ| of the BDIA training update (γ = ±gamma), a power of two
-    c.model.frac_bits = 9  # l: fixed-point grid δ = 2**-l for BDIA (the paper: 9)
-    c.model.quantize_at_inference = True  # BDIA inference keeps the stream on the grid
     c.model.compute_dtype = "float32"  # matmul dtype: "float32", or "bfloat16" on TPU/GPU
 
     # --- data
@@ -87,35 +74,16 @@ def _base() -> ml_collections.ConfigDict:
     # down to a multiple of the device count).
     c.batch.tokens_per_batch = 4096
 
-    # --- optimisation (Optax; see experiments.common.train_state.make_optimizer)
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # "adamw" | "adam" | "sgd" | "lamb"
-    c.optim.schedule = "warmup_cosine"  # "warmup_cosine" | "warmup_constant"
-    c.optim.learning_rate = 1e-3  # peak learning rate
-    c.optim.warmup_epochs = 1.0  # linear warmup from 0, in epochs (fractions allowed)
-    c.optim.end_learning_rate_factor = 0.05  # cosine decays to lr * this at the last step
-    c.optim.weight_decay = 0.01  # decoupled weight decay on weight matrices
-    c.optim.b1 = 0.9  # Adam first-moment decay
-    c.optim.b2 = 0.98  # Adam second-moment decay (0.98 as in the Transformer paper)
-    c.optim.eps = 1e-9  # Adam epsilon
-    c.optim.momentum = 0.9  # SGD momentum (only for name="sgd")
-    c.optim.grad_clip_norm = 1.0  # clip gradients to this global norm (0: no clipping)
+    # --- optimisation: the shared fields are described in experiments/configs/common.py;
+    # Adam b2 0.98 as in the Transformer paper.
+    common.add_optim(c, warmup_epochs=1.0, end_learning_rate_factor=0.05, weight_decay=0.01,
+                     b2=0.98, eps=1e-9)
     c.optim.label_smoothing = 0.1  # label smoothing ε of the training cross-entropy
 
-    # --- training loop
-    c.train = ml_collections.ConfigDict()
+    # --- training loop (the shared fields: experiments/configs/common.py)
+    common.add_train(c)
     c.train.num_epochs = 10  # passes over the training pairs
-    c.train.log_every_steps = 50  # write a metrics.jsonl "train" record every N steps
     c.train.eval_every_epochs = 1  # validation loss/perplexity every N epochs (and at the end)
-    c.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and every epoch end)
-    c.train.keep_checkpoints = 2  # keep the last N checkpoints per model
-    c.train.async_checkpoints = False  # write checkpoints in the background
-    # "stop": end the run at a NaN/Inf loss or gradient, naming the step; "skip": drop such
-    # updates, count them and continue.
-    c.train.on_nonfinite = "stop"
-    c.train.progress = "auto"  # progress bars: "auto" (when a terminal), "on", "off"
-    # Testing aid: stop after this global step as if killed (0: never); rerunning resumes.
-    c.train.stop_after_steps = 0
 
     # --- evaluation (at E[γ] = 0: the inference update of both models)
     c.eval = ml_collections.ConfigDict()
@@ -125,24 +93,13 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.max_decode_len = 64
     c.eval.decode_batch_size = 64  # test sentences decoded at once (beam: x beam_size rows)
     c.eval.num_examples_to_print = 5  # example translations printed and saved per model
-
-    # --- devices: the mesh (data parallelism, optional FSDP) and multi-host set-up; the
-    # fields are documented in experiments/common/sharding.py:add_parallel_config.
-    sharding.add_parallel_config(c)
     return c
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     """The config of ``preset`` ("quick", "full" or "tiny")."""
-    preset = preset or "quick"
-    if preset not in PRESETS:
-        raise ValueError(
-            f"unknown translation preset {preset!r}; use one of {PRESETS}, e.g. "
-            "--config=experiments/configs/translation.py:quick"
-        )
-    c = _base()
-    c.preset = preset
-    if preset == "quick":
+    c = common.preset_config("translation", preset, PRESETS, _base)
+    if c.preset == "quick":
         # Sized for a 2-core CPU: both models train, evaluate and decode in ~10 minutes.
         # One epoch of a small model, no dropout (it underfits anyway in one epoch).
         c.model.update(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, mlp_dim=256,
@@ -152,43 +109,27 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         # Three shapes to compile per model. With 2000 pieces 96% of the Multi30k training
         # pairs fit in 36 tokens; the longer ones are dropped (counted in summary.json) and
         # the few longer test sources are truncated.
-        c.batch.bucket_lengths = (16, 24, 36)
-        c.batch.tokens_per_batch = 2048
+        c.batch.update(bucket_lengths=(16, 24, 36), tokens_per_batch=2048)
         c.train.num_epochs = 1
         # Peak learning rate measured on this preset (standard model, 1 epoch, validation
         # loss): 2e-3 → 3.45, 4e-3 → 3.04, 7e-3 → 2.86 (BDIA at 7e-3: 2.97, stable).
-        c.optim.learning_rate = 7e-3
-        c.optim.warmup_epochs = 0.1
-        c.eval.beam_size = 4
-        c.eval.max_decode_len = 48
-        c.eval.num_test_examples = 0
-    elif preset == "full":
+        c.optim.update(learning_rate=7e-3, warmup_epochs=0.1)
+        c.eval.update(beam_size=4, max_decode_len=48)
+    elif c.preset == "full":
         # Transformer-base-like model for accelerators (Multi30k or WMT via data.tfds_name).
         c.model.update(width=512, encoder_depth=6, decoder_depth=6, num_heads=8,
                        mlp_dim=2048, dropout=0.1)
         c.tokenizer.vocab_size = 8000
         c.batch.tokens_per_batch = 8192
-        c.train.num_epochs = 30
-        c.train.log_every_steps = 100
-        c.train.checkpoint_every_steps = 1000
-        c.optim.learning_rate = 7e-4
-        c.optim.warmup_epochs = 2.0
-        c.eval.beam_size = 5
-        c.eval.decode_batch_size = 128
-    elif preset == "tiny":
+        c.train.update(num_epochs=30, log_every_steps=100, checkpoint_every_steps=1000)
+        c.optim.update(learning_rate=7e-4, warmup_epochs=2.0)
+        c.eval.update(beam_size=5, decode_batch_size=128)
+    elif c.preset == "tiny":
         c.model.update(width=32, encoder_depth=2, decoder_depth=2, num_heads=2, mlp_dim=64,
                        dropout=0.0)
         c.tokenizer.vocab_size = 300
-        c.data.num_train_examples = 64
-        c.data.num_val_examples = 16
-        c.data.num_test_examples = 8
-        c.batch.bucket_lengths = (32, 64)
-        c.batch.tokens_per_batch = 256
-        c.train.num_epochs = 2
-        c.train.log_every_steps = 2
-        c.train.checkpoint_every_steps = 4
-        c.eval.beam_size = 2
-        c.eval.max_decode_len = 24
-        c.eval.decode_batch_size = 4
-        c.eval.num_examples_to_print = 2
+        c.data.update(num_train_examples=64, num_val_examples=16, num_test_examples=8)
+        c.batch.update(bucket_lengths=(32, 64), tokens_per_batch=256)
+        c.train.update(num_epochs=2, log_every_steps=2, checkpoint_every_steps=4)
+        c.eval.update(beam_size=2, max_decode_len=24, decode_batch_size=4, num_examples_to_print=2)
     return c

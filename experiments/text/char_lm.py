@@ -1,4 +1,5 @@
-"""Character-level language-model data: TFDS text datasets or a plain UTF-8 text file.
+"""Character-level language-model data (TFDS text datasets or a plain UTF-8 text file),
+and text samples from a trained model.
 
 Sources:
   * TFDS (default ``tiny_shakespeare``), read with ``tfds.data_source`` (no TensorFlow):
@@ -129,7 +130,7 @@ class CharVocab:
                 "data.vocab_source='all' to build the vocabulary from every split."
             ) from None
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
         """int ids -> text."""
         return "".join(self.chars[int(i)] for i in ids)
 
@@ -226,3 +227,64 @@ def padded_batches(
             pad = ((0, batch_size - real), (0, 0))
             x, y = np.pad(x, pad), np.pad(y, pad)
         yield x, y, mask
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class LMData:
+    """Tokenized text: vocab, train_ids / val_ids int32 [n], where it came from."""
+
+    vocab: CharVocab
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    source: str
+
+
+def load_lm_data(d, vocab_path: str) -> LMData:
+    """The splits of a ``data`` config section (experiments/configs/lm.py), the vocabulary
+    built (or reloaded from ``vocab_path``) and both splits encoded."""
+    if d.text_file:
+        texts = split_text(read_text_file(d.text_file), d.val_fraction)
+        source = f"{d.text_file} (last {d.val_fraction:.0%} = validation)"
+    else:
+        kwargs = dict(feature=d.text_feature, data_dir=d.tfds_data_dir or None,
+                      download=d.tfds_download)
+        texts = {"train": read_tfds_text(d.tfds_name, d.train_split, **kwargs),
+                 "validation": read_tfds_text(d.tfds_name, d.val_split, **kwargs)}
+        source = f"tfds:{d.tfds_name} ({d.train_split} / {d.val_split})"
+    if d.train_fraction < 1:  # a data-limited run (the lm overfit preset)
+        texts["train"] = texts["train"][:int(len(texts["train"]) * d.train_fraction)]
+        source += f", first {d.train_fraction:.0%} of the training text"
+    vocab_text = texts["train"] if d.vocab_source == "train" else "".join(texts.values())
+    vocab = vocab_train_or_load(vocab_path, vocab_text)
+    return LMData(vocab, vocab.encode(texts["train"], what="the training text"),
+                  vocab.encode(texts["validation"], what="the validation text"), source)
+
+
+def sample_texts(model, vocab: CharVocab, e, max_len: int, key) -> list[str]:
+    """``e.num_samples`` continuations of ``e.sample_prompt`` (``e``: an ``eval`` config
+    section) from a GPT at E[γ] = 0 with the KV cache.
+
+    Longer than the context, a sample is generated in chunks: each chunk restarts the
+    cache from the last max_len/2 characters (nanoGPT instead recomputes the last
+    `max_len` characters at every step; the model sees at least half a context here).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    prompt = vocab.encode(e.sample_prompt, what="eval.sample_prompt")
+    rows = np.repeat(prompt[None, :], e.num_samples, axis=0)
+    generated, chunk = 0, 0
+    keep = max(1, max_len // 2)
+    top_k = min(e.top_k, vocab.size) or None
+    while generated < e.sample_length:
+        window = rows[:, -keep:] if generated else rows
+        new = min(max_len - window.shape[1], e.sample_length - generated)
+        out = model.generate(jnp.asarray(window), new, key=jax.random.fold_in(key, chunk),
+                             temperature=float(e.temperature), top_k=top_k)
+        rows = np.concatenate([rows, np.asarray(out[:, window.shape[1] :])], axis=1)
+        generated += new
+        chunk += 1
+    return [vocab.detokenize(row) for row in rows]

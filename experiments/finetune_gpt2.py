@@ -1,0 +1,387 @@
+"""Fine-tune a pretrained GPT-2 on E2E NLG, the standard way and the BDIA way, side by side.
+
+    python -m experiments.finetune_gpt2                     # quick preset: the tiny stand-in
+    python -m experiments.finetune_gpt2 --config=experiments/configs/finetune_gpt2.py:paper \\
+        --config.model.checkpoint=/path/to/gpt2-medium --config.data.dir=/path/to/e2e
+
+Every model of ``config.models`` starts from the same checkpoint (``bdia_jax.pretrained.
+load_gpt2`` with that model's method) and trains on the same pairs in the same order: the
+text ``mr → ref<|endoftext|>`` in the checkpoint's own GPT-2 BPE, loss on the reference tokens
+(and the closing end-of-text) only. Every ``train.eval_every_epochs`` epochs: the validation
+loss and perplexity on devset.csv, at E[γ] = 0. At the end: greedy and beam-search decodes
+(KV cache, ``bdia_jax.models.decoding``) of every distinct mr of ``eval.bleu_split`` and their
+multi-reference sacreBLEU. Writes to ``--workdir``: metrics.jsonl, summary.json, config.json,
+curves.png, decodes_<model>_{greedy,beam}.txt (one line per mr, in file order) and Orbax
+checkpoints (rerunning the same command resumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdia_jax import pretrained
+from bdia_jax.models import GPT, GPTConfig, decoding
+from experiments.common import plots, sharding, trainer
+from experiments.common.loop import log
+from experiments.configs.finetune_gpt2 import PRESETS
+from experiments.text import e2e
+from experiments.text.losses import token_losses
+from experiments.text.parallel import TextDataError
+
+GPT2_DOWNLOAD = ("download a GPT-2 checkpoint folder (config.json, model.safetensors, "
+                 "vocab.json, merges.txt; e.g. huggingface.co/openai-community/gpt2-medium) "
+                 "and pass --config.model.checkpoint=/path/to/it")
+
+
+# --------------------------------------------------------------------------- the model
+@dataclasses.dataclass(frozen=True)
+class PretrainedGPTConfig(GPTConfig):
+    """A GPTConfig whose weights come from the GPT-2 checkpoint folder ``folder``."""
+
+    folder: str = ""
+
+
+def pretrained_config(*, checkpoint: str, folder: str = "", **fields) -> PretrainedGPTConfig:
+    """``config.model`` + the data's fields → the model config. ``folder``: the checkpoint
+    that ``load_data`` resolved (the tiny stand-in's when ``checkpoint`` is "")."""
+    return PretrainedGPTConfig(folder=folder or checkpoint, **fields)
+
+
+def load_pretrained(config: PretrainedGPTConfig, *, rngs=None) -> GPT:
+    """The GPT of ``config.folder`` with the method and dropout of ``config``."""
+    del rngs  # the weights come from the checkpoint, the same for every model
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(GPTConfig)}
+    return pretrained.load_gpt2(config.folder, **fields)
+
+
+def architecture(folder: pathlib.Path) -> dict:
+    """The GPTConfig fields that the checkpoint's config.json fixes."""
+    config_file = folder / pretrained.CONFIG_FILE
+    # pretrained's own config.json reader, so the two never disagree.
+    gpt = pretrained._gpt_config(json.loads(config_file.read_text()), str(config_file), {})
+    return {name: getattr(gpt, name) for name in pretrained._ARCHITECTURE_FIELDS}
+
+
+# --------------------------------------------------------------------------- the data
+@dataclasses.dataclass(frozen=True)
+class FinetuneData:
+    """The checkpoint, its tokenizer and the encoded splits.
+
+    train, validation: EncodedExamples (rows [n, data.max_len]); bleu_mrs: the distinct
+    mrs of ``eval.bleu_split`` (at most eval.bleu_max_mrs), bleu_prompts their encoded
+    prompts, bleu_refs their references.
+    """
+
+    checkpoint: str
+    architecture: dict
+    tokenizer: e2e.GPT2BPE
+    train: e2e.EncodedExamples
+    validation: e2e.EncodedExamples
+    bleu_split: str
+    bleu_mrs: list[str]
+    bleu_prompts: list[list[int]]
+    bleu_refs: list[list[str]]
+    source: str
+
+
+def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(checkpoint folder, E2E folder): the configured ones, or the tiny stand-in's (written
+    into <workdir>/tiny_setup) for the empty ones when ``data.tiny_standin``. A missing
+    folder or file is a one-line FileNotFoundError that says what to download."""
+    checkpoint, data_dir = config.model.checkpoint, config.data.dir
+    if not checkpoint or not data_dir:
+        if not config.data.tiny_standin:
+            raise FileNotFoundError(
+                f"--config.model.checkpoint is empty: {GPT2_DOWNLOAD}" if not checkpoint else
+                f"--config.data.dir is empty: "
+                f"{e2e.E2E_DOWNLOAD.format(dir='a folder')} and pass "
+                f"--config.data.dir=/path/to/it")
+        root = pathlib.Path(workdir) / "tiny_setup"
+        if not (root / "checkpoint" / pretrained.WEIGHTS_FILE).is_file():
+            e2e.write_tiny_setup(root, max_len=max(config.data.max_len, 128))
+        log(f"no {'model.checkpoint' if not checkpoint else 'data.dir'}"
+            f"{' nor data.dir' if not checkpoint and not data_dir else ''}: using the tiny "
+            f"offline stand-in (random GPT-2, tiny BPE, tiny E2E CSVs) in {root}")
+        checkpoint = checkpoint or str(root / "checkpoint")
+        data_dir = data_dir or str(root / "e2e")
+    folder = pathlib.Path(checkpoint)
+    for name in (pretrained.CONFIG_FILE, pretrained.WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"no {name} in {folder}: {GPT2_DOWNLOAD}.")
+    for file in e2e.SPLIT_FILES.values():
+        if not (pathlib.Path(data_dir) / file).is_file():
+            raise FileNotFoundError(f"no E2E NLG file {pathlib.Path(data_dir) / file}: "
+                                    f"{e2e.E2E_DOWNLOAD.format(dir=data_dir)}.")
+    return folder, pathlib.Path(data_dir)
+
+
+def load_finetune_data(config, workdir: str) -> FinetuneData:
+    folder, data_dir = resolve_paths(config, workdir)
+    arch = architecture(folder)
+    tokenizer = e2e.load_gpt2_tokenizer(folder)
+    if tokenizer.vocab_size > arch["vocab_size"]:
+        raise TextDataError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens do not fit "
+                            f"the checkpoint's vocab_size={arch['vocab_size']}; use the "
+                            f"checkpoint's own tokenizer.")
+    max_len = config.data.max_len
+    if max_len > arch["max_len"]:
+        raise TextDataError(f"--config.data.max_len={max_len} exceeds the checkpoint's "
+                            f"context of {arch['max_len']} positions; lower it.")
+    splits = {s: e2e.read_e2e(data_dir, s) for s in ("train", "validation",
+                                                      config.eval.bleu_split)}
+    if len(splits["train"]) < config.train.batch_size:
+        raise TextDataError(f"{splits['train'].source}: {len(splits['train'])} pairs are "
+                            f"fewer than one batch (--config.train.batch_size="
+                            f"{config.train.batch_size}).")
+    mrs, refs = e2e.group_references(splits[config.eval.bleu_split])
+    if config.eval.bleu_max_mrs:
+        mrs, refs = mrs[:config.eval.bleu_max_mrs], refs[:config.eval.bleu_max_mrs]
+    prompts = [e2e.encode_prompt(tokenizer, mr) for mr in mrs]
+    for mr, prompt in zip(mrs, prompts):
+        if not 2 <= len(prompt) < arch["max_len"]:
+            raise TextDataError(f"the prompt of mr {mr!r} has {len(prompt)} tokens; decoding "
+                                f"needs 2 to {arch['max_len'] - 1}.")
+    return FinetuneData(
+        checkpoint=str(folder), architecture=arch, tokenizer=tokenizer,
+        train=e2e.encode_examples(tokenizer, splits["train"], max_len),
+        validation=e2e.encode_examples(tokenizer, splits["validation"], max_len),
+        bleu_split=config.eval.bleu_split, bleu_mrs=mrs, bleu_prompts=prompts, bleu_refs=refs,
+        source=str(data_dir))
+
+
+# --------------------------------------------------------------------------- steps
+def _nll_sums(model, batch):
+    """{"nll_sum", "count"} over the reference tokens at E[γ] = 0; batch {"inputs",
+    "targets": int32 [b, L], "mask": bool [b, L]}."""
+    logits, _ = model(batch["inputs"], train=False)
+    sums = token_losses(logits, batch["targets"], batch["mask"])
+    return {"nll_sum": sums["nll_sum"], "count": sums["num_tokens"]}
+
+
+def _prefill(model, prompts, *, rows_per_prompt: int):
+    """prompts int32 [b, p] (p >= 2), each repeated rows_per_prompt times → the KV cache
+    after prompts[:, :-1] and the last prompt tokens int32 [rows], which the search feeds at
+    its position 0. One compilation per prompt length (a forward pass)."""
+    prompts = jnp.repeat(prompts, rows_per_prompt, axis=0)
+    _, cache = model.decode_step(model.init_cache(prompts.shape[0]), prompts[:, :-1], 0)
+    return cache, prompts[:, -1]
+
+
+def _step_fn(model, last, offset):
+    """decoding's step_fn: decoder position pos is model position offset + pos (offset: a
+    traced int32 scalar, so one compiled search serves every prompt length)."""
+
+    def step_fn(cache, tokens, pos):
+        tokens = jnp.where(pos == 0, last, tokens)
+        logits, cache = model.decode_step(cache, tokens[:, None], offset + pos)
+        return jax.nn.log_softmax(logits[:, -1]), cache
+
+    return step_fn
+
+
+def _greedy(model, cache, last, offset, *, max_new: int, eos_id: int):
+    """Greedy continuations int32 [rows, max_new] of prefilled prompts."""
+    return decoding.greedy_search(_step_fn(model, last, offset), cache,
+                                  batch_size=last.shape[0], max_len=max_new, bos_id=eos_id,
+                                  eos_id=eos_id, pad_id=eos_id)
+
+
+def _reorder(cache, rows):
+    return jax.tree.map(lambda x: x[:, rows], cache)  # KVCache leaves: [depth, rows, ...]
+
+
+def _beam(model, cache, last, offset, *, max_new: int, eos_id: int, beam_size: int,
+          alpha: float):
+    """The best beam int32 [rows / beam_size, max_new] of each prefilled prompt (its
+    beam_size rows adjacent)."""
+    tokens, _ = decoding.beam_search(
+        _step_fn(model, last, offset), _reorder, cache, batch_size=last.shape[0] // beam_size,
+        beam_size=beam_size, max_len=max_new, bos_id=eos_id, eos_id=eos_id, pad_id=eos_id,
+        alpha=alpha)
+    return tokens
+
+
+def decode_all(run, state, *, beam_size: int) -> list[str]:
+    """Greedy (beam_size 0) or beam-search decodes of every prompt of
+    ``run.data.bleu_prompts``, in mr order. Prompts go in batches of one length (the
+    prefill compiles once per length, the search once), a length's last batch filled up
+    with copies of its first prompt."""
+    e, data = run.config.eval, run.data
+    eos, context, size = data.tokenizer.eos_id, data.architecture["max_len"], \
+        e.decode_batch_size
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(data.bleu_prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    # Positions up to the context: a prompt of length p leaves context - p + 1 new tokens.
+    max_new = min(e.max_new_tokens, context - max(by_length) + 1)
+    prefill = trainer.model_step(run, _prefill, rows_per_prompt=max(beam_size, 1))
+    if beam_size:
+        search = trainer.model_step(run, _beam, max_new=max_new, eos_id=eos,
+                                    beam_size=beam_size, alpha=float(e.length_penalty))
+    else:
+        search = trainer.model_step(run, _greedy, max_new=max_new, eos_id=eos)
+    texts = [""] * len(data.bleu_prompts)
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), size):
+            chunk = indices[start:start + size]
+            rows = chunk + [chunk[0]] * (size - len(chunk))
+            prompts = np.asarray([data.bleu_prompts[i] for i in rows], np.int32)
+            cache, last = prefill(state, sharding.shard_batch(prompts, run.mesh))
+            out = sharding.to_host(search(state, cache, last, jnp.int32(length - 1)))
+            for i, ids in zip(chunk, np.asarray(out)):
+                texts[i] = data.tokenizer.decode(ids.tolist()).strip()
+    return texts
+
+
+def _rows(examples: e2e.EncodedExamples, index) -> dict:
+    return {"inputs": examples.inputs[index], "targets": examples.targets[index],
+            "mask": examples.mask[index]}
+
+
+# --------------------------------------------------------------------------- the task
+class FinetuneGPT2(trainer.Task):
+    name = "finetune_gpt2"
+    presets = PRESETS
+    config_class = staticmethod(pretrained_config)
+    model_class = staticmethod(load_pretrained)
+    display_names = {"standard": "GPT-2", "bdia": "BDIA-GPT-2"}
+    resumable = ("eval.batch_size", "eval.decode_batch_size")
+    errors = (TextDataError, FileNotFoundError)
+    data_dir_help = "E2E NLG folder (trainset.csv, devset.csv, testset_w_refs.csv)."
+    batch_fields = ("train.batch_size", "eval.batch_size", "eval.decode_batch_size")
+    int_fields = {"data.max_len": 2, "train.num_epochs": 1, "train.eval_every_epochs": 1,
+                  "eval.bleu_max_mrs": 0, "eval.max_new_tokens": 1, "eval.beam_size": 1}
+    fraction_fields = ("model.dropout", "model.attention_dropout", "train.label_smoothing")
+    best = ("val_loss", "min", "val_loss_best")
+    final = {"val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
+    summary_keys = ("loss", "reversal_error_max", "overflow_steps")
+    throughput = ("pairs_per_s", "pairs")
+    table = (("validation loss (best)", "val_loss_best", "{:.4f}"),
+             ("validation loss (final)", "val_loss_final", "{:.4f}"),
+             ("validation perplexity (final)", "val_perplexity_final", "{:.2f}"),
+             ("BLEU greedy", "bleu_greedy", "{:.2f}"),
+             ("BLEU beam", "bleu_beam", "{:.2f}"))
+    panels = (plots.Panel("fine-tuning loss (faint: minibatch loss, label-smoothed)",
+                          "loss (nats / reference token)", (
+                              plots.Series("train", "loss", "minibatch", alpha=0.25),
+                              plots.Series("eval", "val_loss", "validation", marker="o"))),
+              plots.Panel("validation perplexity", "perplexity", (
+                  plots.Series("eval", "val_perplexity", "validation", marker="o"),)))
+    plot_title = "GPT-2 fine-tuned on E2E NLG: standard vs BDIA"
+
+    def validate(self, config, checks, mesh):
+        checks.one_of(config.data.tiny_standin, (True, False), "data.tiny_standin")
+        checks.one_of(config.eval.bleu_split, ("validation", "test"), "eval.bleu_split")
+        for field in ("batch_size", "decode_batch_size"):
+            checks.int_at_least(config.eval[field], f"eval.{field}")
+        checks.int_at_least(config.train.batch_size, "train.batch_size")
+        checks.positive(config.eval.length_penalty, "eval.length_penalty", allow_zero=True)
+
+    def load_data(self, config, workdir, mesh):
+        return load_finetune_data(config, workdir)
+
+    def data_record(self, data):
+        return {"source": data.source, "checkpoint": data.checkpoint,
+                "tokenizer": data.tokenizer.source, "architecture": data.architecture,
+                "train_pairs": len(data.train.inputs),
+                "validation_pairs": len(data.validation.inputs),
+                "bleu_split": data.bleu_split, "bleu_mrs": len(data.bleu_mrs)}
+
+    def model_fields(self, config, data):
+        return {} if data is None else {**data.architecture, "folder": data.checkpoint}
+
+    def schedule(self, config, data):
+        t = config.train
+        spe = (len(data.train.inputs) if data else t.batch_size) // t.batch_size
+        return t.num_epochs, spe, t.eval_every_epochs, t.batch_size
+
+    def batch_fn(self, run):
+        batch, n = run.config.train.batch_size, len(run.data.train.inputs)
+        spe = n // batch
+
+        def get_batch(step):
+            epoch, i = divmod(step, spe)
+            order = np.random.default_rng([run.seed, epoch]).permutation(n)
+            rows = _rows(run.data.train, order[i * batch:(i + 1) * batch])
+            return sharding.shard_batch(rows, run.mesh)
+
+        return get_batch
+
+    def loss_fn(self, config):
+        """batch {"inputs", "targets": int32 [b, L], "mask": bool [b, L]}; loss: mean
+        label-smoothed cross-entropy over the reference tokens."""
+        smoothing = float(config.train.label_smoothing)
+
+        def loss_fn(model, batch, key):
+            logits, aux = model(batch["inputs"], key=key, train=True)
+            sums = token_losses(logits, batch["targets"], batch["mask"],
+                                label_smoothing=smoothing)
+            count = jnp.maximum(sums["num_tokens"], 1)
+            return sums["loss_sum"] / count, {
+                "accuracy": sums["correct_sum"] / count, "max_abs": aux["max_abs"],
+                "overflow": aux["overflow"], "nonfinite": aux["nonfinite"]}
+
+        return loss_fn
+
+    def evaluator(self, run):
+        step, size = trainer.model_step(run, _nll_sums), run.config.eval.batch_size
+        val = run.data.validation
+        n = len(val.inputs)
+
+        def batches():
+            for start in range(0, n, size):
+                index = np.arange(start, start + size) % n  # the last batch wraps around
+                rows = _rows(val, index)
+                rows["mask"] = rows["mask"] & (np.arange(start, start + size) < n)[:, None]
+                yield rows
+
+        def evaluate(state):
+            sums = trainer.sum_over(step, state, batches(), run.mesh)
+            loss = sums["nll_sum"] / sums["count"]
+            return {"val_loss": loss, "val_perplexity": float(np.exp(loss))}
+
+        return evaluate
+
+    def report(self, run, state):
+        """BLEU of greedy and beam decodes of the final parameters."""
+        data, out = run.data, {}
+        for kind, beam_size in (("greedy", 0), ("beam", run.config.eval.beam_size)):
+            start = time.perf_counter()
+            texts = decode_all(run, state, beam_size=beam_size)
+            out[f"bleu_{kind}"] = e2e.multi_reference_bleu(texts, data.bleu_refs).score
+            out[f"decodes_{kind}"] = texts
+            log(f"[{run.display}] {kind} decode of {len(texts)} {data.bleu_split} mrs: BLEU "
+                f"{out[f'bleu_{kind}']:.2f} ({time.perf_counter() - start:.1f}s); the first: "
+                f"{texts[0]!r}")
+        return out
+
+    def write_files(self, config, workdir, results):
+        files = []
+        for r in results:
+            for kind in ("greedy", "beam"):
+                name = f"decodes_{r['name']}_{kind}.txt"
+                with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                    f.writelines(text + "\n" for text in r[f"decodes_{kind}"])
+                files.append(name)
+        return files
+
+    def versions(self):
+        import sacrebleu
+        import tokenizers
+
+        return {"sacrebleu": sacrebleu.__version__, "tokenizers": tokenizers.__version__}
+
+
+TASK = FinetuneGPT2()
+train_and_evaluate, validate_config = trainer.entry_points(TASK)
+
+if __name__ == "__main__":
+    trainer.main(TASK)
