@@ -106,7 +106,9 @@ def test_bad_inputs_fail_loudly():
         ResidualStack(lambda rngs: None, 2, update=Standard(), backprop=Reversible(),
                       rngs=nnx.Rngs(0))
     # Any γ trains where no inverse is needed (Table 2); the default then is Autodiff.
-    assert vit_config("tiny", gamma=0.6).backprop == Autodiff()
+    assert vit_config("tiny", gamma=0.6, frac_bits=None).backprop == Autodiff()
+    with pytest.raises(ValueError, match="only powers of two"):
+        vit_config("tiny", gamma=0.6)  # on the grid the default is Reversible
     assert vit_config("tiny", gamma=0.0, frac_bits=None).backprop == Autodiff()
     model = ViT(vit_config("tiny"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="images must be"):
