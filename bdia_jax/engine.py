@@ -649,8 +649,9 @@ def bdia_stack(
     gamma: |γ| in [0, 1); "reversible" needs 2**-m (0.5, 0.25, …), other values (0.6, 0)
       train with "autodiff" / "remat".
     frac_bits: l in δ = 2**-l; None (or quantize=False) is the unquantized ablation.
-    backprop: "reversible" | "autodiff" | "remat"; None (default) picks "reversible" for a
-      grid with a power-of-two gamma, else "autodiff".
+    backprop: "reversible" | "autodiff" | "remat"; None (default) picks "reversible" on a
+      grid (so a γ that is not a power of two fails here, naming the fix) and "autodiff"
+      without one.
     recompute: "separate" | "shared", see ``bdia_jax.Reversible``.
     return_stats: return ``(x_K, StackStats)``. Without it a range overflow (the reversal
       is no longer exact) is reported by a RuntimeWarning, since the caller cannot see it.

@@ -144,6 +144,7 @@ def test_any_gamma_trains_without_an_inverse(gamma, frac_bits):
         assert_grads_close(grads_of(engine), want_grads, rtol=1e-5)
     assert float(jnp.max(jnp.abs(want_grads[0]["w"]))) > 0
     # The keyword form is the same pass (with a key it draws ±γ itself).
-    y = bdia_jax.bdia_stack(block, params, x, gammas=gammas, gamma=gamma, frac_bits=frac_bits)
+    y = bdia_jax.bdia_stack(block, params, x, gammas=gammas, gamma=gamma, frac_bits=frac_bits,
+                            backprop="autodiff")
     chex.assert_trees_all_equal(y, bdia_jax.apply_stack(
         block, params, x, update=update, backprop=bdia_jax.Autodiff(), gammas=gammas)[0])

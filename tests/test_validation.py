@@ -40,9 +40,11 @@ def _set(config, path, value):
 
 # (field, bad value, fragment of the one line that must name it)
 BAD_VALUES = [
-    ("preset", "huge", "must be one of ('quick', 'paper', 'tiny'), got 'huge'"),
+    ("preset", "huge", "must be one of ('quick', 'paper', 'tiny', 'overfit', 'gamma_ablation'), "
+     "got 'huge'"),
     ("seed", -1, "must be an int >= 0, got -1"),
-    ("mode", "both", "must be one of ('compare', 'standard', 'bdia'), got 'both'"),
+    ("mode", "both", "must be one of ('compare', 'table1', 'gamma_ablation', 'standard', 'bdia', "
+     "'bdia_g000', 'bdia_g025', 'bdia_g050', 'bdia_g060', 'revvit'), got 'both'"),
     ("model.image_size", 0, "must be an int >= 1, got 0"),
     ("model.patch_size", 5, "image_size (32) must be a multiple of patch_size (5)"),
     ("model.num_classes", 0, "must be an int >= 1, got 0"),
@@ -178,7 +180,8 @@ def test_bad_command_lines_end_with_one_line():
         assert process.returncode != 0, name
         assert "Traceback" not in errors[name], errors[name]
     assert ("error: flag --config=experiments/configs/vit_cifar.py:huge: ValueError: unknown "
-            "vit_cifar preset 'huge'; use one of ('quick', 'paper', 'tiny')") in errors["preset"]
+            "vit_cifar preset 'huge'; use one of ('quick', 'paper', 'tiny', 'overfit', "
+            "'gamma_ablation')") in errors["preset"]
     assert ("error: --config.model.dpth: 'dpth' is not a config field; Did you mean "
             "\"depth\" instead of \"dpth\"?") in errors["field"]
     assert "error: flag --config.model.depth=abc: invalid literal for int()" in errors["type"]
