@@ -372,15 +372,20 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
         checks.fraction(_get(config, field), field)
     task.validate(config, checks, mesh)
     # The model config checks the cross-field rules (and a method against its stream): an
-    # error with every method is the architecture's, else the method's. Once a model field is
-    # bad on its own, building the configs would only say it again in other words.
-    model_checked = any(p.startswith("  --config.model.") for p in checks.problems[before:])
+    # error with every method is the architecture's, else the method's.
+    bad_fields = {p.removeprefix("  --config.model.").split(":")[0]
+                  for p in checks.problems[before:] if p.startswith("  --config.model.")}
     failures = {}
-    for name in () if model_checked else methods:
+    for name in methods:
         try:
             build_model_config(task, config, config.methods[name].to_dict(), None)
         except (TypeError, ValueError, ArithmeticError) as error:
-            failures[name] = str(error).splitlines()[0]
+            message = str(error).splitlines()[0]
+            # A model config that rejects a field already reported says it again in other
+            # words (RevViTConfig: "depth must be ..."): the field's own line is enough.
+            repeats = message.split(" ", 1)[0] in bad_fields
+            if not repeats and (isinstance(error, ValueError) or not bad_fields):
+                failures[name] = message
     for name, message in failures.items():
         shared = len(methods) > 1 and list(failures.values()).count(message) == len(methods)
         line = f"  --config.{'model' if shared or len(methods) == 1 else f'methods.{name}'}: "
