@@ -153,7 +153,7 @@ def test_every_vit_cifar_preset_validates(preset):
     vit_cifar.validate_config(config, sharding.make_mesh())
     if preset == "overfit":
         assert config.mode == "table1" and tuple(config.seeds) == (0, 1, 2)
-        assert config.data.num_train_examples == 5000 and config.model.depth == 6
+        assert config.data.num_train_examples == 2500 and config.model.depth == 6
 
 
 def test_revvit_rejects_a_model_field_it_does_not_have():
