@@ -39,14 +39,14 @@ from flax import nnx
 from bdia_jax import revnet
 from bdia_jax.models.layers import (
     MLP,
-    MultiHeadAttention,
     LayerNorm,
+    MultiHeadAttention,
     ReversalProbe,
     canonical_dtype,
     dropout,
     split_key,
 )
-from bdia_jax.models.vit import VIT_VARIANTS
+from bdia_jax.models.vit import VIT_VARIANTS, PatchTokens, check_image_fields
 
 KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
 
@@ -73,17 +73,7 @@ class RevViTConfig:
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size})."
-            )
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
-            )
+        check_image_fields(self)
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {self.depth!r}.")
         for name in ("dropout", "attention_dropout"):
@@ -206,7 +196,7 @@ class TwoStreamStack(nnx.Module):
         )
 
 
-class RevViT(nnx.Module):
+class RevViT(PatchTokens, nnx.Module):
     """Reversible Vision Transformer; see the module docstring.
 
     Call: ``logits, aux = model(images, *, key=None, train=False)`` (as ``ViT``).
@@ -215,14 +205,7 @@ class RevViT(nnx.Module):
     def __init__(self, config: RevViTConfig, *, rngs: nnx.Rngs):
         self.config = config
         c = config
-        patch_dim = c.patch_size * c.patch_size * c.channels
-        # A Linear on flattened patches = a conv with kernel = stride = patch_size.
-        self.patch_embed = nnx.Linear(patch_dim, c.width, rngs=rngs)
-        num_tokens = c.num_patches + (1 if c.pool == "cls" else 0)
-        init = nnx.initializers.normal(0.02)
-        if c.pool == "cls":
-            self.cls_token = nnx.Param(jnp.zeros((1, 1, c.width), jnp.float32))
-        self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, c.width), jnp.float32))
+        self._init_tokens(rngs)
 
         def make_block(block_rngs):
             return RevBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
@@ -234,28 +217,10 @@ class RevViT(nnx.Module):
         self.norm = LayerNorm(2 * c.width, rngs=rngs)
         self.head = nnx.Linear(2 * c.width, c.num_classes, rngs=rngs)
 
-    def _patches(self, images: jax.Array) -> jax.Array:
-        """[batch, H, W, C] → [batch, num_patches, patch*patch*C] (row-major patches)."""
-        c = self.config
-        if images.ndim != 4 or images.shape[1:] != (c.image_size, c.image_size, c.channels):
-            raise ValueError(
-                f"images must be [batch, {c.image_size}, {c.image_size}, {c.channels}] "
-                f"(NHWC), got {list(images.shape)}."
-            )
-        b, p = images.shape[0], c.patch_size
-        n = c.image_size // p
-        x = images.reshape(b, n, p, n, p, c.channels).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, n * n, p * p * c.channels)
-
     def embed(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Tokens [batch, num_tokens, width] float32: patches + [cls] + positions, dropout
         drawn from ``key`` (None: no dropout). Both streams start from this."""
-        c = self.config
-        x = self.patch_embed(self._patches(jnp.asarray(images, jnp.float32)))
-        if c.pool == "cls":
-            cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, c.width))
-            x = jnp.concatenate([cls, x], axis=1)
-        return dropout(x + self.pos_embed[...], c.dropout, key)
+        return dropout(self._tokens(images), self.config.dropout, key)
 
     def __call__(self, images: jax.Array, *, key: jax.Array | None = None,
                  train: bool = False) -> tuple[jax.Array, dict]:

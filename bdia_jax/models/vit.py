@@ -49,17 +49,7 @@ class ViTConfig(StackMethod):
     attention: str = "xla"
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size})."
-            )
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
-            )
+        check_image_fields(self)
         super().__post_init__()
         canonical_dtype(self.compute_dtype)
         check_attention(self.attention, self.attention_dropout)
@@ -67,6 +57,18 @@ class ViTConfig(StackMethod):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+def check_image_fields(c) -> None:
+    """The cross-field rules of a ViT-shaped config (``ViTConfig``, ``RevViTConfig``)."""
+    if c.image_size % c.patch_size:
+        raise ValueError(
+            f"image_size ({c.image_size}) must be a multiple of patch_size ({c.patch_size})."
+        )
+    if c.pool not in ("cls", "mean"):
+        raise ValueError(f"pool must be 'cls' or 'mean', got {c.pool!r}.")
+    if c.width % c.num_heads:
+        raise ValueError(f"width ({c.width}) must be divisible by num_heads ({c.num_heads}).")
 
 
 VIT_VARIANTS: dict[str, dict] = {
@@ -86,15 +88,14 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     return named_config(ViTConfig, VIT_VARIANTS, name, overrides)
 
 
-class ViT(nnx.Module):
-    """Vision Transformer; see the module docstring.
+class PatchTokens:
+    """The token embedding a ViT and a RevViT share (a mixin of their modules): patches →
+    Linear → [class token] + learned positions. Owns ``patch_embed``, ``cls_token`` (pool
+    "cls") and ``pos_embed``; reads ``self.config`` (image_size, patch_size, channels,
+    width, pool)."""
 
-    Call: ``logits, aux = model(images, *, key=None, train=False, inference_gamma=None)``.
-    """
-
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        c = config
+    def _init_tokens(self, rngs: nnx.Rngs) -> None:
+        c = self.config
         patch_dim = c.patch_size * c.patch_size * c.channels
         # A Linear on flattened patches = a conv with kernel = stride = patch_size.
         self.patch_embed = nnx.Linear(patch_dim, c.width, rngs=rngs)
@@ -103,17 +104,6 @@ class ViT(nnx.Module):
         if c.pool == "cls":
             self.cls_token = nnx.Param(jnp.zeros((1, 1, c.width), jnp.float32))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, c.width), jnp.float32))
-
-        def make_block(block_rngs):
-            return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
-                                attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, attention=c.attention,
-                                rngs=block_rngs)
-
-        self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
-                                   rngs=rngs)
-        self.norm = LayerNorm(c.width, rngs=rngs)
-        self.head = nnx.Linear(c.width, c.num_classes, rngs=rngs)
 
     def _patches(self, images: jax.Array) -> jax.Array:
         """[batch, H, W, C] → [batch, num_patches, patch*patch*C] (row-major patches)."""
@@ -127,6 +117,38 @@ class ViT(nnx.Module):
         n = c.image_size // p
         x = images.reshape(b, n, p, n, p, c.channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, n * n, p * p * c.channels)
+
+    def _tokens(self, images: jax.Array) -> jax.Array:
+        """[batch, H, W, C] → tokens [batch, num_tokens, width] float32 (before dropout)."""
+        c = self.config
+        x = self.patch_embed(self._patches(jnp.asarray(images, jnp.float32)))
+        if c.pool == "cls":
+            cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, c.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        return x + self.pos_embed[...]
+
+
+class ViT(PatchTokens, nnx.Module):
+    """Vision Transformer; see the module docstring.
+
+    Call: ``logits, aux = model(images, *, key=None, train=False, inference_gamma=None)``.
+    """
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        self._init_tokens(rngs)
+
+        def make_block(block_rngs):
+            return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
+                                attention_dropout=c.attention_dropout,
+                                compute_dtype=c.compute_dtype, attention=c.attention,
+                                rngs=block_rngs)
+
+        self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
+                                   rngs=rngs)
+        self.norm = LayerNorm(c.width, rngs=rngs)
+        self.head = nnx.Linear(c.width, c.num_classes, rngs=rngs)
 
     def __call__(self, images: jax.Array, *, key: jax.Array | None = None, train: bool = False,
                  inference_gamma=None) -> tuple[jax.Array, dict]:
@@ -150,12 +172,7 @@ class ViT(nnx.Module):
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "
                 "key=jax.random.key(step)."
             )
-        images = jnp.asarray(images, jnp.float32)
-        x = self.patch_embed(self._patches(images))
-        if c.pool == "cls":
-            cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, c.width))
-            x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.pos_embed[...]
+        x = self._tokens(images)
         stack_key = embed_key = None
         if train and key is not None:
             stack_key = jax.random.fold_in(key, KEY_STACK)
