@@ -109,6 +109,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.model.update(max_len=64, width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0,
                        attention_dropout=0.0)
         c.data.train_fraction = 0.05
+        c.data.vocab_source = "all"  # 5% of the text lacks some characters (e.g. "Q")
         c.seeds = (0, 1, 2)
         # eval_every_steps: the validation-loss (and gap) curve, 20 points
         c.train.update(num_steps=1000, batch_size=32, eval_every_steps=50)
