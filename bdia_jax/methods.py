@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Literal, Union
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -131,8 +131,8 @@ class Reversible:
             raise ValueError(f"Reversible probe must be True or False, got {self.probe!r}.")
 
 
-Update = Union[Standard, BDIA]
-Backprop = Union[Autodiff, Remat, Reversible]
+Update = Standard | BDIA
+Backprop = Autodiff | Remat | Reversible
 
 
 def check_method(update: Update, backprop: Backprop) -> None:

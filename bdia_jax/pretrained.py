@@ -56,7 +56,7 @@ _HF_REQUIRED = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=Fal
                     add_cross_attention=False, tie_word_embeddings=True)
 _HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 # GPTConfig fields that the checkpoint fixes.
-_ARCHITECTURE_FIELDS = ("vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
+ARCHITECTURE_FIELDS = ("vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
                         "layer_norm_eps", "approximate_gelu")
 # Method settings load_gpt2 accepts besides GPTConfig's fields (objects, or the flat
 # keywords of bdia_jax.method_from_flat).
@@ -118,7 +118,7 @@ def _gpt_config(hf: dict, source: str, overrides: dict) -> GPTConfig:
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"unknown load_gpt2 overrides {unknown}; valid: {sorted(valid)}.")
-    for name in _ARCHITECTURE_FIELDS:
+    for name in ARCHITECTURE_FIELDS:
         if name in overrides and overrides[name] != fields[name]:
             raise ValueError(f"{name}={overrides[name]!r} conflicts with the checkpoint's "
                              f"{fields[name]!r} ({source}); drop the override.")
@@ -274,14 +274,8 @@ def load_gpt2(path, **overrides) -> GPT:
         not fit; nothing is built then.
     """
     folder = pathlib.Path(path)
-    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            hint = " (only safetensors checkpoints are read: save_pretrained(..., " \
-                "safe_serialization=True) writes one)" if file is weights_file else ""
-            raise FileNotFoundError(f"no {file.name} in {folder}: a GPT-2 checkpoint folder "
-                                    f"holds {CONFIG_FILE} and {WEIGHTS_FILE}{hint}.")
-    config = _gpt_config(json.loads(config_file.read_text()), str(config_file), overrides)
+    config = read_gpt2_config(folder, **overrides)
+    weights_file = folder / WEIGHTS_FILE
     abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params_flat = dict(nnx.to_flat_state(params))
@@ -300,13 +294,31 @@ def load_gpt2(path, **overrides) -> GPT:
     return nnx.merge(graphdef, params, nnx.from_flat_state(others))
 
 
-def save_gpt2(model: GPT, path) -> None:
+def read_gpt2_config(path, **overrides) -> GPTConfig:
+    """The ``GPTConfig`` of a GPT-2 checkpoint folder's config.json, with ``overrides`` (as
+    ``load_gpt2``); reads no weights. Raises FileNotFoundError when the folder lacks
+    config.json or model.safetensors, ValueError (one line) for a config it cannot load."""
+    folder = pathlib.Path(path)
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            hint = " (only safetensors checkpoints are read: save_pretrained(..., " \
+                "safe_serialization=True) writes one)" if file is weights_file else ""
+            raise FileNotFoundError(f"no {file.name} in {folder}: a GPT-2 checkpoint folder "
+                                    f"holds {CONFIG_FILE} and {WEIGHTS_FILE}{hint}.")
+    return _gpt_config(json.loads(config_file.read_text()), str(config_file), overrides)
+
+
+def save_gpt2(model: GPT, path, *, bos_token_id: int | None = None,
+              eos_token_id: int | None = None) -> None:
     """Write ``model`` as a GPT-2 checkpoint folder (config.json + model.safetensors).
 
     Tensor names carry the ``transformer.`` prefix and the file the ``{"format": "pt"}``
     metadata, as ``GPT2LMHeadModel.save_pretrained`` writes them, so ``transformers`` and
     ``load_gpt2`` read it back; ``load_gpt2`` gives the same parameter bits. Only the
     architecture and dropout rates go into config.json, not the training method.
+    bos_token_id, eos_token_id: the tokenizer's ids, written to config.json when given
+    (GPT-2's own: 50256, its <|endoftext|>); the model does not know them.
     Existing files of that name in the folder are replaced (each written atomically).
     """
     if not isinstance(model, GPT):
@@ -319,7 +331,14 @@ def save_gpt2(model: GPT, path) -> None:
     tensors = {PREFIX + name: t for name, t in _to_tensors(params, config.depth).items()}
     _write_atomically(folder / WEIGHTS_FILE, lambda tmp: safetensors.numpy.save_file(
         tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(_hf_config(config), indent=2) + "\n"
+    hf = _hf_config(config)
+    for name, token in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+        if token is not None:
+            if not (isinstance(token, int) and 0 <= token < config.vocab_size):
+                raise ValueError(f"{name} must be an int in [0, {config.vocab_size}), got "
+                                 f"{token!r}.")
+            hf[name] = token
+    text = json.dumps(hf, indent=2) + "\n"
     _write_atomically(folder / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 

@@ -18,7 +18,6 @@ checkpoints (rerunning the same command resumes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -64,10 +63,8 @@ def load_pretrained(config: PretrainedGPTConfig, *, rngs=None) -> GPT:
 
 def architecture(folder: pathlib.Path) -> dict:
     """The GPTConfig fields that the checkpoint's config.json fixes."""
-    config_file = folder / pretrained.CONFIG_FILE
-    # pretrained's own config.json reader, so the two never disagree.
-    gpt = pretrained._gpt_config(json.loads(config_file.read_text()), str(config_file), {})
-    return {name: getattr(gpt, name) for name in pretrained._ARCHITECTURE_FIELDS}
+    gpt = pretrained.read_gpt2_config(folder)
+    return {name: getattr(gpt, name) for name in pretrained.ARCHITECTURE_FIELDS}
 
 
 # --------------------------------------------------------------------------- the data

@@ -152,11 +152,12 @@ def run(args) -> dict:
             compiled_step = abstract_step(model_config(args, method, attention))
             cache, seconds = {}, []
 
-            def peak(batch, compiled_step=compiled_step, cache=cache, seconds=seconds):
+            def peak(batch, compiled_step=compiled_step, cache=cache, seconds=seconds,
+                     label=f"{method}/{attention}"):
                 if batch not in cache:
                     cache[batch], took = peak_bytes(compiled_step, batch, args.context)
                     seconds.append(took)
-                    print(f"  {method}/{attention} batch {batch}: "
+                    print(f"  {label} batch {batch}: "
                           f"{cache[batch] / GIB:.3f} GiB ({took:.1f} s)", flush=True)
                 return cache[batch]
 

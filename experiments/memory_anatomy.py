@@ -101,9 +101,8 @@ def compile_step(args, update: str, dropout: float):
 
     from experiments import vit_cifar
     from experiments.common import train_state as ts
-    from experiments.configs.vit_cifar import get_config
-
     from experiments.common import trainer
+    from experiments.configs.vit_cifar import get_config
 
     config = get_config(args.preset)
     config.train.batch_size = args.batch

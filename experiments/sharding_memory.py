@@ -50,7 +50,7 @@ def worker(num_devices: int, args) -> dict:
         placed = sharding.place(params, sharding.param_shardings(params, mesh))
         x_sharded = jax.device_put(x, sharding.batch_sharding(mesh))
         for name, (kind, backprop) in methods.items():
-            def loss(params, x, probe, kind=kind, backprop=backprop):
+            def loss(params, x, probe, kind=kind, backprop=backprop, gather=gather):
                 if gather is not None:
                     params = jax.lax.with_sharding_constraint(
                         params, jax.tree_util.tree_map(lambda _: gather, params))

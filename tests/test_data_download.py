@@ -165,7 +165,7 @@ def test_a_failed_transfer_ends_in_one_line(monkeypatch, tmp_path, serve):
         cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     _assert_one_line(info.value, "downloading and preparing it failed (DownloadError:",
-                     "HTTP code: 404", f"point --data_dir (or TFDS_DATA_DIR", str(tmp_path))
+                     "HTTP code: 404", "point --data_dir (or TFDS_DATA_DIR", str(tmp_path))
     assert not tfds.builder("cifar10", data_dir=str(tmp_path)).is_prepared()
 
 

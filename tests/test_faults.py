@@ -26,8 +26,7 @@ from flax import nnx
 from bdia_jax.models import ViT, vit_config
 from experiments.common import sharding
 from experiments.common import train_state as ts
-from experiments.common.checkpoint import (FINGERPRINT_KEY, CheckpointMismatchError,
-                                           Checkpointer)
+from experiments.common.checkpoint import FINGERPRINT_KEY, Checkpointer, CheckpointMismatchError
 from experiments.common.loop import LoopSettings, RangeOverflowError, run_loop
 from experiments.common.metrics import MetricsWriter, read_records
 

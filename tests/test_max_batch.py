@@ -8,7 +8,6 @@ import pytest
 
 from experiments import max_batch
 
-
 CURVES = {  # peak bytes at batch b: growing, near-affine like compiled peaks
     "affine": lambda b: 100 + 10 * b,
     "convex": lambda b: 100 + 10 * b + 3 * b * b // 10,  # the first guess is too large

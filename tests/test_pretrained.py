@@ -157,9 +157,14 @@ def test_save_then_load_gives_the_same_bits(standard, tmp_path):
 def test_save_writes_a_new_models_weights(tmp_path):
     model = GPT(load_gpt2(FIXTURE).config, rngs=nnx.Rngs(7))
     save_gpt2(model, tmp_path)
-    save_gpt2(model, tmp_path)  # overwrites in place
+    assert "eos_token_id" not in json.loads((tmp_path / "config.json").read_text())
+    save_gpt2(model, tmp_path, bos_token_id=99, eos_token_id=99)  # overwrites in place
     chex.assert_trees_all_equal(params_of(load_gpt2(tmp_path)), params_of(model))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"]) == (99, 99)
+    with pytest.raises(ValueError, match=r"eos_token_id must be an int in \[0, 100\), got 100"):
+        save_gpt2(model, tmp_path, eos_token_id=100)
 
 
 def test_prefix_is_optional_and_buffers_are_ignored(standard, tmp_path):

@@ -35,6 +35,7 @@ from bdia_jax.models.layers import (
     dot_product_attention,
     padding_mask,
 )
+from bdia_jax.models.residual_stack import ResidualStack, stats_to_aux
 from bdia_jax.models.revvit import RevBlock, RevViT, RevViTConfig, TwoStreamStack, revvit_config
 from bdia_jax.models.seq2seq import (
     SEQ2SEQ_VARIANTS,
@@ -43,7 +44,6 @@ from bdia_jax.models.seq2seq import (
     Seq2SeqTransformer,
     seq2seq_config,
 )
-from bdia_jax.models.residual_stack import ResidualStack, stats_to_aux
 from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
 
 __all__ = [

@@ -37,8 +37,8 @@ from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import (
     DecoderBlock,
     EncoderBlock,
-    canonical_dtype,
     LayerNorm,
+    canonical_dtype,
     dropout,
     padding_mask,
 )

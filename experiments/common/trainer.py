@@ -792,7 +792,7 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
     metrics.write_json(os.path.join(workdir, "summary.json"), summary)
     log("\n" + side_by_side(task, runs_by_model))
     where = (f"; each seed's metrics.jsonl, files and checkpoints/ in {workdir}/seed_<s>/"
-             if config.seeds else f", metrics.jsonl and checkpoints/")
+             if config.seeds else ", metrics.jsonl and checkpoints/")
     log(f"\nwrote {os.path.join(workdir, 'summary.json')}, {', '.join(files)}{where} "
         f"({summary['wall_seconds']:.0f}s)")
     return summary

@@ -260,5 +260,6 @@ def write_tiny_setup(root, *, max_len: int = 128, width: int = 32, depth: int = 
     config = GPTConfig(vocab_size=tokenizer.vocab_size, max_len=max_len, width=width,
                        depth=depth, num_heads=2, mlp_dim=4 * width, dropout=0.0,
                        attention_dropout=0.0, layer_norm_eps=1e-5)
-    save_gpt2(GPT(config, rngs=nnx.Rngs(0)), checkpoint)
+    save_gpt2(GPT(config, rngs=nnx.Rngs(0)), checkpoint, bos_token_id=tokenizer.eos_id,
+              eos_token_id=tokenizer.eos_id)
     return checkpoint, data
