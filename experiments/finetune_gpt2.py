@@ -323,8 +323,7 @@ class FinetuneGPT2(trainer.Task):
                                 label_smoothing=smoothing)
             count = jnp.maximum(sums["num_tokens"], 1)
             return sums["loss_sum"] / count, {
-                "accuracy": sums["correct_sum"] / count, "max_abs": aux["max_abs"],
-                "overflow": aux["overflow"], "nonfinite": aux["nonfinite"]}
+                "accuracy": sums["correct_sum"] / count, **aux}
 
         return loss_fn
 

@@ -89,17 +89,14 @@ class CharLM(trainer.Task):
                        "set a TFDS text dataset (e.g. tiny_shakespeare) or data.text_file")
         if not d.text_file:
             data_checks.check_tfds_data_dir(d.tfds_data_dir, "data.tfds_data_dir", checks)
-        checks.require(0 < d.val_fraction < 1, "data.val_fraction",
-                       f"must be in (0, 1), got {d.val_fraction}")
+        checks.unit_interval(d.val_fraction, "data.val_fraction")
         checks.one_of(d.vocab_source, ("train", "all"), "data.vocab_source")
-        checks.require(0 < d.train_fraction <= 1, "data.train_fraction",
-                       f"must be in (0, 1], got {d.train_fraction}")
+        checks.unit_interval(d.train_fraction, "data.train_fraction", include_one=True)
         if all(isinstance(t[f], int) and t[f] >= 1 for f in ("num_steps", "eval_every_steps")):
             checks.require(t.num_steps % t.eval_every_steps == 0, "train.num_steps",
                            f"must be a multiple of train.eval_every_steps="
                            f"{t.eval_every_steps}, got {t.num_steps}")
-        checks.require(e.temperature >= 0, "eval.temperature",
-                       f"must be >= 0, got {e.temperature}")
+        checks.positive(e.temperature, "eval.temperature", allow_zero=True)
         checks.require(isinstance(m.max_len, int) and 1 <= len(e.sample_prompt) < m.max_len,
                        "eval.sample_prompt",
                        f"must hold 1 to model.max_len-1 characters, got {e.sample_prompt!r}")
@@ -140,9 +137,7 @@ class CharLM(trainer.Task):
             sums = token_losses(logits, batch["targets"],
                                 jnp.ones(batch["targets"].shape, bool))
             return sums["loss_sum"] / sums["num_tokens"], {
-                "accuracy": sums["correct_sum"] / sums["num_tokens"],
-                "max_abs": aux["max_abs"], "overflow": aux["overflow"],
-                "nonfinite": aux["nonfinite"]}
+                "accuracy": sums["correct_sum"] / sums["num_tokens"], **aux}
 
         return loss_fn
 

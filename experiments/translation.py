@@ -3,17 +3,13 @@
     python -m experiments.translation                           # quick preset, both models
     python -m experiments.translation --config=experiments/configs/translation.py:full \\
         --workdir=runs/translation_full --data_dir=/path/to/multi30k
-    python -m experiments.translation --config.data.tfds_name=wmt14_translate/fr-en \\
-        --config.data.val_split=validation --config.data.test_split=test
 
-Reads aligned sentence files (or a TFDS translation dataset) and trains a SentencePiece
-tokenizer on the training split (``experiments.text.translation_data``); trains the models
-that ``config.mode`` names (see ``experiments.common.trainer``) on length-bucketed batches;
-reports the validation loss and perplexity every epoch and, at the end, detokenized
-sacreBLEU on the test split with greedy and beam decoding at E[γ] = 0
-(``experiments.text.translate``). Writes to ``--workdir``: metrics.jsonl, summary.json,
-config.json, curves.png, translations_<model>.txt, tokenizer/ and Orbax checkpoints
-(rerunning the same command resumes).
+Trains a SentencePiece tokenizer on the training split (``experiments.text``), then the
+models that ``config.mode`` names on length-bucketed batches; reports validation loss and
+perplexity every epoch and, at the end, sacreBLEU on the test split with greedy and beam
+decoding at E[γ] = 0. Writes to ``--workdir``: metrics.jsonl, summary.json, config.json,
+curves.png, translations_<model>.txt, tokenizer/ and Orbax checkpoints (rerunning the
+same command resumes).
 """
 
 from __future__ import annotations
@@ -83,14 +79,13 @@ class Translation(trainer.Task):
         checks.require(d.src_lang != d.tgt_lang, "data.tgt_lang",
                        f"must differ from data.src_lang={d.src_lang!r}")
         checks.one_of(tk.model_type, ("unigram", "bpe"), "tokenizer.model_type")
-        checks.require(0 < tk.character_coverage <= 1, "tokenizer.character_coverage",
-                       f"must be in (0, 1], got {tk.character_coverage}")
+        checks.unit_interval(tk.character_coverage, "tokenizer.character_coverage",
+                             include_one=True)
         lengths = tuple(b.bucket_lengths)
         checks.require(len(lengths) >= 1 and all(isinstance(n, int) and n >= 2 for n in lengths)
                        and list(lengths) == sorted(set(lengths)), "batch.bucket_lengths",
                        f"must be strictly increasing ints >= 2, got {lengths}")
-        checks.require(e.length_penalty >= 0, "eval.length_penalty",
-                       f"must be >= 0, got {e.length_penalty}")
+        checks.positive(e.length_penalty, "eval.length_penalty", allow_zero=True)
 
     def load_data(self, config, workdir, mesh):
         return translation_data.load_data(config, workdir, mesh)
@@ -143,8 +138,7 @@ class Translation(trainer.Task):
             tokens = jnp.maximum(sums["num_tokens"], 1.0)
             return sums["loss_sum"] / tokens, {
                 "nll": sums["nll_sum"] / tokens, "token_accuracy": sums["correct_sum"] / tokens,
-                "max_abs": aux["max_abs"], "overflow": aux["overflow"],
-                "nonfinite": aux["nonfinite"]}
+                **aux}
 
         return loss_fn
 

@@ -3,20 +3,14 @@
     python -m experiments.vit_cifar                       # quick preset, ViT and BDIA-ViT
     python -m experiments.vit_cifar --config.mode=table1  # ViT, RevViT, BDIA-ViT (Table 1)
     python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:overfit
-    python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:gamma_ablation
-    python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:paper \\
-        --workdir=runs/vit_cifar_paper --data_dir=/path/to/tensorflow_datasets
-    python -m experiments.vit_cifar --config.mode=bdia --config.train.num_epochs=3
 
-Modes beyond the trainer's: "table1" trains ViT, RevViT and BDIA-ViT; "gamma_ablation" the
-unquantized BDIA-ViT (autodiff) at γ = 0, ±0.25, ±0.5, ±0.6 (the paper's Table 2).
-RevViT (``bdia_jax.models.RevViT``, ``config.methods.revvit``) shares ``config.model``; its
-floating-point reconstruction error is reported, not checked to be 0; it has no inference γ.
-
-Trains the models that ``config.mode`` names (see ``experiments.common.trainer``) with
-on-device crop/flip augmentation; evaluates on the test split with E[γ] = 0 and runs the
-inference-γ sweep. Writes to ``--workdir``: metrics.jsonl, summary.json, config.json,
-curves.png, gamma_sweep.png and Orbax checkpoints (rerunning the same command resumes).
+Modes beyond the trainer's (``experiments.common.trainer``): "table1" trains ViT, RevViT and
+BDIA-ViT; "gamma_ablation" the unquantized BDIA-ViT (autodiff) at γ = 0, ±0.25, ±0.5, ±0.6
+(Table 2). RevViT shares ``config.model``; its floating-point reconstruction error is
+reported, not checked to be 0; it has no inference γ. Training uses on-device crop/flip
+augmentation; evaluation is at E[γ] = 0, then the inference-γ sweep. Writes to
+``--workdir``: metrics.jsonl, summary.json, config.json, curves.png, gamma_sweep.png and
+Orbax checkpoints (rerunning the same command resumes).
 """
 
 from __future__ import annotations
@@ -54,8 +48,7 @@ def sweep_config_for(vit_cfg: ViTConfig, update: str) -> ViTConfig:
 def _eval_sums(model, batch, gamma):
     """{"correct", "loss_sum", "count"} of one padded batch ("mask": real examples) at
     E[γ] = 0 (``gamma`` None) or at a traced inference γ (one compilation per sweep)."""
-    # RevViT has no inference γ (it is only ever evaluated with gamma None).
-    kwargs = {} if gamma is None else {"inference_gamma": gamma}
+    kwargs = {} if gamma is None else {"inference_gamma": gamma}  # RevViT: always None
     logits, _ = model(cifar_data.normalize(batch["image"]), train=False, **kwargs)
     mask = batch["mask"].astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -163,8 +156,7 @@ class ViTCifar(trainer.Task):
                                           smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
             accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-            return loss, {"accuracy": accuracy, "max_abs": aux["max_abs"],
-                          "overflow": aux["overflow"], "nonfinite": aux["nonfinite"]}
+            return loss, {"accuracy": accuracy, **aux}  # aux: max_abs, overflow, nonfinite
 
         return loss_fn
 
@@ -194,10 +186,9 @@ class ViTCifar(trainer.Task):
                 run.writer.write({"model": run.display, "kind": "sweep", "step": run.num_steps,
                                   "inference_gamma": gamma, "accuracy": acc,
                                   "num_examples": len(subset)})
+            shown = (f"γ={g:+.2f}: {a:.2%}" for g, a in zip(gammas, sweep["accuracy"], strict=True))
             log(f"[{run.display}] inference-γ sweep on {len(subset)} test images "
-                f"({time.perf_counter() - start:.1f}s): " + ", ".join(
-                    f"γ={g:+.2f}: {a:.2%}" for g, a in zip(gammas, sweep["accuracy"],
-                                                         strict=True)))
+                f"({time.perf_counter() - start:.1f}s): " + ", ".join(shown))
         return {"test_examples": len(test), "gamma_sweep": sweep}
 
     def extra_rows(self, results):

@@ -46,6 +46,13 @@ class Checks:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
         return self.require(ok, field, f"must be in [0, 1), got {value!r}")
 
+    def unit_interval(self, value: Any, field: str, *, include_one: bool = False) -> bool:
+        """A share in (0, 1), or in (0, 1] with include_one (a fraction of the data)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            0 < value <= 1 if include_one else 0 < value < 1)
+        return self.require(ok, field, f"must be in (0, 1{']' if include_one else ')'}, "
+                                       f"got {value!r}")
+
     def positive(self, value: Any, field: str, *, allow_zero: bool = False) -> bool:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             value >= 0 if allow_zero else value > 0
