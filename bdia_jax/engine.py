@@ -251,11 +251,53 @@ def _slice_rest(tree):
     return jax.tree_util.tree_map(lambda a: a[1:], tree)
 
 
-def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, keep_bits: bool):
+def _take(tree, k):
+    """Block k of every [depth, ...] leaf (k a traced int scalar), without copying the rest."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False), tree)
+
+
+def _put(tree, block, k):
+    """Write block k (leaves [...]) into every [depth, ...] leaf of tree, in place."""
+    return jax.tree_util.tree_map(
+        lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b.astype(a.dtype), k, 0),
+        tree, block)
+
+
+def _scan_rest(step, init, params, keys, per_block, *, by_index: bool, reverse: bool = False):
+    """``lax.scan`` of ``step(carry, k, params_k, key_k, per_block_k) -> (carry, y)`` over
+    blocks k = 1 … depth-1.
+
+    params: [depth, ...] leaves; keys: [depth] block keys or None; per_block: pytree of
+    [depth-1, ...] arrays (γ_k, side bits) scanned as they are; k: int32 scalar.
+    by_index: read block k from the full stacks inside the body, so XLA does not copy
+    params[1:]. Only where JAX does not differentiate the scan: its transpose would add a
+    full-size cotangent of the closed-over stack at every step.
+    """
+    depth = _depth_of(params)
+    index = jnp.arange(1, depth, dtype=jnp.int32)
+    if by_index:
+        def body(carry, xs):
+            k, per_k = xs
+            return step(carry, k, _take(params, k), None if keys is None else keys[k], per_k)
+
+        xs = (index, per_block)
+    else:
+        def body(carry, xs):
+            k, params_k, key_k, per_k = xs
+            return step(carry, k, params_k, key_k, per_k)
+
+        xs = (index, _slice_rest(params), None if keys is None else keys[1:], per_block)
+    return jax.lax.scan(body, init, xs, reverse=reverse)
+
+
+def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, keep_bits: bool,
+                   by_index: bool):
     """BDIA training forward from x0 (on the grid when spec.frac_bits is set).
 
     Returns (x_K, x_{K-1}, x_1, packed side bits or None, max_abs). The side-bit form is
     used when spec.side_bits is set, the one-rounding ``noninvertible_step`` otherwise.
+    by_index: see ``_scan_rest`` (True under the reversible custom VJP).
     """
     call = _block_caller(block_fn, spec.remat)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
@@ -263,9 +305,8 @@ def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, kee
     max_abs0 = _max_abs(x0, x1, h0 if spec.frac_bits is None else x1 - x0)
     keep_bits = keep_bits and spec.side_bits is not None
 
-    def body(carry, xs):
+    def step(carry, k, params_k, key_k, gamma_k):
         x_prev, x_cur, max_abs = carry
-        params_k, key_k, gamma_k = xs
         h = call(params_k, x_cur, context, key_k)
         gamma_b = broadcast_gamma(gamma_k, x_cur)
         if spec.side_bits is None:
@@ -278,8 +319,8 @@ def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, kee
             bits = fixed_point.pack_side_bits(s, spec.side_bits) if keep_bits else None
         return (x_cur, x_next, jnp.maximum(max_abs, new_max)), bits
 
-    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas)
-    (x_before, x_last, max_abs), bits = jax.lax.scan(body, (x0, x1, max_abs0), xs)
+    (x_before, x_last, max_abs), bits = _scan_rest(step, (x0, x1, max_abs0), params, keys,
+                                                   gammas, by_index=by_index)
     return x_last, x_before, x1, bits, max_abs
 
 
@@ -324,7 +365,7 @@ def bdia_forward(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas,
     """
     spec = _pair_spec(update, params, x0)
     x_last, x_before, _, bits, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, keys, gammas, keep_bits=True
+        block_fn, spec, params, x0, context, keys, gammas, keep_bits=True, by_index=True
     )
     return ForwardRecord(x_last, x_before, bits, _stats(max_abs, spec))
 
@@ -336,16 +377,16 @@ def bdia_invert(block_fn: BlockFn, params, record: ForwardRecord, *, update: BDI
     if spec.depth == 1:
         return jnp.stack([record.x_before, record.x_last])
 
-    def body(carry, xs):
+    def step(carry, k, params_k, key_k, per_k):
         x_cur, x_next = carry
-        params_k, key_k, gamma_k, bits = xs
+        gamma_k, bits = per_k
         x_prev, _, _ = _rebuild_step(
             block_fn, spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits
         )
         return (x_prev, x_cur), x_prev
 
-    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas, record.side_bits)
-    _, rebuilt = jax.lax.scan(body, (record.x_before, record.x_last), xs, reverse=True)
+    _, rebuilt = _scan_rest(step, (record.x_before, record.x_last), params, keys,
+                            (gammas, record.side_bits), by_index=True, reverse=True)
     return jnp.concatenate([rebuilt, record.x_before[None], record.x_last[None]])
 
 
@@ -358,17 +399,15 @@ def bdia_all_states(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
 
-    def body(carry, xs):
+    def step(carry, k, params_k, key_k, gamma_k):
         x_prev, x_cur = carry
-        params_k, key_k, gamma_k = xs
         h = call(params_k, x_cur, context, key_k)
         x_next, _, _ = bdia_combine(
             x_prev, x_cur, h, broadcast_gamma(gamma_k, x_cur), spec.frac_bits, spec.side_bits
         )
         return (x_cur, x_next), x_next
 
-    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas)
-    _, rest = jax.lax.scan(body, (x0, x1), xs)
+    _, rest = _scan_rest(step, (x0, x1), params, keys, gammas, by_index=True)
     return jnp.concatenate([x0[None], x1[None], rest])
 
 
@@ -378,14 +417,14 @@ def bdia_all_states(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _reversible(block_fn, spec: _Spec, params, x0, context, keys, gammas, probe):
     x_last, _, _, _, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, keys, gammas, keep_bits=False
+        block_fn, spec, params, x0, context, keys, gammas, keep_bits=False, by_index=True
     )
     return x_last, _stats(max_abs, spec)
 
 
 def _reversible_fwd(block_fn, spec: _Spec, params, x0, context, keys, gammas, probe):
     x_last, x_before, x1, bits, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, keys, gammas, keep_bits=True
+        block_fn, spec, params, x0, context, keys, gammas, keep_bits=True, by_index=True
     )
     # Verification keeps x_0 and x_1 (constant in depth) to compare with their rebuilds.
     refs = (x0, x1) if spec.verify else None
@@ -412,11 +451,11 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
 
     zeros_ctx = diff_part(jax.tree_util.tree_map(jnp.zeros_like, context))
 
-    def body(carry, xs):
+    def step(carry, k, params_k, key_k, per_k):
         # Invariant: g_next = dL/dx_{k+1} is complete; g_cur holds only the
         # γ_{k+1} dL/dx_{k+2} contribution of step k+1 to x_k.
-        x_cur, x_next, g_cur, g_next, g_ctx = carry
-        params_k, key_k, gamma_k, bits_k = xs
+        x_cur, x_next, g_cur, g_next, g_ctx, g_params = carry
+        gamma_k, bits_k = per_k
         x_prev, gamma_b, pullback = _rebuild_step(
             block_fn, spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits_k
         )
@@ -424,11 +463,15 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
         g_cur = g_cur + (g_next - gamma_b * g_next) + g_x_h
         g_prev = gamma_b * g_next
         g_ctx = [a + b for a, b in zip(g_ctx, diff_part(g_ctx_k))]
-        return (x_prev, x_cur, g_prev, g_cur, g_ctx), g_params_k
+        g_params = _put(g_params, g_params_k, k)
+        return (x_prev, x_cur, g_prev, g_cur, g_ctx, g_params), None
 
-    init = (x_before, x_last, jnp.zeros_like(x_last), g_last, zeros_ctx)
-    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas, bits)
-    (x0, x1, g0, g1, g_ctx), g_params_rest = jax.lax.scan(body, init, xs, reverse=True)
+    # Block k's gradient is written in place into one [depth, ...] buffer (no stacked
+    # per-step outputs to concatenate with block 0's afterwards).
+    g_params = jax.tree_util.tree_map(jnp.zeros_like, params)
+    init = (x_before, x_last, jnp.zeros_like(x_last), g_last, zeros_ctx, g_params)
+    (x0, x1, g0, g1, g_ctx, g_params), _ = _scan_rest(
+        step, init, params, keys, (gammas, bits), by_index=True, reverse=True)
 
     # Block 0 (plain Euler step): x_1 = x_0 + Q(h_0(x_0)), straight-through Q.
     key0 = None if keys is None else keys[0]
@@ -438,9 +481,7 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
     g_params0, g_x_h0, g_ctx0 = pullback0(g1)
     g_x0 = g0 + g1 + g_x_h0
     g_ctx = full_ctx_cotangent([a + b for a, b in zip(g_ctx, diff_part(g_ctx0))])
-    g_params = jax.tree_util.tree_map(
-        lambda first, rest: jnp.concatenate([first[None], rest]), g_params0, g_params_rest
-    )
+    g_params = _put(g_params, g_params0, 0)
 
     if spec.verify:
         ref0, ref1 = refs
@@ -457,17 +498,18 @@ _reversible.defvjp(_reversible_fwd, _reversible_bwd)
 # --------------------------------------------------------------------------- inference
 
 
-def _inference_forward(block_fn, spec: _Spec, params, x, context, keys, gammas):
+def _inference_forward(block_fn, spec: _Spec, params, x, context, keys, gammas,
+                       by_index: bool = False):
     """x_0 = Q(x), x_{k+1} = x_k + Q(h_k(x_k)) (γ = 0), or with explicit inference gammas
-    ``noninvertible_step``. Q is the identity when spec.frac_bits is None."""
+    ``noninvertible_step``. Q is the identity when spec.frac_bits is None. by_index: see
+    ``_scan_rest`` (True where no gradient is taken)."""
     call = _block_caller(block_fn, spec.remat)
     x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
 
-    def body(carry, xs):
+    def step(carry, k, params_k, key_k, gamma_k):
         x_prev, x_cur, max_abs = carry
-        params_k, key_k, gamma_k = xs
         h = call(params_k, x_cur, context, key_k)
         if gamma_k is None:
             x_next = euler_step(x_cur, h, spec.frac_bits)
@@ -476,14 +518,14 @@ def _inference_forward(block_fn, spec: _Spec, params, x, context, keys, gammas):
                                         spec.frac_bits)
         return (x_cur, x_next, jnp.maximum(max_abs, _max_abs(x_next))), None
 
-    xs = (_slice_rest(params), None if keys is None else keys[1:], gammas)
-    (_, x_last, max_abs), _ = jax.lax.scan(body, (x0, x1, _max_abs(x0, x1)), xs)
+    (_, x_last, max_abs), _ = _scan_rest(step, (x0, x1, _max_abs(x0, x1)), params, keys,
+                                         gammas, by_index=by_index)
     return x_last, _stats(max_abs, spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _inference_without_gradient(block_fn, spec: _Spec, params, x, context, keys, gammas):
-    return _inference_forward(block_fn, spec, params, x, context, keys, gammas)
+    return _inference_forward(block_fn, spec, params, x, context, keys, gammas, by_index=True)
 
 
 def _inference_without_gradient_fwd(block_fn, spec, params, x, context, keys, gammas):
@@ -600,7 +642,8 @@ def apply_stack(
         probe = None if reversal_probe is None else jnp.asarray(reversal_probe, x.dtype)
         return _reversible(block_fn, spec, params, x0, context, block_keys, gammas, probe)
     x_last, _, _, _, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, block_keys, gammas, keep_bits=False
+        block_fn, spec, params, x0, context, block_keys, gammas, keep_bits=False,
+        by_index=False,
     )
     return x_last, _stats(max_abs, spec)
 

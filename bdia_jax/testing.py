@@ -1,7 +1,8 @@
 """Small pure-jnp residual branches for tests, benchmarks and examples.
 
 They follow the ``block_fn(params_k, x, context, key_k) -> h`` contract of ``bdia_stack`` and
-are independent of the Flax models, so the engine can be tested and benchmarked on its own.
+are independent of the Flax models, so the engine can be tested and benchmarked on its own;
+their dropout is the models' (``bdia_jax.models.attention.dropout``), so both draw masks alike.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bdia_jax import stable
+from bdia_jax.models.attention import dropout as attention_dropout
 
 
 def mean_layer_norm(x, eps=1e-6):
@@ -69,9 +71,7 @@ def make_attn_mlp_block(heads: int = 2, dropout: float = 0.0, compute_dtype=jnp.
             (y.astype(compute_dtype) @ p["fc1"].astype(compute_dtype)).astype(jnp.float32)
             + p["b1"]
         )
-        if dropout and key is not None:
-            keep = jax.random.bernoulli(key, 1 - dropout, hidden.shape)
-            hidden = jnp.where(keep, hidden / (1 - dropout), 0.0)
+        hidden = attention_dropout(hidden, dropout, key)
         m = (hidden.astype(compute_dtype) @ p["fc2"].astype(compute_dtype)).astype(jnp.float32)
         return (a + m).astype(x.dtype)
 

@@ -57,14 +57,52 @@ def check_attention(attention: str, attention_dropout: float = 0.0) -> None:
                          "attention_dropout=0.0 or use attention='chunked'.")
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout drawn from ``key``; identity when key is None or rate == 0."""
-    if key is None or rate == 0.0:
-        return x
+def dropout_threshold(rate: float) -> int:
+    """The uint8 threshold t = round(rate * 256) of ``dropout``: it drops an element whose
+    random byte is < t, so the rate it applies is t / 256."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+    threshold = round(rate * 256)
+    if rate and not 0 < threshold < 256:
+        raise ValueError(f"dropout rate {rate} rounds to {threshold}/256 on the uint8 grid of "
+                         "dropout masks; use 0.0 or a rate in [1/256, 255/256].")
+    return threshold
+
+
+def random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[*shape] uint8 random bytes from ``key``, four per uint32 word drawn.
+
+    Partitionable threefry draws one counter and one word per element whatever the width
+    asked for, so ``jax.random.bits(key, shape, jnp.uint8)`` costs as much as uint32 bits:
+    this draws a quarter of the words (along the last axis, so leading axes keep their
+    sharding) and splits each into its bytes.
+    """
+    shape = tuple(shape)
+    last = shape[-1] if shape else 1
+    num_words = -(-last // 4)
+    words = jax.random.bits(key, shape[:-1] + (num_words,), jnp.uint32)
+    data = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., num_words, 4]
+    data = data.reshape(data.shape[:-2] + (4 * num_words,))[..., :last]
+    return data.reshape(shape)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout drawn from ``key``; identity when key is None or rate == 0.
+
+    x: any shape and float dtype; returns x's shape and dtype. The mask comes from one
+    random byte per element (``random_bytes``), so the rate is rounded to a multiple of
+    1/256 (``dropout_threshold``) and kept elements are scaled by the inverse of the kept
+    fraction actually drawn for, which keeps E[out] = x.
+    """
+    if key is None or rate == 0.0:
+        return x
+    threshold = dropout_threshold(rate)
+    # Bytes, not bernoulli's uint32 uniforms: a quarter of threefry's counters and bits,
+    # and the same key still replays the same mask in the backward pass. A finer grid
+    # (uint16) would double them for a rate change far below dropout's own noise.
+    keep = random_bytes(key, x.shape) >= jnp.uint8(threshold)
+    scale = 256.0 / (256 - threshold)
+    return jnp.where(keep, x * scale, jnp.zeros_like(x)).astype(x.dtype)
 
 
 def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
