@@ -62,7 +62,11 @@ def main():
         p = jax.tree_util.tree_map(lambda a, layout=layout: jax.device_put(a, layout(a)), params)
         xs, cs = jax.device_put(x, batch), jax.device_put(context, batch)
         loss_value, grads = step(p, xs, cs, jnp.zeros(()))
-        np.testing.assert_allclose(loss_value, ref_loss, rtol=1e-6)
+        # The train step is another program under sharding (other fusions and reduction
+        # order), and a last-ulp change of h can move a state by one grid step δ, so the
+        # loss agrees to float rounding, like the gradients; a wrong mask or γ draw would
+        # move it by ~1e-2. The bits are checked below, on the rebuilt states.
+        np.testing.assert_allclose(loss_value, ref_loss, rtol=1e-5)
         assert_grads_close(grads[:3], ref_grads[:3], rtol=1e-5)
         record = forward(block, p, jax.device_put(x0, batch), update=update, keys=keys,
                           gammas=jax.device_put(gammas, NamedSharding(mesh, P(None, "data"))),
