@@ -112,7 +112,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     elif c.preset in ("overfit", "gamma_ablation"):
         # The quick model at depth 6 on 5% of the training set, 950 steps: the standard
         # ViT's test loss turns up while its training accuracy keeps rising. Sized so that
-        # the three models at three seeds take about an hour on a 2-core CPU.
+        # the three models at three seeds fit in a session on one CPU core (docs/results.md).
         c.model.update(width=64, depth=6, num_heads=2, mlp_dim=128, patch_size=4)
         c.data.update(num_train_examples=2500, num_test_examples=2000)
         c.mode = "table1" if c.preset == "overfit" else "gamma_ablation"
