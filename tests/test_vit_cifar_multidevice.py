@@ -134,8 +134,10 @@ def test_fsdp_and_multihost_runs_match_one_device(tmp_path):
         for x, y in zip(a, b, strict=True):
             if x["kind"] == "train":
                 if x["step"] == 1:  # the first step: same weights, data, keys; only the
-                    # summation order of the mean differs
-                    assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=0), name
+                    # summation order differs, which moves the loss by a few ulps (a
+                    # last-ulp change of h can also move a state by one grid step); a wrong
+                    # mask, γ or batch row would move it by ~1e-2
+                    assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=0), name
                     assert x["accuracy"] == y["accuracy"], name
                 assert abs(x["loss"] - y["loss"]) < 1e-3, (name, x, y)
                 assert y["reversal_error"] == 0.0, (name, y)
