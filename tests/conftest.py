@@ -6,6 +6,17 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+# Compiling is most of the suite's time, and LLVM's optimisation passes are most of each
+# XLA:CPU compile: -O1 halves it (docs/design.md §5 has the measurement). -O0 would cut more,
+# but there two differently fused programs (bdia_all_states and bdia_forward) round a tanh
+# block's output apart by one grid step, so the suite stays at -O1, where every exactness
+# test passes. tests/test_device_check.py runs the probe at XLA's defaults in a subprocess,
+# and BDIA_TEST_XLA_DEFAULTS=1 runs the whole suite at them. Subprocesses inherit XLA_FLAGS.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=1"
+if os.environ.get("BDIA_TEST_XLA_DEFAULTS", "0") != "1" and (
+        TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", "")):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
 
 def pytest_configure(config):
     """One persistent XLA compilation cache for this test session, shared by the xdist

@@ -22,6 +22,7 @@ import optax
 import pytest
 from checkpoint_utils import restore_on_one_device
 from flax import nnx
+from subprocess_env import child_env
 
 from bdia_jax.models import ViT, vit_config
 from experiments.common import sharding
@@ -272,11 +273,9 @@ STEPS = EPOCHS * 256 // 32
 
 
 def _launch(workdir):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT.replace("EPOCHS", str(EPOCHS)), str(workdir)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finished_steps(directory):
@@ -433,9 +432,8 @@ with claimed_workdir(sys.argv[1], "unused"):
 
 
 def _python(script, *args):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO,
+                            env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -55,16 +55,16 @@ class ReversibleGradientTest(chex.TestCase):
     @chex.variants(without_jit=True)
     @parameterized.parameters(("dropout", 0.25))
     def test_reversible_matches_autodiff_and_remat_outside_jit(self, case_name, gamma):
-        self._check(case_name, gamma)
+        self._check(case_name, gamma, methods=("reversible", "autodiff"))  # eager: slow
 
-    def _check(self, case_name, gamma):
+    def _check(self, case_name, gamma, methods=(*bdia_jax.BACKPROP_METHODS, "reversible_shared")):
         case = CASES[case_name]
         params, x, context, target = _inputs(case)
         argnums = (0, 1, 2, 4) if case["context"] else (0, 1, 4)
         results = {}
-        methods = [(b, "separate") for b in bdia_jax.BACKPROP_METHODS]
-        methods.append(("reversible", "shared"))
-        for backprop, recompute in methods:
+        for method in methods:
+            backprop, _, recompute = method.partition("_")
+            recompute = recompute or "separate"
             grad_fn = self.variant(jax.value_and_grad(
                 _loss_fn(case["block"], backprop, gamma, recompute), argnums=argnums,
                 has_aux=True))
@@ -76,8 +76,9 @@ class ReversibleGradientTest(chex.TestCase):
         rev_loss, rev_grads = results["reversible"]
         # The reversal was bit-exact (probe gradient), and the forward losses are identical.
         assert float(rev_grads[-1]) == 0.0
-        assert float(results["reversible_shared"][1][-1]) == 0.0
-        for backprop in ("autodiff", "remat", "reversible_shared"):
+        if "reversible_shared" in results:
+            assert float(results["reversible_shared"][1][-1]) == 0.0
+        for backprop in set(results) - {"reversible"}:
             chex.assert_trees_all_equal(rev_loss, results[backprop][0])
             assert_grads_close(rev_grads[:-1], results[backprop][1][:-1], rtol=1e-5)
         # Gradients are not trivially zero (so the comparison means something).

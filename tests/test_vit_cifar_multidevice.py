@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 from checkpoint_utils import restore_on_one_device
+from subprocess_env import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EXAMPLES = 256
@@ -63,9 +64,7 @@ def _free_port():
 def _launch(workdir, devices, fsdp=1, process=None):
     """One run; ``process=(index, count, port)`` makes it one process of a multi-process
     job (the config's distributed.initialize="auto" picks the environment up)."""
-    env = {**os.environ, "PYTHONPATH": REPO,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
+    env = child_env(f"--xla_force_host_platform_device_count={devices}")
     if process is not None:
         index, count, port = process
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(count),
