@@ -256,7 +256,7 @@ class FinetuneGPT2(trainer.Task):
     batch_fields = ("train.batch_size", "eval.batch_size", "eval.decode_batch_size")
     int_fields = {"data.max_len": 2, "train.num_epochs": 1, "train.eval_every_epochs": 1,
                   "eval.bleu_max_mrs": 0, "eval.max_new_tokens": 1, "eval.beam_size": 1}
-    fraction_fields = ("model.dropout", "model.attention_dropout", "train.label_smoothing")
+    fraction_fields = ("train.label_smoothing",)
     best = ("val_loss", "min", "val_loss_best")
     final = {"val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
     summary_keys = ("loss", "reversal_error_max", "overflow_steps")

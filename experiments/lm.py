@@ -64,7 +64,6 @@ class CharLM(trainer.Task):
                   **{f"train.{f}": 1 for f in ("num_steps", "batch_size", "eval_every_steps")},
                   **{f"eval.{f}": 0 for f in ("num_windows", "num_samples", "top_k")},
                   "eval.batch_size": 1, "eval.sample_length": 1}
-    fraction_fields = ("model.dropout", "model.attention_dropout")
     summary_keys = ("loss", "reversal_error_max", "overflow_steps")
     best, throughput = ("val_loss", "min", "val_loss_best"), ("tokens_per_s", "characters")
     final = {"val_loss_final": "val_loss", "train_loss_final": "train_loss",

@@ -55,7 +55,7 @@ class Translation(trainer.Task):
                   "train.num_epochs": 1, "train.eval_every_epochs": 1, "eval.beam_size": 1,
                   "eval.max_decode_len": 2, "eval.decode_batch_size": 1,
                   "eval.num_examples_to_print": 0}
-    fraction_fields = ("model.dropout", "model.attention_dropout", "optim.label_smoothing")
+    fraction_fields = ("optim.label_smoothing",)
     best, final = ("val_loss", "min", "val_loss_best"), {
         "val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
     throughput = ("sentences_per_s", "sentences")

@@ -85,7 +85,7 @@ class ViTCifar(trainer.Task):
                                               "crop_padding")},
                   "train.num_epochs": 1, "train.batch_size": 1, "train.eval_every_epochs": 1,
                   "eval.batch_size": 1}
-    fraction_fields = ("model.dropout", "model.attention_dropout", "optim.label_smoothing")
+    fraction_fields = ("optim.label_smoothing",)
     batch_fields = ("train.batch_size", "eval.batch_size")
     table = (("test accuracy (final, E[γ]=0)", "test_accuracy_final", "{:.2%}"),
              ("test accuracy (best)", "test_accuracy_best", "{:.2%}"),

@@ -3,6 +3,8 @@ the BDIA reversal stays bit-exact with "chunked", and bad options fail in one li
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -210,3 +212,21 @@ def test_chunked_backward_keeps_one_block_of_probabilities():
                                                                   checkpoint=False))
     assert einsum >= probs_bytes and unchecked >= probs_bytes  # all blocks' probabilities
     assert chunked < probs_bytes and 4 * chunked < einsum
+
+
+@pytest.mark.parametrize("factory", ["vit", "gpt", "seq2seq", "revvit"])
+@pytest.mark.parametrize("field,rate,fragment", [
+    ("dropout", 0.001, "dropout 0.001 rounds to 0/256 on the uint8 grid of dropout masks"),
+    ("attention_dropout", 0.999, "attention_dropout 0.999 rounds to 256/256"),
+    ("dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
+])
+def test_a_dropout_rate_off_the_mask_grid_fails_at_construction(factory, field, rate, fragment):
+    """Masks compare random bytes with round(rate * 256): a rate that rounds to 0 or 256
+    is refused when the config is built, naming the field, not when the model is traced."""
+    from bdia_jax.models import gpt_config, revvit_config, seq2seq_config, vit_config
+
+    make = {"vit": vit_config, "gpt": gpt_config, "seq2seq": seq2seq_config,
+            "revvit": revvit_config}[factory]
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        make("tiny", **{field: rate})
+    assert attention.dropout_threshold(0.1) == 26  # the rate applied: 26/256

@@ -146,4 +146,4 @@ def test_paper_preset_validates_and_config_errors_name_the_field(tiny):
     with pytest.raises(ValueError) as error:
         ft.validate_config(bad, mesh)
     assert "--config.eval.bleu_split: must be one of ('validation', 'test')" in str(error.value)
-    assert "--config.model.dropout: must be in [0, 1)" in str(error.value)
+    assert "--config.model: dropout must be in [0, 1), got 1.5" in str(error.value)

@@ -52,8 +52,9 @@ BAD_VALUES = [
     ("model.depth", 0, "must be an int >= 1, got 0"),
     ("model.num_heads", 3, "width (32) must be divisible by num_heads (3)"),
     ("model.mlp_dim", -4, "must be an int >= 1, got -4"),
-    ("model.dropout", 1.0, "must be in [0, 1), got 1.0"),
-    ("model.attention_dropout", -0.1, "must be in [0, 1), got -0.1"),
+    ("model.dropout", 1.0, "dropout must be in [0, 1), got 1.0"),
+    ("model.attention_dropout", -0.1, "attention_dropout must be in [0, 1), got -0.1"),
+    ("model.dropout", 0.001, "dropout 0.001 rounds to 0/256 on the uint8 grid of dropout masks"),
     ("model.pool", "max", "pool must be 'cls' or 'mean', got 'max'"),
     ("methods.bdia.backprop", "magic", "backprop must be one of"),
     ("methods.standard.backprop", "reversible", "has no exact inverse; use Autodiff() or Remat()"),
@@ -103,7 +104,7 @@ BAD_VALUES = [
 
 
 CHECKED_BY_THE_MODEL_CONFIG = ("model.patch_size", "model.num_heads", "model.pool",
-                               "model.compute_dtype")
+                               "model.compute_dtype", "model.dropout", "model.attention_dropout")
 
 
 @pytest.mark.parametrize("field,value,fragment", BAD_VALUES,

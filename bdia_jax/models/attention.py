@@ -47,8 +47,12 @@ QUERY_CHUNK = 128
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def check_attention(attention: str, attention_dropout: float = 0.0) -> None:
-    """Fail early, with the fix, on an unknown ``attention`` or one that cannot drop out."""
+def check_attention(attention: str, attention_dropout: float = 0.0,
+                    dropout: float = 0.0) -> None:
+    """Fail early, with the fix, on an unknown ``attention``, one that cannot drop out, or a
+    dropout rate off the masks' uint8 grid (``dropout_threshold``)."""
+    dropout_threshold(dropout, "dropout")
+    dropout_threshold(attention_dropout, "attention_dropout")
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
                          f"{attention!r}: 'chunked' saves memory on any backend.")
@@ -57,14 +61,14 @@ def check_attention(attention: str, attention_dropout: float = 0.0) -> None:
                          "attention_dropout=0.0 or use attention='chunked'.")
 
 
-def dropout_threshold(rate: float) -> int:
+def dropout_threshold(rate: float, field: str = "dropout rate") -> int:
     """The uint8 threshold t = round(rate * 256) of ``dropout``: it drops an element whose
-    random byte is < t, so the rate it applies is t / 256."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
+    random byte is < t, so the rate it applies is t / 256. ``field`` names it in errors."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{field} must be in [0, 1), got {rate!r}.")
     threshold = round(rate * 256)
     if rate and not 0 < threshold < 256:
-        raise ValueError(f"dropout rate {rate} rounds to {threshold}/256 on the uint8 grid of "
+        raise ValueError(f"{field} {rate} rounds to {threshold}/256 on the uint8 grid of "
                          "dropout masks; use 0.0 or a rate in [1/256, 255/256].")
     return threshold
 

@@ -70,7 +70,7 @@ class GPTConfig(StackMethod):
         if not isinstance(self.approximate_gelu, bool):
             raise ValueError(f"approximate_gelu must be True (tanh GELU) or False (erf GELU), "
                              f"got {self.approximate_gelu!r}.")
-        check_attention(self.attention, self.attention_dropout)
+        check_attention(self.attention, self.attention_dropout, self.dropout)
 
 
 GPT_VARIANTS: dict[str, dict] = {

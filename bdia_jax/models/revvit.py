@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax import revnet
+from bdia_jax.models.attention import dropout_threshold
 from bdia_jax.models.layers import (
     MLP,
     LayerNorm,
@@ -76,10 +77,8 @@ class RevViTConfig:
         check_image_fields(self)
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {self.depth!r}.")
-        for name in ("dropout", "attention_dropout"):
-            rate = getattr(self, name)
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate}.")
+        dropout_threshold(self.dropout, "dropout")
+        dropout_threshold(self.attention_dropout, "attention_dropout")
         revnet.check_backprop(self.backprop)
         canonical_dtype(self.compute_dtype)
 

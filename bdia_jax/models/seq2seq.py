@@ -88,7 +88,7 @@ class Seq2SeqConfig(StackMethod):
             raise ValueError("encoder_depth and decoder_depth must be >= 1.")
         super().__post_init__()
         canonical_dtype(self.compute_dtype)
-        check_attention(self.attention, self.attention_dropout)
+        check_attention(self.attention, self.attention_dropout, self.dropout)
 
 
 SEQ2SEQ_VARIANTS: dict[str, dict] = {

@@ -52,7 +52,7 @@ class ViTConfig(StackMethod):
         check_image_fields(self)
         super().__post_init__()
         canonical_dtype(self.compute_dtype)
-        check_attention(self.attention, self.attention_dropout)
+        check_attention(self.attention, self.attention_dropout, self.dropout)
 
     @property
     def num_patches(self) -> int:
