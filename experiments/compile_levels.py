@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     results = {}
     for level in args.levels.split(","):
         env = dict(os.environ)
-        flags = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=1", "")
+        flags = re.sub(r"--xla_backend_optimization_level=\S*", "", env.get("XLA_FLAGS", ""))
         if level != "default":
             flags += f" --xla_backend_optimization_level={level}"
         env["XLA_FLAGS"] = flags.strip()
