@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from conftest import TEST_XLA_FLAG
 
 from experiments import device_check
 
 
+@pytest.mark.slow
 def test_small_run_answers_every_section(tmp_path):
     results = device_check.main(["--small", "--out_dir", str(tmp_path)])
     saved = json.loads((tmp_path / "device_check.json").read_text())
@@ -57,8 +59,8 @@ def test_small_run_answers_every_section(tmp_path):
 
 def test_deterministic_rerun_in_a_subprocess_at_xla_default_optimization(monkeypatch):
     """The worker that reruns a case with the deterministic-ops flag, here also at XLA's
-    default optimisation level (without the suite's -O0 flag, see conftest): the rest of
-    the suite's exactness checks compile at -O0."""
+    default optimisation level and fusion emitters (without the suite's XLA flags, see
+    conftest), under which the rest of the suite's exactness checks compile."""
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAG, ""))
     spec = device_check.exactness_specs(["gpt/shared/float32"])["gpt/shared/float32"]
     record = device_check.run_worker("exactness", spec, "small", timeout=300,

@@ -32,6 +32,7 @@ def test_largest_batch_is_the_last_that_fits(curve, budget, ceiling):
     assert len(set(calls)) <= 20  # a search, not a scan
 
 
+@pytest.mark.slow
 def test_small_run_writes_the_table(tmp_path):
     out = tmp_path / "max_batch.json"
     results = max_batch.main(["--small", "--depth", "2", "--context", "32",

@@ -108,6 +108,7 @@ def test_seq2seq_config_errors():
 # ----------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.slow
 def test_seq2seq_reversible_gradients_equal_autodiff_through_context():
     # The decoder context (enc_out, bool src_mask) holds a bool leaf: all three gradient
     # methods must accept it.

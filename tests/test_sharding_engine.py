@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 TESTS = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_sharded_reversible_matches_single_device_and_stays_exact():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(

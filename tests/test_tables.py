@@ -57,6 +57,7 @@ def test_table_cells_are_mean_plus_minus_std_and_na_when_missing():
 # --------------------------------------------------------------------------- Table 1
 
 
+@pytest.mark.slow
 def test_table1_three_models_two_seeds_mean_std_and_revvit_reconstruction_error(
         tmp_path, capsys):
     config = _tiny(mode="table1", seeds=(0, 1))

@@ -443,6 +443,7 @@ def test_a_config_file_that_cannot_be_loaded_is_one_line(tmp_path):
         assert str(stop.value).startswith(fragment), str(stop.value)
 
 
+@pytest.mark.slow
 def test_bad_workdirs_and_config_files_end_with_one_line(tmp_path):
     """End to end through ``python -m experiments.vit_cifar``: each fails before any data is
     read, in one line, and leaves the workdir as it was."""
