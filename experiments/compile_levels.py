@@ -3,6 +3,7 @@ XLA (``--xla_backend_optimization_level``), each level in its own process (XLA r
 flags once): the measurement behind the test suite's -O1 (tests/conftest.py).
 
     python -m experiments.compile_levels            # levels default, 2, 1, 0
+    python -m experiments.compile_levels --levels 1,0 --extra_flags=--xla_cpu_use_fusion_emitters=false
 
 Per level: the seconds to compile device_check's small ViT train step (BDIA, reversible,
 recompute="shared"), twice; its reversal probe (0.0: exact); and the round trip of the
@@ -59,6 +60,8 @@ def measure() -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="default,2,1,0")
+    parser.add_argument("--extra_flags", default="",
+                        help="XLA flags added at every level (the suite's: see tests/conftest.py)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -70,6 +73,7 @@ def main(argv=None) -> dict:
         flags = re.sub(r"--xla_backend_optimization_level=\S*", "", env.get("XLA_FLAGS", ""))
         if level != "default":
             flags += f" --xla_backend_optimization_level={level}"
+        flags += f" {args.extra_flags}"
         env["XLA_FLAGS"] = flags.strip()
         out = subprocess.run([sys.executable, "-m", "experiments.compile_levels", "--worker"],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
