@@ -238,17 +238,21 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
         seen_bad = (state.first_nonfinite_step >= 0) | (state.first_overflow_step >= 0)
         hold = bad | seen_bad if stop_on_nonfinite else bad
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def update(old):
+            params, opt_state, _ = old
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, rest
 
-        def keep_old_if_held(new, old):
-            return jax.tree_util.tree_map(lambda n, o: jnp.where(hold, o, n), new, old)
+        # A cond, not a select of old against new: with jnp.where the old moments stay live
+        # beside the new ones, and XLA copies them for the whole step (docs/results.md).
+        params, opt_state, rest = jax.lax.cond(
+            hold, lambda old: old, update, (state.params, state.opt_state, state.rest))
 
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_old_if_held(params, state.params),
-            opt_state=keep_old_if_held(opt_state, state.opt_state),
-            rest=keep_old_if_held(rest, state.rest),
+            params=params,
+            opt_state=opt_state,
+            rest=rest,
             num_nonfinite=state.num_nonfinite + nonfinite.astype(jnp.int32),
             first_nonfinite_step=jnp.where(
                 nonfinite & (state.first_nonfinite_step < 0), state.step,
