@@ -478,13 +478,18 @@ def test_a_second_run_on_a_workdir_in_use_stops_naming_the_owner(tmp_path, capsy
 
 
 def _signal_after_a_new_checkpoint(process, ckpt_dir, signum, after=0):
-    """Send ``signum`` once a checkpoint later than step ``after`` exists; its output."""
-    deadline = time.monotonic() + 300
+    """Send ``signum`` once a checkpoint later than step ``after`` exists; its output, and
+    a line saying when the signal went out (for the failure messages)."""
+    start = time.monotonic()
     while not [s for s in _finished_steps(ckpt_dir) if s > after] and process.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert time.monotonic() < start + 300, "no checkpoint appeared"
         time.sleep(0.02)
+    sent = (f"signal {signum} sent after {time.monotonic() - start:.1f}s, seeing checkpoints "
+            f"{_finished_steps(ckpt_dir)}, to a process that "
+            f"{'was running' if process.poll() is None else 'had exited'}\n")
     process.send_signal(signum)
-    return process.communicate(timeout=120)
+    out, err = process.communicate(timeout=120)
+    return out, sent + err
 
 
 @pytest.mark.slow
@@ -505,7 +510,7 @@ def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
 
     first = _python(CLI_SCRIPT, *flags)
     out, err = _signal_after_a_new_checkpoint(first, ckpt_dir, signal.SIGINT)
-    assert first.returncode == 130, out + err
+    assert first.returncode == 130, err + out  # err begins with when the signal went out
     assert "Traceback" not in out + err
     assert err.strip().splitlines()[-1] == (
         "interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint")
@@ -514,7 +519,7 @@ def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
 
     second = _python(CLI_SCRIPT, *flags)
     out, err = _signal_after_a_new_checkpoint(second, ckpt_dir, signal.SIGKILL, after_ctrl_c)
-    assert second.returncode == -signal.SIGKILL, out + err
+    assert second.returncode == -signal.SIGKILL, err + out
     assert f"[BDIA-ViT] resumed from the checkpoint at step {after_ctrl_c}/{steps}" in out
     assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == second.pid
     after_kill = _finished_steps(ckpt_dir)[-1]
