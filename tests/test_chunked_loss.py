@@ -24,25 +24,29 @@ def full_cross_entropy(hidden, embedding, targets):
 
 
 def head_inputs(batch, seq, width, vocab):
-    keys = jax.random.split(jax.random.key(0), 3)
-    hidden = jax.random.normal(keys[0], (batch, seq, width))
-    embedding = jax.random.normal(keys[1], (vocab, width)) * 0.3
-    targets = jax.random.randint(keys[2], (batch, seq), 0, vocab)
-    return hidden, embedding, targets
+    """Random hidden states, embedding and targets (NumPy: no eager JAX ops to compile)."""
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, seq, width), np.float32),
+            (0.3 * rng.standard_normal((vocab, width))).astype(np.float32),
+            rng.integers(0, vocab, (batch, seq), np.int32))
 
 
 def test_chunked_loss_and_gradients_match_the_full_logits():
     hidden, embedding, targets = head_inputs(2, 16, 32, 64)
-    chunked = jax.jit(jax.value_and_grad(
-        lambda h, e: chunked_cross_entropy(h, e, targets, chunk=4), argnums=(0, 1)))
-    full = jax.jit(jax.value_and_grad(
-        lambda h, e: full_cross_entropy(h, e, targets), argnums=(0, 1)))
-    loss, grads = chunked(hidden, embedding)
-    want_loss, want_grads = full(hidden, embedding)
+
+    @jax.jit  # one compile for both losses, their gradients and the sums
+    def both(hidden, embedding, targets):
+        chunked = jax.value_and_grad(lambda h, e: chunked_cross_entropy(h, e, targets, chunk=4),
+                                     argnums=(0, 1))(hidden, embedding)
+        full = jax.value_and_grad(lambda h, e: full_cross_entropy(h, e, targets),
+                                  argnums=(0, 1))(hidden, embedding)
+        sums = (chunked_token_losses(hidden, embedding, targets, chunk=4),
+                token_losses(hidden @ embedding.T, targets, jnp.ones(targets.shape, bool)))
+        return chunked, full, sums
+
+    (loss, grads), (want_loss, want_grads), (sums, want) = both(hidden, embedding, targets)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-7)
-    sums = chunked_token_losses(hidden, embedding, targets, chunk=4)
-    want = token_losses(hidden @ embedding.T, targets, jnp.ones(targets.shape, bool))
     assert float(sums["correct_sum"]) == float(want["correct_sum"])
     assert float(sums["num_tokens"]) == 32.0
 
@@ -71,21 +75,39 @@ def test_chunked_loss_never_holds_the_full_logits():
     assert chunked < logits_bytes / 2 and chunked < full / 2, (chunked, full)
 
 
-def test_gpt_hidden_states_are_the_logits_before_the_head():
-    model = GPT(gpt_config("tiny", update="standard"), rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 32)
+def tiny_gpt_state():
+    """(graphdef, random float32 parameters) of a tiny standard GPT. NumPy fills the
+    parameters: compiling the random initialisation would cost more than the test."""
+    config = gpt_config("tiny", depth=1, update="standard")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(2)
+    return graphdef, jax.tree.map(
+        lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), state)
 
-    @nnx.jit  # one compile: op-by-op dispatch of the model is the slow part on CPU
-    def outputs(model, tokens):
-        return (model(tokens), model.hidden_states(tokens), model.head_embedding,
-                max_batch.gpt_loss(model, tokens, None),
-                max_batch.gpt_loss(model, tokens, None, loss_chunk=5))
 
-    (logits, aux), (hidden, hidden_aux), embedding, full, chunked = outputs(model, tokens)
+def test_gpt_hidden_states_and_the_chunked_lm_and_max_batch_losses():
+    graphdef, state = tiny_gpt_state()
+    tokens = np.random.default_rng(1).integers(0, 32, (2, 17), np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    config = get_config("tiny")
+    full_loss_fn = lm.TASK.loss_fn(config)
+    config.train.loss_chunk = 4
+    chunked_loss_fn = lm.TASK.loss_fn(config)
+
+    @jax.jit  # one compile: op-by-op dispatch of the model is the slow part on CPU
+    def outputs(state):
+        model = nnx.merge(graphdef, state)
+        return (model(batch["inputs"])[0], model.hidden_states(batch["inputs"])[0],
+                model.head_embedding, full_loss_fn(model, batch, None),
+                chunked_loss_fn(model, batch, None), max_batch.gpt_loss(model, tokens, None),
+                max_batch.gpt_loss(model, tokens, None, loss_chunk=8))
+
+    logits, hidden, embedding, full, chunked, max_batch_full, max_batch_chunked = outputs(state)
     assert hidden.shape == (2, 16, 32) and hidden.dtype == jnp.float32
-    np.testing.assert_allclose(hidden @ embedding.T, logits, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_equal(aux, hidden_aux)
-    np.testing.assert_allclose(chunked, full, rtol=1e-6)
+    np.testing.assert_allclose(hidden @ embedding.T, logits, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(chunked, full, rtol=1e-6)  # (loss, metrics)
+    np.testing.assert_allclose(max_batch_chunked, max_batch_full, rtol=1e-6)
+    np.testing.assert_allclose(max_batch_full, full[0], rtol=1e-6)
 
 
 class _FakeMesh:
