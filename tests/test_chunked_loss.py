@@ -65,7 +65,7 @@ def temp_bytes(loss, *args):
 
 
 def test_chunked_loss_never_holds_the_full_logits():
-    # Logits dominate: 2 x 256 x 4096 float32 = 8 MiB, against 64 KiB of hidden states.
+    # A size where the logits [batch, seq, vocab] dwarf the hidden states [batch, seq, width].
     hidden, embedding, targets = head_inputs(2, 256, 32, 4096)
     logits_bytes = 2 * 256 * 4096 * 4
     full = temp_bytes(lambda h, e: full_cross_entropy(h, e, targets), hidden, embedding)
