@@ -1,11 +1,13 @@
 """bdia_jax: exact bit-level reversible BDIA-transformer training in JAX/Flax.
 
 Core (pure JAX): the method objects (``bdia_jax.methods``), ``apply_stack`` and its keyword
-forms ``bdia_stack`` / ``standard_stack`` (``bdia_jax.engine``), and the fixed-point helpers.
+forms ``bdia_stack`` / ``standard_stack`` (``bdia_jax.engine``), the fixed-point helpers, and
+the chunked tied-head loss (``bdia_jax.chunked_loss``).
 Models (Flax NNX): ``bdia_jax.models``.
 """
 
-from bdia_jax import fixed_point, stable
+from bdia_jax import chunked_loss, fixed_point, stable
+from bdia_jax.chunked_loss import chunked_cross_entropy, chunked_token_losses
 from bdia_jax.engine import (
     ForwardRecord,
     StackStats,
@@ -56,6 +58,9 @@ __all__ = [
     "bdia_invert",
     "bdia_stack",
     "check_method",
+    "chunked_cross_entropy",
+    "chunked_loss",
+    "chunked_token_losses",
     "default_backprop",
     "draw_gammas",
     "exact_range",

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdia_jax.chunked_loss import chunked_token_losses
 from bdia_jax.models import GPT, GPTConfig
 from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common import train_state as ts
@@ -62,6 +63,7 @@ class CharLM(trainer.Task):
     int_fields = {**{f"model.{f}": 1 for f in ("max_len", "width", "depth", "num_heads",
                                                "mlp_dim")},
                   **{f"train.{f}": 1 for f in ("num_steps", "batch_size", "eval_every_steps")},
+                  "train.loss_chunk": 0,
                   **{f"eval.{f}": 0 for f in ("num_windows", "num_samples", "top_k")},
                   "eval.batch_size": 1, "eval.sample_length": 1}
     summary_keys = ("loss", "reversal_error_max", "overflow_steps")
@@ -95,6 +97,10 @@ class CharLM(trainer.Task):
             checks.require(t.num_steps % t.eval_every_steps == 0, "train.num_steps",
                            f"must be a multiple of train.eval_every_steps="
                            f"{t.eval_every_steps}, got {t.num_steps}")
+        if all(isinstance(v, int) and v >= 1 for v in (t.loss_chunk, m.max_len)):
+            checks.require(m.max_len % t.loss_chunk == 0, "train.loss_chunk",
+                           f"must divide model.max_len={m.max_len} (0: full logits), got "
+                           f"{t.loss_chunk}")
         checks.positive(e.temperature, "eval.temperature", allow_zero=True)
         checks.require(isinstance(m.max_len, int) and 1 <= len(e.sample_prompt) < m.max_len,
                        "eval.sample_prompt",
@@ -129,12 +135,18 @@ class CharLM(trainer.Task):
 
     def loss_fn(self, config):
         """batch {"inputs", "targets"}: int32 [b, max_len] each; loss: mean next-character
-        cross-entropy (nats)."""
+        cross-entropy (nats), over chunks of train.loss_chunk positions when it is > 0."""
+        chunk = config.train.loss_chunk
 
         def loss_fn(model, batch, key):
-            logits, aux = model(batch["inputs"], key=key, train=True)
-            sums = token_losses(logits, batch["targets"],
-                                jnp.ones(batch["targets"].shape, bool))
+            if chunk:
+                hidden, aux = model.hidden_states(batch["inputs"], key=key, train=True)
+                sums = chunked_token_losses(hidden, model.head_embedding, batch["targets"],
+                                            chunk=chunk)
+            else:
+                logits, aux = model(batch["inputs"], key=key, train=True)
+                sums = token_losses(logits, batch["targets"],
+                                    jnp.ones(batch["targets"].shape, bool))
             return sums["loss_sum"] / sums["num_tokens"], {
                 "accuracy": sums["correct_sum"] / sums["num_tokens"], **aux}
 

@@ -2,6 +2,7 @@
 
     python -m experiments.max_batch                              # GPT-2 medium, 16 and 80 GiB
     python -m experiments.max_batch --small --budget_gib 0.05,0.1   # seconds (the test)
+    python -m experiments.max_batch --loss_chunk 128   # the head and loss in 128-token chunks
 
 For each gradient method (standard autodiff, standard per-block remat, BDIA reversible) and
 each attention option (``--attention``; "cudnn" only where it runs) it searches the batch
@@ -16,6 +17,10 @@ predict the largest batch; secant guesses, with bisection when they stall, narro
 bracket (fits, does not fit) to one, so every answer is checked by compiling it and the
 next batch. Each method's row reports the attention option with the largest batch.
 
+The loss: by default the full float32 logits [batch, context, vocab] and their gradient;
+``--loss_chunk N`` (a divisor of the context) computes the tied head and the loss N positions
+at a time under ``jax.checkpoint`` (``bdia_jax.chunked_loss``), holding one chunk's logits.
+
 The default model is GPT-2 medium sized: 24 blocks, width 1024, 16 heads, MLP 4096,
 context 1024, vocabulary 50257, tied embeddings, no dropout. Writes ``--out`` (JSON) and a
 markdown table beside it (same name, ``.md``), and prints the table.
@@ -24,6 +29,7 @@ markdown table beside it (same name, ``.md``), and prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bdia_jax.chunked_loss import chunked_cross_entropy
 from bdia_jax.models import GPT, gpt_config
 from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from experiments.common.memory import compiled_memory
@@ -60,19 +67,25 @@ def model_config(args, method: str, attention: str):
         compute_dtype=args.compute_dtype, attention=attention)
 
 
-def gpt_loss(model, tokens, key):
-    """Next-token cross-entropy of ``tokens`` [batch, context+1] int32 (train=True)."""
+def gpt_loss(model, tokens, key, loss_chunk: int = 0):
+    """Next-token cross-entropy of ``tokens`` [batch, context+1] int32 (train=True); the
+    head and loss over chunks of ``loss_chunk`` positions when it is > 0."""
+    if loss_chunk:
+        hidden, _ = model.hidden_states(tokens[:, :-1], key=key, train=True)
+        return chunked_cross_entropy(hidden, model.head_embedding, tokens[:, 1:],
+                                     chunk=loss_chunk)
     logits, _ = model(tokens[:, :-1], key=key, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def abstract_step(config):
+def abstract_step(config, loss_chunk: int = 0):
     """(jitted step, abstract params, probes, opt_state) of a GPT with ``config``."""
     model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
     graphdef, params, probes = split_model(model)
     optimizer = adamw()
     opt_state = jax.eval_shape(optimizer.init, params)
-    step = jax.jit(make_train_step(graphdef, optimizer, gpt_loss), donate_argnums=(0, 2))
+    loss = functools.partial(gpt_loss, loss_chunk=loss_chunk)
+    step = jax.jit(make_train_step(graphdef, optimizer, loss), donate_argnums=(0, 2))
     return step, params, probes, opt_state
 
 
@@ -149,7 +162,8 @@ def run(args) -> dict:
     options = attention_options(args)
     for method in methods:
         for attention in options:
-            compiled_step = abstract_step(model_config(args, method, attention))
+            compiled_step = abstract_step(model_config(args, method, attention),
+                                          args.loss_chunk)
             cache, seconds = {}, []
 
             def peak(batch, compiled_step=compiled_step, cache=cache, seconds=seconds,
@@ -178,9 +192,12 @@ def run(args) -> dict:
 
 def markdown(results, budgets, methods) -> str:
     c = results["config"]
+    head = (f"head and loss in chunks of {c['loss_chunk']} positions"
+            if c.get("loss_chunk") else "full logits")
     lines = [f"GPT: {c['depth']} blocks, width {c['width']}, {c['num_heads']} heads, MLP "
              f"{c['mlp_dim']}, context {c['context']}, vocab {c['vocab']}, "
-             f"{c['compute_dtype']}; AdamW; XLA:{results['backend'].upper()} compiled peak.",
+             f"{c['compute_dtype']}, {head}; AdamW; XLA:{results['backend'].upper()} "
+             f"compiled peak.",
              "",
              "| method | " + " | ".join(f"max batch at {b:g} GiB" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
@@ -211,6 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
     parser.add_argument("--attention", default=",".join(ATTENTION_IMPLEMENTATIONS),
                         help="attention options to try (cudnn is skipped off GPU)")
+    parser.add_argument("--loss_chunk", type=int, default=0,
+                        help="head and loss over chunks of N positions (a divisor of "
+                             "--context); 0: the full logits")
     parser.add_argument("--max_batch", type=int, default=4096, help="search ceiling")
     parser.add_argument("--out", default="runs/max_batch/max_batch.json", help="JSON output")
     args = parser.parse_args(argv)
@@ -218,6 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.loss_chunk < 0 or (args.loss_chunk and args.context % args.loss_chunk):
+        parser.error(f"--loss_chunk must be 0 (full logits) or a divisor of --context "
+                     f"({args.context}), got {args.loss_chunk}.")
     return args
 
 

@@ -93,7 +93,8 @@ def gpt_config(name: str, **overrides) -> GPTConfig:
 class GPT(nnx.Module):
     """Causal language model; see the module docstring.
 
-    Call: ``logits, aux = model(tokens, *, key=None, train=False, inference_gamma=None)``.
+    Call: ``logits, aux = model(tokens, *, key=None, train=False, inference_gamma=None)``;
+    ``hidden_states`` (same arguments) stops before the head.
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
@@ -147,6 +148,27 @@ class GPT(nnx.Module):
           logits [batch, seq, vocab] float32 (position i predicts token i+1);
           aux {"max_abs", "overflow", "nonfinite"} scalars.
         """
+        hidden, aux = self.hidden_states(tokens, key=key, train=train,
+                                         inference_gamma=inference_gamma)
+        return self.token_embed.attend(hidden).astype(jnp.float32), aux
+
+    @property
+    def head_embedding(self) -> jax.Array:
+        """The tied head's weights: the token embedding [vocab, width] float32."""
+        return self.token_embed.embedding[...]
+
+    def hidden_states(self, tokens: jax.Array, *, key: jax.Array | None = None,
+                      train: bool = False, inference_gamma=None) -> tuple[jax.Array, dict]:
+        """The final normalized hidden states, before the head: ``__call__``'s logits are
+        ``hidden @ head_embeddingᵀ``. Feed them to ``bdia_jax.chunked_loss`` to train
+        without holding the [batch, seq, vocab] logits.
+
+        Args: as ``__call__``.
+
+        Returns:
+          hidden [batch, seq, width] float32 (LN of the stack output);
+          aux {"max_abs", "overflow", "nonfinite"} scalars.
+        """
         c = self.config
         self._check_tokens(tokens)
         if train and key is None and (isinstance(c.update, BDIA) or c.dropout
@@ -161,7 +183,7 @@ class GPT(nnx.Module):
             embed_key = jax.random.fold_in(key, KEY_EMBED)
         x = dropout(self._embed(tokens, 0), c.dropout, embed_key)
         x, stats = self.stack(x, key=stack_key, train=train, inference_gamma=inference_gamma)
-        return self._logits(x), stats_to_aux(stats)
+        return self.norm(x), stats_to_aux(stats)
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch: int):

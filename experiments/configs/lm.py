@@ -74,6 +74,11 @@ def _base() -> ml_collections.ConfigDict:
     c.train.num_steps = 5000  # optimizer steps (a multiple of eval_every_steps)
     c.train.batch_size = 64  # windows per step; must divide evenly over the devices
     c.train.eval_every_steps = 250  # evaluate (and end a loop "epoch") every N steps
+    # Training loss: 0 computes the full [batch, max_len, vocab] logits; N > 0 (a divisor of
+    # model.max_len) runs the head and loss N positions at a time under jax.checkpoint
+    # (bdia_jax.chunked_loss), so only one chunk's logits are ever held. Same loss up to
+    # float rounding; saves memory when the vocabulary is large.
+    c.train.loss_chunk = 0
 
     # --- evaluation (at E[γ] = 0: the inference update of both models)
     c.eval = ml_collections.ConfigDict()
