@@ -14,11 +14,19 @@ import jax
 import jax.numpy as jnp
 
 
+def chunk_problem(chunk, seq: int) -> str | None:
+    """What is wrong with ``chunk`` positions per chunk of a ``seq``-long sequence, or None:
+    the one statement of the rule (the experiments' config checks report it too)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or seq % chunk:
+        return f"must be a positive int dividing the sequence length {seq}, got {chunk!r}"
+    return None
+
+
 def check_chunk(chunk, seq: int) -> None:
     """Raise unless ``chunk`` is a positive int that divides ``seq``."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or seq % chunk:
-        raise ValueError(f"chunk must be a positive int dividing the sequence length {seq}, "
-                         f"got {chunk!r}; pick a divisor of {seq}.")
+    problem = chunk_problem(chunk, seq)
+    if problem:
+        raise ValueError(f"chunk {problem}; pick a divisor of {seq}.")
 
 
 def chunked_token_losses(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, *,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdia_jax.chunked_loss import chunked_token_losses
+from bdia_jax.chunked_loss import chunk_problem, chunked_token_losses
 from bdia_jax.models import GPT, GPTConfig
 from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common import train_state as ts
@@ -98,9 +98,9 @@ class CharLM(trainer.Task):
                            f"must be a multiple of train.eval_every_steps="
                            f"{t.eval_every_steps}, got {t.num_steps}")
         if all(isinstance(v, int) and v >= 1 for v in (t.loss_chunk, m.max_len)):
-            checks.require(m.max_len % t.loss_chunk == 0, "train.loss_chunk",
-                           f"must divide model.max_len={m.max_len} (0: full logits), got "
-                           f"{t.loss_chunk}")
+            problem = chunk_problem(t.loss_chunk, m.max_len)
+            checks.require(problem is None, "train.loss_chunk",
+                           f"{problem} (model.max_len; 0: full logits)")
         checks.positive(e.temperature, "eval.temperature", allow_zero=True)
         checks.require(isinstance(m.max_len, int) and 1 <= len(e.sample_prompt) < m.max_len,
                        "eval.sample_prompt",

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bdia_jax.chunked_loss import chunked_cross_entropy
+from bdia_jax.chunked_loss import chunk_problem, chunked_cross_entropy
 from bdia_jax.models import GPT, gpt_config
 from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from experiments.common.memory import compiled_memory
@@ -238,9 +238,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.loss_chunk < 0 or (args.loss_chunk and args.context % args.loss_chunk):
-        parser.error(f"--loss_chunk must be 0 (full logits) or a divisor of --context "
-                     f"({args.context}), got {args.loss_chunk}.")
+    problem = args.loss_chunk and chunk_problem(args.loss_chunk, args.context)
+    if args.loss_chunk < 0 or problem:
+        parser.error(f"--loss_chunk {problem or f'must be >= 0, got {args.loss_chunk}'} "
+                     f"(--context; 0: full logits).")
     return args
 
 

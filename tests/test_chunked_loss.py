@@ -117,7 +117,8 @@ class _FakeMesh:
 
 @pytest.mark.parametrize("value,fragment", [
     (-1, "must be an int >= 0, got -1"),
-    (5, "must divide model.max_len=16 (0: full logits), got 5"),
+    (5, "must be a positive int dividing the sequence length 16, got 5 "
+        "(model.max_len; 0: full logits)"),
 ])
 def test_lm_loss_chunk_field_is_validated(value, fragment):
     config = get_config("tiny")
@@ -133,5 +134,6 @@ def test_max_batch_loss_chunk_must_divide_the_context(capsys):
     assert max_batch.parse_args(["--small", "--loss_chunk", "16"]).loss_chunk == 16
     with pytest.raises(SystemExit):
         max_batch.parse_args(["--small", "--loss_chunk", "48"])
-    assert "--loss_chunk must be 0 (full logits) or a divisor of --context (64), got 48" in (
+    assert ("--loss_chunk must be a positive int dividing the sequence length 64, got 48 "
+            "(--context; 0: full logits).") in (
         capsys.readouterr().err)
