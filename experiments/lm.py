@@ -133,6 +133,11 @@ class CharLM(trainer.Task):
 
         return get_batch
 
+    def train_batch_shapes(self, config):
+        # The vocabulary is the text's characters: config.model.vocab_size stands in.
+        shape = (config.train.batch_size, config.model.max_len)
+        return {"inputs": (shape, np.int32), "targets": (shape, np.int32)}, {}
+
     def loss_fn(self, config):
         """batch {"inputs", "targets"}: int32 [b, max_len] each; loss: mean next-character
         cross-entropy (nats), over chunks of train.loss_chunk positions when it is > 0."""

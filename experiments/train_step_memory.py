@@ -1,57 +1,69 @@
-"""Per-device compiled memory of the full vit_cifar train step (model, loss, gradients,
+"""Per-device compiled memory of an experiment's full train step (model, loss, gradients,
 optimizer update) at 1, 2, 4, 8 devices, with data parallelism and with FSDP.
 
-    python -m experiments.train_step_memory                     # quick preset, CPU devices
+    python -m experiments.train_step_memory                     # vit_cifar quick, CPU devices
     python -m experiments.train_step_memory --preset paper --devices 1,8 --models bdia
+    python -m experiments.train_step_memory --experiment lm --preset full --devices 1 --layouts dp
 
 Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
 the devices are forced with ``--xla_force_host_platform_device_count``). The step is only
-compiled, on abstract inputs: no data, no training. The global batch is fixed, so the
-activations, side bits and kept states per device fall as devices are added; with
-``fsdp`` (``mesh.fsdp`` = all devices) the parameters, gradients and Adam moments are
-stored sharded too (the step all-gathers the weights at its start, as vit_cifar does). Figures: XLA's ``memory_analysis()`` per device — arguments (state + batch),
-temporaries (activations and scratch) and peak = arguments + outputs + temporaries -
-aliased. See ``experiments/sharding_memory.py`` for the same at the engine level.
+compiled, on abstract inputs: no data, no training (the task's ``train_batch_shapes``: the
+preset's batch, the longest bucket for translation, the tokenizer's vocabulary size). The
+global batch is fixed, so the activations, side bits and kept states per device fall as
+devices are added; with ``fsdp`` (``mesh.fsdp`` = all devices) the parameters, gradients and
+Adam moments are stored sharded too (the step all-gathers the weights at its start, as the
+trainer does). Figures: XLA's ``memory_analysis()`` per device — arguments (state + batch),
+temporaries (activations and scratch) and peak = arguments + outputs + temporaries - aliased.
+See ``experiments/sharding_memory.py`` for the same at the engine level.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
 from experiments.common.host_devices import host_devices, measure
 
+EXPERIMENTS = ("vit_cifar", "lm", "translation")
+
 
 def worker(num_devices: int, args) -> dict:
     devices = host_devices(num_devices)
+    import importlib
+
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from experiments import vit_cifar
     from experiments.common import memory, sharding, trainer
     from experiments.common import train_state as ts
-    from experiments.configs.vit_cifar import get_config
 
-    config = get_config(args.preset)
-    config.train.batch_size = args.batch
-    size = config.model.image_size
-    task = vit_cifar.TASK
+    task = importlib.import_module(f"experiments.{args.experiment}").TASK
+    config = importlib.import_module(f"experiments.configs.{args.experiment}").get_config(
+        args.preset)
+    if args.batch:
+        if "batch_size" not in config.train:
+            raise SystemExit(f"--batch: {args.experiment} sizes its batches by "
+                             "batch.tokens_per_batch; leave --batch out")
+        config.train.batch_size = args.batch
+    shapes, data_fields = task.train_batch_shapes(config)
+    rows = next(iter(shapes.values()))[0][0]
+    if rows % num_devices:
+        raise SystemExit(f"the batch of {rows} does not split over {num_devices} devices; "
+                         "pass --batch or other --devices")
     out = {"devices": num_devices, "results": {}}
     for layout in args.layouts.split(","):
         # The trainer's layouts: parameters replicated ("dp") or FSDP over every device.
         mesh = sharding.make_mesh(devices, fsdp=num_devices if layout == "fsdp" else 1)
         batch_sharding = sharding.batch_sharding(mesh)
-        batch = {
-            "image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.uint8,
-                                          sharding=batch_sharding),
-            "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=batch_sharding),
-        }
+        batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                 for name, (shape, dtype) in shapes.items()}
         for name in args.models.split(","):
             # RevViT too: the trainer builds every config.methods entry.
             model_cfg, model_class = trainer.build_model_config(
                 task, config, config.methods[name].to_dict(), None)
+            model_cfg = dataclasses.replace(model_cfg, **data_fields)
             optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
             graphdef, state = ts.create_train_state(model_class(model_cfg, rngs=nnx.Rngs(0)),
                                                     optimizer, jax.random.PRNGKey(0))
@@ -71,19 +83,23 @@ def worker(num_devices: int, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="quick", help="vit_cifar preset (model size)")
-    parser.add_argument("--batch", type=int, default=128, help="global batch (divisible)")
+    parser.add_argument("--experiment", default="vit_cifar", choices=EXPERIMENTS,
+                        help="whose train step")
+    parser.add_argument("--preset", default="quick", help="the experiment's preset")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="global batch, divisible by the devices (0: the preset's)")
     parser.add_argument("--models", default="standard,bdia",
                         help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
     parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
     args, rows = measure("experiments.train_step_memory", parser, worker,
-                         ("preset", "batch", "models", "layouts"), argv)
+                         ("experiment", "preset", "batch", "models", "layouts"), argv)
     if rows is None:  # a worker
         return None
 
-    print(f"\nvit_cifar preset={args.preset}, global batch {args.batch}: per-device compiled "
-          f"memory of the train step, MiB (arguments = state + batch / temporaries / peak)")
+    batch = f"global batch {args.batch}" if args.batch else "the preset's batch"
+    print(f"\n{args.experiment} preset={args.preset}, {batch}: per-device compiled memory "
+          f"of the train step, MiB (arguments = state + batch / temporaries / peak)")
     print("| layout/model | " + " | ".join(f"{r['devices']} dev" for r in rows) + " |")
     print("|---|" + "---:|" * len(rows))
     for key in rows[0]["results"]:

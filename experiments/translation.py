@@ -24,7 +24,7 @@ from bdia_jax.models import Seq2SeqConfig, Seq2SeqTransformer
 from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common.loop import log
 from experiments.configs.translation import PRESETS
-from experiments.text import tokenizer, translate, translation_data
+from experiments.text import batching, tokenizer, translate, translation_data
 from experiments.text.losses import token_losses
 from experiments.text.parallel import TextDataError
 from experiments.text.translation_data import device_batch
@@ -125,6 +125,17 @@ class Translation(trainer.Task):
         empty = np.zeros((0,), np.int64)  # one batch of every bucket length
         return [sharding.shard_batch(device_batch(run.data.train.make_batch(n, empty)), run.mesh)
                 for n in run.data.train.bucket_lengths]
+
+    def train_batch_shapes(self, config):
+        # The longest bucket: the most attention per token. The tokenizer's vocab_size is
+        # the most pieces it gives (a small corpus may give fewer).
+        length = config.batch.bucket_lengths[-1]
+        rows = batching.batch_size_for(length, config.batch.tokens_per_batch)
+        shapes = {name: ((rows, length), np.int32) for name in ("src", "tgt_in", "tgt_out")}
+        shapes.update(src_mask=((rows, length), np.bool_), tgt_mask=((rows, length), np.bool_))
+        v = config.tokenizer.vocab_size
+        return shapes, {"src_vocab_size": v, "tgt_vocab_size": v,
+                        "share_embeddings": config.tokenizer.shared}
 
     def loss_fn(self, config):
         """Label-smoothed cross-entropy averaged over the batch's real target tokens."""

@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -139,6 +140,10 @@ class ViTCifar(trainer.Task):
         # Each process reads only the rows of every global batch that its devices hold.
         rows = sharding.process_rows(run.mesh, size)
         return lambda step: sharding.shard_local_batch(batches(step, rows), run.mesh, size)
+
+    def train_batch_shapes(self, config):
+        b, size = config.train.batch_size, config.model.image_size
+        return {"image": ((b, size, size, 3), np.uint8), "label": ((b,), np.int32)}, {}
 
     def loss_fn(self, config):
         """batch: {"image": [b, H, W, C] uint8, "label": [b] int32}. The key is split into

@@ -265,6 +265,12 @@ class Task:
     def loss_fn(self, config) -> ts.LossFn:
         raise NotImplementedError
 
+    def train_batch_shapes(self, config) -> tuple[dict, dict]:
+        """For compiling the train step without data: (the largest training batch as
+        {name: (shape, numpy dtype)}, the model fields the data would supply, at the
+        config's values: vocabulary sizes and the like)."""
+        raise NotImplementedError
+
     def evaluator(self, run: ModelRun) -> Callable[[ts.TrainState], dict]:
         raise NotImplementedError
 
