@@ -17,7 +17,7 @@
 * ``metrics``     – ``metrics.jsonl`` writer, ``summary.json``, library versions.
 * ``memory``      – the one peak-memory figure (compiled memory analysis) and device
                     ``memory_stats()``.
-* ``plots``       – every PNG plot (matplotlib, Agg backend).
+* ``plots``       – every PNG plot (matplotlib figures, no pyplot).
 * ``data_checks`` – TFDS dataset-name and data-dir checks.
 * ``host_devices`` – one worker process per host-device count (the multi-device benchmarks).
 * ``runs``        – the command line of ``python -m experiments.<name>`` and the

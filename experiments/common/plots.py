@@ -1,4 +1,5 @@
-"""The project's PNG plots (matplotlib, headless Agg backend): every figure of the
+"""The project's PNG plots (matplotlib figures saved without pyplot: no backend, no global
+state, and nothing of matplotlib imported until a plot is drawn): every figure of the
 experiments and the benchmarks is drawn here.
 
 * ``plot_records`` – curves of a run's ``metrics.jsonl`` records against step, one colour
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _figure(figsize):
+    # Imported here: matplotlib costs every process that imports the trainer about a second.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,8 @@ def plot_records(records: dict[str, list[dict]], panels: tuple[Panel, ...], path
                  title: str = "") -> None:
     """Draw ``panels`` side by side from ``records`` = {model name: its records}; a series
     whose key a model's records lack is left out for that model."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig = _figure(figsize=(5.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for i, (name, mine) in enumerate(records.items()):
             for s in panel.series:
@@ -63,13 +67,13 @@ def plot_records(records: dict[str, list[dict]], panels: tuple[Panel, ...], path
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_lines(lines: dict[str, tuple[list, list]], path: str, *, xlabel: str, ylabel: str,
                title: str = "") -> None:
     """One line per label: lines = {label: (x values, y values)}."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = _figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for label, (xs, ys) in lines.items():
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -77,4 +81,3 @@ def plot_lines(lines: dict[str, tuple[list, list]], path: str, *, xlabel: str, y
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
