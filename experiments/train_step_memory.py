@@ -77,7 +77,9 @@ def worker(num_devices: int, args) -> dict:
                                    gather_params=sharding.gather_sharding(mesh)),
                 abstract, batch, state_sharding=shardings, batch_sharding=batch_sharding,
                 metrics_sharding=sharding.replicated_sharding(mesh))
-            out["results"][f"{layout}/{name}"] = memory.compiled_memory(compiled)
+            out["results"][f"{layout}/{name}"] = {
+                **memory.compiled_memory(compiled),
+                "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params))}
     return out
 
 
