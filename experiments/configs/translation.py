@@ -6,8 +6,9 @@ any field on the command line, e.g. ``--config.train.num_epochs=3``. Presets:
 * ``quick`` (the default): a small encoder-decoder on Multi30k En→Fr; both models train,
   evaluate and decode the test set in about 10 minutes on a 2-core CPU.
 * ``full``: a base-sized Transformer (6+6 layers, width 512) for accelerators.
-* ``overfit``: the quick model on the first 1,000 training pairs for 16 epochs, seeds 0-2, well past
-  the standard model's best validation loss: the regime of the paper's regularization claim.
+* ``overfit``: the quick model on the first 1,000 training pairs for 16 epochs, seeds 0-2,
+  well past the standard model's best validation loss: the regime of the paper's
+  regularization claim.
 * ``tiny``: a few steps on a few sentences, for smoke tests and CI.
 
 Data: by default aligned text files ``{data.dir}/{split}.{lang}[.gz]`` (one sentence per
