@@ -185,12 +185,15 @@ def _training_size_probe(batch, recompute, stable_stats):
     block = make_attn_mlp_block(heads=4, dropout=0.1, stable_stats=stable_stats)
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, seq, width))
 
-    def loss(params, probe):
-        y = bdia_jax.bdia_stack(block, params, x, key=jax.random.PRNGKey(2),
-                                reversal_probe=probe, recompute=recompute)
+    def loss(params, probe, x, key):
+        y = bdia_jax.bdia_stack(block, params, x, key=key, reversal_probe=probe,
+                                recompute=recompute)
         return jnp.sum(y**2)
 
-    grads, probe_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.zeros(()))
+    # x and the key are arguments, as in a train step: closed over, they are constants that
+    # XLA folds at compile time (seconds of reductions over the whole batch).
+    grads, probe_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+        params, jnp.zeros(()), x, jax.random.PRNGKey(2))
     assert float(jnp.max(jnp.abs(grads["qkv"]))) > 0
     return float(probe_grad)
 
