@@ -39,6 +39,29 @@ def train_grads(model, apply):
     return out, aux, g_params, g_probes
 
 
+def train_grads_by_key(model, apply):
+    """``train_grads`` with the PRNG key as an argument: ``apply(model, key)`` calls the
+    model with train=True. Returns ``grads(key) -> (outputs, aux, param grads, probe
+    grads)``, compiled once: the key is traced, so another key reuses the program."""
+    graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
+
+    @jax.jit
+    def run(params, probes, key):
+        def loss(params, probes):
+            out, aux = apply(nnx.merge(graphdef, params, probes), key)
+            return jnp.mean(jnp.sin(out) * out), (out, aux)
+
+        (_, (out, aux)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, probes)
+        return out, aux, grads
+
+    def grads(key):
+        out, aux, (g_params, g_probes) = run(params, probes, key)
+        return out, aux, g_params, g_probes
+
+    return grads
+
+
 def is_key_bias(path) -> bool:
     """Attention key biases: their true gradient is exactly zero (softmax is shift-invariant:
     the bias adds q·b to every logit of a row), so any method returns rounding noise there."""

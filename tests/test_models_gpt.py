@@ -14,7 +14,7 @@ from models_utils import (
     count_params,
     jitted,
     probe_total,
-    train_grads,
+    train_grads_by_key,
 )
 
 from bdia_jax.models import GPT, GPT_VARIANTS, GPTConfig, gpt_config
@@ -69,12 +69,13 @@ def test_gpt_input_errors():
 
 def test_gpt_reversible_gradients_equal_autodiff_with_dropout():
     x, key = tokens(), jax.random.key(5)
-    out = {}
+    out, grads = {}, {}
     for backprop in ("reversible", "autodiff"):
         config = gpt_config("tiny", depth=3, dropout=0.1, attention_dropout=0.1,
                             backprop=backprop)
-        out[backprop] = train_grads(GPT(config, rngs=nnx.Rngs(0)),
-                                    lambda m: m(x, key=key, train=True))
+        grads[backprop] = train_grads_by_key(GPT(config, rngs=nnx.Rngs(0)),
+                                             lambda m, k: m(x, key=k, train=True))
+        out[backprop] = grads[backprop](key)
     logits_r, aux_r, g_r, probes_r = out["reversible"]
     logits_a, aux_a, g_a, _ = out["autodiff"]
     chex.assert_trees_all_equal(logits_r, logits_a)
@@ -82,10 +83,9 @@ def test_gpt_reversible_gradients_equal_autodiff_with_dropout():
     assert_model_grads_close(g_r, g_a)
     assert probe_total(probes_r) == 0.0
     assert_all_params_get_gradients(g_r)
-    # Dropout is active (the key matters) and the BDIA forward differs from inference.
-    config = gpt_config("tiny", depth=3, dropout=0.1, attention_dropout=0.1)
-    model = GPT(config, rngs=nnx.Rngs(0))
-    other = model(x, key=jax.random.key(6), train=True)[0]
+    # Dropout is active: another key changes the training forward (the key is traced: the
+    # same compiled reversible program, not an op-by-op eager pass).
+    other = grads["reversible"](jax.random.key(6))[0]
     assert not np.allclose(other, logits_r)
 
 
@@ -132,11 +132,11 @@ def test_future_tokens_never_change_earlier_logits(update, train):
         assert not np.allclose(logits[:, cut:], base[:, cut:])
 
 
-def greedy_by_recomputation(model, prompt, new_tokens):
-    """Greedy decoding by a full forward pass per token (no cache). The sequence is padded
-    to a fixed length so one compiled call serves every step; causality (tested above)
-    makes the padding irrelevant to the logits read at position n-1."""
-    apply = jitted(model)
+def greedy_by_recomputation(apply, prompt, new_tokens):
+    """Greedy decoding by a full forward pass per token (no cache); apply: ``jitted(model)``.
+    The sequence is padded to a fixed length so one compiled call serves every step;
+    causality (tested above) makes the padding irrelevant to the logits read at position
+    n-1."""
     start, total = prompt.shape[1], prompt.shape[1] + new_tokens
     seq = jnp.pad(prompt, ((0, 0), (0, new_tokens)))
     for n in range(start, total):
@@ -150,9 +150,10 @@ def test_kv_cache_decoding_equals_full_recomputation(update):
     prompt = tokens(batch=3, length=4, seed=1)
     cached = model.generate(prompt, 8, temperature=0.0)
     assert len(np.unique(np.asarray(cached[:, 4:]))) > 2  # a varied continuation
-    chex.assert_trees_all_equal(cached, greedy_by_recomputation(model, prompt, 8))
+    apply = jitted(model)  # [3, 12] here and in the recomputation: one compile
+    chex.assert_trees_all_equal(cached, greedy_by_recomputation(apply, prompt, 8))
     # Logits too: a cached pass of the whole sequence in two chunks vs the full pass.
-    full = jitted(model)(cached)
+    full = apply(cached)
     cache = model.init_cache(3)
     first, cache = model.decode_step(cache, cached[:, :5], 0)
     second, _ = model.decode_step(cache, cached[:, 5:], 5)

@@ -184,10 +184,10 @@ def test_decoder_is_causal_and_source_padding_is_ignored(update, train):
 # ----------------------------------------------------------------------------- decoding
 
 
-def greedy_by_recomputation(model, src, max_len):
-    """Full teacher-forced recomputation per step (no cache), stopping rows at EOS."""
+def greedy_by_recomputation(model, apply, src, max_len):
+    """Full teacher-forced recomputation per step (no cache), stopping rows at EOS.
+    apply: ``jitted(model)``, one compiled call for every step."""
     c = model.config
-    apply = jitted(model)
     tgt_in = jnp.full((src.shape[0], max_len), c.pad_id, jnp.int32).at[:, 0].set(c.bos_id)
     out = np.full((src.shape[0], max_len), c.pad_id, np.int32)
     done = np.zeros(src.shape[0], bool)
@@ -209,13 +209,14 @@ def test_kv_cache_greedy_equals_full_recomputation(update):
     src, _ = batch(seed=3)
     cached = model.greedy_decode(src, 8)
     assert len(np.unique(np.asarray(cached))) > 3  # a varied output, not one repeated token
-    np.testing.assert_array_equal(cached, greedy_by_recomputation(model, src, 8))
+    apply = jitted(model)  # [3, 8] targets here and in the recomputation: one compile
+    np.testing.assert_array_equal(cached, greedy_by_recomputation(model, apply, src, 8))
     # Logits of a cached pass over a prefix, in two chunks, vs the full decoder pass.
     tgt = jnp.concatenate([jnp.full((3, 1), 2, jnp.int32), cached[:, :7]], 1)
     state = model.init_decode_state(src, 8)
     first, state = model.decode_chunk(state, tgt[:, :3], 0)
     second, _ = model.decode_chunk(state, tgt[:, 3:], 3)
-    np.testing.assert_allclose(jnp.concatenate([first, second], 1), jitted(model)(src, tgt),
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), apply(src, tgt),
                                rtol=1e-5, atol=1e-5)
 
 
