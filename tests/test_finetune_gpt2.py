@@ -69,7 +69,7 @@ def test_quick_preset_fine_tunes_both_models_on_the_tiny_standin(tmp_path):
 
 def test_models_load_the_checkpoint_and_greedy_decodes_match_generate(tiny, tmp_path):
     checkpoint, data_dir = tiny
-    c = quick_config(bleu_max_mrs=2, decode_batch_size=2, max_new_tokens=8)
+    c = quick_config(bleu_max_mrs=2, decode_batch_size=2)
     c.model.checkpoint, c.data.dir = str(checkpoint), str(data_dir)
     data = ft.load_finetune_data(c, str(tmp_path))
     model_config = ft.pretrained_config(**c.model, **ft.TASK.model_fields(c, data),
@@ -86,10 +86,14 @@ def test_models_load_the_checkpoint_and_greedy_decodes_match_generate(tiny, tmp_
     graphdef, params, probes, rest = ts.split_model(standard)
     run = types.SimpleNamespace(graphdef=graphdef, gather=None, config=c, data=data,
                                 mesh=sharding.mesh_from_config(c))
+    # Placed as the trainer places a state: the decode programs are the quick run's.
+    params, probes, rest = sharding.place((params, probes, rest),
+                                          sharding.replicated_sharding(run.mesh))
     state = types.SimpleNamespace(params=params, probes=probes, rest=rest)
     texts = ft.decode_all(run, state, beam_size=0)
     for prompt, text in zip(data.bleu_prompts, texts, strict=True):
-        out = standard.generate(jnp.asarray([prompt], jnp.int32), 8, temperature=0.0)
+        out = standard.generate(jnp.asarray([prompt], jnp.int32), c.eval.max_new_tokens,
+                                temperature=0.0)
         assert text == data.tokenizer.decode(np.asarray(out[0, len(prompt):]).tolist()).strip()
     beams = ft.decode_all(run, state, beam_size=2)
     assert len(beams) == 2 and all(isinstance(t, str) for t in beams)

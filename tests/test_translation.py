@@ -99,9 +99,10 @@ def test_translation_compare_run_learns_and_writes_outputs(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_translation_resume_matches_an_uninterrupted_run(tmp_path, corpus):
+    # The compare run's config, BDIA alone: its programs (train step, eval, decodes) are the
+    # compare run's, so the compile cache serves them.
     config = tiny_config(corpus)
     config.mode = "bdia"
-    config.train.num_epochs = 2
     straight = translation.train_and_evaluate(config, str(tmp_path / "a"))
     workdir = str(tmp_path / "b")
     config.train.stop_after_steps = 13  # mid-epoch, between checkpoints (every 5 steps)
