@@ -14,7 +14,9 @@ from experiments import device_check
 
 @pytest.mark.slow
 def test_small_run_answers_every_section(tmp_path):
-    results = device_check.main(["--small", "--out_dir", str(tmp_path)])
+    # A budget no loaded CPU spends: the skipping is test_time_budget_skips_cleanly's.
+    results = device_check.main(["--small", "--out_dir", str(tmp_path),
+                                 "--time_budget_s", "3600"])
     saved = json.loads((tmp_path / "device_check.json").read_text())
     assert saved["passed"] is results["passed"] is True
     for section in ("environment", *device_check.SECTIONS):
@@ -46,7 +48,7 @@ def test_small_run_answers_every_section(tmp_path):
     assert methods["remat"]["over_remat"] == 1.0
     assert all(m["median_s"] > 0 for m in methods.values())
 
-    assert saved["max_batch"]["table"]["bdia"]["0.006"]["batch"] >= 1
+    assert saved["max_batch"]["table"]["bdia"]["0.0024"]["batch"] >= 1
 
     table = (tmp_path / "device_check.md").read_text()
     for heading in ("## Exactness", "## Table 1's memory column", "## Step time",
