@@ -299,12 +299,16 @@ def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(t
     resumes from the one before, and ends with bit-identical parameters, optimizer state
     and metric records to an uninterrupted run."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reference = _launch(straight)  # concurrently with the run that gets killed
     victim = _launch(killed)
     ckpt_dir = killed / "checkpoints" / "bdia"
     deadline = time.monotonic() + 300
+    reference = None
     while len(_finished_steps(ckpt_dir)) < 3 and victim.poll() is None:
         assert time.monotonic() < deadline, "no checkpoints appeared"
+        if reference is None and _finished_steps(ckpt_dir):
+            # Concurrently with the run that gets killed, once that one has compiled its
+            # train step: the reference loads it from the session's compilation cache.
+            reference = _launch(straight)
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim_out, _ = victim.communicate(timeout=60)
@@ -314,6 +318,11 @@ def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(t
     assert not (killed / "summary.json").exists()
 
     _garble(_biggest_array_file(str(ckpt_dir / str(kept[-1]))))
+    # The rerun starts after the reference has ended, so it finds both of the reference's
+    # compiled steps (train and evaluation) in the cache.
+    reference = reference or _launch(straight)
+    reference_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, reference_out[-3000:]
     rerun = _launch(killed)
     rerun_out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, rerun_out[-3000:]
@@ -321,8 +330,6 @@ def test_sigkill_mid_run_then_corrupted_latest_checkpoint_resume_bit_identical(t
     assert f"checkpoint step {kept[-1]} in {ckpt_dir} is unusable (" in rerun_out
     assert f"resumed from the checkpoint at step {kept[-2]}/{STEPS}" in rerun_out
 
-    reference_out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, reference_out[-3000:]
     a = restore_on_one_device(str(straight / "checkpoints" / "bdia" / str(STEPS) / "state"))
     b = restore_on_one_device(str(ckpt_dir / str(STEPS) / "state"))
     assert int(a["step"]) == int(b["step"]) == STEPS
