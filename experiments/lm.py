@@ -134,7 +134,7 @@ class CharLM(trainer.Task):
         return get_batch
 
     def train_batch_shapes(self, config):
-        # The vocabulary is the text's characters: config.model.vocab_size stands in.
+        # The vocabulary is the text's characters: GPTConfig's default (65) stands in.
         shape = (config.train.batch_size, config.model.max_len)
         return {"inputs": (shape, np.int32), "targets": (shape, np.int32)}, {}
 
