@@ -17,12 +17,8 @@ def count_params(module) -> int:
     return sum(int(np.prod(a.shape)) for a in leaves)
 
 
-def train_grads(model, apply):
-    """Jitted forward + gradients at train=True.
-
-    ``apply(model) -> (outputs, aux)`` calls the model with train=True. The loss is a fixed
-    nonlinear function of the outputs. Returns (outputs, aux, param grads, probe grads).
-    """
+def _train_grads_program(model, apply):
+    """``(jitted run(params, probes) -> (outputs, aux, grads), params, probes)``."""
     graphdef, params, probes = nnx.split(model, nnx.Param, ReversalProbe)
 
     @jax.jit
@@ -35,8 +31,25 @@ def train_grads(model, apply):
             params, probes)
         return out, aux, grads
 
+    return run, params, probes
+
+
+def train_grads(model, apply):
+    """Jitted forward + gradients at train=True.
+
+    ``apply(model) -> (outputs, aux)`` calls the model with train=True. The loss is a fixed
+    nonlinear function of the outputs. Returns (outputs, aux, param grads, probe grads).
+    """
+    run, params, probes = _train_grads_program(model, apply)
     out, aux, (g_params, g_probes) = run(params, probes)
     return out, aux, g_params, g_probes
+
+
+def lower_train_grads(model, apply):
+    """``train_grads``'s program traced and lowered, not compiled (seconds cheaper): proves
+    the gradient method accepts the model's inputs and state."""
+    run, params, probes = _train_grads_program(model, apply)
+    return run.lower(params, probes)
 
 
 def train_grads_by_key(model, apply):

@@ -18,6 +18,7 @@ from models_utils import (
     assert_model_grads_close,
     count_params,
     jitted,
+    lower_train_grads,
     probe_total,
     train_grads,
 )
@@ -117,16 +118,20 @@ def test_seq2seq_reversible_gradients_equal_autodiff_through_context():
     # bits (the ViT and GPT tests use the default threefry); replay must hold for both.
     key = jax.random.key(11, impl="rbg")
     out = {}
-    for backprop in ("reversible", "autodiff", "remat"):
+    for backprop in ("reversible", "autodiff"):
         model = tiny(decoder_depth=3, dropout=0.1, attention_dropout=0.1, backprop=backprop)
         out[backprop] = train_grads(model, lambda m: m(src, tgt, key=key, train=True))
+    # Remat (jax.checkpoint around each block call) takes the bool leaf at trace time; its
+    # gradients through a context equal autodiff's in tests/test_stack_grads.py, so
+    # lowering it here spares a compile of seconds.
+    lower_train_grads(tiny(decoder_depth=3, dropout=0.1, attention_dropout=0.1,
+                           backprop="remat"),
+                      lambda m: m(src, tgt, key=key, train=True))
     logits_r, aux_r, g_r, probes_r = out["reversible"]
     logits_a, aux_a, g_a, _ = out["autodiff"]
     chex.assert_trees_all_equal(logits_r, logits_a)
     chex.assert_trees_all_equal(aux_r, aux_a)
     assert_model_grads_close(g_r, g_a)
-    chex.assert_trees_all_equal(out["remat"][0], logits_a)
-    assert_model_grads_close(out["remat"][2], g_a)
     assert probe_total(probes_r) == 0.0  # both stacks reversed bit-exactly
     # The encoder's only path to the loss is the decoder stack's context (enc_out): its
     # gradients (equal to autodiff's, above) come from the reversible cotangent of context.
