@@ -4,7 +4,8 @@ Host side (numpy): the split is read once through ``tfds.data_source`` (random a
 no TensorFlow needed) into uint8 arrays; training batches are numpy gathers from a
 per-epoch permutation that depends only on (seed, epoch), so batch k of a run is the same
 whether or not the run was interrupted. Device side (jitted): random crop with zero padding,
-horizontal flip, normalisation with the dataset's mean and standard deviation.
+horizontal flip, normalisation with the dataset's mean and standard deviation, and the
+evaluation sums of a classifier on one batch.
 
 Missing data: TFDS downloads and prepares the dataset when it can; when it cannot (no
 network, ``download=False``) ``DataMissingError`` says in one line how to provide it
@@ -18,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments.common import tfds_download
 from experiments.common.tfds_download import DataMissingError  # noqa: F401  (callers catch it here)
@@ -144,3 +146,17 @@ def random_crop_flip(images: jax.Array, key: jax.Array, *, padding: int = 4,
         flips = jax.random.bernoulli(flip_key, 0.5, (b,))
         images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
     return images
+
+
+def eval_sums(model, batch: dict, gamma: jax.Array | None) -> dict[str, jax.Array]:
+    """{"correct", "loss_sum", "count"} (float32 scalars) of a classifier on one padded
+    batch {"image": uint8 [b, H, W, C], "label": int32 [b], "mask": bool [b] (real
+    examples)}, at E[γ] = 0 (``gamma`` None) or at a traced inference γ (one compilation
+    serves a whole sweep)."""
+    kwargs = {} if gamma is None else {"inference_gamma": gamma}  # RevViT: always None
+    logits, _ = model(normalize(batch["image"]), train=False, **kwargs)
+    mask = batch["mask"].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"correct": jnp.sum(correct * mask), "loss_sum": jnp.sum(losses * mask),
+            "count": jnp.sum(mask)}

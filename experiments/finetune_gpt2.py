@@ -32,7 +32,7 @@ from experiments.common import plots, sharding, trainer
 from experiments.common.loop import log
 from experiments.configs.finetune_gpt2 import PRESETS
 from experiments.text import e2e
-from experiments.text.losses import token_losses
+from experiments.text.losses import lm_nll_sums, token_losses
 from experiments.text.parallel import TextDataError
 
 GPT2_DOWNLOAD = ("download a GPT-2 checkpoint folder (config.json, model.safetensors, "
@@ -155,14 +155,6 @@ def load_finetune_data(config, workdir: str) -> FinetuneData:
 
 
 # --------------------------------------------------------------------------- steps
-def _nll_sums(model, batch):
-    """{"nll_sum", "count"} over the reference tokens at E[γ] = 0; batch {"inputs",
-    "targets": int32 [b, L], "mask": bool [b, L]}."""
-    logits, _ = model(batch["inputs"], train=False)
-    sums = token_losses(logits, batch["targets"], batch["mask"])
-    return {"nll_sum": sums["nll_sum"], "count": sums["num_tokens"]}
-
-
 def _prefill(model, prompts, *, rows_per_prompt: int):
     """prompts int32 [b, p] (p >= 2), each repeated rows_per_prompt times → the KV cache
     after prompts[:, :-1] and the last prompt tokens int32 [rows], which the search feeds at
@@ -244,7 +236,7 @@ def _rows(examples: e2e.EncodedExamples, index) -> dict:
 
 
 # --------------------------------------------------------------------------- the task
-class FinetuneGPT2(trainer.Task):
+class FinetuneGPT2(trainer.ValLossTask):
     name = "finetune_gpt2"
     presets = PRESETS
     config_class = staticmethod(pretrained_config)
@@ -257,19 +249,14 @@ class FinetuneGPT2(trainer.Task):
     int_fields = {"data.max_len": 2, "train.num_epochs": 1, "train.eval_every_epochs": 1,
                   "eval.bleu_max_mrs": 0, "eval.max_new_tokens": 1, "eval.beam_size": 1}
     fraction_fields = ("train.label_smoothing",)
-    best = ("val_loss", "min", "val_loss_best")
-    final = {"val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
     summary_keys = ("loss", "reversal_error_max", "overflow_steps")
     throughput = ("pairs_per_s", "pairs")
-    table = (("validation loss (best)", "val_loss_best", "{:.4f}"),
-             ("validation loss (final)", "val_loss_final", "{:.4f}"),
-             ("validation perplexity (final)", "val_perplexity_final", "{:.2f}"),
+    table = (trainer.VAL_ROWS["best"], trainer.VAL_ROWS["final"], trainer.VAL_ROWS["perplexity"],
              ("BLEU greedy", "bleu_greedy", "{:.2f}"),
              ("BLEU beam", "bleu_beam", "{:.2f}"))
     panels = (plots.Panel("fine-tuning loss (faint: minibatch loss, label-smoothed)",
                           "loss (nats / reference token)", (
-                              plots.Series("train", "loss", "minibatch", alpha=0.25),
-                              plots.Series("eval", "val_loss", "validation", marker="o"))),
+                              plots.MINIBATCH_LOSS, plots.VALIDATION_LOSS)),
               plots.Panel("validation perplexity", "perplexity", (
                   plots.Series("eval", "val_perplexity", "validation", marker="o"),)))
     plot_title = "GPT-2 fine-tuned on E2E NLG: standard vs BDIA"
@@ -328,7 +315,7 @@ class FinetuneGPT2(trainer.Task):
         return loss_fn
 
     def evaluator(self, run):
-        step, size = trainer.model_step(run, _nll_sums), run.config.eval.batch_size
+        step, size = trainer.model_step(run, lm_nll_sums), run.config.eval.batch_size
         val = run.data.validation
         n = len(val.inputs)
 

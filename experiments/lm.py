@@ -28,17 +28,8 @@ from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.lm import PRESETS
 from experiments.text import char_lm
-from experiments.text.losses import token_losses
+from experiments.text.losses import lm_nll_sums, token_losses
 from experiments.text.parallel import TextDataError
-
-
-def _nll_sums(model, batch):
-    """{"nll_sum", "count"} at E[γ] = 0; batch {"inputs", "targets": int32 [b, max_len],
-    "mask": bool [b] (real rows)}."""
-    logits, _ = model(batch["inputs"], train=False)
-    mask = jnp.broadcast_to(batch["mask"][:, None], batch["targets"].shape)
-    sums = token_losses(logits, batch["targets"], mask)
-    return {"nll_sum": sums["nll_sum"], "count": sums["num_tokens"]}
 
 
 def mean_loss(step, state, windows, batch_size: int, mesh) -> float:
@@ -49,7 +40,7 @@ def mean_loss(step, state, windows, batch_size: int, mesh) -> float:
     return sums["nll_sum"] / sums["count"]
 
 
-class CharLM(trainer.Task):
+class CharLM(trainer.ValLossTask):
     name, presets = "lm", PRESETS
     config_class, model_class = GPTConfig, GPT
     display_names = {"standard": "GPT", "bdia": "BDIA-GPT"}
@@ -67,17 +58,14 @@ class CharLM(trainer.Task):
                   **{f"eval.{f}": 0 for f in ("num_windows", "num_samples", "top_k")},
                   "eval.batch_size": 1, "eval.sample_length": 1}
     summary_keys = ("loss", "reversal_error_max", "overflow_steps")
-    best, throughput = ("val_loss", "min", "val_loss_best"), ("tokens_per_s", "characters")
-    final = {"val_loss_final": "val_loss", "train_loss_final": "train_loss",
-             "gap_final": "gap", "val_perplexity_final": "val_perplexity"}
-    table = (("validation loss (best)", "val_loss_best", "{:.4f}"),
-             ("validation loss (final)", "val_loss_final", "{:.4f}"),
+    throughput = ("tokens_per_s", "characters")
+    final = {**trainer.ValLossTask.final, "train_loss_final": "train_loss", "gap_final": "gap"}
+    table = (trainer.VAL_ROWS["best"], trainer.VAL_ROWS["final"],
              ("training loss (final, eval)", "train_loss_final", "{:.4f}"),
              ("gap val - train (final)", "gap_final", "{:+.4f}"))
     panels = (plots.Panel("training vs validation loss (faint: minibatch loss)",
                           "loss (nats / character)", (
-                              plots.Series("train", "loss", "minibatch", alpha=0.25),
-                              plots.Series("eval", "val_loss", "validation", marker="o"),
+                              plots.MINIBATCH_LOSS, plots.VALIDATION_LOSS,
                               plots.Series("eval", "train_loss", "training", "--", "s"))),
               # Overfitting shows as a gap that keeps growing.
               plots.Panel("generalization gap", "validation - training loss", (
@@ -164,7 +152,7 @@ class CharLM(trainer.Task):
                 char_lm.eval_windows(run.data.train_ids, **kwargs))
 
     def evaluator(self, run):
-        step, size = trainer.model_step(run, _nll_sums), run.config.eval.batch_size
+        step, size = trainer.model_step(run, lm_nll_sums), run.config.eval.batch_size
         val_windows, train_windows = self._windows(run)
 
         def evaluate(state):
@@ -190,10 +178,8 @@ class CharLM(trainer.Task):
                 "samples": samples}
 
     def write_files(self, config, workdir, results):
-        with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
-            for r in results:
-                for i, sample in enumerate(r["samples"]):
-                    f.write(f"===== {r['name']} sample {i + 1} =====\n{sample}\n\n")
+        char_lm.write_samples(os.path.join(workdir, "samples.txt"),
+                              {r["name"]: r["samples"] for r in results})
         return ["samples.txt"]
 
 

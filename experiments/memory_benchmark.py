@@ -32,7 +32,7 @@ import numpy as np
 import bdia_jax
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 from experiments.common import plots
-from experiments.common.memory import step_memory
+from experiments.common.memory import add_stack_size_args, step_memory
 
 # Each method: (label, stack kind, backprop, recompute of the reversible backward pass).
 METHODS = {
@@ -87,10 +87,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", default="6,12,24,48,96", help="comma-separated depths")
     parser.add_argument("--batches", default="4,8", help="two or more batch sizes")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sample")
-    parser.add_argument("--dim", type=int, default=128, help="model width")
-    parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    add_stack_size_args(parser)
     parser.add_argument("--gamma", type=float, default=0.5, help="|γ| (0.5 or 0.25)")
     parser.add_argument("--frac_bits", type=int, default=9, help="l in δ = 2**-l")
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))

@@ -22,6 +22,7 @@ import json
 import os
 
 from experiments.common.host_devices import host_devices, measure
+from experiments.common.memory import add_stack_size_args
 
 
 def worker(num_devices: int, args) -> dict:
@@ -74,10 +75,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=24, help="blocks")
     parser.add_argument("--batch", type=int, default=32, help="global batch (divisible)")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sample")
-    parser.add_argument("--dim", type=int, default=128, help="width")
-    parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    add_stack_size_args(parser)
     parser.add_argument("--workdir", default="runs/sharding_memory", help="output folder")
     args, rows = measure("experiments.sharding_memory", parser, worker,
                          ("depth", "batch", "seq", "dim", "hidden", "heads"), argv)

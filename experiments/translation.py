@@ -37,7 +37,7 @@ def _token_sums(model, batch):
     return {k: sums[k] for k in ("nll_sum", "correct_sum", "num_tokens")}
 
 
-class Translation(trainer.Task):
+class Translation(trainer.ValLossTask):
     name, presets = "translation", PRESETS
     config_class, model_class = Seq2SeqConfig, Seq2SeqTransformer
     display_names = {"standard": "Transformer", "bdia": "BDIA-Transformer"}
@@ -56,18 +56,14 @@ class Translation(trainer.Task):
                   "eval.max_decode_len": 2, "eval.decode_batch_size": 1,
                   "eval.num_examples_to_print": 0}
     fraction_fields = ("optim.label_smoothing",)
-    best, final = ("val_loss", "min", "val_loss_best"), {
-        "val_loss_final": "val_loss", "val_perplexity_final": "val_perplexity"}
     throughput = ("sentences_per_s", "sentences")
     table = (("test BLEU (greedy)", "test_bleu_greedy", "{:.2f}"),
              ("test BLEU (beam)", "test_bleu_beam", "{:.2f}"),
-             ("validation loss (final)", "val_loss_final", "{:.4f}"),
-             ("validation perplexity (final)", "val_perplexity_final", "{:.2f}"),
-             ("validation loss (best)", "val_loss_best", "{:.4f}"))
+             trainer.VAL_ROWS["final"], trainer.VAL_ROWS["perplexity"], trainer.VAL_ROWS["best"])
     panels = (plots.Panel("training loss (label-smoothed)", "loss", (
                   plots.Series("train", "loss", "training batches"),)),
               plots.Panel("validation loss", "nats / token", (
-                  plots.Series("eval", "val_loss", "validation", marker="o"),)))
+                  plots.VALIDATION_LOSS,)))
     plot_title = "Translation: training and validation loss"
 
     def validate(self, config, checks, mesh):
@@ -178,16 +174,12 @@ class Translation(trainer.Task):
         log(f"[{run.display}] test sacreBLEU on {n} sentences: greedy {out['bleu_greedy']:.2f} "
             f"({out['seconds']['greedy']:.1f}s), beam {e.beam_size} {out['bleu_beam']:.2f} "
             f"({out['seconds']['beam']:.1f}s)  [{out['signature']}]")
-        examples = [{"source": data.test_sources[i], "reference": data.test_references[i],
-                     "greedy": out["greedy"][i], "beam": out["beam"][i]}
-                    for i in range(min(e.num_examples_to_print, n))]
+        examples = translate.first_examples(data, out, e.num_examples_to_print)
         for ex in examples:
             log("\n".join(f"  {k + ':':<8}{v}" for k, v in ex.items()))
         if sharding.is_primary():  # multi-host: process 0 writes the files
-            with open(os.path.join(run.workdir, f"translations_{run.name}.txt"), "w",
-                      encoding="utf-8") as f:
-                for i, (g, b) in enumerate(zip(out["greedy"], out["beam"], strict=True)):
-                    f.write(f"{i}\tgreedy\t{g}\n{i}\tbeam\t{b}\n")
+            translate.write_translations(
+                os.path.join(run.workdir, f"translations_{run.name}.txt"), out)
         return {"test_bleu_greedy": out["bleu_greedy"], "test_bleu_beam": out["bleu_beam"],
                 "beam_size": e.beam_size, "length_penalty": e.length_penalty,
                 "bleu_signature": out["signature"], "test_sentences": n,

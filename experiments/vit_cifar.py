@@ -46,18 +46,6 @@ def sweep_config_for(vit_cfg: ViTConfig, update: str) -> ViTConfig:
     return dataclasses.replace(vit_cfg, **trainer.method_fields(SWEEP_METHOD))
 
 
-def _eval_sums(model, batch, gamma):
-    """{"correct", "loss_sum", "count"} of one padded batch ("mask": real examples) at
-    E[γ] = 0 (``gamma`` None) or at a traced inference γ (one compilation per sweep)."""
-    kwargs = {} if gamma is None else {"inference_gamma": gamma}  # RevViT: always None
-    logits, _ = model(cifar_data.normalize(batch["image"]), train=False, **kwargs)
-    mask = batch["mask"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"correct": jnp.sum(correct * mask), "loss_sum": jnp.sum(losses * mask),
-            "count": jnp.sum(mask)}
-
-
 def evaluate(step, state, data: cifar_data.ImageSplit, batch_size: int, mesh, gamma=None):
     """{"accuracy", "loss"} of ``state`` on ``data`` (every example once)."""
     gamma = None if gamma is None else jnp.float32(gamma)
@@ -109,9 +97,7 @@ class ViTCifar(trainer.Task):
         for field in ("download", "flip"):
             checks.one_of(d[field], (True, False), f"data.{field}")
         for field in ("train_split", "test_split"):
-            checks.require(isinstance(d[field], str) and bool(d[field]), f"data.{field}",
-                           f"must name a TFDS split such as 'train' or 'test[:50%]', "
-                           f"got {d[field]!r}")
+            data_checks.check_tfds_split(d[field], f"data.{field}", checks)
         checks.int_at_least(e.sweep_num_examples, "eval.sweep_num_examples", 0, " (0: all)")
         checks.require(all(isinstance(g, (int, float)) and not isinstance(g, bool) and -1 < g < 1
                            for g in e.sweep_gammas), "eval.sweep_gammas",
@@ -166,7 +152,7 @@ class ViTCifar(trainer.Task):
         return loss_fn
 
     def evaluator(self, run):
-        step = trainer.model_step(run, _eval_sums)
+        step = trainer.model_step(run, cifar_data.eval_sums)
         size = run.config.eval.batch_size
         return lambda state: evaluate(step, state, run.data["test"], size, run.mesh)
 
@@ -179,7 +165,7 @@ class ViTCifar(trainer.Task):
             sweep_cfg = sweep_config_for(run.model_config, run.method.get("update"))
             graphdef = run.graphdef if sweep_cfg == run.model_config else ts.split_model(
                 nnx.eval_shape(lambda: ViT(sweep_cfg, rngs=nnx.Rngs(run.seed))))[0]
-            step = trainer.model_step(run, _eval_sums, graphdef=graphdef)
+            step = trainer.model_step(run, cifar_data.eval_sums, graphdef=graphdef)
             n = e.sweep_num_examples or len(test)
             subset = cifar_data.ImageSplit(test.images[:n], test.labels[:n])
             sweep["num_examples"] = len(subset)

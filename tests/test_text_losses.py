@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.text.losses import token_losses
+from experiments.text.losses import lm_nll_sums, token_losses
 
 
 def test_token_losses_match_optax_and_respect_the_mask():
@@ -34,3 +35,21 @@ def test_no_smoothing_loss_is_the_nll():
     targets = jnp.zeros((2, 4), jnp.int32)
     out = token_losses(logits, targets, jnp.ones((2, 4), bool))
     assert out["loss_sum"] == out["nll_sum"]
+
+
+def test_lm_nll_sums_reads_a_row_mask_as_its_rows_tokens():
+    logits = jax.random.normal(jax.random.key(0), (3, 4, 6))
+    targets = jax.random.randint(jax.random.key(1), (3, 4), 0, 6)
+
+    def model(inputs, *, train):
+        assert not train  # evaluation: E[γ] = 0
+        return logits, {}
+
+    rows = jnp.asarray([True, False, True])
+    by_rows = lm_nll_sums(model, {"inputs": targets, "targets": targets, "mask": rows})
+    tokens = jnp.broadcast_to(rows[:, None], targets.shape)
+    by_tokens = lm_nll_sums(model, {"inputs": targets, "targets": targets, "mask": tokens})
+    chex.assert_trees_all_equal(by_rows, by_tokens)
+    assert float(by_rows["count"]) == 8.0
+    want = token_losses(logits, targets, tokens)["nll_sum"]
+    chex.assert_trees_all_equal(by_rows["nll_sum"], want)

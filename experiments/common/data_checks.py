@@ -23,6 +23,12 @@ def check_tfds_name(name, field: str, checks: Checks, *, example: str, kind: str
                    + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
 
 
+def check_tfds_split(split, field: str, checks: Checks) -> None:
+    """``split`` must be a non-empty TFDS split string (TFDS parses it when reading)."""
+    checks.require(isinstance(split, str) and bool(split), field,
+                   f"must name a TFDS split such as 'train' or 'test[:50%]', got {split!r}")
+
+
 def check_tfds_data_dir(data_dir, field: str, checks: Checks) -> None:
     """``data_dir`` ("" = $TFDS_DATA_DIR) must be an existing folder (gs://... and other
     remote paths are TFDS's to read)."""

@@ -37,6 +37,11 @@ class Series:
     alpha: float = 1.0
 
 
+# The series that every task scored by validation loss draws.
+MINIBATCH_LOSS = Series("train", "loss", "minibatch", alpha=0.25)
+VALIDATION_LOSS = Series("eval", "val_loss", "validation", marker="o")
+
+
 @dataclasses.dataclass(frozen=True)
 class Panel:
     """One subplot: a title, a y label and the series drawn in it."""

@@ -294,6 +294,20 @@ class Task:
         return self.display_names.get(name, name)
 
 
+class ValLossTask(Task):
+    """A task scored by validation loss, lower is better (the text tasks): its evaluator
+    returns "val_loss" and "val_perplexity"; ``VAL_ROWS`` are their table rows."""
+
+    best = ("val_loss", "min", "val_loss_best")
+    final: Mapping[str, str] = {"val_loss_final": "val_loss",
+                                "val_perplexity_final": "val_perplexity"}
+
+
+VAL_ROWS = {"best": ("validation loss (best)", "val_loss_best", "{:.4f}"),
+            "final": ("validation loss (final)", "val_loss_final", "{:.4f}"),
+            "perplexity": ("validation perplexity (final)", "val_perplexity_final", "{:.2f}")}
+
+
 # --------------------------------------------------------------------------- task helpers
 
 

@@ -288,3 +288,12 @@ def sample_texts(model, vocab: CharVocab, e, max_len: int, key) -> list[str]:
         generated += new
         chunk += 1
     return [vocab.detokenize(row) for row in rows]
+
+
+def write_samples(path: str, samples: dict[str, list[str]]) -> None:
+    """``samples`` = {model name: its samples}, each under a ``===== name sample i =====``
+    line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for name, texts in samples.items():
+            for i, sample in enumerate(texts):
+                f.write(f"===== {name} sample {i + 1} =====\n{sample}\n\n")

@@ -36,3 +36,15 @@ def token_losses(
         "correct_sum": masked_sum(correct),
         "num_tokens": jnp.sum(mask.astype(jnp.float32)),
     }
+
+
+def lm_nll_sums(model, batch: dict) -> dict[str, jax.Array]:
+    """{"nll_sum", "count"} of a decoder-only ``model`` at E[γ] = 0 (its evaluation step).
+
+    batch: {"inputs", "targets": int32 [b, L], "mask": bool [b] (real rows) or [b, L]
+    (real tokens)}.
+    """
+    logits, _ = model(batch["inputs"], train=False)
+    mask = batch["mask"] if batch["mask"].ndim == 2 else batch["mask"][:, None]
+    sums = token_losses(logits, batch["targets"], jnp.broadcast_to(mask, batch["targets"].shape))
+    return {"nll_sum": sums["nll_sum"], "count": sums["num_tokens"]}

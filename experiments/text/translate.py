@@ -91,3 +91,18 @@ def translate_test_set(make_step, state, data, e, bucket_lengths, mesh) -> dict:
         out["seconds"][method] = time.perf_counter() - start
         out[f"bleu_{method}"], out["signature"] = bleu(out[method], data.test_references)
     return out
+
+
+def first_examples(data, out: dict, count: int) -> list[dict]:
+    """The first ``count`` test sentences: source, reference and both translations of ``out``
+    (``translate_test_set``'s result)."""
+    return [{"source": data.test_sources[i], "reference": data.test_references[i],
+             "greedy": out["greedy"][i], "beam": out["beam"][i]}
+            for i in range(min(count, len(data.test_references)))]
+
+
+def write_translations(path: str, out: dict) -> None:
+    """Two lines per test sentence: ``i<TAB>greedy<TAB>text`` and ``i<TAB>beam<TAB>text``."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (g, b) in enumerate(zip(out["greedy"], out["beam"], strict=True)):
+            f.write(f"{i}\tgreedy\t{g}\n{i}\tbeam\t{b}\n")
