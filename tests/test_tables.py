@@ -155,6 +155,9 @@ def test_every_vit_cifar_preset_validates(preset):
     if preset == "overfit":
         assert config.mode == "table1" and tuple(config.seeds) == (0, 1, 2)
         assert config.data.num_train_examples == 2500 and config.model.depth == 6
+        assert config.train.num_epochs == 100  # past the standard ViT's best, clearly
+    if preset == "gamma_ablation":
+        assert config.train.num_epochs == 50 and config.mode == "gamma_ablation"
 
 
 def test_revvit_rejects_a_model_field_it_does_not_have():
