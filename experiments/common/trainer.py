@@ -296,7 +296,7 @@ class Task:
 
 class ValLossTask(Task):
     """A task scored by validation loss, lower is better (the text tasks): its evaluator
-    returns "val_loss" and "val_perplexity"; ``VAL_ROWS`` are their table rows."""
+    returns "val_loss" and "val_perplexity"; ``VAL_ROWS`` (below) are their table rows."""
 
     best = ("val_loss", "min", "val_loss_best")
     final: Mapping[str, str] = {"val_loss_final": "val_loss",
