@@ -93,7 +93,7 @@ class _Spec:
     depth: int
     frac_bits: int | None  # None: no grid
     side_bits: int | None  # m of the invertible update (|γ| = 2**-m on a grid); else None
-    verify: bool  # keep x_0, x_1 for the reversal probe
+    verify: bool  # keep x_0 for the reversal probe
     remat: bool
     exact_range: float
     recompute: str  # Reversible.recompute (unused otherwise)
@@ -426,8 +426,9 @@ def _reversible_fwd(block_fn, spec: _Spec, params, x0, context, keys, gammas, pr
     x_last, x_before, x1, bits, max_abs = _train_forward(
         block_fn, spec, params, x0, context, keys, gammas, keep_bits=True, by_index=True
     )
-    # Verification keeps x_0 and x_1 (constant in depth) to compare with their rebuilds.
-    refs = (x0, x1) if spec.verify else None
+    # Verification keeps x_0 (constant in depth) to compare with its rebuild: the last
+    # state rebuilt, which an error anywhere in the reversal reaches, doubled at every block.
+    refs = x0 if spec.verify else None
     residuals = (params, context, keys, gammas, x_before, x_last, bits, refs, probe)
     return (x_last, _stats(max_abs, spec)), residuals
 
@@ -509,12 +510,11 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
         g_params = _put(g_params, g_params_0, 0)
     else:
         (xa, xb, ga, gb), g_ctx, g_params = jax.lax.fori_loop(0, n + 1, body, init)
-    x0, x1, g_x0 = (xa, xb, ga) if n % 2 == 0 else (xb, xa, gb)
+    x0, g_x0 = (xa, ga) if n % 2 == 0 else (xb, gb)
     g_ctx = full_ctx_cotangent(g_ctx)
 
     if spec.verify:
-        ref0, ref1 = refs
-        error = jnp.maximum(jnp.max(jnp.abs(x0 - ref0)), jnp.max(jnp.abs(x1 - ref1)))
+        error = jnp.max(jnp.abs(x0 - refs))
         g_probe = error.astype(probe.dtype)
     else:
         g_probe = None
@@ -613,8 +613,8 @@ def apply_stack(
         differentiated (γ = 0 has no inverse: say Autodiff() or Remat() to differentiate
         it). For Standard, train changes nothing.
       reversal_probe: float scalar (use 0.0), required exactly when train=True with
-        ``Reversible(probe=True)``: its gradient is the largest |rebuilt - forward| over
-        x_0 and x_1 (0.0 when the reversal was exact). Anything else raises.
+        ``Reversible(probe=True)``: its gradient is the largest |rebuilt - forward| of
+        x_0, the last state rebuilt (0.0 when the reversal was exact). Anything else raises.
 
     Returns:
       (x_K of x's shape and dtype, StackStats).

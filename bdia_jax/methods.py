@@ -113,8 +113,9 @@ class Reversible:
       exact for any block) runs the forward pass's own fenced call, then the block's VJP;
       "shared" takes the VJP's primal output, one block forward cheaper, exact when the
       block's statistics use ``bdia_jax.stable`` (the models' blocks do).
-    probe: keep x_0 and x_1 (two states) so that the gradient of the engine's
-      ``reversal_probe`` scalar is the largest |rebuilt - forward| (0.0 when exact).
+    probe: keep x_0 (one state) so that the gradient of the engine's ``reversal_probe``
+      scalar is the largest |rebuilt - forward| of x_0, the last state rebuilt (0.0 when
+      exact).
     """
 
     recompute: Literal["separate", "shared"] = "separate"

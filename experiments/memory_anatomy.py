@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
     floor = {"parameters": param_bytes, "gradients": param_bytes,
              "optimizer state": tensor_bytes(state.opt_state),
              "kept states x_K, x_K-1": 2 * stream_bytes,
-             "probe references x_0, x_1": 2 * stream_bytes,
+             "probe reference x_0": stream_bytes,
              "side bits": side_bits, "one block's forward + VJP internals": internals}
     results["floor_bytes"] = floor
     results["markdown"] = markdown(results, floor)

@@ -116,10 +116,11 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None)
     mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or None.
     Returns [batch, heads, q_len, head_dim] in v's dtype.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum(
-        "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
-    ) * jnp.float32(scale)
+    # The queries are scaled, not the logits: XLA:CPU materializes the scale as a full
+    # [batch, heads, q_len, k_len] operand of the fused dot. For a head_dim that is a power
+    # of 4 the scale is a power of 2, and the logits are bitwise those of scaling after.
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
