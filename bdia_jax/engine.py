@@ -472,8 +472,10 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
     # carry (a rotation costs XLA a copy per buffer): x_{k-1} overwrites x_{k+1}, which is
     # dead once it is rebuilt, and dL/dx_{k-1}'s first part overwrites the finished
     # dL/dx_{k+1}. Step i (k = n - i) reads (x_k, x_{k+1}, ...) from slots (a, b, ...) when
-    # i is even and from (b, a, ...) when it is odd; a lax.cond on the parity picks the
-    # branch, so each branch writes its slots in place.
+    # i is even and from (b, a, ...) when it is odd; a lax.switch on the parity picks the
+    # branch, so each branch writes its slots in place. (A loop body of two steps, each in
+    # a lax.cond returning only the slots it changed, was no better: XLA:CPU gave the conds'
+    # outputs buffers of their own.)
     def even(k, xa, xb, ga, gb):
         x_prev, g_cur, g_prev, g_params_k, g_ctx_k = block_step(k, xa, xb, ga, gb)
         return (xa, x_prev, g_cur, g_prev), g_params_k, g_ctx_k
