@@ -23,7 +23,7 @@ from bdia_jax.models import (
     vit_config,
 )
 from bdia_jax.models.gpt import GPTConfig
-from bdia_jax.models.layers import causal_mask, combine_masks, key_mask
+from bdia_jax.models.layers import MLP, causal_mask, combine_masks, key_mask
 from bdia_jax.models.seq2seq import Seq2SeqTransformer
 from bdia_jax.models.vit import ViTConfig
 from experiments.common.memory import compiled_memory
@@ -77,6 +77,47 @@ def test_chunked_gradients_match_the_einsum(checkpoint):
     got = jax.jit(jax.grad(loss(lambda q, k, v: attention.chunked_attention(
         q, k, v, mask, chunk_size=8, checkpoint=checkpoint)), argnums=(0, 1, 2)))(q, k, v)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_name, dtype", [("causal+padding", jnp.float32),
+                                              ("none", jnp.float32),
+                                              ("causal", jnp.bfloat16)])
+def test_chunked_custom_vjp_matches_autodiff_of_the_same_blocks(mask_name, dtype):
+    """With dropout on the probabilities: the custom VJP (checkpoint=True) redraws each
+    block's mask and gives the gradients JAX's autodiff of the same blocks gives."""
+    q, k, v = _qkv(dtype=dtype)
+    mask = _masks()[mask_name]
+
+    def grads(checkpoint):
+        def loss(q, k, v):
+            out = attention.chunked_attention(q, k, v, mask, dropout_rate=0.25,
+                                              key=jax.random.key(3), chunk_size=8,
+                                              checkpoint=checkpoint)
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    tol = TOL if dtype == jnp.float32 else dict(atol=0.1, rtol=0.05)
+    chex.assert_trees_all_close(grads(True), grads(False), **tol)
+
+
+@pytest.mark.parametrize("length", [48, 37])  # three blocks of 16; two and a tail of 5
+def test_chunked_mlp_matches_the_dense_mlp(monkeypatch, length):
+    """attention="chunked" runs the MLP over position blocks under jax.checkpoint: the same
+    outputs and gradients as the whole sequence at once."""
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
+    dense = MLP(8, 32, rngs=nnx.Rngs(0))
+    chunked = MLP(8, 32, chunked=True, rngs=nnx.Rngs(0))
+    y = jax.random.normal(jax.random.key(1), (3, length, 8))
+
+    def value_and_grads(mlp):
+        def loss(mlp, y):
+            return jnp.sum(jnp.sin(mlp(y)))
+        return nnx.value_and_grad(loss, argnums=(0, 1))(mlp, y)
+
+    (want, want_grads), (got, got_grads) = value_and_grads(dense), value_and_grads(chunked)
+    chex.assert_trees_all_close(got, want, **TOL)
+    chex.assert_trees_all_close(nnx.state(got_grads[0]), nnx.state(want_grads[0]), **TOL)
+    chex.assert_trees_all_close(got_grads[1], want_grads[1], **TOL)
 
 
 def test_chunked_dropout_is_replayed_from_the_key():
@@ -230,3 +271,17 @@ def test_a_dropout_rate_off_the_mask_grid_fails_at_construction(factory, field, 
     with pytest.raises(ValueError, match=re.escape(fragment)):
         make("tiny", **{field: rate})
     assert attention.dropout_threshold(0.1) == 26  # the rate applied: 26/256
+
+
+def test_seq2seq_reverses_exactly_with_chunked_attention(monkeypatch):
+    """Both stacks (encoder and decoder blocks, cross-attention, MLPs in position blocks)."""
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 6)  # 16 positions: two blocks and a tail
+    model = Seq2SeqTransformer(seq2seq_config("tiny", **SIZE), rngs=nnx.Rngs(0))
+    src = jax.random.randint(jax.random.key(1), (32, 16), 1, 32, jnp.int32)
+    tgt = jax.random.randint(jax.random.key(2), (32, 16), 1, 32, jnp.int32)
+    for stack in (model.encoder, model.decoder):
+        assert stack.backprop.recompute == "shared"
+    _, aux, grads, probes = train_grads(model, lambda m: m(src, tgt, key=jax.random.key(3),
+                                                           train=True))
+    assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
+    assert probe_total(probes) == 0.0

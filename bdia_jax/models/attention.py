@@ -4,11 +4,14 @@
   einsum for the output. It materializes the [batch, heads, q_len, k_len] probabilities
   (and keeps them for the backward pass).
 * ``"chunked"`` – ``chunked_attention``: the same function applied to blocks of
-  ``QUERY_CHUNK`` queries in a ``lax.map``, each block under ``jax.checkpoint``. Only one
-  block's [batch, heads, chunk, k_len] logits and probabilities live at a time, in the
-  forward pass and in the backward pass (which recomputes them block by block). Exact
-  attention, any backend. Each output row is computed by the very ops of ``"xla"`` on its
-  own query row, so the two agree to float rounding (tests/test_attention.py).
+  ``QUERY_CHUNK`` queries, with a custom VJP that keeps only q, k and v and recomputes each
+  block's probabilities in the backward pass. Only one block's [batch, heads, chunk, k_len]
+  logits and probabilities live at a time, in the forward pass and in the backward pass.
+  The blocks' MLPs then also run over blocks of ``QUERY_CHUNK`` positions under
+  ``jax.checkpoint`` (``layers.MLP``), since their [len, mlp_dim] activations are the next
+  largest. Exact attention, any backend. Each output row is computed by the very ops of
+  ``"xla"`` on its own query row, so the two agree to float rounding
+  (tests/test_attention.py).
 * ``"cudnn"``   – ``fused_attention``: ``jax.nn.dot_product_attention(implementation=
   "cudnn")``, cuDNN's fused flash-attention kernel. CUDA GPUs only, float16/bfloat16
   compute, no attention dropout. The boolean mask is passed as a mask (cuDNN turns it into
@@ -32,14 +35,17 @@ lives here so that ``layers`` can import this module without a cycle.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
-# Queries per block of "chunked": memory O(batch·heads·QUERY_CHUNK·k_len). Read when a model
-# is traced, so setting it before then changes the block size (the tests use small blocks).
+# Queries (and MLP positions) per block of "chunked": memory O(batch·heads·QUERY_CHUNK·k_len).
+# Read when a model is traced, so setting it before then changes the block size (the tests
+# use small blocks).
 QUERY_CHUNK = 128
 
 # Masked attention logits get this value; exp(_MASKED - max) is exactly 0.0 in float32,
@@ -128,57 +134,141 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None)
     return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
 
 
+def _softmax_probs(q_c, k, mask_c):
+    """Float32 softmax probabilities [b, h, chunk, k_len] of the queries q_c, already scaled."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_c, k, preferred_element_type=jnp.float32)
+    if mask_c is not None:
+        logits = jnp.where(mask_c, logits, _MASKED)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _keep_mask(key_data, impl, index, shape, threshold):
+    """Block ``index``'s dropout keep-mask (bool ``shape``) from raw key data, or None."""
+    if key_data is None:
+        return None
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), index)
+    return random_bytes(key, shape) >= jnp.uint8(threshold)
+
+
+def _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data):
+    """[b, h, q_len, head_dim] output of the query blocks (q already scaled)."""
+    b, h, q_len, d = q.shape
+    per_query_mask = mask is not None and mask.shape[2] != 1
+    scale = 256.0 / (256 - threshold)
+
+    def block(start, size, index):
+        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
+        mask_c = (jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query_mask
+                  else mask)
+        probs = _softmax_probs(q_c, k, mask_c)
+        keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
+        if keep is not None:
+            probs = jnp.where(keep, probs * scale, 0.0)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+
+    num_full = q_len // chunk
+
+    def body(i, out):
+        return jax.lax.dynamic_update_slice_in_dim(out, block(i * chunk, chunk, i), i * chunk,
+                                                   axis=2)
+
+    out = jax.lax.fori_loop(0, num_full, body, jnp.zeros((b, h, q_len, d), v.dtype))
+    if num_full * chunk < q_len:
+        tail = block(num_full * chunk, q_len - num_full * chunk, num_full)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tail, num_full * chunk, axis=2)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(chunk, threshold, impl, q, k, v, mask, key_data):
+    return _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data)
+
+
+def _flash_fwd(chunk, threshold, impl, q, k, v, mask, key_data):
+    # Only the inputs are kept: the backward pass recomputes each block's probabilities
+    # with the forward pass's ops, so nothing of size [q_len, k_len] outlives a block.
+    return (_flash_forward(chunk, threshold, impl, q, k, v, mask, key_data),
+            (q, k, v, mask, key_data))
+
+
+def _flash_bwd(chunk, threshold, impl, residuals, g_out):
+    q, k, v, mask, key_data = residuals
+    q_len = q.shape[2]
+    per_query_mask = mask is not None and mask.shape[2] != 1
+    scale = 256.0 / (256 - threshold)
+    f32 = jnp.float32
+
+    def block(start, size, index, carry):
+        g_q, g_k, g_v = carry
+        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
+        g_c = jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=2)
+        mask_c = (jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query_mask
+                  else mask)
+        probs = _softmax_probs(q_c, k, mask_c)
+        keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
+        dropped = probs if keep is None else jnp.where(keep, probs * scale, 0.0)
+        g_v = g_v + jnp.einsum("bhqk,bhqd->bhkd", dropped.astype(v.dtype), g_c,
+                               preferred_element_type=f32)
+        g_dropped = jnp.einsum("bhqd,bhkd->bhqk", g_c, v, preferred_element_type=f32)
+        g_probs = g_dropped if keep is None else jnp.where(keep, g_dropped * scale, 0.0)
+        # Softmax VJP; masked keys have probability 0 and so no logit gradient.
+        g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
+        g_q_c = jnp.einsum("bhqk,bhkd->bhqd", g_logits.astype(k.dtype), k,
+                           preferred_element_type=f32)
+        g_k = g_k + jnp.einsum("bhqk,bhqd->bhkd", g_logits.astype(q.dtype), q_c,
+                               preferred_element_type=f32)
+        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c, start, axis=2)
+        return g_q, g_k, g_v
+
+    num_full = q_len // chunk
+    carry = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    carry = jax.lax.fori_loop(0, num_full, lambda i, c: block(i * chunk, chunk, i, c), carry)
+    if num_full * chunk < q_len:
+        carry = block(num_full * chunk, q_len - num_full * chunk, num_full, carry)
+    g_q, g_k, g_v = carry
+
+    def no_gradient(x):
+        return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
+
+    return (g_q.astype(q.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype), no_gradient(mask),
+            no_gradient(key_data))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
                       chunk_size: int | None = None, checkpoint: bool = True):
     """``dot_product_attention`` over blocks of ``chunk_size`` queries (``"chunked"``).
 
     Shapes and dtypes as ``dot_product_attention``. ``chunk_size`` (None: ``QUERY_CHUNK``)
-    queries per block: the q_len // chunk_size full blocks run
-    in a ``lax.map``, a shorter last block after it. ``checkpoint``: recompute each block's
-    probabilities in the backward pass instead of keeping all blocks' (without it the
-    backward pass stores the full [batch, heads, q_len, k_len] probabilities again).
-    Chunk i's dropout mask is drawn from ``fold_in(key, i)``.
+    queries per block: the q_len // chunk_size full blocks run in a loop, a shorter last
+    block after it. Block i's dropout mask is drawn from ``fold_in(key, i)``.
+
+    ``checkpoint`` (the default): a custom VJP that keeps only q, k and v and recomputes
+    each block's probabilities in the backward pass, which runs over the same blocks and
+    accumulates the key and value gradients in place (the backward of FlashAttention,
+    without its online softmax: a block holds its full [chunk, k_len] probabilities).
+    Memory O(batch·heads·chunk·k_len) beyond q, k, v and their gradients. ``checkpoint=
+    False``: the same blocks, differentiated by JAX, which keeps every block's probabilities
+    (the reference the tests compare the custom VJP with).
     """
     chunk_size = QUERY_CHUNK if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    q_len = q.shape[2]
-    chunk = min(chunk_size, q_len)
-    num_full = q_len // chunk
-    mask = None if mask is None else jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
-    per_query_mask = mask is not None and mask.shape[2] != 1
-
-    def one_chunk(q_c, mask_c, index):
-        key_c = None if key is None else jax.random.fold_in(key, index)
-        return dot_product_attention(q_c, k, v, mask_c, dropout_rate=dropout_rate, key=key_c)
-
+    chunk = min(chunk_size, q.shape[2])
+    threshold = dropout_threshold(dropout_rate) if key is not None else 0
+    key_data, impl = None, None
+    if key is not None and threshold:
+        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        key_data = jax.random.key_data(key) if typed else key
+        impl = str(jax.random.key_impl(key)) if typed else None
+    if mask is not None:
+        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # as dot_product_attention
     if checkpoint:
-        one_chunk = jax.checkpoint(one_chunk)
-
-    def rows(a, start, stop):
-        return jax.lax.slice_in_dim(a, start, stop, axis=2)
-
-    def chunk_mask(start, stop):
-        return rows(mask, start, stop) if per_query_mask else mask
-
-    if num_full == 1:
-        head = one_chunk(rows(q, 0, chunk), chunk_mask(0, chunk), 0)
-    else:
-        def blocks(a):  # [b, h, num_full * chunk, ...] → [num_full, b, h, chunk, ...]
-            a = rows(a, 0, num_full * chunk)
-            return jnp.moveaxis(a.reshape(a.shape[:2] + (num_full, chunk) + a.shape[3:]), 2, 0)
-
-        mask_blocks = blocks(mask) if per_query_mask else None
-        out = jax.lax.map(
-            lambda xs: one_chunk(xs[0], mask if xs[1] is None else xs[1], xs[2]),
-            (blocks(q), mask_blocks, jnp.arange(num_full)))
-        out = jnp.moveaxis(out, 0, 2)  # [b, h, num_full, chunk, head_dim]
-        head = out.reshape(out.shape[:2] + (num_full * chunk,) + out.shape[4:])
-    if num_full * chunk == q_len:
-        return head
-    tail = one_chunk(rows(q, num_full * chunk, q_len), chunk_mask(num_full * chunk, q_len),
-                     num_full)
-    return jnp.concatenate([head, tail], axis=2)
+        return _flash(chunk, threshold, impl, q, k, v, mask, key_data)
+    return _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data)
 
 
 def fused_attention(q, k, v, mask, *, implementation: str = "cudnn"):

@@ -46,7 +46,8 @@ class GPTConfig(StackMethod):
     attention_dropout: float = 0.2  # dropout on attention probabilities
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
     # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
-    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    # blocks, O(seq·chunk) memory, any backend; the MLP runs in position blocks too), "cudnn"
+    # (fused kernel, GPU only).
     attention: str = "xla"
     # Init std of the token and position embeddings (nanoGPT: 0.02). Note for BDIA: the
     # stack input is then ~0.03 per element, so rounding it to δ = 2**-9 (x_0 = Q(x)) is a

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax import stable
+from bdia_jax.models import attention as attention_module
 from bdia_jax.models.attention import attend, check_attention, dropout
 from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
 
@@ -197,20 +198,42 @@ class MLP(nnx.Module):
     """Linear(width → mlp_dim) → GELU → Linear(mlp_dim → width); returns float32.
 
     ``approximate_gelu``: True = the tanh approximation (GPT-2's ``gelu_new``), False = the
-    exact erf GELU.
+    exact erf GELU. ``chunked`` (the blocks' ``attention="chunked"``): positions run in
+    blocks of ``attention.QUERY_CHUNK``, each under ``jax.checkpoint``, so that one block's
+    [batch, chunk, mlp_dim] hidden activations live at a time, in the forward and in the
+    backward pass, instead of the whole sequence's. Each row goes through the same ops
+    either way; the backward pass runs each block's forward once more.
     """
 
     def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
-                 approximate_gelu: bool = True, rngs: nnx.Rngs):
+                 approximate_gelu: bool = True, chunked: bool = False, rngs: nnx.Rngs):
         dtype = canonical_dtype(compute_dtype)
         self.approximate_gelu = approximate_gelu
+        self.chunked = chunked
         self.fc1 = nnx.Linear(width, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.fc2 = nnx.Linear(mlp_dim, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, y: jax.Array) -> jax.Array:
-        """y: [..., width] → [..., width] float32."""
+    def _dense(self, y: jax.Array) -> jax.Array:
         hidden = jax.nn.gelu(self.fc1(y), approximate=self.approximate_gelu)
         return self.fc2(hidden).astype(jnp.float32)
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        """y: [..., len, width] → [..., len, width] float32."""
+        chunk = attention_module.QUERY_CHUNK
+        if not self.chunked or y.ndim < 2 or y.shape[-2] <= chunk:
+            return self._dense(y)
+        dense = jax.checkpoint(self._dense)
+        length = y.shape[-2]
+        num_full = length // chunk
+        head = jax.lax.slice_in_dim(y, 0, num_full * chunk, axis=-2)
+        blocks = jnp.moveaxis(head.reshape(y.shape[:-2] + (num_full, chunk, y.shape[-1])),
+                              -3, 0)  # [num_full, ..., chunk, width]
+        out = jnp.moveaxis(jax.lax.map(dense, blocks), 0, -3)
+        out = out.reshape(y.shape[:-2] + (num_full * chunk, out.shape[-1]))
+        if num_full * chunk == length:
+            return out
+        tail = dense(jax.lax.slice_in_dim(y, num_full * chunk, length, axis=-2))
+        return jnp.concatenate([out, tail], axis=-2)
 
 
 class LayerNorm(nnx.Module):
@@ -253,7 +276,8 @@ class EncoderBlock(nnx.Module):
                                        rngs=rngs)
         self.ln2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
-                       approximate_gelu=approximate_gelu, rngs=rngs)
+                       approximate_gelu=approximate_gelu, chunked=attention == "chunked",
+                       rngs=rngs)
 
     def _mask(self, x, context):
         causal = causal_mask(x.shape[1], x.shape[1]) if self.causal else None
@@ -321,7 +345,8 @@ class DecoderBlock(nnx.Module):
                                              compute_dtype=compute_dtype, attention=attention,
                                              rngs=rngs)
         self.ln3 = LayerNorm(width, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
+                       chunked=attention == "chunked", rngs=rngs)
 
     @staticmethod
     def _unpack(context):

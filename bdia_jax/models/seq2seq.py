@@ -67,7 +67,8 @@ class Seq2SeqConfig(StackMethod):
     attention_dropout: float = 0.0  # dropout on attention probabilities
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
     # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
-    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    # blocks, O(seq·chunk) memory, any backend; the MLP runs in position blocks too), "cudnn"
+    # (fused kernel, GPU only).
     attention: str = "xla"
     pad_id: int = 0  # padding token (source padding is masked out of attention)
     bos_id: int = 2  # decoder start token

@@ -45,7 +45,8 @@ class ViTConfig(StackMethod):
     channels: int = 3  # input channels (C in [batch, H, W, C])
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
     # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
-    # blocks, O(seq·chunk) memory, any backend), "cudnn" (fused kernel, GPU only).
+    # blocks, O(seq·chunk) memory, any backend; the MLP runs in position blocks too), "cudnn"
+    # (fused kernel, GPU only).
     attention: str = "xla"
 
     def __post_init__(self):
