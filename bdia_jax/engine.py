@@ -455,15 +455,27 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
     n = spec.depth - 1  # BDIA steps k = n … 1, then block 0's Euler step
 
     def block_step(k, x_cur, x_next, g_cur, g_next):
-        """Step k >= 1 backwards. Invariant: g_next = dL/dx_{k+1} is complete; g_cur holds
-        only the γ_{k+1} dL/dx_{k+2} contribution of step k+1 to x_k. Returns x_{k-1},
-        the complete dL/dx_k, the γ_k dL/dx_{k+1} part of dL/dx_{k-1}, and block k's
-        parameter and context gradients."""
-        gamma_k = jax.lax.dynamic_index_in_dim(gammas, k - 1, keepdims=False)
-        bits_k = jax.lax.dynamic_index_in_dim(bits, k - 1, keepdims=False)
+        """Step k backwards. Invariant: g_next = dL/dx_{k+1} is complete; g_cur holds only
+        the γ_{k+1} dL/dx_{k+2} contribution of step k+1 to x_k. Returns x_{k-1}, the
+        complete dL/dx_k, the γ_k dL/dx_{k+1} part of dL/dx_{k-1}, and block k's parameter
+        and context gradients.
+
+        Block 0's Euler step x_1 = x_0 + Q(h_0(x_0)) is the BDIA step with γ = 0 (both take
+        straight-through gradients of Q), so k = 0 runs the same code with γ_0 = 0 and no
+        x_{-1}: its rebuild divides by 1 instead of 0 and is discarded.
+        """
+        if n == 0:  # depth 1: no γ draw and no side bits to read
+            gamma_k = jnp.zeros(gammas.shape[1:], gammas.dtype)
+            bits_k = jnp.zeros(bits.shape[1:], bits.dtype)
+        else:
+            gamma_k = jax.lax.dynamic_index_in_dim(gammas, jnp.maximum(k - 1, 0), keepdims=False)
+            bits_k = jax.lax.dynamic_index_in_dim(bits, jnp.maximum(k - 1, 0), keepdims=False)
+        first = k == 0
         x_prev, gamma_b, pullback = _rebuild_step(
             block_fn, spec, context, x_cur, x_next, _take(params, k),
-            None if keys is None else keys[k], gamma_k, bits_k)
+            None if keys is None else keys[k], jnp.where(first, 1, gamma_k).astype(gamma_k.dtype),
+            bits_k)
+        gamma_b = jnp.where(first, 0, gamma_b).astype(gamma_b.dtype)
         g_params_k, g_x_h, g_ctx_k = pullback(g_next + gamma_b * g_next)
         g_cur = g_cur + (g_next - gamma_b * g_next) + g_x_h
         return x_prev, g_cur, gamma_b * g_next, g_params_k, diff_part(g_ctx_k)
@@ -472,10 +484,12 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
     # carry (a rotation costs XLA a copy per buffer): x_{k-1} overwrites x_{k+1}, which is
     # dead once it is rebuilt, and dL/dx_{k-1}'s first part overwrites the finished
     # dL/dx_{k+1}. Step i (k = n - i) reads (x_k, x_{k+1}, ...) from slots (a, b, ...) when
-    # i is even and from (b, a, ...) when it is odd; a lax.switch on the parity picks the
+    # i is even and from (b, a, ...) when it is odd; a lax.cond on the parity picks the
     # branch, so each branch writes its slots in place. (A loop body of two steps, each in
     # a lax.cond returning only the slots it changed, was no better: XLA:CPU gave the conds'
-    # outputs buffers of their own.)
+    # outputs buffers of their own.) Block 0 runs in the loop too, with its key read at a
+    # traced k: after the loop, XLA merged its dropout bits with the forward pass's and kept
+    # them live through every step.
     def even(k, xa, xb, ga, gb):
         x_prev, g_cur, g_prev, g_params_k, g_ctx_k = block_step(k, xa, xb, ga, gb)
         return (xa, x_prev, g_cur, g_prev), g_params_k, g_ctx_k
@@ -484,31 +498,17 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
         x_prev, g_cur, g_prev, g_params_k, g_ctx_k = block_step(k, xb, xa, gb, ga)
         return (x_prev, xb, g_prev, g_cur), g_params_k, g_ctx_k
 
-    def first(k, xa, xb, ga, gb):
-        # Block 0 (plain Euler step): x_1 = x_0 + Q(h_0(x_0)), straight-through Q. It runs
-        # in the loop, with its key read at a traced k, so that XLA does not merge its
-        # dropout bits with the forward pass's and keep them live through every step.
-        x0, x1, g0, g1 = (xa, xb, ga, gb) if n % 2 == 0 else (xb, xa, gb, ga)
-        key0 = None if keys is None else keys[k]
-        _, pullback0 = jax.vjp(lambda p, x, c: _apply_block(block_fn, p, x, c, key0),
-                               _take(params, k), x0, context)
-        g_params0, g_x_h0, g_ctx0 = pullback0(g1)
-        g_x0 = g0 + g1 + g_x_h0
-        streams = (xa, xb, g_x0, gb) if n % 2 == 0 else (xa, xb, ga, g_x0)
-        return streams, g_params0, diff_part(g_ctx0)
-
     def body(i, carry):
         streams, g_ctx, g_params = carry
         k = n - i
-        branch = jnp.where(k == 0, 2, i % 2)
-        streams, g_params_k, g_ctx_k = jax.lax.switch(branch, (even, odd, first), k, *streams)
+        streams, g_params_k, g_ctx_k = jax.lax.cond(i % 2 == 0, even, odd, k, *streams)
         g_ctx = [a + b for a, b in zip(g_ctx, g_ctx_k)]
         return streams, g_ctx, _put(g_params, g_params_k, k)
 
     g_params = jax.tree_util.tree_map(jnp.zeros_like, params)
     init = ((x_before, x_last, jnp.zeros_like(x_last), g_last), zeros_ctx, g_params)
     if n == 0:
-        (xa, xb, ga, gb), g_params_0, g_ctx = first(jnp.int32(0), *init[0])
+        (xa, xb, ga, gb), g_params_0, g_ctx = even(jnp.int32(0), *init[0])
         g_params = _put(g_params, g_params_0, 0)
     else:
         (xa, xb, ga, gb), g_ctx, g_params = jax.lax.fori_loop(0, n + 1, body, init)
