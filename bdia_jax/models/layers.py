@@ -24,6 +24,7 @@ token); the engine gives such a non-float context leaf a float0 (no) cotangent.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -222,18 +223,73 @@ class MLP(nnx.Module):
         chunk = attention_module.QUERY_CHUNK
         if not self.chunked or y.ndim < 2 or y.shape[-2] <= chunk:
             return self._dense(y)
-        dense = jax.checkpoint(self._dense)
-        length = y.shape[-2]
-        num_full = length // chunk
-        head = jax.lax.slice_in_dim(y, 0, num_full * chunk, axis=-2)
-        blocks = jnp.moveaxis(head.reshape(y.shape[:-2] + (num_full, chunk, y.shape[-1])),
-                              -3, 0)  # [num_full, ..., chunk, width]
-        out = jnp.moveaxis(jax.lax.map(dense, blocks), 0, -3)
-        out = out.reshape(y.shape[:-2] + (num_full * chunk, out.shape[-1]))
-        if num_full * chunk == length:
-            return out
-        tail = dense(jax.lax.slice_in_dim(y, num_full * chunk, length, axis=-2))
-        return jnp.concatenate([out, tail], axis=-2)
+        graphdef, state = nnx.split(self)
+
+        def dense(state, y_c):
+            return nnx.merge(graphdef, state)._dense(y_c)
+
+        return position_blocks(dense, state, y, chunk)
+
+
+def _position_blocks_forward(fn, chunk, params, y):
+    length = y.shape[-2]
+    num_full = length // chunk
+
+    def block(start, size):
+        return fn(params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
+
+    shape = jax.eval_shape(lambda: block(0, chunk))
+    out = jnp.zeros(y.shape[:-2] + (length,) + shape.shape[-1:], shape.dtype)
+    out = jax.lax.fori_loop(0, num_full, lambda i, out: jax.lax.dynamic_update_slice_in_dim(
+        out, block(i * chunk, chunk), i * chunk, axis=-2), out)
+    if num_full * chunk < length:
+        tail = block(num_full * chunk, length - num_full * chunk)
+        out = jax.lax.dynamic_update_slice_in_dim(out, tail, num_full * chunk, axis=-2)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _position_blocks(fn, chunk, params, y):
+    return _position_blocks_forward(fn, chunk, params, y)
+
+
+def _position_blocks_fwd(fn, chunk, params, y):
+    return _position_blocks_forward(fn, chunk, params, y), (params, y)
+
+
+def _position_blocks_bwd(fn, chunk, residuals, g_out):
+    params, y = residuals
+    length = y.shape[-2]
+    num_full = length // chunk
+
+    def block(start, size, carry):
+        g_params, g_y = carry
+        _, pullback = jax.vjp(fn, params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
+        g_params_c, g_y_c = pullback(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=-2))
+        g_params = jax.tree_util.tree_map(jnp.add, g_params, g_params_c)
+        return g_params, jax.lax.dynamic_update_slice_in_dim(g_y, g_y_c, start, axis=-2)
+
+    carry = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros_like(y))
+    carry = jax.lax.fori_loop(0, num_full, lambda i, c: block(i * chunk, chunk, c), carry)
+    if num_full * chunk < length:
+        carry = block(num_full * chunk, length - num_full * chunk, carry)
+    return carry
+
+
+_position_blocks.defvjp(_position_blocks_fwd, _position_blocks_bwd)
+
+
+def position_blocks(fn, params, y: jax.Array, chunk: int) -> jax.Array:
+    """``fn(params, y)`` of a position-wise ``fn``, computed ``chunk`` positions at a time.
+
+    y: [..., len, width]; returns fn's [..., len, out] in its dtype. The forward pass writes
+    each block's output in place; a custom VJP keeps only (params, y) and its backward pass
+    loops over the same blocks, recomputing each block's ``fn`` under ``jax.vjp``,
+    accumulating the parameter gradients and writing dL/dy in place. So one block's
+    activations of ``fn`` live at a time, and no block axis is transposed to the front.
+    The same ops run on each block in both passes, which the BDIA reversal needs.
+    """
+    return _position_blocks(fn, chunk, params, y)
 
 
 class LayerNorm(nnx.Module):
