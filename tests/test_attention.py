@@ -102,7 +102,7 @@ def test_chunked_custom_vjp_matches_autodiff_of_the_same_blocks(mask_name, dtype
 
 @pytest.mark.parametrize("length", [48, 37])  # three blocks of 16; two and a tail of 5
 def test_chunked_mlp_matches_the_dense_mlp(monkeypatch, length):
-    """attention="chunked" runs the MLP over position blocks under jax.checkpoint: the same
+    """attention="chunked" runs the MLP over position blocks (a custom VJP): the same
     outputs and gradients as the whole sequence at once."""
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     dense = MLP(8, 32, rngs=nnx.Rngs(0))

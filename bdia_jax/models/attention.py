@@ -7,9 +7,9 @@
   ``QUERY_CHUNK`` queries, with a custom VJP that keeps only q, k and v and recomputes each
   block's probabilities in the backward pass. Only one block's [batch, heads, chunk, k_len]
   logits and probabilities live at a time, in the forward pass and in the backward pass.
-  The blocks' MLPs then also run over blocks of ``QUERY_CHUNK`` positions under
-  ``jax.checkpoint`` (``layers.MLP``), since their [len, mlp_dim] activations are the next
-  largest. Exact attention, any backend. Each output row is computed by the very ops of
+  The blocks' MLPs then also run over blocks of ``QUERY_CHUNK`` positions, with the same
+  kind of custom VJP (``layers.position_blocks``), since their [len, mlp_dim] activations
+  are the next largest. Exact attention, any backend. Each output row is computed by the very ops of
   ``"xla"`` on its own query row, so the two agree to float rounding
   (tests/test_attention.py).
 * ``"cudnn"``   – ``fused_attention``: ``jax.nn.dot_product_attention(implementation=

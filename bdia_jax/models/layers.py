@@ -200,7 +200,7 @@ class MLP(nnx.Module):
 
     ``approximate_gelu``: True = the tanh approximation (GPT-2's ``gelu_new``), False = the
     exact erf GELU. ``chunked`` (the blocks' ``attention="chunked"``): positions run in
-    blocks of ``attention.QUERY_CHUNK``, each under ``jax.checkpoint``, so that one block's
+    blocks of ``attention.QUERY_CHUNK`` (``position_blocks``), so that one block's
     [batch, chunk, mlp_dim] hidden activations live at a time, in the forward and in the
     backward pass, instead of the whole sequence's. Each row goes through the same ops
     either way; the backward pass runs each block's forward once more.
