@@ -122,16 +122,27 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None)
     mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or None.
     Returns [batch, heads, q_len, head_dim] in v's dtype.
     """
+    probs = _softmax_probs(_scale_queries(q), k, mask)
+    probs = dropout(probs, dropout_rate, key)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+
+
+def _scale_queries(q):
     # The queries are scaled, not the logits: XLA:CPU materializes the scale as a full
     # [batch, heads, q_len, k_len] operand of the fused dot. For a head_dim that is a power
     # of 4 the scale is a power of 2, and the logits are bitwise those of scaling after.
-    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, key)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+
+
+def for_each_block(length: int, chunk: int, fn, carry):
+    """``carry = fn(start, size, index, carry)`` over blocks of ``chunk`` positions of a
+    ``length`` axis: the full blocks in a ``fori_loop`` (traced start and index, size =
+    chunk), then a shorter last block, if any, once more."""
+    num_full = length // chunk
+    carry = jax.lax.fori_loop(0, num_full, lambda i, c: fn(i * chunk, chunk, i, c), carry)
+    if num_full * chunk < length:
+        carry = fn(num_full * chunk, length - num_full * chunk, num_full, carry)
+    return carry
 
 
 def _softmax_probs(q_c, k, mask_c):
@@ -156,7 +167,7 @@ def _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data):
     per_query_mask = mask is not None and mask.shape[2] != 1
     scale = 256.0 / (256 - threshold)
 
-    def block(start, size, index):
+    def block(start, size, index, out):
         q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
         mask_c = (jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query_mask
                   else mask)
@@ -164,19 +175,10 @@ def _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data):
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         if keep is not None:
             probs = jnp.where(keep, probs * scale, 0.0)
-        return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+        out_c = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=2)
 
-    num_full = q_len // chunk
-
-    def body(i, out):
-        return jax.lax.dynamic_update_slice_in_dim(out, block(i * chunk, chunk, i), i * chunk,
-                                                   axis=2)
-
-    out = jax.lax.fori_loop(0, num_full, body, jnp.zeros((b, h, q_len, d), v.dtype))
-    if num_full * chunk < q_len:
-        tail = block(num_full * chunk, q_len - num_full * chunk, num_full)
-        out = jax.lax.dynamic_update_slice_in_dim(out, tail, num_full * chunk, axis=2)
-    return out
+    return for_each_block(q_len, chunk, block, jnp.zeros((b, h, q_len, d), v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -220,12 +222,8 @@ def _flash_bwd(chunk, threshold, impl, residuals, g_out):
         g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c, start, axis=2)
         return g_q, g_k, g_v
 
-    num_full = q_len // chunk
     carry = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
-    carry = jax.lax.fori_loop(0, num_full, lambda i, c: block(i * chunk, chunk, i, c), carry)
-    if num_full * chunk < q_len:
-        carry = block(num_full * chunk, q_len - num_full * chunk, num_full, carry)
-    g_q, g_k, g_v = carry
+    g_q, g_k, g_v = for_each_block(q_len, chunk, block, carry)
 
     def no_gradient(x):
         return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
@@ -265,7 +263,7 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
         impl = str(jax.random.key_impl(key)) if typed else None
     if mask is not None:
         mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
-    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # as dot_product_attention
+    q = _scale_queries(q)
     if checkpoint:
         return _flash(chunk, threshold, impl, q, k, v, mask, key_data)
     return _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data)

@@ -33,7 +33,7 @@ from flax import nnx
 
 from bdia_jax import stable
 from bdia_jax.models import attention as attention_module
-from bdia_jax.models.attention import attend, check_attention, dropout
+from bdia_jax.models.attention import attend, check_attention, dropout, for_each_block
 from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
 
 
@@ -232,20 +232,14 @@ class MLP(nnx.Module):
 
 
 def _position_blocks_forward(fn, chunk, params, y):
-    length = y.shape[-2]
-    num_full = length // chunk
+    def block(start, size, index, out):
+        out_c = fn(params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
+        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=-2)
 
-    def block(start, size):
-        return fn(params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
-
-    shape = jax.eval_shape(lambda: block(0, chunk))
-    out = jnp.zeros(y.shape[:-2] + (length,) + shape.shape[-1:], shape.dtype)
-    out = jax.lax.fori_loop(0, num_full, lambda i, out: jax.lax.dynamic_update_slice_in_dim(
-        out, block(i * chunk, chunk), i * chunk, axis=-2), out)
-    if num_full * chunk < length:
-        tail = block(num_full * chunk, length - num_full * chunk)
-        out = jax.lax.dynamic_update_slice_in_dim(out, tail, num_full * chunk, axis=-2)
-    return out
+    shape = jax.eval_shape(fn, params, jax.ShapeDtypeStruct(
+        y.shape[:-2] + (chunk,) + y.shape[-1:], y.dtype))
+    out = jnp.zeros(y.shape[:-2] + y.shape[-2:-1] + shape.shape[-1:], shape.dtype)
+    return for_each_block(y.shape[-2], chunk, block, out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -259,10 +253,8 @@ def _position_blocks_fwd(fn, chunk, params, y):
 
 def _position_blocks_bwd(fn, chunk, residuals, g_out):
     params, y = residuals
-    length = y.shape[-2]
-    num_full = length // chunk
 
-    def block(start, size, carry):
+    def block(start, size, index, carry):
         g_params, g_y = carry
         _, pullback = jax.vjp(fn, params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
         g_params_c, g_y_c = pullback(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=-2))
@@ -270,10 +262,7 @@ def _position_blocks_bwd(fn, chunk, residuals, g_out):
         return g_params, jax.lax.dynamic_update_slice_in_dim(g_y, g_y_c, start, axis=-2)
 
     carry = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros_like(y))
-    carry = jax.lax.fori_loop(0, num_full, lambda i, c: block(i * chunk, chunk, c), carry)
-    if num_full * chunk < length:
-        carry = block(num_full * chunk, length - num_full * chunk, carry)
-    return carry
+    return for_each_block(y.shape[-2], chunk, block, carry)
 
 
 _position_blocks.defvjp(_position_blocks_fwd, _position_blocks_bwd)
