@@ -477,11 +477,13 @@ def step_time(args, preset: dict, budget: TimeBudget) -> dict:
 
 def largest_batch(args, preset: dict, budget: TimeBudget) -> dict:
     device = device_memory()
+    argv = list(preset["max_batch_argv"])
     if args.small:
-        argv, source = list(preset["max_batch_argv"]), "the small preset's budget"
+        source = "the small preset's budget"
     elif device and device.get("bytes_limit"):
         budget_gib = device["bytes_limit"] / 2**30
-        argv, source = ["--budget_gib", f"{budget_gib:.2f}"], "memory_stats() bytes_limit"
+        argv += ["--budget_gib", f"{budget_gib:.2f}"]
+        source = "memory_stats() bytes_limit"
     else:
         raise RuntimeError("this device reports no memory_stats()['bytes_limit']; run "
                            "experiments.max_batch with --budget_gib instead.")

@@ -96,3 +96,28 @@ def test_memory_runs_one_process_per_model_where_memory_stats_exist(monkeypatch)
         assert row["peak_bytes"] > row["param_bytes"] > 0, name
         assert row["xla_flags"] == os.environ.get("XLA_FLAGS", ""), name
     assert section["rows"]["bdia_vit"]["vit_over_this"] > 0
+
+
+def test_largest_batch_on_a_device_keeps_the_presets_flags(monkeypatch):
+    """The accelerator path of the max-batch section, on the CPU: the budget comes from a
+    stand-in memory_stats(), and the full preset's own flags (the README's --loss_chunk 32)
+    reach experiments.max_batch with it. The search itself is stubbed (tests/test_max_batch.py
+    runs it)."""
+    monkeypatch.setattr(device_check, "device_memory", lambda: {"bytes_limit": 80 * 2**30})
+    seen = []
+
+    def run(args):
+        seen.append(args)
+        table = {args.methods: {"80.0": {"batch": 3, "attention": "chunked"}}}
+        return {"searches": {}, "table": table, "config": vars(args), "backend": "cpu"}
+
+    monkeypatch.setattr(device_check.max_batch, "run", run)
+    args = device_check.parse_args([])
+    section = device_check.largest_batch(args, device_check.PRESETS["full"],
+                                         device_check.TimeBudget(300))
+    assert section["budget_source"] == "memory_stats() bytes_limit"
+    assert [a.methods for a in seen] == ["bdia", "remat", "autodiff"]
+    for a in seen:
+        assert (a.loss_chunk, a.budget_gib, a.attention) == (32, "80.00", "chunked")
+        assert (a.depth, a.width, a.context) == (24, 1024, 1024)  # GPT-2 medium, not --small
+    assert "BDIA / remat" in section["markdown"]
