@@ -454,65 +454,77 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
 
     n = spec.depth - 1  # BDIA steps k = n … 1, then block 0's Euler step
 
-    def block_step(k, x_cur, x_next, g_cur, g_next):
-        """Step k backwards. Invariant: g_next = dL/dx_{k+1} is complete; g_cur holds only
-        the γ_{k+1} dL/dx_{k+2} contribution of step k+1 to x_k. Returns x_{k-1}, the
-        complete dL/dx_k, the γ_k dL/dx_{k+1} part of dL/dx_{k-1}, and block k's parameter
-        and context gradients.
+    def gamma_of(k):
+        """γ_k [batch] (0 for k = 0, whose Euler step is the BDIA step with γ = 0, and for
+        k = n + 1, past the last block)."""
+        if n == 0:
+            return jnp.zeros(gammas.shape[1:], gammas.dtype)
+        gamma = jax.lax.dynamic_index_in_dim(gammas, jnp.clip(k - 1, 0, n - 1), keepdims=False)
+        return jnp.where((k == 0) | (k > n), 0, gamma).astype(gamma.dtype)
+
+    def block_step(k, x_cur, x_next, g_after, g_next):
+        """Step k backwards: x_{k-1} and the complete dL/dx_k, with block k's parameter and
+        context gradients. g_next = dL/dx_{k+1} is complete; g_after = dL/dx_{k+2} (zeros
+        for k = n), of which step k+1 gave x_k the part γ_{k+1} dL/dx_{k+2}.
 
         Block 0's Euler step x_1 = x_0 + Q(h_0(x_0)) is the BDIA step with γ = 0 (both take
         straight-through gradients of Q), so k = 0 runs the same code with γ_0 = 0 and no
         x_{-1}: its rebuild divides by 1 instead of 0 and is discarded.
         """
-        if n == 0:  # depth 1: no γ draw and no side bits to read
-            gamma_k = jnp.zeros(gammas.shape[1:], gammas.dtype)
-            bits_k = jnp.zeros(bits.shape[1:], bits.dtype)
-        else:
-            gamma_k = jax.lax.dynamic_index_in_dim(gammas, jnp.maximum(k - 1, 0), keepdims=False)
-            bits_k = jax.lax.dynamic_index_in_dim(bits, jnp.maximum(k - 1, 0), keepdims=False)
-        first = k == 0
+        bits_k = (jnp.zeros(bits.shape[1:], bits.dtype) if n == 0  # depth 1: no side bits
+                  else jax.lax.dynamic_index_in_dim(bits, jnp.maximum(k - 1, 0), keepdims=False))
+        gamma_k = gamma_of(k)
         x_prev, gamma_b, pullback = _rebuild_step(
             block_fn, spec, context, x_cur, x_next, _take(params, k),
-            None if keys is None else keys[k], jnp.where(first, 1, gamma_k).astype(gamma_k.dtype),
+            None if keys is None else keys[k], jnp.where(k == 0, 1, gamma_k).astype(gamma_k.dtype),
             bits_k)
-        gamma_b = jnp.where(first, 0, gamma_b).astype(gamma_b.dtype)
+        gamma_b = broadcast_gamma(gamma_k, x_cur)
         g_params_k, g_x_h, g_ctx_k = pullback(g_next + gamma_b * g_next)
-        g_cur = g_cur + (g_next - gamma_b * g_next) + g_x_h
-        return x_prev, g_cur, gamma_b * g_next, g_params_k, diff_part(g_ctx_k)
+        # γ_{k+1} dL/dx_{k+2} is formed here, not kept from step k+1: dL/dx_{k+2} stays in its
+        # buffer unchanged, and no fifth stream-sized buffer holds the scaled copy.
+        g_cur = (broadcast_gamma(gamma_of(k + 1), x_cur) * g_after
+                 + (g_next - gamma_b * g_next) + g_x_h)
+        return x_prev, g_cur, g_params_k, diff_part(g_ctx_k)
 
-    # The four stream buffers swap roles every step instead of rotating through the loop
-    # carry (a rotation costs XLA a copy per buffer): x_{k-1} overwrites x_{k+1}, which is
-    # dead once it is rebuilt, and dL/dx_{k-1}'s first part overwrites the finished
-    # dL/dx_{k+1}. Step i (k = n - i) reads (x_k, x_{k+1}, ...) from slots (a, b, ...) when
-    # i is even and from (b, a, ...) when it is odd; a lax.cond on the parity picks the
-    # branch, so each branch writes its slots in place. (A loop body of two steps, each in
-    # a lax.cond returning only the slots it changed, was no better: XLA:CPU gave the conds'
-    # outputs buffers of their own.) Block 0 runs in the loop too, with its key read at a
-    # traced k: after the loop, XLA merged its dropout bits with the forward pass's and kept
-    # them live through every step.
-    def even(k, xa, xb, ga, gb):
-        x_prev, g_cur, g_prev, g_params_k, g_ctx_k = block_step(k, xa, xb, ga, gb)
-        return (xa, x_prev, g_cur, g_prev), g_params_k, g_ctx_k
+    def step_into(k, streams, g_ctx, g_params):
+        """Step k, if 0 <= k <= n, on the four stream buffers (x_k, x_{k+1}, dL/dx_{k+2},
+        dL/dx_{k+1}): x_{k-1} overwrites x_{k+1} and dL/dx_k overwrites dL/dx_{k+2}, both
+        dead once read. Returns the buffers in the roles of step k-1: (x_{k-1}, x_k,
+        dL/dx_{k+1}, dL/dx_k), and the context and parameter gradients."""
+        def body(carry):
+            _, (x_cur, x_next, g_after, g_next), g_ctx, g_params = carry
+            x_prev, g_cur, g_params_k, g_ctx_k = block_step(k, x_cur, x_next, g_after, g_next)
+            g_ctx = [a + b for a, b in zip(g_ctx, g_ctx_k)]
+            return (jnp.zeros((), bool), (x_cur, x_prev, g_cur, g_next), g_ctx,
+                    _put(g_params, g_params_k, k))
 
-    def odd(k, xa, xb, ga, gb):
-        x_prev, g_cur, g_prev, g_params_k, g_ctx_k = block_step(k, xb, xa, gb, ga)
-        return (x_prev, xb, g_prev, g_cur), g_params_k, g_ctx_k
+        # A while loop of at most one trip: its body is compiled and scheduled on its own,
+        # so the two steps of an iteration never overlap, and a loop's carry keeps each
+        # buffer in place (a lax.cond gives its outputs new buffers and copies what a
+        # branch passes through, on XLA:CPU).
+        _, (x_cur, x_prev, g_cur, g_next), g_ctx, g_params = jax.lax.while_loop(
+            lambda carry: carry[0], body, ((k >= 0) & (k <= n), streams, g_ctx, g_params))
+        return (x_prev, x_cur, g_next, g_cur), g_ctx, g_params
 
-    def body(i, carry):
-        streams, g_ctx, g_params = carry
-        k = n - i
-        streams, g_params_k, g_ctx_k = jax.lax.cond(i % 2 == 0, even, odd, k, *streams)
-        g_ctx = [a + b for a, b in zip(g_ctx, g_ctx_k)]
-        return streams, g_ctx, _put(g_params, g_params_k, k)
+    # Two steps per loop iteration, so that every buffer is back in its carry position
+    # after each iteration: one step swaps the roles of the two state buffers and of the two
+    # gradient buffers, and a loop that carried them in fixed roles would copy each one
+    # every step. With an odd number of steps the first iteration's first step is k = n + 1,
+    # which does not run. Block 0 runs in the loop, with its key read at a traced k: after
+    # the loop, XLA merged its dropout bits with the forward pass's and kept them live
+    # through every step.
+    top = n + (n + 1) % 2
+
+    def two_steps(i, carry):
+        k = top - 2 * i
+        return step_into(k - 1, *step_into(k, *carry))
 
     g_params = jax.tree_util.tree_map(jnp.zeros_like, params)
-    init = ((x_before, x_last, jnp.zeros_like(x_last), g_last), zeros_ctx, g_params)
-    if n == 0:
-        (xa, xb, ga, gb), g_params_0, g_ctx = even(jnp.int32(0), *init[0])
-        g_params = _put(g_params, g_params_0, 0)
-    else:
-        (xa, xb, ga, gb), g_ctx, g_params = jax.lax.fori_loop(0, n + 1, body, init)
-    x0, g_x0 = (xa, ga) if n % 2 == 0 else (xb, gb)
+    streams = (x_before, x_last, jnp.zeros_like(x_last), g_last)  # the roles of step n
+    if top > n:  # the roles of step n + 1, which step_into turns into those of step n
+        streams = (streams[1], streams[0], streams[3], streams[2])
+    (_, x0, _, g_x0), g_ctx, g_params = jax.lax.fori_loop(
+        0, (n + 2) // 2, two_steps, (streams, zeros_ctx, g_params))
     g_ctx = full_ctx_cotangent(g_ctx)
 
     if spec.verify:
