@@ -46,11 +46,14 @@ from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from experiments.common.memory import compiled_memory
 from experiments.common.train_step import adamw, make_train_step, split_model
 
-# Each gradient method: (label, GPTConfig.update, GPTConfig.backprop).
+# Each gradient method: (label, the method keywords of gpt_config). BDIA recomputes h_k
+# the way the experiments' configs train it (recompute="shared": one block forward per step
+# of the backward pass, which the models' blocks are built to keep exact).
 METHODS = {
-    "autodiff": ("standard, autodiff", "standard", "autodiff"),
-    "remat": ("standard, per-block remat", "standard", "remat"),
-    "bdia": ("BDIA, reversible", "bdia", "reversible"),
+    "autodiff": ("standard, autodiff", dict(update="standard", backprop="autodiff")),
+    "remat": ("standard, per-block remat", dict(update="standard", backprop="remat")),
+    "bdia": ("BDIA, reversible", dict(update="bdia", backprop="reversible",
+                                      recompute="shared")),
 }
 GPT2_MEDIUM = dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, context=1024,
                    vocab=50257)
@@ -59,12 +62,11 @@ GIB = 2**30
 
 
 def model_config(args, method: str, attention: str):
-    _, update, backprop = METHODS[method]
     return gpt_config(
         "nanogpt", vocab_size=args.vocab, max_len=args.context, width=args.width,
         depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim, dropout=0.0,
-        attention_dropout=0.0, update=update, backprop=backprop,
-        compute_dtype=args.compute_dtype, attention=attention)
+        attention_dropout=0.0, compute_dtype=args.compute_dtype, attention=attention,
+        **METHODS[method][1])
 
 
 def gpt_loss(model, tokens, key, loss_chunk: int = 0):
