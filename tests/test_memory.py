@@ -40,3 +40,31 @@ def test_reversible_keeps_only_side_bits(gamma, side_bits):
 def test_remat_keeps_one_float32_state_per_block():
     bits = _bits_per_element_per_block("bdia", "remat", 0.5)
     assert 31 <= bits <= 40, bits
+
+
+def test_reversible_backward_costs_few_streams_beyond_one_block():
+    """Per sample, the reversible step's compiled peak exceeds that of one block's forward +
+    VJP compiled alone by a few stream-sized buffers: the input x, its quantized x_0 (the
+    probe's reference), the backward loop's four stream buffers (of which the block alone
+    has two, its input and cotangent) and the side bits. Measured: 6.2 streams at 71089d8,
+    8.2 before it, where XLA copied the stream that a lax.cond branch passed through and
+    γ_{k+1} dL/dx_{k+2} lived beside dL/dx_{k+2}. One more copy fails the bound."""
+    batches = (8, 16)
+    block = make_attn_mlp_block(heads=HEADS)
+    params = jax.eval_shape(lambda k: init_attn_mlp(k, 6, DIM, HIDDEN), jax.random.PRNGKey(1))
+    block_params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                                          params)
+    key = jax.random.PRNGKey(0)
+    step = make_step("bdia", "reversible", block, 0.5, 9, recompute="shared", probe=True)
+    block_vjp = jax.jit(lambda p, x, g, key: jax.vjp(
+        lambda p, x: block(p, x, None, key), p, x)[1](g))
+
+    def streams_per_sample(jitted, args_of_x):
+        peaks = [step_memory(jitted, *args_of_x(jax.ShapeDtypeStruct(
+            (batch, SEQ, DIM), jnp.float32)))["peak_estimate_bytes"] for batch in batches]
+        return (peaks[1] - peaks[0]) / (batches[1] - batches[0]) / (SEQ * DIM * 4)
+
+    stack = streams_per_sample(
+        step, lambda x: (params, x, key, jax.ShapeDtypeStruct((), jnp.float32)))
+    one_block = streams_per_sample(block_vjp, lambda x: (block_params, x, x, key))
+    assert stack - one_block <= 6.5, (stack, one_block)
