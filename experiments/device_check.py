@@ -23,8 +23,8 @@ section, so a run cut short keeps what it found). Sections, in this order:
   BDIA-ViT (reversible) and RevViT (reversible), beside the paper's figures. Where the
   backend has no ``memory_stats()`` (CPU) the compiled peak estimate is the figure, taken in
   this process.
-* ``step_time``: BDIA reversible, standard per-block remat and standard autodiff ViT train
-  steps, interleaved round-robin in one process; median seconds per step and the ratio to
+* ``step_time``: BDIA reversible (``recompute="shared"``, ``max_batch.METHODS``), standard
+  per-block remat and standard autodiff ViT train steps, interleaved round-robin in one process; median seconds per step and the ratio to
   remat.
 * ``max_batch``: ``experiments.max_batch`` (GPT-2 medium size, compile-only search) with the
   budget = the device's ``memory_stats()["bytes_limit"]``; ``--small``: its small preset.
@@ -427,9 +427,8 @@ def memory(args, preset: dict, budget: TimeBudget) -> dict:
 def step_time(args, preset: dict, budget: TimeBudget) -> dict:
     timing = preset["timing"]
     lowered, state, out = {}, {}, {"batch": timing["batch"], "methods": {}}
-    for method, (label, update, backprop) in max_batch.METHODS.items():
-        spec = {"model": "vit", "dtype": args.timing_dtype,
-                "method": dict(update=update, backprop=backprop)}
+    for method, (label, keywords) in max_batch.METHODS.items():
+        spec = {"model": "vit", "dtype": args.timing_dtype, "method": dict(keywords)}
         try:
             lowered[method], state[method], _ = lowered_step(spec, preset, timing["batch"],
                                                              donate=True)
