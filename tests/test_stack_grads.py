@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from grad_utils import assert_grads_close
+from grad_utils import assert_grads_close, bdia_rounding_bound
 
 import bdia_jax
 from bdia_jax.testing import init_attn_mlp, init_mlp, make_attn_mlp_block, make_tanh_block
@@ -131,7 +131,9 @@ def test_any_gamma_trains_without_an_inverse(gamma, frac_bits):
     """Table 2's ablation (γ = ±0.6, 0; unquantized, and on the grid): Autodiff and Remat
     match plain JAX autodiff of the hand-written recurrence. On the grid the forward is
     bit-identical; unquantized, XLA compiles the unrolled loop and the engine's scan with
-    other fusions, so the forward agrees to float32 rounding."""
+    other fusions (and other ISAs vectorize tanh and the sums otherwise), so the forward agrees
+    within a rounding bound derived from the recurrence (``grad_utils.bdia_rounding_bound``),
+    not a tolerance tuned on one machine."""
     block = make_tanh_block()
     params = init_mlp(jax.random.PRNGKey(0), DEPTH, DIM)
     _, x, _, target = _inputs(CASES["attn_mlp"])
@@ -147,6 +149,7 @@ def test_any_gamma_trains_without_an_inverse(gamma, frac_bits):
         return _hand_written_bdia(block, p, x, gammas, frac_bits)
 
     want_y, want_grads = jax.jit(reference)(params, x), grads_of(reference)
+    bound = bdia_rounding_bound(params["w"], x, gammas)
     update = bdia_jax.BDIA(gamma=gamma, frac_bits=frac_bits)
     for backprop in (bdia_jax.Autodiff(), bdia_jax.Remat()):
         def engine(p, x, backprop=backprop):
@@ -155,7 +158,7 @@ def test_any_gamma_trains_without_an_inverse(gamma, frac_bits):
 
         y = jax.jit(engine)(params, x)
         if frac_bits is None:
-            np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+            assert np.all(np.abs(np.asarray(y, np.float64) - np.asarray(want_y)) <= bound)
         else:
             chex.assert_trees_all_equal(y, want_y)
         assert_grads_close(grads_of(engine), want_grads, rtol=1e-5)
