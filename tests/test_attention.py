@@ -15,7 +15,9 @@ from models_utils import jitted, probe_total, train_grads
 
 from bdia_jax.models import (
     GPT,
+    DecoderLM,
     MultiHeadAttention,
+    decoder_config,
     ViT,
     attention,
     gpt_config,
@@ -101,12 +103,11 @@ def test_chunked_custom_vjp_matches_autodiff_of_the_same_blocks(mask_name, dtype
 
 
 @pytest.mark.parametrize("length", [48, 37])  # three blocks of 16; two and a tail of 5
-def test_chunked_mlp_matches_the_dense_mlp(monkeypatch, length):
+def test_chunked_mlp_matches_the_dense_mlp(length):
     """attention="chunked" runs the MLP over position blocks (a custom VJP): the same
     outputs and gradients as the whole sequence at once."""
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     dense = MLP(8, 32, rngs=nnx.Rngs(0))
-    chunked = MLP(8, 32, chunked=True, rngs=nnx.Rngs(0))
+    chunked = MLP(8, 32, chunk_size=16, rngs=nnx.Rngs(0))
     y = jax.random.normal(jax.random.key(1), (3, length, 8))
 
     def value_and_grads(mlp):
@@ -159,6 +160,22 @@ def test_config_validates_attention(make):
     assert make().attention == "xla"  # the default keeps today's einsum
 
 
+@pytest.mark.parametrize("make", [
+    lambda **kw: GPTConfig(**kw), lambda **kw: ViTConfig(**kw),
+    lambda **kw: seq2seq_config("tiny", **kw)])
+def test_config_validates_chunking(make):
+    """The block size of "chunked" is a field of every model's config; the MLP follows it
+    when attention is chunked, or as chunk_mlp says."""
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        make(chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_mlp must be True, False or None"):
+        make(chunk_mlp="yes")
+    assert make(attention="chunked", chunk_size=32).mlp_chunk_size == 32
+    assert make(attention="chunked", chunk_mlp=False).mlp_chunk_size is None
+    assert make(chunk_mlp=True, chunk_size=8).mlp_chunk_size == 8
+    assert make().mlp_chunk_size is None
+
+
 def test_module_validates_attention():
     with pytest.raises(ValueError, match="attention must be one of"):
         MultiHeadAttention(16, 2, attention="Chunked", rngs=nnx.Rngs(0))
@@ -190,17 +207,18 @@ def _seq2seq_inputs():  # source padding (row 1), causal self-attention, cross-a
     (ViT, lambda **kw: vit_config("tiny", **kw), _vit_inputs),
     (Seq2SeqTransformer, lambda **kw: seq2seq_config("tiny", **kw), _seq2seq_inputs),
 ], ids=["gpt", "vit", "seq2seq"])
-def test_models_match_with_chunked_attention(monkeypatch, make_model, config_fn, inputs):
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)  # several blocks and a tail
-    xla, chunked = _pair(make_model, config_fn)
+def test_models_match_with_chunked_attention(make_model, config_fn, inputs):
+    xla, chunked = _pair(make_model, config_fn, chunk_size=4)  # several blocks and a tail
+    assert chunked.config.mlp_chunk_size == 4 and xla.config.mlp_chunk_size is None
     chex.assert_trees_all_close(jitted(chunked)(*inputs()), jitted(xla)(*inputs()), **TOL)
 
 
-def test_kv_cache_decoding_with_chunked_attention(monkeypatch):
-    """A prompt chunk (causal mask at an offset, per-query rows) and single tokens."""
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_kv_cache_decoding_with_chunked_attention(name):
+    """A prompt chunk (causal mask at an offset, per-query rows) and single tokens; GPT-2
+    and a Llama-family (GQA, rope) model."""
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 32, jnp.int32)
-    xla, chunked = _pair(GPT, lambda **kw: gpt_config("tiny", **kw))
+    xla, chunked = _pair(DecoderLM, lambda **kw: decoder_config(name, **kw), chunk_size=4)
     want = jitted(xla)(tokens)
     cache = chunked.init_cache(2)
     prompt_logits, cache = chunked.decode_step(cache, tokens[:, :11], 0)
@@ -223,16 +241,18 @@ def _check_probe(model, apply):
     assert probe_total(probes) == 0.0
 
 
-def test_vit_reverses_exactly_with_chunked_attention(monkeypatch):
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 65 tokens: 4 blocks and a tail
-    model = ViT(vit_config("tiny", depth=4, patch_size=4, **SIZE), rngs=nnx.Rngs(0))
+def test_vit_reverses_exactly_with_chunked_attention():
+    # 65 tokens: 4 blocks of 16 and a tail
+    model = ViT(vit_config("tiny", depth=4, patch_size=4, chunk_size=16, **SIZE),
+                rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (BATCH_TRAIN, 32, 32, 3))
     _check_probe(model, lambda m: m(x, key=jax.random.key(2), train=True))
 
 
-def test_gpt_reverses_exactly_with_chunked_attention(monkeypatch):
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 64 tokens: 4 blocks
-    model = GPT(gpt_config("tiny", depth=4, max_len=64, **SIZE), rngs=nnx.Rngs(0))
+def test_gpt_reverses_exactly_with_chunked_attention():
+    # 64 tokens: 4 blocks of 16
+    model = GPT(gpt_config("tiny", depth=4, max_len=64, chunk_size=16, **SIZE),
+                rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (BATCH_TRAIN, 64), 0, 32, jnp.int32)
     _check_probe(model, lambda m: m(tokens, key=jax.random.key(2), train=True))
 
@@ -273,10 +293,10 @@ def test_a_dropout_rate_off_the_mask_grid_fails_at_construction(factory, field, 
     assert attention.dropout_threshold(0.1) == 26  # the rate applied: 26/256
 
 
-def test_seq2seq_reverses_exactly_with_chunked_attention(monkeypatch):
+def test_seq2seq_reverses_exactly_with_chunked_attention():
     """Both stacks (encoder and decoder blocks, cross-attention, MLPs in position blocks)."""
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 6)  # 16 positions: two blocks and a tail
-    model = Seq2SeqTransformer(seq2seq_config("tiny", **SIZE), rngs=nnx.Rngs(0))
+    # 16 positions: two blocks of 6 and a tail
+    model = Seq2SeqTransformer(seq2seq_config("tiny", chunk_size=6, **SIZE), rngs=nnx.Rngs(0))
     src = jax.random.randint(jax.random.key(1), (32, 16), 1, 32, jnp.int32)
     tgt = jax.random.randint(jax.random.key(2), (32, 16), 1, 32, jnp.int32)
     for stack in (model.encoder, model.decoder):

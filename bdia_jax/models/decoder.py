@@ -115,10 +115,11 @@ class DecoderConfig(BlockConfig):
         for name in ("approximate_gelu", "qk_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        param_dtype_of(self.param_dtype)
+        super().__post_init__()  # the block settings (width, heads, ...) and the method
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads}).")
-        param_dtype_of(self.param_dtype)
         if self.position == "rope":
             if self.head_size % 2:
                 raise ValueError(f"position='rope' needs an even head_dim, got "
@@ -131,7 +132,6 @@ class DecoderConfig(BlockConfig):
                 raise ValueError(f"rope_scaling='llama3' needs rope_high_freq_factor > "
                                  f"rope_low_freq_factor > 0, got {self.rope_high_freq_factor}"
                                  f", {self.rope_low_freq_factor}.")
-        super().__post_init__()
 
     def _check_heads(self):
         if self.head_dim is not None:
