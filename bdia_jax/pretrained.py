@@ -1,354 +1,634 @@
-"""Pretrained GPT-2 checkpoints in, and out, in the Hugging Face layout.
+"""Pretrained checkpoints in, and out: GPT-2 and the Llama family (Llama 3.x, Qwen2, Qwen3,
+Mistral, SmolLM2) as ``bdia_jax.models.DecoderLM``, in the Hugging Face layout.
 
-A checkpoint is a folder with ``config.json`` and ``model.safetensors``, as
-``transformers``' ``GPT2LMHeadModel.save_pretrained`` writes it (tensor names with or without
-the ``transformer.`` prefix). ``load_gpt2`` builds a ``bdia_jax.models.GPT`` that is GPT-2
-exactly (LayerNorm ε from the config, tanh GELU, biases, tied embeddings, learned positions)
-with any update/backprop method, so a model pretrained the standard way can be fine-tuned
-with BDIA and exact reversible backpropagation. ``save_gpt2`` writes the same layout back.
+    model = load(path)                      # the checkpoint's own network: Standard(),
+                                            # inference, off the grid
+    model = load(path, update="bdia", backprop="reversible", recompute="shared")
+    save(model, out_dir, dtype="bfloat16")  # config.json + safetensors that transformers reads
 
-Tensor correspondence (HF GPT-2 uses Conv1D, whose weight is [in, out] like nnx.Linear's
-kernel; our block parameters are stacked on a leading [depth] axis):
+``load`` reads the checkpoint with ``bdia_jax.formats.read_checkpoint`` (a Hugging Face
+folder: config.json + model.safetensors or sharded safetensors; or a GGUF file), maps its
+config.json to a ``DecoderConfig`` (``config_from_hf``) and its tensors to the model's
+parameters (``params_from_hf``); ``save`` maps back (``config_to_hf``, ``params_to_hf``)
+and writes with ``formats.write_hf_folder``. Anything the model cannot compute exactly as
+the checkpoint's own architecture does is refused in one line that names the config key
+and value: a silent wrong model is the one outcome never acceptable.
 
-  wte.weight [vocab, width]                 token_embed.embedding (also the tied head)
-  wpe.weight [n_positions, width]           pos_embed
-  h.{i}.ln_1.{weight,bias}                  stack.blocks.ln1.{scale,bias}[i]
-  h.{i}.attn.c_attn.{weight,bias} [.., 3w]  stack.blocks.attn.{query,key,value}.{kernel,bias}[i]
-  h.{i}.attn.c_proj.{weight,bias}           stack.blocks.attn.out.{kernel,bias}[i]
-  h.{i}.ln_2.{weight,bias}                  stack.blocks.ln2.{scale,bias}[i]
-  h.{i}.mlp.c_fc.{weight,bias}              stack.blocks.mlp.fc1.{kernel,bias}[i]
-  h.{i}.mlp.c_proj.{weight,bias}            stack.blocks.mlp.fc2.{kernel,bias}[i]
-  ln_f.{weight,bias}                        norm.{scale,bias}
+Tensor correspondence (our block parameters are stacked on a leading [depth] axis; HF's
+Linear weights are [out, in], nnx kernels [in, out]; GPT-2's Conv1D weights are [in, out]):
 
-The buffers ``h.{i}.attn.bias`` / ``h.{i}.attn.masked_bias`` of older checkpoints are
-ignored; an ``lm_head.weight`` must equal ``wte.weight`` (GPT-2 ties them).
+  GPT-2 (prefix "transformer.", optional)     Llama family (prefix "model.", optional)
+  wte.weight        token_embed.embedding     embed_tokens.weight     token_embed.embedding
+  wpe.weight        pos_embed                 layers.{i}.input_layernorm.weight  ln1.scale
+  h.{i}.ln_1.*      ln1.{scale,bias}          layers.{i}.self_attn.{q,k,v,o}_proj.{weight,bias}
+  h.{i}.attn.c_attn.* (q|k|v)  attn.{query,key,value}.*     attn.{query,key,value,out}.*
+  h.{i}.attn.c_proj.*  attn.out.*             layers.{i}.self_attn.{q,k}_norm.weight
+  h.{i}.ln_2.*      ln2.*                                   attn.{query,key}_norm.scale
+  h.{i}.mlp.c_fc.*  mlp.fc1.*                 layers.{i}.post_attention_layernorm.weight ln2
+  h.{i}.mlp.c_proj.*  mlp.fc2.*               layers.{i}.mlp.{gate,up,down}_proj.weight
+  ln_f.*            norm.*                                  mlp.{gate,up,down}.kernel
+                                              norm.weight  norm.scale
+                                              lm_head.weight (untied)  head.kernel
+
+Buffers (GPT-2's ``attn.bias`` / ``attn.masked_bias``, ``rotary_emb.inv_freq``) are
+ignored; a tied checkpoint's ``lm_head.weight`` must equal the embedding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
-import tempfile
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 from flax import nnx
 
-from bdia_jax.methods import method_overrides
-from bdia_jax.models import GPT, GPTConfig, ReversalProbe
+from bdia_jax.methods import FLAT_METHOD_FIELDS, Standard, method_overrides
+from bdia_jax.models import DecoderConfig, DecoderLM, ReversalProbe
+
+try:  # the checkpoint file formats (bdia_jax/formats, the ckptio branch)
+    from bdia_jax.formats import load_tokenizer, read_checkpoint, write_hf_folder
+except ImportError:  # until that branch is merged: the private single-folder reader below
+    load_tokenizer = None
+    read_checkpoint = write_hf_folder = None
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-PREFIX = "transformer."
+MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
+# DecoderConfig fields that a checkpoint fixes (an override must equal them). max_len is
+# fixed by GPT-2's learned positions only; a rope model may run any context.
+ARCHITECTURE_FIELDS = ("vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
+                       "layer_norm_eps", "approximate_gelu", "norm", "position", "mlp", "bias",
+                       "num_kv_heads", "head_dim", "qk_norm", "tie_embeddings", "rope_theta",
+                       "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                       "rope_high_freq_factor", "rope_original_max_len")
+_METHOD_KEYWORDS = ("update", "backprop", *FLAT_METHOD_FIELDS)
 
-# HF activation_function → GPTConfig.approximate_gelu.
+# ---- GPT-2
+# HF activation_function → DecoderConfig.approximate_gelu.
 _ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
 # config.json keys GPT2Config defaults when absent (transformers' GPT2Config.__init__).
-_HF_DEFAULTS = dict(n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
-                    embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5)
+_GPT2_DEFAULTS = dict(n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
+                      embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5)
 # config.json switches whose other values are a different model than ours.
-_HF_REQUIRED = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-                    add_cross_attention=False, tie_word_embeddings=True)
-_HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-# GPTConfig fields that the checkpoint fixes.
-ARCHITECTURE_FIELDS = ("vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim",
-                        "layer_norm_eps", "approximate_gelu")
-# Method settings load_gpt2 accepts besides GPTConfig's fields (objects, or the flat
-# keywords of bdia_jax.method_from_flat).
-_METHOD_KEYWORDS = ("update", "backprop", "gamma", "frac_bits", "quantize_at_inference",
-                    "recompute", "probe")
+_GPT2_REQUIRED = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                      add_cross_attention=False, tie_word_embeddings=True)
+_GPT2_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 
-_TOP = ((("token_embed", "embedding"), "wte.weight"), (("pos_embed",), "wpe.weight"),
-        (("norm", "scale"), "ln_f.weight"), (("norm", "bias"), "ln_f.bias"))
-# (path under stack.blocks, name under h.{i}., which third of c_attn's last axis or None)
-_BLOCK = (
-    (("ln1", "scale"), "ln_1.weight", None),
-    (("ln1", "bias"), "ln_1.bias", None),
-    (("attn", "query", "kernel"), "attn.c_attn.weight", 0),
-    (("attn", "key", "kernel"), "attn.c_attn.weight", 1),
-    (("attn", "value", "kernel"), "attn.c_attn.weight", 2),
-    (("attn", "query", "bias"), "attn.c_attn.bias", 0),
-    (("attn", "key", "bias"), "attn.c_attn.bias", 1),
-    (("attn", "value", "bias"), "attn.c_attn.bias", 2),
-    (("attn", "out", "kernel"), "attn.c_proj.weight", None),
-    (("attn", "out", "bias"), "attn.c_proj.bias", None),
-    (("ln2", "scale"), "ln_2.weight", None),
-    (("ln2", "bias"), "ln_2.bias", None),
-    (("mlp", "fc1", "kernel"), "mlp.c_fc.weight", None),
-    (("mlp", "fc1", "bias"), "mlp.c_fc.bias", None),
-    (("mlp", "fc2", "kernel"), "mlp.c_proj.weight", None),
-    (("mlp", "fc2", "bias"), "mlp.c_proj.bias", None),
-)
-_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-_FLOAT_DTYPES = ("F16", "BF16", "F32")
+# ---- Llama family
+_LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings")
+_MOE_KEYS = ("num_experts", "num_local_experts", "moe_intermediate_size",
+             "num_experts_per_tok", "n_routed_experts", "decoder_sparse_step")
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM"}
+
+
+def _refuse(source: str, key: str, value, why: str):
+    raise ValueError(f"{source}: {key}={value!r} is not supported: {why}.")
 
 
 # ---------------------------------------------------------------------------------- config
-def _gpt_config(hf: dict, source: str, overrides: dict) -> GPTConfig:
-    """config.json (dict) + overrides → GPTConfig, or a one-line ValueError."""
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not supported; "
-                         f"load_gpt2 reads GPT-2 checkpoints (model_type 'gpt2').")
-    missing = [k for k in _HF_SIZES if k not in hf]
+def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> DecoderConfig:
+    """A Hugging Face config.json dict (+ overrides) → the ``DecoderConfig`` of the same
+    network, or a one-line ValueError naming the key and value it cannot compute exactly.
+
+    overrides: DecoderConfig fields the checkpoint does not fix (dropout, attention_dropout,
+    compute_dtype, param_dtype, attention, chunk_size, chunk_mlp, embed_std, and max_len for
+    rope models) and the method (objects, or the flat keywords ``update``, ``backprop``,
+    ``gamma``, ``frac_bits``, ``quantize_at_inference``, ``recompute``, ``probe``). No
+    ``update``: the checkpoint's own network, ``Standard()`` with ``Autodiff()``.
+    """
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        fields = _gpt2_fields(hf, source)
+    elif model_type in LLAMA_FAMILY:
+        fields = _llama_fields(hf, source)
+    else:
+        _refuse(source, "model_type", model_type, f"bdia_jax.pretrained reads {MODEL_TYPES}")
+    valid = {f.name for f in dataclasses.fields(DecoderConfig)} | set(_METHOD_KEYWORDS)
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown load overrides {unknown}; valid: {sorted(valid)}.")
+    fixed = [n for n in ARCHITECTURE_FIELDS if n != "max_len" or fields["position"] == "learned"]
+    for name in fixed:
+        if name in overrides and overrides[name] != fields[name]:
+            raise ValueError(f"{name}={overrides[name]!r} conflicts with the checkpoint's "
+                             f"{fields[name]!r} ({source}); drop the override.")
+    if model_type == "gpt2" and "dropout" not in overrides and \
+            hf.get("embd_pdrop", 0.1) != hf.get("resid_pdrop", 0.1):
+        raise ValueError(f"{source}: embd_pdrop={hf['embd_pdrop']} differs from resid_pdrop="
+                         f"{hf.get('resid_pdrop', 0.1)}, and DecoderConfig has one dropout for "
+                         f"both; pass dropout=... to load.")
+    if "update" not in overrides:
+        flat = sorted(set(overrides) & set(FLAT_METHOD_FIELDS))
+        if flat:
+            raise ValueError(f"{flat[0]}={overrides[flat[0]]!r} needs a training method: pass "
+                             f"update='bdia' (load without update= is the standard network).")
+        overrides = {**overrides, "update": Standard()}
+    fields = {**fields, **overrides}
+    if fields["position"] == "rope":
+        _check_window(hf, source, fields["max_len"])
+    return DecoderConfig(**method_overrides(fields))
+
+
+def _gpt2_fields(hf: dict, source: str) -> dict:
+    missing = [k for k in _GPT2_SIZES if k not in hf]
     if missing:
         raise ValueError(f"{source}: config.json lacks {missing}; a GPT-2 config.json names "
-                         f"{list(_HF_SIZES)}.")
-    hf = {**_HF_DEFAULTS, **hf}
-    for key, want in _HF_REQUIRED.items():
+                         f"{list(_GPT2_SIZES)}.")
+    hf = {**_GPT2_DEFAULTS, **hf}
+    for key, want in _GPT2_REQUIRED.items():
         if hf.get(key, want) != want:
-            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (GPT-2 has "
-                             f"{key}={want!r}).")
+            _refuse(source, key, hf[key], f"GPT-2 has {key}={want!r}")
     approximate = _ACTIVATIONS.get(hf["activation_function"])
     if approximate is None:
-        raise ValueError(f"{source}: activation_function {hf['activation_function']!r} is not "
-                         f"supported; use one of {sorted(_ACTIVATIONS)}.")
+        _refuse(source, "activation_function", hf["activation_function"],
+                f"use one of {sorted(_ACTIVATIONS)}")
     width = hf["n_embd"]
-    fields = dict(
+    return dict(
         vocab_size=hf["vocab_size"], max_len=hf["n_positions"], width=width,
         depth=hf["n_layer"], num_heads=hf["n_head"], mlp_dim=hf["n_inner"] or 4 * width,
         layer_norm_eps=float(hf["layer_norm_epsilon"]), approximate_gelu=approximate,
         dropout=float(hf["resid_pdrop"]), attention_dropout=float(hf["attn_pdrop"]),
+        norm="layernorm", position="learned", mlp="gelu", bias="all", num_kv_heads=None,
+        head_dim=None, qk_norm=False, tie_embeddings=True,
+        **_rope_fields({}, source, "default", 10000.0),
     )
-    valid = {f.name for f in dataclasses.fields(GPTConfig)} | set(_METHOD_KEYWORDS)
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown load_gpt2 overrides {unknown}; valid: {sorted(valid)}.")
-    for name in ARCHITECTURE_FIELDS:
-        if name in overrides and overrides[name] != fields[name]:
-            raise ValueError(f"{name}={overrides[name]!r} conflicts with the checkpoint's "
-                             f"{fields[name]!r} ({source}); drop the override.")
-    if hf["embd_pdrop"] != hf["resid_pdrop"] and "dropout" not in overrides:
-        raise ValueError(f"{source}: embd_pdrop={hf['embd_pdrop']} differs from resid_pdrop="
-                         f"{hf['resid_pdrop']}, and GPTConfig has one dropout for both; pass "
-                         f"dropout=... to load_gpt2.")
-    return GPTConfig(**method_overrides({**fields, **overrides}))
 
 
-def _hf_config(config: GPTConfig) -> dict:
-    """GPTConfig → the config.json of the same GPT-2 (GPT2LMHeadModel)."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.max_len,
-        "n_ctx": config.max_len,
-        "n_embd": config.width,
-        "n_layer": config.depth,
-        "n_head": config.num_heads,
-        "n_inner": config.mlp_dim,
-        "activation_function": "gelu_new" if config.approximate_gelu else "gelu",
-        "layer_norm_epsilon": config.layer_norm_eps,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.attention_dropout,
-        **_HF_REQUIRED,
-        "torch_dtype": "float32",
+def _rope_fields(scaling: dict, source: str, rope_type: str, theta: float) -> dict:
+    if rope_type not in ("default", "llama3", "linear"):
+        _refuse(source, "rope_type", rope_type, "rope types default, llama3 and linear are "
+                "computed exactly here")
+    fields = dict(rope_theta=float(theta), rope_scaling=rope_type, rope_factor=1.0,
+                  rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                  rope_original_max_len=8192)
+    if rope_type != "default":
+        fields["rope_factor"] = float(scaling["factor"])
+    if rope_type == "llama3":
+        fields.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                      rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                      rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+    return fields
+
+
+def _llama_fields(hf: dict, source: str) -> dict:
+    model_type = hf["model_type"]
+    missing = [k for k in _LLAMA_SIZES if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: config.json lacks {missing}; a {model_type} config.json "
+                         f"names {list(_LLAMA_SIZES)}.")
+    for key in _MOE_KEYS:
+        if hf.get(key):
+            _refuse(source, key, hf[key], "mixture-of-experts models are not supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        _refuse(source, "hidden_act", act, "the Llama family's SwiGLU MLP uses silu")
+    for key in ("mlp_bias",) + (("attention_bias",) if model_type != "qwen2" else ()):
+        if hf.get(key):
+            _refuse(source, key, hf[key], f"{model_type} biases on every projection are not "
+                    "computed here (Qwen2's q/k/v biases are)")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        _refuse(source, "partial_rotary_factor", hf["partial_rotary_factor"],
+                "rotary positions on every head dimension only")
+    # Rope: transformers 5's rope_parameters, or the older rope_theta + rope_scaling.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    if params and scaling and params != scaling:
+        _refuse(source, "rope_scaling", scaling, f"it disagrees with rope_parameters={params}")
+    scaling = params or scaling
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    theta = scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    width = hf["hidden_size"]
+    head_dim = hf.get("head_dim") or width // heads
+    if hf.get("head_dim") is None and width % heads:
+        _refuse(source, "hidden_size", width, f"not a multiple of num_attention_heads={heads} "
+                "and no head_dim given")
+    return dict(
+        vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"], width=width,
+        depth=hf["num_hidden_layers"], num_heads=heads, mlp_dim=hf["intermediate_size"],
+        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), approximate_gelu=True,
+        dropout=0.0, attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        norm="rmsnorm", position="rope", mlp="swiglu",
+        bias="qkv" if model_type == "qwen2" else "none",
+        num_kv_heads=None if kv == heads else kv,
+        head_dim=None if head_dim * heads == width else head_dim,
+        qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **_rope_fields(scaling, source, rope_type, theta),
+    )
+
+
+def _check_window(hf: dict, source: str, max_len: int) -> None:
+    """Sliding-window attention differs from full attention only beyond the window."""
+    window = hf.get("sliding_window")
+    active = bool(window) and (hf["model_type"] == "mistral" or hf.get("use_sliding_window")
+                               or "sliding_attention" in (hf.get("layer_types") or ()))
+    if active and window < max_len:
+        _refuse(source, "sliding_window", window, f"shorter than the context max_len="
+                f"{max_len}, and only full attention is computed here; pass max_len="
+                f"{window} (or less) to load, where the window covers the whole context")
+
+
+def config_to_hf(config: DecoderConfig, *, dtype: str = "float32") -> dict:
+    """A ``DecoderConfig`` → the config.json of the same network: ``gpt2`` for GPT-2's
+    architecture, ``qwen3`` with q/k norm, ``qwen2`` with q/k/v biases, else ``llama``
+    (Mistral checkpoints are saved as Llama: the same network without a sliding window).
+    Only the architecture and dropout rates, not the training method."""
+    c = config
+    gpt2 = dict(norm="layernorm", position="learned", mlp="gelu", bias="all",
+                tie_embeddings=True, num_kv_heads=None, head_dim=None, qk_norm=False)
+    llama = dict(norm="rmsnorm", position="rope", mlp="swiglu")
+    if all(getattr(c, k) == v for k, v in gpt2.items()):
+        return {
+            "architectures": [_ARCHITECTURES["gpt2"]], "model_type": "gpt2",
+            "vocab_size": c.vocab_size, "n_positions": c.max_len, "n_ctx": c.max_len,
+            "n_embd": c.width, "n_layer": c.depth, "n_head": c.num_heads,
+            "n_inner": c.mlp_dim,
+            "activation_function": "gelu_new" if c.approximate_gelu else "gelu",
+            "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout, "attn_pdrop": c.attention_dropout, **_GPT2_REQUIRED,
+            "torch_dtype": dtype,
+        }
+    odd = [k for k, v in llama.items() if getattr(c, k) != v]
+    if odd or (c.bias == "qkv" and c.qk_norm) or c.bias == "all":
+        raise ValueError(f"save writes GPT-2 or Llama-family configs; this one mixes them "
+                         f"(norm={c.norm!r}, position={c.position!r}, mlp={c.mlp!r}, "
+                         f"bias={c.bias!r}, qk_norm={c.qk_norm}).")
+    model_type = "qwen3" if c.qk_norm else "qwen2" if c.bias == "qkv" else "llama"
+    rope = {"rope_type": c.rope_scaling, "rope_theta": c.rope_theta}
+    if c.rope_scaling != "default":
+        rope["factor"] = c.rope_factor
+    if c.rope_scaling == "llama3":
+        rope.update(low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor,
+                    original_max_position_embeddings=c.rope_original_max_len)
+    hf = {
+        "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
+        "vocab_size": c.vocab_size, "hidden_size": c.width,
+        "intermediate_size": c.mlp_dim, "num_hidden_layers": c.depth,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_size, "hidden_act": "silu",
+        "max_position_embeddings": c.max_len, "rms_norm_eps": c.layer_norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": None if c.rope_scaling == "default"
+        else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope, "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": c.attention_dropout, "torch_dtype": dtype,
     }
+    if model_type in ("qwen2", "qwen3"):
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
 
 
 # ---------------------------------------------------------------------------------- tensors
-def _expected_shapes(params_flat: dict, depth: int) -> dict[str, tuple]:
-    """HF tensor name (unprefixed) → shape, from our (abstract) parameter shapes."""
-    shapes = {hf: tuple(params_flat[ours].shape) for ours, hf in _TOP}
-    for ours, hf, third in _BLOCK:
-        shape = params_flat[("stack", "blocks", *ours)].shape[1:]
-        if third is not None:
-            shape = (*shape[:-1], 3 * shape[-1])
-        for i in range(depth):
-            shapes[f"h.{i}.{hf}"] = tuple(shape)
-    return shapes
+class _Entry(NamedTuple):
+    ours: tuple  # Param path
+    hf: str  # HF name without prefix; "{i}" for the layer index of stacked block params
+    kind: str  # "copy" | "T" (transpose) | "q" / "k" / "v" (a third of GPT-2's c_attn)
+
+
+def _entries(config: DecoderConfig, ours: set) -> list[_Entry]:
+    """The correspondence of every parameter of a model of ``config`` (paths ``ours``)."""
+    block = ("stack", "blocks")
+    if config.position == "learned":  # GPT-2
+        out = [_Entry(("token_embed", "embedding"), "wte.weight", "copy"),
+               _Entry(("pos_embed",), "wpe.weight", "copy"),
+               _Entry(("norm", "scale"), "ln_f.weight", "copy"),
+               _Entry(("norm", "bias"), "ln_f.bias", "copy")]
+        names = {"ln1": "ln_1", "ln2": "ln_2", ("attn", "out"): "attn.c_proj",
+                 ("mlp", "fc1"): "mlp.c_fc", ("mlp", "fc2"): "mlp.c_proj"}
+        for path in sorted(p for p in ours if p[:2] == block):
+            sub, leaf = path[2:-1], path[-1]
+            if sub[:1] == ("attn",) and sub[1] in ("query", "key", "value"):
+                hf = f"h.{{i}}.attn.c_attn.{'weight' if leaf == 'kernel' else 'bias'}"
+                out.append(_Entry(path, hf, sub[1][0]))
+                continue
+            name = names[sub[0] if len(sub) == 1 else sub]
+            hf_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+            out.append(_Entry(path, f"h.{{i}}.{name}.{hf_leaf}", "copy"))
+        return out
+    out = [_Entry(("token_embed", "embedding"), "embed_tokens.weight", "copy"),
+           _Entry(("norm", "scale"), "norm.weight", "copy")]
+    if not config.tie_embeddings:
+        out.append(_Entry(("head", "kernel"), "lm_head.weight", "T"))
+    names = {("ln1",): "input_layernorm", ("ln2",): "post_attention_layernorm",
+             ("attn", "query"): "self_attn.q_proj", ("attn", "key"): "self_attn.k_proj",
+             ("attn", "value"): "self_attn.v_proj", ("attn", "out"): "self_attn.o_proj",
+             ("attn", "query_norm"): "self_attn.q_norm",
+             ("attn", "key_norm"): "self_attn.k_norm", ("mlp", "gate"): "mlp.gate_proj",
+             ("mlp", "up"): "mlp.up_proj", ("mlp", "down"): "mlp.down_proj"}
+    for path in sorted(p for p in ours if p[:2] == block):
+        sub, leaf = path[2:-1], path[-1]
+        hf_leaf = "bias" if leaf == "bias" else "weight"
+        out.append(_Entry(path, f"layers.{{i}}.{names[sub]}.{hf_leaf}",
+                          "T" if leaf == "kernel" else "copy"))
+    return out
+
+
+def _prefix(config: DecoderConfig, name: str) -> str:
+    if name == "lm_head.weight":
+        return name
+    return ("transformer." if config.position == "learned" else "model.") + name
+
+
+def _hf_shape(shape: tuple, kind: str) -> tuple:
+    if kind == "T":
+        return tuple(reversed(shape))
+    if kind in "qkv":
+        return (*shape[:-1], 3 * shape[-1])
+    return tuple(shape)
 
 
 def _describe(shape) -> str:
     return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
-def _read_tensors(file: pathlib.Path, expected: dict[str, tuple], vocab_size: int) -> dict:
-    """Check every tensor's name, shape and dtype from the file header, then read them all.
+_BUFFER = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|layers\.\d+\.self_attn\.rotary_emb"
+                     r"\.inv_freq|rotary_emb\.inv_freq)")
 
-    Returns {unprefixed HF name: float32 np.ndarray}; raises a one-line ValueError naming the
-    first misfit tensor and its expected shape before any tensor data is read.
-    """
-    with safetensors.safe_open(str(file), framework="numpy") as f:
-        names = list(f.keys())
-        header = {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype())
-                  for n in names}
-    by_short: dict[str, str] = {}
-    problems = []
-    for name in sorted(names):
-        short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+def params_from_hf(tensors: dict, config: DecoderConfig, *, source: str = "checkpoint",
+                   shapes: dict | None = None) -> dict[tuple, np.ndarray]:
+    """{HF tensor name: array} → {our Param path: array [depth, ...] for block params},
+    after checking every name, shape and dtype (one-line ValueError naming the first misfit
+    tensor and its expected shape). ``shapes``: {our path: shape} of the model (default: from
+    ``config``). Arrays keep the checkpoint's dtype."""
+    if shapes is None:
+        shapes = _param_shapes(config)
+    entries = _entries(config, set(shapes))
+    prefix = "transformer." if config.position == "learned" else "model."
+    by_short, problems = {}, []
+    for name in sorted(tensors):
+        short = name[len(prefix):] if name.startswith(prefix) else name
         if _BUFFER.fullmatch(short):
             continue
         if short in by_short:
             problems.append(f"tensor {short!r} appears twice ({by_short[short]!r} and "
                             f"{name!r})")
         by_short[short] = name
-    prefix = PREFIX if any(n.startswith(PREFIX) for n in by_short.values()) else ""
+    expected = {}
+    for e in entries:
+        shape = _hf_shape(shapes[e.ours][1:] if "{i}" in e.hf else shapes[e.ours], e.kind)
+        for i in range(config.depth) if "{i}" in e.hf else (None,):
+            expected[e.hf.format(i=i)] = shape
+    head = "lm_head.weight"
+    if config.tie_embeddings and head in by_short:
+        expected[head] = expected["wte.weight" if config.position == "learned"
+                                  else "embed_tokens.weight"]
     for short, name in by_short.items():
-        shape, dtype = header[name]
-        want = (vocab_size, expected["wte.weight"][1]) if short == "lm_head.weight" else \
-            expected.get(short)
+        t = tensors[name]
+        want = expected.get(short)
         if want is None:
-            problems.append(f"unexpected tensor {name!r} {_describe(shape)}; a GPT-2 "
-                            f"checkpoint holds only the GPT2LMHeadModel parameters")
-        elif shape != want:
-            vocab_rows = short in ("wte.weight", "lm_head.weight") and shape[:1] != want[:1]
-            hint = f" (vocab_size mismatch: config.json says {vocab_size})" if vocab_rows else ""
-            problems.append(f"tensor {name!r} has shape {_describe(shape)}, expected "
+            problems.append(f"unexpected tensor {name!r} {_describe(t.shape)}; the checkpoint "
+                            f"holds parameters this model does not have")
+        elif tuple(t.shape) != want:
+            embedding = short in ("wte.weight", "embed_tokens.weight", head)
+            hint = (f" (vocab_size mismatch: config.json says {config.vocab_size})"
+                    if embedding and t.shape[:1] != want[:1] else "")
+            problems.append(f"tensor {name!r} has shape {_describe(t.shape)}, expected "
                             f"{_describe(want)}{hint}")
-        elif dtype not in _FLOAT_DTYPES:
-            problems.append(f"tensor {name!r} has dtype {dtype}, expected one of "
-                            f"{_FLOAT_DTYPES}")
+        elif not np.issubdtype(np.asarray(t).dtype, np.floating) and \
+                str(np.asarray(t).dtype) != "bfloat16":
+            problems.append(f"tensor {name!r} has dtype {np.asarray(t).dtype}, expected a "
+                            f"float dtype")
     for short in expected:
         if short not in by_short:
-            problems.append(f"missing tensor {prefix + short!r} (expected shape "
+            problems.append(f"missing tensor {_prefix(config, short)!r} (expected shape "
                             f"{_describe(expected[short])})")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"{file}: {problems[0]}{more}; the checkpoint does not fit its "
-                         f"config.json as a GPT-2.")
-    # framework="flax" reads every float dtype (numpy has no bfloat16); the cast to float32
-    # is exact for F16/BF16.
-    with safetensors.safe_open(str(file), framework="flax") as f:
-        tensors = {short: np.asarray(f.get_tensor(name), np.float32)
-                   for short, name in by_short.items()}
-    lm_head = tensors.pop("lm_head.weight", None)
-    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
-        raise ValueError(f"{file}: lm_head.weight differs from wte.weight; bdia_jax's GPT "
-                         f"ties the output head to the token embedding as GPT-2 does.")
-    return tensors
-
-
-def _to_params(tensors: dict, depth: int) -> dict[tuple, np.ndarray]:
-    """{HF name: array} → {our Param path: array} (layers stacked, c_attn split in thirds)."""
-    params = {ours: tensors[hf] for ours, hf in _TOP}
-    for ours, hf, third in _BLOCK:
-        layers = [tensors[f"h.{i}.{hf}"] for i in range(depth)]
-        if third is not None:
-            layers = [np.split(t, 3, axis=-1)[third] for t in layers]
-        params[("stack", "blocks", *ours)] = np.stack(layers)
+        raise ValueError(f"{source}: {problems[0]}{more}; the checkpoint does not fit its "
+                         f"config.json.")
+    get = {short: tensors[name] for short, name in by_short.items()}
+    if config.tie_embeddings and head in get:
+        embed = get["wte.weight" if config.position == "learned" else "embed_tokens.weight"]
+        if not np.array_equal(np.asarray(get[head], np.float32), np.asarray(embed, np.float32)):
+            which = "wte.weight" if config.position == "learned" else "embed_tokens.weight"
+            raise ValueError(f"{source}: lm_head.weight differs from {which} while the config "
+                             f"ties them (tie_word_embeddings); GPT-2 always ties them.")
+    params = {}
+    for e in entries:
+        layers = [get[e.hf.format(i=i)] for i in range(config.depth)] \
+            if "{i}" in e.hf else [get[e.hf]]
+        layers = [_from_hf(np.asarray(t), e.kind) for t in layers]
+        params[e.ours] = np.stack(layers) if "{i}" in e.hf else layers[0]
     return params
 
 
-def _to_tensors(params: dict[tuple, np.ndarray], depth: int) -> dict[str, np.ndarray]:
-    """The inverse of ``_to_params``: {our Param path: array} → {HF name: array}."""
-    tensors = {hf: params[ours] for ours, hf in _TOP}
-    for ours, hf, third in _BLOCK:
-        stacked = params[("stack", "blocks", *ours)]
-        for i in range(depth):
-            name = f"h.{i}.{hf}"
-            if third is None:
-                tensors[name] = stacked[i]
+def _from_hf(t: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "T":
+        return t.T
+    if kind in "qkv":
+        return np.split(t, 3, axis=-1)["qkv".index(kind)]
+    return t
+
+
+def params_to_hf(params: dict[tuple, np.ndarray], config: DecoderConfig) -> dict:
+    """The inverse of ``params_from_hf``: {our Param path: array} → {HF name (with the
+    ``transformer.`` / ``model.`` prefix): contiguous array}."""
+    tensors, thirds = {}, {}
+    for e in _entries(config, set(params)):
+        value = np.asarray(params[e.ours])
+        for i in range(config.depth) if "{i}" in e.hf else (None,):
+            t = value[i] if i is not None else value
+            name = _prefix(config, e.hf.format(i=i))
+            if e.kind in "qkv" and e.kind != "copy":
+                thirds.setdefault(name, [None] * 3)["qkv".index(e.kind)] = t
             else:
-                tensors.setdefault(name, [None] * 3)[third] = stacked[i]
-    return {name: np.ascontiguousarray(np.concatenate(t, axis=-1) if isinstance(t, list) else t)
-            for name, t in tensors.items()}
+                tensors[name] = t.T if e.kind == "T" else t
+    for name, parts in thirds.items():
+        tensors[name] = np.concatenate(parts, axis=-1)
+    return {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+
+
+def _param_shapes(config: DecoderConfig) -> dict[tuple, tuple]:
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    return {p: tuple(v.get_value().shape)
+            for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+# ---------------------------------------------------------------------------------- files
+class _Checkpoint(NamedTuple):
+    """``bdia_jax.formats.Checkpoint``'s fields (config dict, tensors dict, source line)."""
+
+    config: dict
+    tensors: dict
+    source: str
+
+
+def _read_folder(path) -> _Checkpoint:
+    """Minimal reader of a Hugging Face folder (config.json + model.safetensors, or
+    model.safetensors.index.json + shards), used until ``bdia_jax.formats`` is merged."""
+    import safetensors
+
+    folder = pathlib.Path(path)
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"no {CONFIG_FILE} in {folder}: a checkpoint folder holds "
+                         f"{CONFIG_FILE} and {WEIGHTS_FILE} (or sharded safetensors).")
+    index = folder / "model.safetensors.index.json"
+    if (folder / WEIGHTS_FILE).is_file():
+        files = [folder / WEIGHTS_FILE]
+    elif index.is_file():
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"]
+                                                .values()))]
+    else:
+        raise ValueError(f"no {WEIGHTS_FILE} in {folder}: only safetensors checkpoints are "
+                         f"read (save_pretrained(..., safe_serialization=True) writes one).")
+    tensors = {}
+    for file in files:
+        with safetensors.safe_open(str(file), framework="flax") as f:
+            for name in f.keys():
+                tensors[name] = np.asarray(f.get_tensor(name))
+    return _Checkpoint(json.loads(config_file.read_text()), tensors, str(folder))
+
+
+def _write_folder(path, config: dict, tensors: dict) -> None:
+    """Minimal writer (config.json + model.safetensors), until ``bdia_jax.formats``."""
+    import os
+    import tempfile
+
+    import safetensors.flax
+
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_FILE, lambda tmp: safetensors.flax.save_file(
+            {k: jnp.asarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})),
+                        (CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(
+                            json.dumps(config, indent=2) + "\n"))):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, folder / name)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read(path):
+    return read_checkpoint(path) if read_checkpoint is not None else _read_folder(path)
 
 
 # ---------------------------------------------------------------------------------- public
-def load_gpt2(path, **overrides) -> GPT:
-    """A ``bdia_jax.models.GPT`` with the weights of a GPT-2 checkpoint.
+def read_config(path, **overrides) -> DecoderConfig:
+    """The ``DecoderConfig`` of a checkpoint (with ``overrides``, as ``load``); reads the
+    config only where the format allows (a folder's config.json)."""
+    folder = pathlib.Path(path)
+    if folder.is_dir() and (folder / CONFIG_FILE).is_file():
+        hf, source = json.loads((folder / CONFIG_FILE).read_text()), str(folder / CONFIG_FILE)
+    else:
+        checkpoint = _read(path)
+        hf, source = checkpoint.config, checkpoint.source
+    return config_from_hf(hf, source=source, **overrides)
+
+
+def load(path, **overrides) -> DecoderLM:
+    """A ``bdia_jax.models.DecoderLM`` with the weights of a checkpoint.
 
     Args:
-      path: a folder with ``config.json`` and ``model.safetensors`` in the Hugging Face
-        layout (``save_pretrained`` of GPT2LMHeadModel or GPT2Model, or ``save_gpt2``).
-      **overrides: GPTConfig fields that the checkpoint does not fix, such as ``dropout``,
-        ``attention_dropout`` (default: the config's resid_pdrop / attn_pdrop) and
-        ``compute_dtype``, and the training method: objects
-        (``update=bdia_jax.BDIA(...)``, ``backprop=bdia_jax.Reversible(...)``) or the flat
-        keywords ``update``, ``backprop``, ``gamma``, ``frac_bits``,
-        ``quantize_at_inference``, ``recompute``, ``probe``. Unset: GPTConfig's defaults.
+      path: a Hugging Face folder (config.json + model.safetensors or sharded safetensors;
+        float32/float16/bfloat16; model_type gpt2, llama, qwen2, qwen3 or mistral) or a
+        .gguf file of architecture llama (with ``bdia_jax.formats``).
+      **overrides: see ``config_from_hf``: the method (no ``update``: Standard(), the
+        checkpoint's own network at inference, off the grid) and the config fields the
+        checkpoint does not fix, e.g. ``param_dtype="bfloat16"`` (default float32: the
+        checkpoint's values exactly, whatever its dtype), ``attention="chunked"``.
 
     Returns:
-      the GPT, float32 parameters; ``model(tokens, train=False)`` with ``update="standard"``
-      (or BDIA with ``quantize_at_inference=False``) computes GPT-2's logits.
+      the model; ``model(tokens, train=False)`` computes the checkpoint's logits.
 
     Raises:
-      FileNotFoundError: the folder or one of its two files is missing.
-      ValueError (one line, naming the tensor and its expected shape): a checkpoint that does
-        not fit; nothing is built then.
+      ValueError (one line, naming the file, key or tensor): a checkpoint that does not fit
+        or that this model cannot compute exactly; nothing is built then.
     """
-    folder = pathlib.Path(path)
-    config = read_gpt2_config(folder, **overrides)
-    weights_file = folder / WEIGHTS_FILE
-    abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    checkpoint = _read(path)
+    config = config_from_hf(checkpoint.config, source=checkpoint.source, **overrides)
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params_flat = dict(nnx.to_flat_state(params))
-    tensors = _read_tensors(weights_file, _expected_shapes(params_flat, config.depth),
-                            config.vocab_size)
-    arrays = _to_params(tensors, config.depth)
+    shapes = {p: tuple(v.get_value().shape) for p, v in params_flat.items()}
+    arrays = params_from_hf(checkpoint.tensors, config, source=checkpoint.source,
+                            shapes=shapes)
     params = nnx.from_flat_state(
-        [(p, var.replace(jnp.asarray(arrays[p]))) for p, var in params_flat.items()])
+        [(p, var.replace(jnp.asarray(arrays[p], var.get_value().dtype)))
+         for p, var in params_flat.items()])
     others = []
     for p, var in nnx.to_flat_state(rest):
         if not isinstance(var, ReversalProbe):
-            raise TypeError(f"load_gpt2 does not know how to initialise {type(var).__name__} "
-                            f"at {p}; extend bdia_jax.pretrained.load_gpt2.")
+            raise TypeError(f"load does not know how to initialise {type(var).__name__} at "
+                            f"{p}; extend bdia_jax.pretrained.load.")
         value = var.get_value()
-        others.append((p, var.replace(jnp.zeros(value.shape, value.dtype))))  # as GPT.__init__
+        others.append((p, var.replace(jnp.zeros(value.shape, value.dtype))))  # as __init__
     return nnx.merge(graphdef, params, nnx.from_flat_state(others))
 
 
-def read_gpt2_config(path, **overrides) -> GPTConfig:
-    """The ``GPTConfig`` of a GPT-2 checkpoint folder's config.json, with ``overrides`` (as
-    ``load_gpt2``); reads no weights. Raises FileNotFoundError when the folder lacks
-    config.json or model.safetensors, ValueError (one line) for a config it cannot load."""
-    folder = pathlib.Path(path)
-    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            hint = " (only safetensors checkpoints are read: save_pretrained(..., " \
-                "safe_serialization=True) writes one)" if file is weights_file else ""
-            raise FileNotFoundError(f"no {file.name} in {folder}: a GPT-2 checkpoint folder "
-                                    f"holds {CONFIG_FILE} and {WEIGHTS_FILE}{hint}.")
-    return _gpt_config(json.loads(config_file.read_text()), str(config_file), overrides)
+_SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def save_gpt2(model: GPT, path, *, bos_token_id: int | None = None,
-              eos_token_id: int | None = None) -> None:
-    """Write ``model`` as a GPT-2 checkpoint folder (config.json + model.safetensors).
+def save(model: DecoderLM, path, *, dtype: str | None = None, bos_token_id: int | None = None,
+         eos_token_id: int | None = None) -> None:
+    """Write ``model`` as a Hugging Face folder (config.json + safetensors) that
+    ``transformers`` and ``load`` read; ``load`` gives back the same parameter bits when
+    ``dtype`` is the parameters' own.
 
-    Tensor names carry the ``transformer.`` prefix and the file the ``{"format": "pt"}``
-    metadata, as ``GPT2LMHeadModel.save_pretrained`` writes them, so ``transformers`` and
-    ``load_gpt2`` read it back; ``load_gpt2`` gives the same parameter bits. Only the
-    architecture and dropout rates go into config.json, not the training method.
-    bos_token_id, eos_token_id: the tokenizer's ids, written to config.json when given
-    (GPT-2's own: 50256, its <|endoftext|>); the model does not know them.
-    Existing files of that name in the folder are replaced (each written atomically).
+    dtype: "float32" | "bfloat16" | "float16", or None for the parameters' dtype.
+    bos_token_id, eos_token_id: the tokenizer's ids, written to config.json when given.
+    Only the architecture and dropout rates go into config.json, not the training method.
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"save_gpt2 writes a bdia_jax.models.GPT, got {type(model).__name__}.")
+    if not isinstance(model, DecoderLM):
+        raise TypeError(f"save writes a bdia_jax.models.DecoderLM, got "
+                        f"{type(model).__name__}.")
     config = model.config
-    folder = pathlib.Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    params = {p: np.asarray(v.get_value(), np.float32)
-              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    tensors = {PREFIX + name: t for name, t in _to_tensors(params, config.depth).items()}
-    _write_atomically(folder / WEIGHTS_FILE, lambda tmp: safetensors.numpy.save_file(
-        tensors, tmp, metadata={"format": "pt"}))
-    hf = _hf_config(config)
+    dtype = config.param_dtype if dtype is None else dtype
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {_SAVE_DTYPES} or None, got {dtype!r}.")
+    hf = config_to_hf(config, dtype=dtype)
     for name, token in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
         if token is not None:
             if not (isinstance(token, int) and 0 <= token < config.vocab_size):
                 raise ValueError(f"{name} must be an int in [0, {config.vocab_size}), got "
                                  f"{token!r}.")
             hf[name] = token
-    text = json.dumps(hf, indent=2) + "\n"
-    _write_atomically(folder / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
+    params = {p: np.asarray(jnp.asarray(v.get_value(), dtype))
+              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors = params_to_hf(params, config)
+    if write_hf_folder is not None:
+        write_hf_folder(path, hf, tensors)
+    else:
+        _write_folder(path, hf, tensors)
 
 
-def _write_atomically(target: pathlib.Path, write) -> None:
-    """``write(tmp_path)`` next to target, then rename over it (no half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+# ---- the GPT-2 names (thin aliases)
+def load_gpt2(path, **overrides) -> DecoderLM:
+    """``load`` (any supported checkpoint; the name is kept from the GPT-2-only API)."""
+    return load(path, **overrides)
+
+
+def read_gpt2_config(path, **overrides) -> DecoderConfig:
+    """``read_config`` (the name is kept from the GPT-2-only API)."""
+    return read_config(path, **overrides)
+
+
+def save_gpt2(model: DecoderLM, path, *, bos_token_id: int | None = None,
+              eos_token_id: int | None = None) -> None:
+    """``save`` in the parameters' dtype (the name is kept from the GPT-2-only API)."""
+    save(model, path, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
