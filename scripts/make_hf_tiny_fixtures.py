@@ -22,11 +22,12 @@
    same ids. When bdia_jax.pretrained.load / save support these models (decoder branch), also:
    load's logits against transformers', and transformers reading save's folder.
 
-Run from the repository root (torch and transformers are needed for this script only):
+Run from the repository root (torch, transformers and accelerate -- which transformers needs
+to read GGUF -- are needed for this script only):
 
     python scripts/make_hf_tiny_fixtures.py [--skip_gguf]
 
-Tested with transformers 5.25.0, torch 2.13.0+cpu, gguf 0.19.0.
+Tested with transformers 5.25.0, torch 2.13.0+cpu, accelerate 1.16.0, gguf 0.19.0.
 """
 
 from __future__ import annotations
