@@ -68,7 +68,7 @@ def read_hf_folder(folder: pathlib.Path) -> Checkpoint:
         others = [name for name in OTHER_WEIGHTS if (folder / name).exists()]
         hint = (f" It holds {', '.join(others)} only: other frameworks' files are not read; "
                 f"convert with transformers (from_pretrained, then save_pretrained(..., "
-                f"safe_serialization=True))" if others else "")
+                f"safe_serialization=True))." if others else "")
         raise ValueError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}; {HOLDS}.{hint}")
     return Checkpoint(config=config, tensors=tensors, source=source)
 
@@ -258,7 +258,10 @@ def write_hf_folder(path, config: dict, tensors: dict, *,
             written.append(INDEX_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         written.append(CONFIG_FILE)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        mask = _umask()  # mkdtemp makes 0700, safetensors' save_file 0600: the umask's modes
+        os.chmod(tmp, 0o777 & ~mask)
+        for name in written:
+            os.chmod(tmp / name, 0o666 & ~mask)
         if not folder.exists():
             os.rename(tmp, folder)
             return
