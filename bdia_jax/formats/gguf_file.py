@@ -15,6 +15,7 @@ here only. Conventions undone on the way in:
 from __future__ import annotations
 
 import collections
+import functools
 import pathlib
 import re
 
@@ -80,15 +81,23 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 # ------------------------------------------------------------------- reading
 def open_reader(path: pathlib.Path):
-    """A gguf.GGUFReader for ``path``, or a one-line ValueError naming the file."""
-    gguf = _gguf()
+    """A gguf.GGUFReader for ``path``, or a one-line ValueError naming the file. Parsing the
+    metadata of a real model takes seconds (a tokenizer's arrays are read item by item), so
+    the reader of an unchanged file is reused."""
+    _gguf()
     if not path.is_file():
         raise ValueError(f"{path}: no such file; expected {HOLDS}.")
+    stat = path.stat()
     try:
-        return gguf.GGUFReader(str(path))
+        return _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     except Exception as err:  # magic, version, truncation (index errors), permissions
         raise ValueError(f"{path}: cannot be read as GGUF ({_reason(err)}); expected {HOLDS} "
                          f"(truncated or damaged download?).") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    return _gguf().GGUFReader(path)
 
 
 def field(reader, key: str, default=None):
