@@ -62,7 +62,8 @@ def test_unpermute_turns_ggml_rope_into_hf_rope():
         c, s = cos[None, :, None], sin[None, :, None]
         ggml = np.stack([x * c - y * s, x * s + y * c], axis=2).reshape(heads * d, 5)
         h = unpermute_rows(gguf_q, heads).reshape(heads, d, 5)
-        c2, s2 = np.concatenate([cos, cos])[None, :, None], np.concatenate([sin, sin])[None, :, None]
+        c2 = np.concatenate([cos, cos])[None, :, None]
+        s2 = np.concatenate([sin, sin])[None, :, None]
         rotate_half = np.concatenate([-h[:, d // 2:], h[:, :d // 2]], axis=1)
         hf = (h * c2 + rotate_half * s2).reshape(heads * d, 5)
         assert unpermute_rows(ggml, heads).tobytes() == hf.tobytes()
@@ -231,8 +232,8 @@ def test_synthetic_gguf_config(tiny_gguf, tmp_path):
         "torch_dtype": "float32", "vocab_size": V, "bos_token_id": 0, "eos_token_id": 0,
         "tie_word_embeddings": False, "attention_bias": False}
     tied = tmp_path / "tied.gguf"
-    write_tiny_gguf(tied, tied=True, extra_kv=dict(add_rope_scaling_type=gguf.RopeScalingType.LINEAR,
-                                                   add_rope_scaling_factor=4.0))
+    linear = dict(add_rope_scaling_type=gguf.RopeScalingType.LINEAR, add_rope_scaling_factor=4.0)
+    write_tiny_gguf(tied, tied=True, extra_kv=linear)
     ckpt = read_checkpoint(tied)
     assert ckpt.config["tie_word_embeddings"] is True and "lm_head.weight" not in ckpt.tensors
     assert ckpt.config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
@@ -268,13 +269,13 @@ def _refused(path, *words):
 
 
 def test_refuses_other_architectures_and_types(tmp_path):
-    _refused(write_tiny_gguf(tmp_path / "q.gguf", arch="qwen2") and tmp_path / "q.gguf",
-             "architecture 'qwen2'")
+    write_tiny_gguf(tmp_path / "qwen2.gguf", arch="qwen2")
+    _refused(tmp_path / "qwen2.gguf", "architecture 'qwen2'")
     types = {0: {**TYPES[0], "ffn_gate": Q.Q5_0}}
     write_tiny_gguf(tmp_path / "q5.gguf", types=types)
     _refused(tmp_path / "q5.gguf", "blk.0.ffn_gate.weight", "Q5_0")
-    write_tiny_gguf(tmp_path / "yarn.gguf", extra_kv=dict(add_rope_scaling_type=gguf.RopeScalingType.YARN,
-                                                          add_rope_scaling_factor=4.0))
+    yarn = dict(add_rope_scaling_type=gguf.RopeScalingType.YARN, add_rope_scaling_factor=4.0)
+    write_tiny_gguf(tmp_path / "yarn.gguf", extra_kv=yarn)
     _refused(tmp_path / "yarn.gguf", "yarn")
     write_tiny_gguf(tmp_path / "freqs.gguf",
                     extra_tensor=("rope_freqs.weight", "x", (HD // 2,), Q.F32))

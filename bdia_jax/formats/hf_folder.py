@@ -92,6 +92,10 @@ def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
     header = check_safetensors_header(file)
     import safetensors
 
+    if any(e["dtype"] == "BF16" for e in header.values()) and _old_safetensors(safetensors):
+        raise ValueError(f"{file}: holds bfloat16 tensors, which safetensors "
+                         f"{safetensors.__version__} cannot read into numpy; pip install "
+                         f"'safetensors>=0.8,<0.9'.")
     try:
         with safetensors.safe_open(str(file), framework="numpy") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -183,6 +187,12 @@ def _read_sharded(index: pathlib.Path) -> tuple[dict, int]:
                                      f"places there; the shard does not belong to this index.")
                 tensors[name] = held[name]
     return tensors, len(shards)
+
+
+def _old_safetensors(safetensors) -> bool:
+    """True before 0.8.0, the first release whose numpy API reads BF16 (as ml_dtypes')."""
+    version = tuple(int(p) for p in re.findall(r"\d+", safetensors.__version__)[:2])
+    return version < (0, 8)
 
 
 def _dtypes(tensors: dict) -> str:
