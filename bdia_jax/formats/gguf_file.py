@@ -140,9 +140,9 @@ def read_gguf(path: pathlib.Path) -> Checkpoint:
                 array = unpermute_rows(array, kv_heads)
             tensors[name] = array
             types[qtype] += 1
-    except ValueError:
-        raise
-    except Exception as err:  # a damaged tensor table or block data
+    except Exception as err:  # a damaged tensor table or block data (ours name the file)
+        if isinstance(err, ValueError) and str(err).startswith(f"{path}: "):
+            raise
         raise ValueError(f"{path}: cannot be read as GGUF ({_reason(err)}); expected "
                          f"{HOLDS} (truncated or damaged download?).") from None
     if "model.embed_tokens.weight" not in tensors:
