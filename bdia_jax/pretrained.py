@@ -200,7 +200,12 @@ def _llama_fields(hf: dict, source: str) -> dict:
     # Rope: transformers 5's rope_parameters, or the older rope_theta + rope_scaling.
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    if params and scaling and params != scaling:
+
+    def scaling_of(d):  # the older files name the type "type"
+        d = {("rope_type" if k == "type" else k): v for k, v in d.items() if k != "rope_theta"}
+        return {k: v for k, v in d.items() if not (k == "rope_type" and v == "default")}
+
+    if params and scaling and scaling_of(params) != scaling_of(scaling):
         _refuse(source, "rope_scaling", scaling, f"it disagrees with rope_parameters={params}")
     scaling = params or scaling
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))

@@ -228,8 +228,8 @@ def _misfits():
         r"'transformer.wte.weight' has shape \[101, 64\], expected \[100, 64\] \(vocab_size " \
         r"mismatch: config.json says 100\)"
     config = json.loads((FIXTURE / "config.json").read_text())
-    yield "model type", t, {**config, "model_type": "llama"}, \
-        r"model_type 'llama' is not supported"
+    yield "model type", t, {**config, "model_type": "bert"}, \
+        r"model_type='bert' is not supported"
     yield "untied head", {**t, "lm_head.weight": t[wte] + 1}, None, \
         r"lm_head.weight differs from wte.weight"
     yield "integer tensor", {**t, "transformer.ln_f.bias": np.zeros(64, np.int32)}, None, \
@@ -237,7 +237,7 @@ def _misfits():
     yield "attention scaling", t, {**config, "scale_attn_by_inverse_layer_idx": True}, \
         r"scale_attn_by_inverse_layer_idx=True is not supported"
     yield "activation", t, {**config, "activation_function": "relu"}, \
-        r"activation_function 'relu' is not supported"
+        r"activation_function='relu' is not supported"
 
 
 @pytest.mark.parametrize("case", list(_misfits()), ids=lambda case: case[0])
