@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+
 def dropout_threshold(rate: float, field: str = "dropout rate") -> int:
     """The uint8 threshold t = round(rate * 256) of ``dropout``: it drops an element whose
     random byte is < t, so the rate it applies is t / 256. ``field`` names it in errors."""

@@ -46,14 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bdia_jax.formats import load_tokenizer as load_tokenizer  # re-export
+from bdia_jax.formats import read_checkpoint, write_hf_folder
 from bdia_jax.methods import FLAT_METHOD_FIELDS, Standard, method_overrides
 from bdia_jax.models import DecoderConfig, DecoderLM, ReversalProbe
-
-try:  # the checkpoint file formats (bdia_jax/formats, the ckptio branch)
-    from bdia_jax.formats import load_tokenizer, read_checkpoint, write_hf_folder
-except ImportError:  # until that branch is merged: the private single-folder reader below
-    load_tokenizer = None
-    read_checkpoint = write_hf_folder = None
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -461,78 +457,6 @@ def _param_shapes(config: DecoderConfig) -> dict[tuple, tuple]:
             for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 
-# ---------------------------------------------------------------------------------- files
-class _Checkpoint(NamedTuple):
-    """``bdia_jax.formats.Checkpoint``'s fields (config dict, tensors dict, source line)."""
-
-    config: dict
-    tensors: dict
-    source: str
-
-
-def _read_folder(path) -> _Checkpoint:
-    """Minimal reader of a Hugging Face folder (config.json + model.safetensors, or
-    model.safetensors.index.json + shards), used until ``bdia_jax.formats`` is merged."""
-    import safetensors
-
-    folder = pathlib.Path(path)
-    config_file = folder / CONFIG_FILE
-    if not config_file.is_file():
-        raise ValueError(f"no {CONFIG_FILE} in {folder}: a checkpoint folder holds "
-                         f"{CONFIG_FILE} and {WEIGHTS_FILE} (or sharded safetensors).")
-    index = folder / "model.safetensors.index.json"
-    if (folder / WEIGHTS_FILE).is_file():
-        files = [folder / WEIGHTS_FILE]
-    elif index.is_file():
-        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"]
-                                                .values()))]
-    else:
-        raise ValueError(f"no {WEIGHTS_FILE} in {folder}: only safetensors checkpoints are "
-                         f"read (save_pretrained(..., safe_serialization=True) writes one).")
-    tensors = {}
-    for file in files:
-        with safetensors.safe_open(str(file), framework="flax") as f:
-            for name in f.keys():
-                tensors[name] = np.asarray(f.get_tensor(name))
-    return _Checkpoint(json.loads(config_file.read_text()), tensors, str(folder))
-
-
-def _write_folder(path, config: dict, tensors: dict) -> None:
-    """Minimal writer (config.json + model.safetensors), until ``bdia_jax.formats``."""
-    import os
-    import tempfile
-
-    import safetensors.flax
-
-    folder = pathlib.Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, write in ((WEIGHTS_FILE, lambda tmp: safetensors.flax.save_file(
-            {k: jnp.asarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})),
-                        (CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(
-                            json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, folder / name)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _read(path):
-    return read_checkpoint(path) if read_checkpoint is not None else _read_folder(path)
-
-
 # ---------------------------------------------------------------------------------- public
 def read_config(path, **overrides) -> DecoderConfig:
     """The ``DecoderConfig`` of a checkpoint (with ``overrides``, as ``load``); reads the
@@ -541,7 +465,7 @@ def read_config(path, **overrides) -> DecoderConfig:
     if folder.is_dir() and (folder / CONFIG_FILE).is_file():
         hf, source = json.loads((folder / CONFIG_FILE).read_text()), str(folder / CONFIG_FILE)
     else:
-        checkpoint = _read(path)
+        checkpoint = read_checkpoint(path)
         hf, source = checkpoint.config, checkpoint.source
     return config_from_hf(hf, source=source, **overrides)
 
@@ -565,7 +489,7 @@ def load(path, **overrides) -> DecoderLM:
       ValueError (one line, naming the file, key or tensor): a checkpoint that does not fit
         or that this model cannot compute exactly; nothing is built then.
     """
-    checkpoint = _read(path)
+    checkpoint = read_checkpoint(path)
     config = config_from_hf(checkpoint.config, source=checkpoint.source, **overrides)
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -616,10 +540,7 @@ def save(model: DecoderLM, path, *, dtype: str | None = None, bos_token_id: int 
     params = {p: np.asarray(jnp.asarray(v.get_value(), dtype))
               for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors = params_to_hf(params, config)
-    if write_hf_folder is not None:
-        write_hf_folder(path, hf, tensors)
-    else:
-        _write_folder(path, hf, tensors)
+    write_hf_folder(path, hf, tensors)
 
 
 # ---- the GPT-2 names (thin aliases)

@@ -84,7 +84,7 @@ def test_reversal_is_exact_in_both_recompute_modes(variant):
     x, key = tokens(), jax.random.key(5)
     separate = reversible_grads(variant, "separate", x, key)
     shared = reversible_grads(variant, "shared", x, key)
-    for logits, aux, grads, probes in (separate, shared):
+    for _, aux, _, probes in (separate, shared):
         assert probe_total(probes) == 0.0
         assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
     assert_bits_equal(shared[:3], separate[:3])
