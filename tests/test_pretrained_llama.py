@@ -191,3 +191,28 @@ def test_overrides():
     with pytest.raises(ValueError, match=r"gamma=0.25 needs a training method: pass "
                                          r"update='bdia'"):
         pretrained.read_config(fixture("llama"), gamma=0.25)
+
+
+def test_bfloat16_parameters_compute_the_bfloat16_checkpoint():
+    """Qwen2's weights are bfloat16: kept as bfloat16 parameters (the stream, norms and
+    matmuls stay float32), the logits are those of the upcast weights."""
+    model = pretrained.load(fixture("qwen2"), param_dtype="bfloat16")
+    tokens = np.load(fixture("qwen2") / "tokens.npy")
+    want = np.load(fixture("qwen2") / "logits_transformers.npy")
+    assert rel_err(jitted(model)(tokens), want) <= 1e-4
+
+
+def test_save_refuses_what_no_hf_model_type_computes(tmp_path):
+    from bdia_jax.models import decoder_config
+    mixed = DecoderLM(decoder_config("llama-tiny", norm="layernorm"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"save writes GPT-2 or Llama-family configs"):
+        pretrained.save(mixed, tmp_path)
+    with pytest.raises(ValueError, match=r"dtype must be one of"):
+        pretrained.save(pretrained.load(fixture("llama")), tmp_path, dtype="int8")
+    assert not any(tmp_path.iterdir())
+
+
+def test_load_without_update_is_the_standard_network():
+    for name in ("llama", "gpt2"):
+        c = pretrained.read_config(fixture(name))
+        assert c.update == Standard() and c.backprop.__class__.__name__ == "Autodiff"

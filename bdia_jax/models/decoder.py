@@ -227,8 +227,9 @@ class DecoderLM(nnx.Module):
         self.config = c = config
         init = nnx.initializers.normal(c.embed_std)
         p_dtype = param_dtype_of(c.param_dtype)
+        # dtype float32: lookups and the tied head compute in float32 whatever param_dtype.
         self.token_embed = nnx.Embed(c.vocab_size, c.width, embedding_init=init,
-                                     param_dtype=p_dtype, rngs=rngs)
+                                     dtype=jnp.float32, param_dtype=p_dtype, rngs=rngs)
         if c.position == "learned":
             self.pos_embed = nnx.Param(init(rngs.params(), (c.max_len, c.width), p_dtype))
         options = block_options(c)
