@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,7 @@ VARIANTS = {
     "qwen3": dict(qk_norm=True, head_dim=16),  # q/k RMSNorm; heads·head_dim = 64 != width
     "mha-llama3": dict(num_kv_heads=4, rope_scaling="llama3", rope_factor=8.0,
                        rope_original_max_len=8, rope_theta=500000.0),
-    "bf16-params": dict(param_dtype="bfloat16", bias="qkv"),
+    "bf16-params": dict(param_dtype="bfloat16", bias="qkv", tie_embeddings=True),
 }
 DROPOUT = dict(dropout=0.1, attention_dropout=0.1)
 
@@ -49,25 +48,30 @@ def model(variant, seed=0, **overrides):
                      rngs=nnx.Rngs(seed))
 
 
+def abstract(variant):
+    """The model's shapes and dtypes only (no initialisation compute)."""
+    return nnx.eval_shape(lambda: model(variant))
+
+
 def test_llama_tiny_has_the_llama_structure():
-    m = model("llama")
+    m = abstract("llama")
     c = m.config
     assert (c.kv_heads, c.head_size) == (2, 8)
     blocks = m.stack.blocks
-    assert blocks.attn.key.kernel[...].shape == (2, 32, 2 * 8)  # [depth, width, kv·head_dim]
+    assert blocks.attn.key.kernel.get_value().shape == (2, 32, 2 * 8)  # [depth, width, kv·head_dim]
     assert blocks.attn.query.bias is None and blocks.mlp.down.bias is None
     assert not hasattr(blocks.ln1, "bias") and not hasattr(m, "pos_embed")
-    assert m.head.kernel[...].shape == (32, 32)
-    q2 = model("qwen2")
-    assert q2.stack.blocks.attn.value.bias[...].shape == (2, 16)
+    assert m.head.kernel.get_value().shape == (32, 32)
+    q2 = abstract("qwen2")
+    assert q2.stack.blocks.attn.value.bias.get_value().shape == (2, 16)
     assert q2.stack.blocks.attn.out.bias is None and not hasattr(q2, "head")
-    q3 = model("qwen3")
-    assert q3.stack.blocks.attn.query.kernel[...].shape == (2, 32, 64)
-    assert q3.stack.blocks.attn.key_norm.scale[...].shape == (2, 16)
-    bf = model("bf16-params")
+    q3 = abstract("qwen3")
+    assert q3.stack.blocks.attn.query.kernel.get_value().shape == (2, 32, 64)
+    assert q3.stack.blocks.attn.key_norm.scale.get_value().shape == (2, 16)
+    bf = abstract("bf16-params")
     for leaf in jax.tree_util.tree_leaves(nnx.state(bf, nnx.Param)):
         assert leaf.dtype == jnp.bfloat16
-    hidden, _ = bf.hidden_states(tokens())
+    hidden, _ = nnx.eval_shape(lambda m: m.hidden_states(tokens()), bf)
     assert hidden.dtype == jnp.float32
 
 
@@ -76,7 +80,7 @@ def reversible_grads(variant, recompute, x, key):
     return train_grads_by_key(m, lambda m, k: m(x, key=k, train=True))(key)
 
 
-@pytest.mark.parametrize("variant", ["qwen2", "mha-llama3", "bf16-params"])
+@pytest.mark.parametrize("variant", ["mha-llama3", "bf16-params"])
 def test_reversal_is_exact_in_both_recompute_modes(variant):
     """BDIA with Reversible(): the reversal probe reads exactly 0 with dropout on, in both
     recompute modes (RMSNorm statistics are tree sums; the rope tables are constants), and
@@ -213,13 +217,11 @@ def test_config_errors_are_one_line(overrides, match):
 
 
 def test_chunked_attention_with_gqa_reverses_exactly():
-    """attention="chunked" (query blocks of 4, MLP in position blocks) on GQA + rope."""
+    """attention="chunked" (query blocks of 4, MLP in position blocks) on GQA + rope + q/k
+    norm (its outputs equal "xla"'s: tests/test_attention.py)."""
     x, key = tokens(length=14), jax.random.key(2)
     m = model("qwen3", update="bdia", backprop="reversible", recompute="shared",
               attention="chunked", chunk_size=4, **DROPOUT)
-    logits, aux, _, probes = train_grads_by_key(m, lambda m, k: m(x, key=k, train=True))(key)
-    assert probe_total(probes) == 0.0
-    xla = model("qwen3", update="bdia", backprop="reversible", recompute="shared", **DROPOUT)
-    nnx.update(xla, nnx.state(m, nnx.Param))
-    ref = jitted(xla)(x)
-    chex.assert_trees_all_close(jitted(m)(x), ref, atol=decode_tolerance(ref), rtol=0)
+    _, aux, grads, probes = train_grads_by_key(m, lambda m, k: m(x, key=k, train=True))(key)
+    assert probe_total(probes) == 0.0 and not bool(aux["overflow"])
+    assert_all_params_get_gradients(grads)
