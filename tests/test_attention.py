@@ -3,6 +3,7 @@ the BDIA reversal stays bit-exact with "chunked", and bad options fail in one li
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import chex
@@ -305,3 +306,17 @@ def test_seq2seq_reverses_exactly_with_chunked_attention():
                                                            train=True))
     assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
     assert probe_total(probes) == 0.0
+
+
+def test_testing_blocks_do_not_import_the_models_layer():
+    """``bdia_jax.testing`` (the engine's pure-jnp blocks) takes dropout from
+    ``bdia_jax.ops``, which the models import too: the engine's tests need no model."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bdia_jax.testing; "
+            "print(sorted(m for m in sys.modules if m.startswith('bdia_jax.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+    assert not hasattr(attention, "QUERY_CHUNK")  # the block size is a config field
