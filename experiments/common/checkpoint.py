@@ -18,10 +18,11 @@ Faults:
   step does not match, it prints one line naming the step and the problem, moves that
   folder aside to ``<directory>.corrupt/`` (so a later save at that step is not skipped)
   and falls back to the previous one; with none left the run starts fresh, and says so.
-* Config mismatch is not corruption: a checkpoint whose arrays have other names, shapes or
-  dtypes than the state being resumed was written by another config. ``restore`` raises
-  ``CheckpointMismatchError`` naming the first difference and leaves every checkpoint where
-  it is.
+* Config mismatch is not corruption: a checkpoint whose record holds another run config
+  (``run_config``: the fields the training depends on, see ``runs.run_config``), or whose
+  arrays have other names, shapes or dtypes than the state being resumed, was written by
+  another config. ``restore`` raises ``CheckpointMismatchError`` naming the first
+  differences and leaves every checkpoint where it is.
 * Quiet restore: before Orbax reads a step, every saved array is opened and read once with
   blocking TensorStore calls (``_check_saved_arrays``); see there for why.
 * A state with a non-finite leaf is never written.
@@ -44,12 +45,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments.common import runs
 from experiments.common.config import ConfigError
 from experiments.common.metrics import log
 from experiments.common.sharding import is_primary, sync, to_host
 from experiments.common.train_state import finite_and_fingerprint
 
 FINGERPRINT_KEY = "state_fingerprint"
+CONFIG_KEY, CONFIG_FINGERPRINT_KEY = "run_config", "config_fingerprint"
 # Saved arrays read at once by the pre-restore check (bounds its host memory).
 _READS_IN_FLIGHT = 8
 
@@ -68,12 +71,16 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep (>= 1).
       async_save: write in a background thread (worthwhile for large models on
         accelerators); False writes synchronously.
+      run_config: the plain-dict config the training depends on (``runs.run_config``):
+        stored with every checkpoint, and a checkpoint holding another one (or none) is
+        refused on restore. None: neither stored nor checked.
     """
 
     def __init__(self, directory: str, *, save_every_steps: int, keep: int,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, run_config: dict | None = None) -> None:
         self.directory = os.path.abspath(directory)
         self.save_every_steps = int(save_every_steps)
+        self.run_config = run_config
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -103,6 +110,9 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return  # already saved (e.g. an epoch end that was also a periodic save)
         record = {**record, FINGERPRINT_KEY: fingerprint, "step": int(step)}
+        if self.run_config is not None:
+            record.update({CONFIG_KEY: self.run_config,
+                           CONFIG_FINGERPRINT_KEY: runs.fingerprint(self.run_config)})
         with _ctrl_c_deferred():
             self._manager.save(
                 step,
@@ -151,7 +161,22 @@ class Checkpointer:
             log(f"no usable checkpoint left in {self.directory}; starting from step 0")
         return None
 
+    def _check_run_config(self, step: int) -> None:
+        """Raise ``CheckpointMismatchError`` when step ``step``'s record holds another run
+        config than ``self.run_config`` (or none); reads the small JSON record only."""
+        if self.run_config is None:
+            return
+        with _ctrl_c_deferred():
+            record = dict(self._manager.restore(
+                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record or {})
+        if record.get(CONFIG_FINGERPRINT_KEY) != runs.fingerprint(self.run_config):
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} was written with a different "
+                f"config ({runs.describe_change(record.get(CONFIG_KEY), self.run_config)}); "
+                f"resume with the config it was written with, or use a new --workdir")
+
     def _restore_step(self, step: int, abstract):
+        self._check_run_config(step)
         _check_saved_arrays(os.path.join(self.directory, str(step), "state"), abstract,
                             where=f"checkpoint step {step} in {self.directory}")
         with _ctrl_c_deferred():
@@ -174,8 +199,8 @@ class Checkpointer:
                 f"{record[FINGERPRINT_KEY]}: the array files were altered")
         if not finite:
             raise ValueError("the state holds NaN/Inf values")
-        record.pop(FINGERPRINT_KEY)
-        record.pop("step", None)
+        for key in (FINGERPRINT_KEY, "step", CONFIG_KEY, CONFIG_FINGERPRINT_KEY):
+            record.pop(key, None)
         return state, record
 
     def _set_aside(self, step: int) -> None:
