@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from float_bounds import assert_within, attention_bound, network_bound, transformer_chain
 from models_utils import jitted, probe_total, train_grads
 
 from bdia_jax.models import (
@@ -58,7 +59,11 @@ def test_chunked_matches_the_einsum(mask_name, chunk_size, checkpoint):
     run = jax.jit(lambda q, k, v: attention.chunked_attention(
         q, k, v, mask, chunk_size=chunk_size, checkpoint=checkpoint))
     got = run(q, k, v)
-    chex.assert_trees_all_close(got, want, **TOL)
+    # Two evaluations of the same attention, each within attention_bound of exact; the
+    # online softmax rescales once per key chunk.
+    chunks = -(-K_LEN // chunk_size)
+    assert_within(got, want, 2 * attention_bound(q, k, v, mask, num_chunks=chunks),
+                  f"chunk {chunk_size}")
     if mask_name == "causal":  # masked keys contribute exactly nothing, chunked or not
         cut = run(q, k, v.at[:, :, 20:].set(0.0))
         chex.assert_trees_all_equal(cut[:, :, :20], got[:, :, :20])
@@ -137,7 +142,8 @@ def test_fused_wrapper_matches_the_einsum(mask_name):
     q, k, v = _qkv()
     mask = _masks()[mask_name]
     got = attention.fused_attention(q, k, v, mask, implementation="xla")
-    chex.assert_trees_all_close(got, attention.dot_product_attention(q, k, v, mask), **TOL)
+    assert_within(got, attention.dot_product_attention(q, k, v, mask),
+                  2 * attention_bound(q, k, v, mask), "fused")
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN exists on a GPU")
@@ -180,6 +186,11 @@ def _vit_inputs():
     return (jax.random.normal(jax.random.key(2), (2, 32, 32, 3)),)  # 17 tokens
 
 
+# The "tiny" models' rounding chain (float_bounds.transformer_chain), taken at the largest of
+# them: ViT 17 tokens, GPT 16, seq2seq 2 + 2 blocks over 11 source and 9 target tokens.
+MODEL_CHAIN = transformer_chain(width=32, mlp_dim=64, seq=17, depth=4, heads=2, cross_seq=11)
+
+
 def _seq2seq_inputs():  # source padding (row 1), causal self-attention, cross-attention
     src = jnp.where(jnp.arange(11)[None] < jnp.array([[11], [6]]), 5, 0).astype(jnp.int32)
     return src, jnp.full((2, 9), 7, jnp.int32)
@@ -192,21 +203,27 @@ def _seq2seq_inputs():  # source padding (row 1), causal self-attention, cross-a
 ], ids=["gpt", "vit", "seq2seq"])
 def test_models_match_with_chunked_attention(monkeypatch, make_model, config_fn, inputs):
     monkeypatch.setattr(attention, "QUERY_CHUNK", 4)  # several blocks and a tail
-    xla, chunked = _pair(make_model, config_fn)
-    chex.assert_trees_all_close(jitted(chunked)(*inputs()), jitted(xla)(*inputs()), **TOL)
+    # BDIA off the grid: on it a last-bit difference occasionally moves a state by a grid
+    # step, far above the rounding bound (the bits of the grid path: test_stack_*).
+    xla, chunked = _pair(make_model, config_fn, quantize_at_inference=False)
+    want = jitted(xla)(*inputs())
+    assert_within(jitted(chunked)(*inputs()), want, network_bound(want, chain=MODEL_CHAIN),
+                  "logits")
 
 
 def test_kv_cache_decoding_with_chunked_attention(monkeypatch):
     """A prompt chunk (causal mask at an offset, per-query rows) and single tokens."""
     monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 32, jnp.int32)
-    xla, chunked = _pair(GPT, lambda **kw: gpt_config("tiny", **kw))
+    xla, chunked = _pair(GPT, lambda **kw: gpt_config("tiny", **kw),
+                         quantize_at_inference=False)
     want = jitted(xla)(tokens)
     cache = chunked.init_cache(2)
     prompt_logits, cache = chunked.decode_step(cache, tokens[:, :11], 0)
     step_logits, _ = chunked.decode_step(cache, tokens[:, 11:12], 11)
-    chex.assert_trees_all_close(prompt_logits, want[:, :11], **TOL)
-    chex.assert_trees_all_close(step_logits, want[:, 11:12], **TOL)
+    bound = network_bound(want, chain=MODEL_CHAIN)
+    assert_within(prompt_logits, want[:, :11], bound, "prompt")
+    assert_within(step_logits, want[:, 11:12], bound, "step")
 
 
 # Training-like sizes (tests/test_models_training_sizes.py): batch 64, dropout on.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import bdia_jax
+from float_bounds import ELEMENTWISE_ULPS, assert_within, network_bound
 from bdia_jax.testing import (
     assert_bits_equal,
     init_attn_mlp,
@@ -178,7 +179,12 @@ def test_inference_paths():
     ref = x
     for k in range(depth):
         ref = ref + block(jax.tree_util.tree_map(lambda a, k=k: a[k], params), ref, None, None)
-    np.testing.assert_allclose(standard, ref, rtol=1e-6, atol=1e-6)
+    # Eager ops vs one scanned program: per block two layer norms (DIM sums and an rsqrt),
+    # the q/k/v, output and fc1 contractions (DIM), the scores (DIM / heads), the softmax
+    # (SEQ sums and an exp), probabilities @ v (SEQ), fc2 (16) and the gelu.
+    per_block = 2 * (DIM + ELEMENTWISE_ULPS) + 4 * DIM + DIM // 2 + 2 * SEQ + \
+        ELEMENTWISE_ULPS + 16 + ELEMENTWISE_ULPS
+    assert_within(standard, ref, network_bound(ref, chain=depth * per_block), "standard")
 
 
 def _training_size_probe(batch, recompute, stable_stats):
