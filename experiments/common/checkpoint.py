@@ -26,6 +26,12 @@ Faults:
 * Quiet restore: before Orbax reads a step, every saved array is opened and read once with
   blocking TensorStore calls (``_check_saved_arrays``); see there for why.
 * A state with a non-finite leaf is never written.
+* Disk full: before a save the free space is compared with the state's size, and a write
+  that fails for lack of space (ENOSPC, TensorStore's RESOURCE_EXHAUSTED) is caught; either
+  way ``CheckpointWriteError`` names the workdir, the free space and the last good
+  checkpoint in one line, the step's temporary folder is removed, and Orbax's own error
+  logs of the failed write are held back. The earlier checkpoints are intact, so the rerun
+  resumes from the last good one once there is space.
 
 Multi-host: every process calls ``save``/``restore`` (Orbax coordinates the writes of the
 shards; the JSON record and the renames are done by process 0).
@@ -35,6 +41,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import glob
+import logging
 import os
 import shutil
 import signal
@@ -62,6 +71,55 @@ class CheckpointMismatchError(ConfigError):
     it was written by another config. Not corruption, so nothing is moved aside."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the disk is full); the message says where, how
+    much space is left and which checkpoint the rerun resumes from."""
+
+
+_DISK_FULL_MARKS = ("No space left on device", "RESOURCE_EXHAUSTED", "os_error_code='28'",
+                    "Disk quota exceeded")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or TensorStore's error for it, anywhere in the exception chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(mark in str(error) for mark in _DISK_FULL_MARKS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _HoldOrbaxErrors(logging.Filter):
+    """Drops the error records (with tracebacks) that Orbax logs from its worker threads
+    when a write fails, possibly after ``save`` returned (async saves): the failure itself
+    reaches the caller as an exception from ``save``, ``wait`` or ``close``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_errors_held():
+    held = _HoldOrbaxErrors()
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    handlers = [h for logger in loggers for h in logger.handlers]
+    for target in (*loggers, *handlers):
+        target.addFilter(held)
+    try:
+        yield
+    finally:
+        for target in (*loggers, *handlers):
+            target.removeFilter(held)
+
+
+def _megabytes(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.1f} MB"
+
+
 class Checkpointer:
     """Checkpoints of one model's training under ``directory``.
 
@@ -81,6 +139,9 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.save_every_steps = int(save_every_steps)
         self.run_config = run_config
+        self._failed = False
+        self._held = contextlib.ExitStack()  # Orbax's error logs, until close()
+        self._held.enter_context(_orbax_errors_held())
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -109,11 +170,17 @@ class Checkpointer:
             )
         if step in self._manager.all_steps():
             return  # already saved (e.g. an epoch end that was also a periodic save)
+        needed = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                     for x in jax.tree_util.tree_leaves(state))
+        free = self._free_bytes()
+        if free is not None and free < needed:
+            self._disk_full(step, f"{_megabytes(free)} free, the state needs "
+                                  f"{_megabytes(needed)}")
         record = {**record, FINGERPRINT_KEY: fingerprint, "step": int(step)}
         if self.run_config is not None:
             record.update({CONFIG_KEY: self.run_config,
                            CONFIG_FINGERPRINT_KEY: runs.fingerprint(self.run_config)})
-        with _ctrl_c_deferred():
+        with self._write_errors(step), _ctrl_c_deferred():
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -121,6 +188,44 @@ class Checkpointer:
                 ),
                 force=True,
             )
+
+    def _free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.directory).free
+        except OSError:
+            return None
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """Turns a write that failed for lack of space into ``CheckpointWriteError``."""
+        try:
+            yield
+        except Exception as error:
+            if not _is_disk_full(error):
+                raise
+            free = self._free_bytes()
+            self._disk_full(step, "no space left on the device"
+                            + (f" ({_megabytes(free)} free)" if free is not None else ""))
+
+    def _disk_full(self, step: int | None, why: str):
+        self._failed = True
+        for leftover in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            head = os.path.basename(leftover).split(".")[0]
+            if head.isdigit():  # an async write that failed after its save() returned
+                step = min(int(head), step) if step is not None else int(head)
+        with contextlib.suppress(Exception):
+            self._manager.reload()
+        good = [s for s in self._manager.all_steps() if s != step]
+        parent = os.path.dirname(self.directory)
+        workdir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" \
+            else self.directory
+        last = (f"the last good checkpoint is step {max(good)} in {self.directory}"
+                if good else f"no checkpoint was written yet in {self.directory}")
+        raise CheckpointWriteError(
+            f"cannot write checkpoint{f' step {step}' if step is not None else ''} in the "
+            f"workdir {workdir}: {why}; {last}. Free some space (or pass another "
+            f"--workdir) and rerun the same command to resume.") from None
 
     def restore(self, like_state, sharding) -> tuple | None:
         """``(state, record)`` of the newest checkpoint that reads back intact, placed
@@ -218,11 +323,18 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._write_errors(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with self._held:
+            if self._failed:  # a failed write: nothing worth waiting for, no second error
+                with contextlib.suppress(Exception):
+                    self._manager.close()
+                return
+            with self._write_errors(None):
+                self._manager.wait_until_finished()
+            self._manager.close()
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ fingerprint that every result and checkpoint carries (``run_config``, ``fingerpr
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -160,5 +161,12 @@ def run_experiment(
             raise SystemExit(f"error: {error}") from None
         except TrainingInterrupted as stop:
             raise SystemExit(str(stop)) from None
+        except OSError as error:  # a full disk under metrics.jsonl, summary.json, ...
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SystemExit(
+                f"error: cannot write {error.filename or 'to the workdir'}: "
+                f"{error.strerror}; free some space (or pass another --workdir) and rerun "
+                f"the same command to resume") from None
 
     config_lib.run_app(define_flags, main)

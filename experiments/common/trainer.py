@@ -48,7 +48,12 @@ import bdia_jax
 from experiments.common import config as config_lib
 from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
-from experiments.common.checkpoint import CONFIG_FINGERPRINT_KEY, CONFIG_KEY, Checkpointer
+from experiments.common.checkpoint import (
+    CONFIG_FINGERPRINT_KEY,
+    CONFIG_KEY,
+    Checkpointer,
+    CheckpointWriteError,
+)
 from experiments.common.loop import (
     NONFINITE_POLICIES,
     PROGRESS_MODES,
@@ -845,4 +850,4 @@ def main(task: Task) -> None:
         data_dir_help=task.data_dir_help,
         # NonFiniteError includes RangeOverflowError.
         errors=(config_lib.ConfigError, sharding.DistributedInitError, NonFiniteError,
-                *task.errors))
+                CheckpointWriteError, *task.errors))
