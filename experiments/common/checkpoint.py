@@ -339,21 +339,27 @@ class Checkpointer:
 
 @contextlib.contextmanager
 def _ctrl_c_deferred():
-    """Hold a Ctrl-C until the block ends, then raise it: an interrupt inside Orbax's event
-    loop would abandon its pending reads or writes the way a failed read does (see
-    ``_check_saved_arrays``). Only where Python's own SIGINT handler is installed."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Hold a Ctrl-C (or a SIGTERM the command line turns into one) until the block ends,
+    then raise it: an interrupt inside Orbax's event loop would abandon its pending reads
+    or writes the way a failed read does (see ``_check_saved_arrays``). Only signals with
+    a Python handler (Python's own SIGINT one, the command line's SIGTERM one)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held = {sig: handler for sig, handler in handlers.items()
+            if callable(handler) and (sig != signal.SIGINT
+                                      or handler is signal.default_int_handler)}
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
         if received:
-            raise KeyboardInterrupt
+            held[received[0]](received[0], None)  # raises KeyboardInterrupt / Terminated
 
 
 def _check_saved_arrays(state_dir: str, abstract, *, where: str) -> None:

@@ -150,9 +150,10 @@ def run_experiment(
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # keep library INFO chatter off the console
         config = flags.FLAGS.config
-        if flags.FLAGS.data_dir:
-            set_data_dir(config, flags.FLAGS.data_dir)
         try:
+            config_lib.check_experiment_config(config, name)  # before any field is read
+            if flags.FLAGS.data_dir:
+                set_data_dir(config, flags.FLAGS.data_dir)
             config_lib.check_train_examples(config)
             default = os.path.join("runs", f"{name}_{config.preset}")
             with claimed_workdir(flags.FLAGS.workdir, default, config) as workdir:

@@ -420,6 +420,9 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
         if line + message not in checks.problems:
             checks.problems.append(line + message)
 
+    if "compute_dtype" in config.model:  # float16 has no loss scaling here: refused
+        checks.one_of(config.model.compute_dtype, ("float32", "bfloat16"),
+                      "model.compute_dtype")
     t = config.train
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         checks.int_at_least(t[field], f"train.{field}")
