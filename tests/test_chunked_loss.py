@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from float_bounds import assert_within, cross_entropy_bound, matmul_bound, sum_bound
 
 from bdia_jax.chunked_loss import chunked_cross_entropy, chunked_token_losses

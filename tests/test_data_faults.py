@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from subprocess_env import REPO, child_env
 
 from experiments import cifar_data, vit_cifar
 from experiments.common import config as config_lib
 from experiments.common import sharding, tfds_download
 from experiments.configs.vit_cifar import get_config
-from subprocess_env import REPO, child_env
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "tensorflow_datasets", "cifar10",
                       "3.0.2")

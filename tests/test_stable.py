@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from float_bounds import ELEMENTWISE_ULPS, U, assert_within
 
 from bdia_jax import stable

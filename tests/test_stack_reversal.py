@@ -5,11 +5,10 @@ import itertools
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from float_bounds import ELEMENTWISE_ULPS, assert_within, network_bound
 
 import bdia_jax
-from float_bounds import ELEMENTWISE_ULPS, assert_within, network_bound
 from bdia_jax.testing import (
     assert_bits_equal,
     init_attn_mlp,

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from float_bounds import U, assert_within, cross_entropy_bound, sum_bound
 
 from experiments.text.losses import lm_nll_sums, token_losses
