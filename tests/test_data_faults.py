@@ -93,3 +93,24 @@ def test_the_command_line_refuses_an_oversized_batch_at_once(tmp_path):
         proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(SHARED), "..",
+                                                   "tiny_shakespeare")),
+                    reason="needs ../shared/tensorflow_datasets/tiny_shakespeare")
+def test_the_text_readers_name_a_damaged_file_too(tmp_path):
+    from experiments.text import char_lm
+
+    shared = os.path.join(os.path.dirname(os.path.dirname(SHARED)), "tiny_shakespeare")
+    version = os.listdir(shared)[0]
+    folder = tmp_path / "tiny_shakespeare" / version
+    folder.mkdir(parents=True)
+    for name in os.listdir(os.path.join(shared, version)):
+        data = open(os.path.join(shared, version, name), "rb").read()
+        if "train.array_record" in name:
+            data = data[:len(data) // 2]  # truncated
+        (folder / name).write_bytes(data)
+    with pytest.raises(tfds_download.DataCorruptError, match=r"cannot read split 'train' of "
+                       r"TFDS dataset 'tiny_shakespeare': .*tiny_shakespeare-train.array_record"
+                       r".* is damaged or truncated .*; delete .* and rerun"):
+        char_lm.read_tfds_text("tiny_shakespeare", "train", data_dir=str(tmp_path))

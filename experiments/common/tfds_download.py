@@ -165,11 +165,38 @@ def open_source(name: str, split: str, *, data_dir: str | None, download: bool,
             _message(name, data_dir, cause, fix, data_dir_setting, alternative))
 
     try:
-        return _open(name, split, data_dir, download, download_setting, missing)
+        source = _open(name, split, data_dir, download, download_setting, missing)
     except ImportError as error:  # the install lacks what TFDS (or its download path) imports
         raise missing(f"preparing it needs a module that is not installed "
                       f"({_one_line(error)})",
                       "install it: pip install -r requirements.txt") from error
+    return _CheckedSource(source, name, split, data_dir, data_dir_setting)
+
+
+class _CheckedSource:
+    """A TFDS data source whose reads turn a damaged file's error (the array_record
+    reader's RuntimeError and the like) into ``DataCorruptError``, naming the file."""
+
+    def __init__(self, source, name, split, data_dir, data_dir_setting) -> None:
+        self._source, self._where = source, (name, split, data_dir, data_dir_setting)
+
+    def _read(self, read):
+        try:
+            return read()
+        except (KeyError, IndexError, DataMissingError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the readers raise many types
+            name, split, data_dir, setting = self._where
+            raise corrupt_error(name, split, data_dir, error, setting) from None
+
+    def __len__(self) -> int:
+        return self._read(lambda: len(self._source))
+
+    def __getitem__(self, index):
+        return self._read(lambda: self._source[index])
+
+    def __getattr__(self, attr):
+        return getattr(self._source, attr)
 
 
 def _open(name, split, data_dir, download, download_setting, missing):

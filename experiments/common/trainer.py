@@ -420,9 +420,11 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
         if line + message not in checks.problems:
             checks.problems.append(line + message)
 
-    if "compute_dtype" in config.model:  # float16 has no loss scaling here: refused
-        checks.one_of(config.model.compute_dtype, ("float32", "bfloat16"),
-                      "model.compute_dtype")
+    if "compute_dtype" in config.model:  # the model config checks the other values
+        checks.require(str(config.model.compute_dtype) not in ("float16", "half"),
+                       "model.compute_dtype", "float16 is not supported (the training has "
+                       "no loss scaling, so small gradients vanish); use 'float32' or "
+                       "'bfloat16'")
     t = config.train
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         checks.int_at_least(t[field], f"train.{field}")

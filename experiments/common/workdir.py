@@ -8,8 +8,10 @@ so that one workdir holds one run at a time.
   an flock when its process dies, however it dies (``kill -9`` included), so a lock file
   left behind by a killed run is free: the next run takes it over and resumes.
 * On the way out the lock file is removed, and so is a workdir this run created and left
-  empty; a run stopped by a bad config, or by anything before its first checkpoint, also
-  removes the ``config.json`` it wrote, so that the workdir is as it was.
+  empty; a run stopped by a bad config also removes the ``config.json`` it wrote, so that
+  the workdir is as it was. (A ``config.json`` left by a run stopped for another reason
+  before its first checkpoint, e.g. missing data, does not block a rerun with another
+  config: ``runs.check_resume_config``.)
 
 Multi-host: only process 0 of the launch locks (the workdir is usually shared); the others
 run the checks. POSIX only (``fcntl``).
@@ -56,13 +58,8 @@ def claimed_workdir(flag_value: str | None, default: str, config=None) -> Iterat
         check(workdir)
         lock = _Lock(workdir) if _locks(config) else None
         yield workdir
-    except BaseException as error:
-        # The record of a config that never trained (a bad field, missing or damaged data,
-        # an interruption before the first checkpoint): gone, so the workdir is as it was.
-        from experiments.common.runs import trained_anything
-
-        if not had_config and (isinstance(error, ConfigError)
-                               or not trained_anything(workdir)):
+    except ConfigError:
+        if not had_config:  # the record of a config that never ran
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(workdir, "config.json"))
         raise
