@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from float_bounds import assert_within, attention_bound, network_bound, transformer_chain
+from float_bounds import (
+    ELEMENTWISE_ULPS,
+    U,
+    assert_within,
+    attention_bound,
+    network_bound,
+    transformer_chain,
+)
+from grad_utils import assert_grads_close
 from models_utils import jitted, probe_total, train_grads
 
 from bdia_jax.models import (
@@ -30,7 +38,12 @@ from bdia_jax.models.vit import ViTConfig
 from experiments.common.memory import compiled_memory
 
 BATCH, HEADS, Q_LEN, K_LEN, HEAD_DIM = 3, 2, 37, 37, 8
-TOL = dict(atol=1e-5, rtol=1e-5)  # float32 rounding of O(1) outputs
+# Gradients of sum(sin(attention)) against the einsum's, per leaf scale
+# (grad_utils.assert_grads_close): each element ends the forward's chain (HEAD_DIM for the
+# scores, K_LEN for the softmax and probabilities @ v, an exp, a rescale per chunk of 8) and
+# the backward's (the same contractions transposed, Q_LEN for dk and dv); two evaluations.
+_CHAIN = 2 * (HEAD_DIM + 2 * K_LEN + 16 + 2 * -(-K_LEN // 8)) + Q_LEN
+GRAD_RTOL = 2 * _CHAIN * 2.0**-24
 
 
 def _qkv(q_len=Q_LEN, k_len=K_LEN, dtype=jnp.float32):
@@ -81,7 +94,7 @@ def test_chunked_gradients_match_the_einsum(checkpoint):
                     argnums=(0, 1, 2))(q, k, v)
     got = jax.jit(jax.grad(loss(lambda q, k, v: attention.chunked_attention(
         q, k, v, mask, chunk_size=8, checkpoint=checkpoint)), argnums=(0, 1, 2)))(q, k, v)
-    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_grads_close(got, want, rtol=GRAD_RTOL)
 
 
 @pytest.mark.parametrize("mask_name, dtype", [("causal+padding", jnp.float32),
@@ -101,8 +114,10 @@ def test_chunked_custom_vjp_matches_autodiff_of_the_same_blocks(mask_name, dtype
             return jnp.sum(jnp.sin(out.astype(jnp.float32)))
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    tol = TOL if dtype == jnp.float32 else dict(atol=0.1, rtol=0.05)
-    chex.assert_trees_all_close(grads(True), grads(False), **tol)
+    if dtype == jnp.float32:
+        assert_grads_close(grads(True), grads(False), rtol=GRAD_RTOL)
+    else:  # not derived: bfloat16 inputs and outputs (u = 2**-8), float32 inside
+        chex.assert_trees_all_close(grads(True), grads(False), atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize("length", [48, 37])  # three blocks of 16; two and a tail of 5
@@ -120,9 +135,15 @@ def test_chunked_mlp_matches_the_dense_mlp(monkeypatch, length):
         return nnx.value_and_grad(loss, argnums=(0, 1))(mlp, y)
 
     (want, want_grads), (got, got_grads) = value_and_grads(dense), value_and_grads(chunked)
-    chex.assert_trees_all_close(got, want, **TOL)
-    chex.assert_trees_all_close(nnx.state(got_grads[0]), nnx.state(want_grads[0]), **TOL)
-    chex.assert_trees_all_close(got_grads[1], want_grads[1], **TOL)
+    # The MLP's chain: fc1 (8), the gelu, fc2 (32); the loss adds the sum of its
+    # n = 3 * length * 8 sines (each |sin| <= 1, so the sum's magnitude is at most n); the
+    # gradients add the transposed contractions and, for the weights, the sum over the
+    # 3 * length positions.
+    chain, n = 8 + 32 + 16, 3 * length * 8
+    assert_within(got, want, 2 * (chain + ELEMENTWISE_ULPS + n) * U * n, "mlp loss")
+    rtol = 2 * (2 * chain + 3 * length) * 2.0**-24
+    assert_grads_close(nnx.state(got_grads[0]), nnx.state(want_grads[0]), rtol=rtol)
+    assert_grads_close(got_grads[1], want_grads[1], rtol=rtol)
 
 
 def test_chunked_dropout_is_replayed_from_the_key():
