@@ -17,6 +17,11 @@ checkpoints (rerunning the same command resumes).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help at once, before the imports below load JAX
+    from experiments.common.quick_help import exit_if_help
+
+    exit_if_help("finetune_gpt2", __doc__)
+
 import dataclasses
 import os
 import pathlib
