@@ -56,7 +56,7 @@ def describe_change(recorded: dict | None, current: dict, limit: int = 3) -> str
     """"model.width 32 -> 64, ..." for the first ``limit`` changed fields."""
     names = changed_fields(recorded, current)
     if names == ["<none>"]:
-        return "it records no config (written by an older version)"
+        return "it records no config: written by an older version"
 
     def value(record, dotted):
         for part in dotted.split("."):
