@@ -10,6 +10,7 @@ bounds cover each kind of rounding (tests/float_bounds.py); the whole suite unde
 import subprocess
 import sys
 
+import pytest
 from subprocess_env import REPO, child_env
 
 GUARDED = (
@@ -21,6 +22,7 @@ GUARDED = (
 )
 
 
+@pytest.mark.slow  # about 30 s: a fresh process compiles the guarded tests' programs again
 def test_float_tolerance_tests_pass_on_avx2_code():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
