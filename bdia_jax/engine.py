@@ -693,10 +693,18 @@ def apply_stack(
 
 def _warn_if_overflow(stats: StackStats) -> None:
     """Warn (RuntimeWarning, from the host, under jit too) when the stream left the exact
-    range of the grid: used when the caller did not ask for the stats."""
+    range of the grid or went non-finite (NaN/Inf): used when the caller did not ask for
+    the stats."""
 
-    def warn(overflow, max_abs):
-        if bool(overflow):
+    def warn(overflow, max_abs, nonfinite):
+        if bool(nonfinite):
+            warnings.warn(
+                "bdia_stack: the residual stream holds NaN/Inf values (from the input or a "
+                "block), so the output is not finite; check the input's values, and pass "
+                "return_stats=True to read StackStats yourself.",
+                RuntimeWarning, stacklevel=2,
+            )
+        elif bool(overflow):
             warnings.warn(
                 f"bdia_stack: the residual stream reached |x| = {float(max_abs):g}, past the "
                 "exact range of the fixed-point grid, so the reversal (and its gradients) is "
@@ -705,7 +713,7 @@ def _warn_if_overflow(stats: StackStats) -> None:
                 RuntimeWarning, stacklevel=2,
             )
 
-    jax.debug.callback(warn, stats.overflow, stats.max_abs)
+    jax.debug.callback(warn, stats.overflow, stats.max_abs, stats.nonfinite)
 
 
 def bdia_stack(
@@ -740,7 +748,8 @@ def bdia_stack(
       without one.
     recompute: "separate" | "shared", see ``bdia_jax.Reversible``.
     return_stats: return ``(x_K, StackStats)``. Without it a range overflow (the reversal
-      is no longer exact) is reported by a RuntimeWarning, since the caller cannot see it.
+      is no longer exact) or a NaN/Inf in the stream is reported by a RuntimeWarning,
+      since the caller cannot see it.
 
     Returns x_K (same shape and dtype as x), or ``(x_K, StackStats)`` with return_stats.
     """

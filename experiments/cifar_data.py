@@ -22,7 +22,10 @@ import numpy as np
 import optax
 
 from experiments.common import tfds_download
-from experiments.common.tfds_download import DataMissingError  # noqa: F401  (callers catch it here)
+from experiments.common.tfds_download import (  # noqa: F401  (callers catch them here)
+    DataCorruptError,
+    DataMissingError,
+)
 
 # Per-channel statistics of the CIFAR-10 training images (pixel values in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -47,19 +50,30 @@ class ImageSplit:
 def load_split(name: str, split: str, *, data_dir: str | None = None, download: bool = True,
                num_examples: int = 0, image_key: str = "image",
                label_key: str = "label") -> ImageSplit:
-    """Read the first ``num_examples`` (0: all) examples of a split into memory."""
-    source = tfds_download.open_source(name, split, data_dir=data_dir, download=download,
-                                       data_dir_setting="--data_dir",
-                                       download_setting="--config.data.download")
-    total = len(source)
-    count = total if num_examples <= 0 else min(num_examples, total)
-    first = source[0]
-    images = np.empty((count, *np.shape(first[image_key])), np.uint8)
-    labels = np.empty((count,), np.int32)
-    for i in range(count):
-        example = first if i == 0 else source[i]
-        images[i] = example[image_key]
-        labels[i] = example[label_key]
+    """Read the first ``num_examples`` (0: all) examples of a split into memory.
+
+    Raises ``DataMissingError`` (one line) when the split is not there and cannot be
+    downloaded, ``DataCorruptError`` (one line, naming the file) when a file of it cannot
+    be read."""
+    try:
+        source = tfds_download.open_source(name, split, data_dir=data_dir, download=download,
+                                           data_dir_setting="--data_dir",
+                                           download_setting="--config.data.download")
+        total = len(source)
+        count = total if num_examples <= 0 else min(num_examples, total)
+        first = source[0]
+        images = np.empty((count, *np.shape(first[image_key])), np.uint8)
+        labels = np.empty((count,), np.int32)
+        for i in range(count):
+            example = first if i == 0 else source[i]
+            images[i] = example[image_key]
+            labels[i] = example[label_key]
+    except tfds_download.DataMissingError:
+        raise
+    except (KeyError, IndexError):
+        raise  # a wrong feature name: a program error, not the data's
+    except Exception as error:  # the readers raise RuntimeError, ValueError, OSError, ...
+        raise tfds_download.corrupt_error(name, split, data_dir, error, "--data_dir") from None
     return ImageSplit(images, labels)
 
 

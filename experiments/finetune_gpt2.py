@@ -17,6 +17,11 @@ checkpoints (rerunning the same command resumes).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help at once, before the imports below load JAX
+    from experiments.common.quick_help import exit_if_help
+
+    exit_if_help("finetune_gpt2", __doc__)
+
 import dataclasses
 import os
 import pathlib
@@ -104,9 +109,13 @@ def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
         root = pathlib.Path(workdir) / "tiny_setup"
         if not (root / "checkpoint" / pretrained.WEIGHTS_FILE).is_file():
             e2e.write_tiny_setup(root, max_len=max(config.data.max_len, 128))
-        log(f"no {'model.checkpoint' if not checkpoint else 'data.dir'}"
-            f"{' nor data.dir' if not checkpoint and not data_dir else ''}: using the tiny "
-            f"offline stand-in (random GPT-2, tiny BPE, tiny E2E CSVs) in {root}")
+        # Name each part by where it really comes from: only the empty ones are stand-ins.
+        model_from = (f"the checkpoint {checkpoint}" if checkpoint else
+                      f"the tiny offline stand-in's random GPT-2 and tiny BPE in "
+                      f"{root / 'checkpoint'} (no model.checkpoint)")
+        data_from = (f"the E2E CSVs in {data_dir}" if data_dir else
+                     f"the tiny offline stand-in's E2E CSVs in {root / 'e2e'} (no data.dir)")
+        log(f"model: {model_from}; data: {data_from}")
         checkpoint = checkpoint or str(root / "checkpoint")
         data_dir = data_dir or str(root / "e2e")
     folder = pathlib.Path(checkpoint)

@@ -14,6 +14,11 @@ vocab.json and Orbax checkpoints (rerunning the same command resumes).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help at once, before the imports below load JAX
+    from experiments.common.quick_help import exit_if_help
+
+    exit_if_help("lm", __doc__)
+
 import os
 import time
 

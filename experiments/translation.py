@@ -14,6 +14,11 @@ same command resumes).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help at once, before the imports below load JAX
+    from experiments.common.quick_help import exit_if_help
+
+    exit_if_help("translation", __doc__)
+
 import os
 
 import jax.numpy as jnp

@@ -15,6 +15,11 @@ Orbax checkpoints (rerunning the same command resumes).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help at once, before the imports below load JAX
+    from experiments.common.quick_help import exit_if_help
+
+    exit_if_help("vit_cifar", __doc__)
+
 import dataclasses
 import os
 import time
@@ -99,6 +104,18 @@ class ViTCifar(trainer.Task):
         for field in ("train_split", "test_split"):
             data_checks.check_tfds_split(d[field], f"data.{field}", checks)
         checks.int_at_least(e.sweep_num_examples, "eval.sweep_num_examples", 0, " (0: all)")
+        # A batch larger than the training split, from the prepared dataset's metadata:
+        # before any data loads or any program compiles.
+        batch, wanted = config.train.batch_size, d.num_train_examples
+        size = (cifar_data.tfds_download.split_size(d.name, d.train_split, d.data_dir or None)
+                if isinstance(batch, int) and isinstance(wanted, int) else None)
+        if size is not None:
+            used = size if wanted <= 0 else min(wanted, size)
+            checks.require(used >= batch, "train.batch_size",
+                           f"{batch} is larger than the {used} training examples "
+                           f"({d.name} {d.train_split!r} has {size} in its TFDS metadata"
+                           f"{f', num_train_examples={wanted}' if wanted > 0 else ''}); "
+                           f"use at most {used}")
         checks.require(all(isinstance(g, (int, float)) and not isinstance(g, bool) and -1 < g < 1
                            for g in e.sweep_gammas), "eval.sweep_gammas",
                        f"values must be numbers in (-1, 1), got {tuple(e.sweep_gammas)}")

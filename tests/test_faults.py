@@ -502,8 +502,9 @@ def _signal_after_a_new_checkpoint(process, ckpt_dir, signum, after=0):
 @pytest.mark.slow
 def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
     """Ctrl-C (SIGINT) ends the run with one line and exit code 130 and releases the lock;
-    kill -9 leaves the lock file behind, and the next run takes it over. Each time the same
-    command resumes from the last checkpoint."""
+    SIGTERM (a scheduler's stop) likewise, with exit code 143; kill -9 leaves the lock file
+    behind, and the next run takes it over. Each time the same command resumes from the
+    last checkpoint."""
     import socket
 
     from experiments.common.workdir import LOCK_NAME
@@ -524,13 +525,23 @@ def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
     assert not (workdir / LOCK_NAME).exists()
     after_ctrl_c = _finished_steps(ckpt_dir)[-1]
 
-    second = _python(CLI_SCRIPT, *flags)
-    out, err = _signal_after_a_new_checkpoint(second, ckpt_dir, signal.SIGKILL, after_ctrl_c)
-    assert second.returncode == -signal.SIGKILL, err + out
+    term = _python(CLI_SCRIPT, *flags)
+    out, err = _signal_after_a_new_checkpoint(term, ckpt_dir, signal.SIGTERM, after_ctrl_c)
+    assert term.returncode == 143, err + out
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1] == (
+        "terminated (SIGTERM); rerun the same command to resume from the last checkpoint")
     assert f"[BDIA-ViT] resumed from the checkpoint at step {after_ctrl_c}/{steps}" in out
+    assert not (workdir / LOCK_NAME).exists()
+    after_term = _finished_steps(ckpt_dir)[-1]
+
+    second = _python(CLI_SCRIPT, *flags)
+    out, err = _signal_after_a_new_checkpoint(second, ckpt_dir, signal.SIGKILL, after_term)
+    assert second.returncode == -signal.SIGKILL, err + out
+    assert f"[BDIA-ViT] resumed from the checkpoint at step {after_term}/{steps}" in out
     assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == second.pid
     after_kill = _finished_steps(ckpt_dir)[-1]
-    assert after_ctrl_c < after_kill < steps, "the run ended before the signal"
+    assert after_ctrl_c < after_term < after_kill < steps, "the run ended before the signal"
 
     third = _python(CLI_SCRIPT, *flags, f"--config.train.stop_after_steps={after_kill + 1}")
     out, err = third.communicate(timeout=300)

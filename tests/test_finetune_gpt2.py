@@ -151,3 +151,22 @@ def test_paper_preset_validates_and_config_errors_name_the_field(tiny):
         ft.validate_config(bad, mesh)
     assert "--config.eval.bleu_split: must be one of ('validation', 'test')" in str(error.value)
     assert "--config.model: dropout must be in [0, 1), got 1.5" in str(error.value)
+
+
+def test_the_log_names_the_real_source_of_the_model_and_the_data(tiny, tmp_path, capsys):
+    """The checkpoint given and the data from the stand-in (issue 34, item 9): the log
+    names each by where it really comes from, never "a random GPT-2" for a checkpoint."""
+    checkpoint, data_dir = tiny
+    c = quick_config()
+    c.model.checkpoint, c.data.dir = str(checkpoint), ""
+    folder, data = ft.resolve_paths(c, str(tmp_path))
+    out = capsys.readouterr().out
+    assert folder == checkpoint and data == tmp_path / "tiny_setup" / "e2e"
+    assert f"model: the checkpoint {checkpoint}; data: the tiny offline stand-in's E2E " \
+           f"CSVs in {tmp_path / 'tiny_setup' / 'e2e'} (no data.dir)" in out
+    assert "random GPT-2" not in out
+    c.model.checkpoint, c.data.dir = "", str(data_dir)
+    ft.resolve_paths(c, str(tmp_path))
+    assert f"model: the tiny offline stand-in's random GPT-2 and tiny BPE in " \
+           f"{tmp_path / 'tiny_setup' / 'checkpoint'} (no model.checkpoint); data: the E2E " \
+           f"CSVs in {data_dir}" in capsys.readouterr().out

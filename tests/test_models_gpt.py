@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from float_bounds import assert_within, network_bound, transformer_chain
 from models_utils import (
     assert_all_params_get_gradients,
     assert_model_grads_close,
@@ -144,9 +145,13 @@ def greedy_by_recomputation(apply, prompt, new_tokens):
     return seq
 
 
-@pytest.mark.parametrize("update", ["standard", "bdia"])
-def test_kv_cache_decoding_equals_full_recomputation(update):
-    model = GPT(gpt_config("tiny", update=update), rngs=nnx.Rngs(3))
+# BDIA off the grid for the logits' comparison: on it, a last-bit difference between the
+# cached and the full pass occasionally moves a state by one grid step (see
+# test_models_seq2seq's beam-score test), far above any rounding bound.
+@pytest.mark.parametrize("overrides", [dict(update="standard"),
+                                       dict(update="bdia", quantize_at_inference=False)])
+def test_kv_cache_decoding_equals_full_recomputation(overrides):
+    model = GPT(gpt_config("tiny", **overrides), rngs=nnx.Rngs(3))
     prompt = tokens(batch=3, length=4, seed=1)
     cached = model.generate(prompt, 8, temperature=0.0)
     assert len(np.unique(np.asarray(cached[:, 4:]))) > 2  # a varied continuation
@@ -157,7 +162,9 @@ def test_kv_cache_decoding_equals_full_recomputation(update):
     cache = model.init_cache(3)
     first, cache = model.decode_step(cache, cached[:, :5], 0)
     second, _ = model.decode_step(cache, cached[:, 5:], 5)
-    np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-5)
+    chain = transformer_chain(width=32, mlp_dim=64, seq=12, depth=2, heads=2)  # "tiny"
+    assert_within(jnp.concatenate([first, second], 1), full,
+                  network_bound(full, chain=chain), "cached logits")
 
 
 def test_kv_cache_keeps_bdia_stream_on_grid():

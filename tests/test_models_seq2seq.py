@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from float_bounds import ELEMENTWISE_ULPS, U, assert_within, network_bound, transformer_chain
 from models_utils import (
     assert_all_params_get_gradients,
     assert_model_grads_close,
@@ -206,11 +207,14 @@ def greedy_by_recomputation(model, apply, src, max_len):
     return out
 
 
-@pytest.mark.parametrize("update", ["standard", "bdia"])
-def test_kv_cache_greedy_equals_full_recomputation(update):
+# BDIA off the grid, as in the beam-score test below (a grid step is far above any
+# rounding bound of the logits).
+@pytest.mark.parametrize("overrides", [dict(update="standard"),
+                                       dict(update="bdia", quantize_at_inference=False)])
+def test_kv_cache_greedy_equals_full_recomputation(overrides):
     # An untied head: at init a tied head mostly predicts the input token again (the stream
     # is dominated by its own std-1 embedding), which would make greedy output constant.
-    model = tiny(update=update, tie_output=False)
+    model = tiny(tie_output=False, **overrides)
     src, _ = batch(seed=3)
     cached = model.greedy_decode(src, 8)
     assert len(np.unique(np.asarray(cached))) > 3  # a varied output, not one repeated token
@@ -221,27 +225,57 @@ def test_kv_cache_greedy_equals_full_recomputation(update):
     state = model.init_decode_state(src, 8)
     first, state = model.decode_chunk(state, tgt[:, :3], 0)
     second, _ = model.decode_chunk(state, tgt[:, 3:], 3)
-    np.testing.assert_allclose(jnp.concatenate([first, second], 1), apply(src, tgt),
-                               rtol=1e-5, atol=1e-5)
+    full = apply(src, tgt)
+    # "tiny": 2 encoder blocks (7 source positions), then 2 decoder blocks with
+    # cross-attention; the decoder's chain starts at the encoder's output.
+    chain = transformer_chain(width=32, mlp_dim=64, seq=7, depth=2, heads=2) + \
+        transformer_chain(width=32, mlp_dim=64, seq=8, depth=2, heads=2, cross_seq=7)
+    assert_within(jnp.concatenate([first, second], 1), full,
+                  network_bound(full, chain=chain), "cached logits")
 
 
 def sequence_log_prob(model, src, seqs):
     """Teacher-forced log p of each sequence (up to and including its first EOS) and its
     length, by the full model. src, seqs: one row per sequence."""
+    return _log_prob_and_logits(model, src, seqs)[:2]
+
+
+def score_bound(model, src, seqs, penalty):
+    """How far two float32 evaluations of a sequence's score (log p / ``penalty``) may
+    differ: per token twice the logits' bound (log_softmax is 1-Lipschitz in the max norm,
+    plus the picked logit) and the log-softmax's own rounding, summed over the tokens.
+    The chain: 2 encoder blocks over the source, 2 decoder blocks with cross-attention."""
+    c = model.config
+    _, length, logits = _log_prob_and_logits(model, src, seqs)
+    chain = transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=src.shape[1],
+                              depth=c.encoder_depth, heads=c.num_heads) + \
+        transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=seqs.shape[1],
+                          depth=c.decoder_depth, heads=c.num_heads, cross_seq=src.shape[1])
+    magnitude = max(float(jnp.max(jnp.abs(logits))), 1.0)
+    per_token = 2 * network_bound(logits, chain=chain) + \
+        2 * (logits.shape[-1] + 2 * ELEMENTWISE_ULPS) * U * 2 * magnitude
+    return np.asarray(length, np.float64) * per_token / np.asarray(penalty, np.float64)
+
+
+def _log_prob_and_logits(model, src, seqs):
     c = model.config
     tgt_in = jnp.concatenate([jnp.full((len(seqs), 1), c.bos_id, jnp.int32), seqs[:, :-1]], 1)
-    log_probs = jax.nn.log_softmax(model(src, tgt_in)[0], -1)
+    logits = model(src, tgt_in)[0]
+    log_probs = jax.nn.log_softmax(logits, -1)
     picked = jnp.take_along_axis(log_probs, seqs[:, :, None], -1)[..., 0]
     length = 1 + jnp.argmax(seqs == c.eos_id, axis=1)
-    return jnp.sum(jnp.where(jnp.arange(seqs.shape[1]) < length[:, None], picked, 0), 1), length
+    return (jnp.sum(jnp.where(jnp.arange(seqs.shape[1]) < length[:, None], picked, 0), 1),
+            length, logits)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
 def test_beam_search_with_a_wide_beam_is_exhaustive_search(alpha):
     # Vocabulary {0: pad, 1: unk, 2: bos, 3: eos}; hypotheses end with EOS within 3 tokens.
     vocab, max_len = 4, 3
+    # Off the grid: a score is compared with a rounding bound (see the test below).
     model = Seq2SeqTransformer(seq2seq_config("tiny", src_vocab_size=vocab,
-                                              tgt_vocab_size=vocab), rngs=nnx.Rngs(5))
+                                              tgt_vocab_size=vocab, quantize_at_inference=False),
+                               rngs=nnx.Rngs(5))
     src = jnp.array([[1, 2, 1, 3, 0]], jnp.int32)
     hyps = []
     for n in range(1, max_len + 1):
@@ -254,7 +288,8 @@ def test_beam_search_with_a_wide_beam_is_exhaustive_search(alpha):
     # 18 beams keep every prefix alive (at most 9) and 2*18 candidates hold all extensions.
     tokens, score = model.beam_search(src, max_len, beam_size=18, alpha=alpha)
     np.testing.assert_array_equal(tokens[0], hyps[best])
-    np.testing.assert_allclose(score[0], scores[best], rtol=1e-5)
+    bound = score_bound(model, src, hyps[best:best + 1], length_penalty(length[best], alpha))
+    assert_within(score[0], scores[best], bound[0], "best score")
     assert sorted(np.asarray(scores))[-2] < float(scores[best])  # a unique optimum
 
 
@@ -273,5 +308,6 @@ def test_beam_search_scores_are_the_models_scores(overrides):
     # The reported score is the full model's log p / length penalty of the returned tokens.
     log_p, length = sequence_log_prob(model, src, tokens)
     want = log_p / length_penalty(length, 0.6)
-    np.testing.assert_allclose(np.asarray(scores)[finished], np.asarray(want)[finished],
-                               rtol=1e-5)
+    bound = score_bound(model, src, tokens, length_penalty(length, 0.6))
+    assert_within(np.asarray(scores)[finished], np.asarray(want)[finished], bound[finished],
+                  "scores")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from float_bounds import ELEMENTWISE_ULPS, U, assert_within
 
 from bdia_jax import stable
 from bdia_jax.testing import bits
@@ -21,12 +22,25 @@ def test_layer_norm_matches_the_float64_reference():
     bias = np.linspace(-1, 1, 48, dtype=np.float32)
     got = stable.tree_layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     assert got.dtype == jnp.float32 and got.shape == x.shape
-    np.testing.assert_allclose(got, _reference_layer_norm(x, scale, bias), rtol=2e-5,
-                               atol=2e-5)
+    # Against exact (float64) arithmetic: a pairwise sum of d terms is within ceil(log2 d) u
+    # of Σ|x| (the mean, then the variance of the centred squares, 2 u more each); the
+    # centring error u (|x| + |mean|) is relative to sigma in x_hat; rsqrt, the products with
+    # x_hat and scale and the bias add ELEMENTWISE_ULPS + 3 u of the output's terms.
+    mean = x.astype(np.float64).mean(-1, keepdims=True)
+    sigma = x.astype(np.float64).std(-1, keepdims=True)
+    x_hat = (x - mean) / sigma
+    levels = int(np.ceil(np.log2(48)))
+    rel = (levels + 2) * U * (np.abs(x) + np.abs(mean)).mean(-1, keepdims=True) / sigma \
+        + 2 * (levels + 2) * U + (ELEMENTWISE_ULPS + 3) * U
+    bound = rel * np.abs(x_hat * scale) + U * (np.abs(x_hat * scale) + np.abs(bias)) \
+        + U * (np.abs(x) + np.abs(mean)) / sigma * np.abs(scale)
+    assert_within(got, _reference_layer_norm(x, scale, bias), bound, "layer norm")
     for d in (1, 2, 5, 48, 384):  # powers of two and zero-padded widths
         v = np.asarray(jax.random.normal(jax.random.PRNGKey(d), (3, d)))
-        np.testing.assert_allclose(stable.mean_last_axis(jnp.asarray(v))[:, 0], v.mean(-1),
-                                   rtol=1e-5, atol=1e-6)
+        # The pairwise sum (ceil(log2 d) u of Σ|v|) and the scaling by 1/d (2 u).
+        bound = (np.ceil(np.log2(d)) + 2) * U * np.abs(v).mean(-1)
+        assert_within(stable.mean_last_axis(jnp.asarray(v))[:, 0], v.astype(np.float64).mean(-1),
+                      bound, f"mean of {d}")
 
 
 @pytest.mark.parametrize("batch", [8, 64, 128])

@@ -132,3 +132,17 @@ def test_overflow_without_stats_warns():
         jax.block_until_ready(_stack())  # in range: silent
         _, stats = _stack(x=big * 4, return_stats=True)  # the caller sees the stats: silent
         assert bool(stats.overflow)
+
+
+def test_nan_input_without_stats_warns_like_an_overflow():
+    """NaN in the input (issue 34): without return_stats the output is NaN, and a
+    RuntimeWarning says so, on and off the grid, also under jit."""
+    bad = X.at[0, 0].set(jnp.nan)
+    with pytest.warns(RuntimeWarning, match="holds NaN/Inf values"):
+        jax.block_until_ready(_stack(x=bad))
+    with pytest.warns(RuntimeWarning, match="holds NaN/Inf values"):
+        jax.block_until_ready(jax.jit(lambda x: _stack(x=x, frac_bits=None))(bad))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, stats = _stack(x=bad, return_stats=True)  # the caller sees the stats: silent
+        assert bool(stats.nonfinite)

@@ -5,8 +5,8 @@ import itertools
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from float_bounds import ELEMENTWISE_ULPS, assert_within, network_bound
 
 import bdia_jax
 from bdia_jax.testing import (
@@ -178,7 +178,12 @@ def test_inference_paths():
     ref = x
     for k in range(depth):
         ref = ref + block(jax.tree_util.tree_map(lambda a, k=k: a[k], params), ref, None, None)
-    np.testing.assert_allclose(standard, ref, rtol=1e-6, atol=1e-6)
+    # Eager ops vs one scanned program: per block two layer norms (DIM sums and an rsqrt),
+    # the q/k/v, output and fc1 contractions (DIM), the scores (DIM / heads), the softmax
+    # (SEQ sums and an exp), probabilities @ v (SEQ), fc2 (16) and the gelu.
+    per_block = 2 * (DIM + ELEMENTWISE_ULPS) + 4 * DIM + DIM // 2 + 2 * SEQ + \
+        ELEMENTWISE_ULPS + 16 + ELEMENTWISE_ULPS
+    assert_within(standard, ref, network_bound(ref, chain=depth * per_block), "standard")
 
 
 def _training_size_probe(batch, recompute, stable_stats):

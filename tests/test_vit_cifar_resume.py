@@ -87,6 +87,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
     runs.check_resume_config(config, str(tmp_path), resumable=resumable)
     config.model.width = 64
     config.optim.learning_rate = 0.1
+    # Refused once a step was saved (before that, the changed config is recorded instead:
+    # tests/test_run_identity.py).
+    (tmp_path / "checkpoints" / "bdia" / "4").mkdir(parents=True)
     with pytest.raises(config_lib.ConfigError,
                        match="different config .*model.width, optim.learning_rate"):
         runs.check_resume_config(config, str(tmp_path), resumable=resumable)

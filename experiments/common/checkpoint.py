@@ -18,13 +18,20 @@ Faults:
   step does not match, it prints one line naming the step and the problem, moves that
   folder aside to ``<directory>.corrupt/`` (so a later save at that step is not skipped)
   and falls back to the previous one; with none left the run starts fresh, and says so.
-* Config mismatch is not corruption: a checkpoint whose arrays have other names, shapes or
-  dtypes than the state being resumed was written by another config. ``restore`` raises
-  ``CheckpointMismatchError`` naming the first difference and leaves every checkpoint where
-  it is.
+* Config mismatch is not corruption: a checkpoint whose record holds another run config
+  (``run_config``: the fields the training depends on, see ``runs.run_config``), or whose
+  arrays have other names, shapes or dtypes than the state being resumed, was written by
+  another config. ``restore`` raises ``CheckpointMismatchError`` naming the first
+  differences and leaves every checkpoint where it is.
 * Quiet restore: before Orbax reads a step, every saved array is opened and read once with
   blocking TensorStore calls (``_check_saved_arrays``); see there for why.
 * A state with a non-finite leaf is never written.
+* Disk full: before a save the free space is compared with the state's size, and a write
+  that fails for lack of space (ENOSPC, TensorStore's RESOURCE_EXHAUSTED) is caught; either
+  way ``CheckpointWriteError`` names the workdir, the free space and the last good
+  checkpoint in one line, the step's temporary folder is removed, and Orbax's own error
+  logs of the failed write are held back. The earlier checkpoints are intact, so the rerun
+  resumes from the last good one once there is space.
 
 Multi-host: every process calls ``save``/``restore`` (Orbax coordinates the writes of the
 shards; the JSON record and the renames are done by process 0).
@@ -34,6 +41,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import glob
+import logging
 import os
 import shutil
 import signal
@@ -44,12 +54,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments.common import runs
 from experiments.common.config import ConfigError
 from experiments.common.metrics import log
 from experiments.common.sharding import is_primary, sync, to_host
 from experiments.common.train_state import finite_and_fingerprint
 
 FINGERPRINT_KEY = "state_fingerprint"
+CONFIG_KEY, CONFIG_FINGERPRINT_KEY = "run_config", "config_fingerprint"
 # Saved arrays read at once by the pre-restore check (bounds its host memory).
 _READS_IN_FLIGHT = 8
 
@@ -57,6 +69,55 @@ _READS_IN_FLIGHT = 8
 class CheckpointMismatchError(ConfigError):
     """A checkpoint holds other arrays (names, shapes, dtypes) than the state being resumed:
     it was written by another config. Not corruption, so nothing is moved aside."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the disk is full); the message says where, how
+    much space is left and which checkpoint the rerun resumes from."""
+
+
+_DISK_FULL_MARKS = ("No space left on device", "RESOURCE_EXHAUSTED", "os_error_code='28'",
+                    "Disk quota exceeded")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or TensorStore's error for it, anywhere in the exception chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(mark in str(error) for mark in _DISK_FULL_MARKS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _HoldOrbaxErrors(logging.Filter):
+    """Drops the error records (with tracebacks) that Orbax logs from its worker threads
+    when a write fails, possibly after ``save`` returned (async saves): the failure itself
+    reaches the caller as an exception from ``save``, ``wait`` or ``close``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_errors_held():
+    held = _HoldOrbaxErrors()
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    handlers = [h for logger in loggers for h in logger.handlers]
+    for target in (*loggers, *handlers):
+        target.addFilter(held)
+    try:
+        yield
+    finally:
+        for target in (*loggers, *handlers):
+            target.removeFilter(held)
+
+
+def _megabytes(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.1f} MB"
 
 
 class Checkpointer:
@@ -68,12 +129,19 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep (>= 1).
       async_save: write in a background thread (worthwhile for large models on
         accelerators); False writes synchronously.
+      run_config: the plain-dict config the training depends on (``runs.run_config``):
+        stored with every checkpoint, and a checkpoint holding another one (or none) is
+        refused on restore. None: neither stored nor checked.
     """
 
     def __init__(self, directory: str, *, save_every_steps: int, keep: int,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, run_config: dict | None = None) -> None:
         self.directory = os.path.abspath(directory)
         self.save_every_steps = int(save_every_steps)
+        self.run_config = run_config
+        self._failed = False
+        self._held = contextlib.ExitStack()  # Orbax's error logs, until close()
+        self._held.enter_context(_orbax_errors_held())
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -102,8 +170,17 @@ class Checkpointer:
             )
         if step in self._manager.all_steps():
             return  # already saved (e.g. an epoch end that was also a periodic save)
+        needed = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                     for x in jax.tree_util.tree_leaves(state))
+        free = self._free_bytes()
+        if free is not None and free < needed:
+            self._disk_full(step, f"{_megabytes(free)} free, the state needs "
+                                  f"{_megabytes(needed)}")
         record = {**record, FINGERPRINT_KEY: fingerprint, "step": int(step)}
-        with _ctrl_c_deferred():
+        if self.run_config is not None:
+            record.update({CONFIG_KEY: self.run_config,
+                           CONFIG_FINGERPRINT_KEY: runs.fingerprint(self.run_config)})
+        with self._write_errors(step), _ctrl_c_deferred():
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -111,6 +188,44 @@ class Checkpointer:
                 ),
                 force=True,
             )
+
+    def _free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.directory).free
+        except OSError:
+            return None
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """Turns a write that failed for lack of space into ``CheckpointWriteError``."""
+        try:
+            yield
+        except Exception as error:
+            if not _is_disk_full(error):
+                raise
+            free = self._free_bytes()
+            self._disk_full(step, "no space left on the device"
+                            + (f" ({_megabytes(free)} free)" if free is not None else ""))
+
+    def _disk_full(self, step: int | None, why: str):
+        self._failed = True
+        for leftover in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            head = os.path.basename(leftover).split(".")[0]
+            if head.isdigit():  # an async write that failed after its save() returned
+                step = min(int(head), step) if step is not None else int(head)
+        with contextlib.suppress(Exception):
+            self._manager.reload()
+        good = [s for s in self._manager.all_steps() if s != step]
+        parent = os.path.dirname(self.directory)
+        workdir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" \
+            else self.directory
+        last = (f"the last good checkpoint is step {max(good)} in {self.directory}"
+                if good else f"no checkpoint was written yet in {self.directory}")
+        raise CheckpointWriteError(
+            f"cannot write checkpoint{f' step {step}' if step is not None else ''} in the "
+            f"workdir {workdir}: {why}; {last}. Free some space (or pass another "
+            f"--workdir) and rerun the same command to resume.") from None
 
     def restore(self, like_state, sharding) -> tuple | None:
         """``(state, record)`` of the newest checkpoint that reads back intact, placed
@@ -151,7 +266,22 @@ class Checkpointer:
             log(f"no usable checkpoint left in {self.directory}; starting from step 0")
         return None
 
+    def _check_run_config(self, step: int) -> None:
+        """Raise ``CheckpointMismatchError`` when step ``step``'s record holds another run
+        config than ``self.run_config`` (or none); reads the small JSON record only."""
+        if self.run_config is None:
+            return
+        with _ctrl_c_deferred():
+            record = dict(self._manager.restore(
+                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record or {})
+        if record.get(CONFIG_FINGERPRINT_KEY) != runs.fingerprint(self.run_config):
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} was written with a different "
+                f"config ({runs.describe_change(record.get(CONFIG_KEY), self.run_config)}); "
+                f"resume with the config it was written with, or use a new --workdir")
+
     def _restore_step(self, step: int, abstract):
+        self._check_run_config(step)
         _check_saved_arrays(os.path.join(self.directory, str(step), "state"), abstract,
                             where=f"checkpoint step {step} in {self.directory}")
         with _ctrl_c_deferred():
@@ -174,8 +304,8 @@ class Checkpointer:
                 f"{record[FINGERPRINT_KEY]}: the array files were altered")
         if not finite:
             raise ValueError("the state holds NaN/Inf values")
-        record.pop(FINGERPRINT_KEY)
-        record.pop("step", None)
+        for key in (FINGERPRINT_KEY, "step", CONFIG_KEY, CONFIG_FINGERPRINT_KEY):
+            record.pop(key, None)
         return state, record
 
     def _set_aside(self, step: int) -> None:
@@ -193,30 +323,43 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._write_errors(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with self._held:
+            if self._failed:  # a failed write: nothing worth waiting for, no second error
+                with contextlib.suppress(Exception):
+                    self._manager.close()
+                return
+            with self._write_errors(None):
+                self._manager.wait_until_finished()
+            self._manager.close()
 
 
 @contextlib.contextmanager
 def _ctrl_c_deferred():
-    """Hold a Ctrl-C until the block ends, then raise it: an interrupt inside Orbax's event
-    loop would abandon its pending reads or writes the way a failed read does (see
-    ``_check_saved_arrays``). Only where Python's own SIGINT handler is installed."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Hold a Ctrl-C (or a SIGTERM the command line turns into one) until the block ends,
+    then raise it: an interrupt inside Orbax's event loop would abandon its pending reads
+    or writes the way a failed read does (see ``_check_saved_arrays``). Only signals with
+    a Python handler (Python's own SIGINT one, the command line's SIGTERM one)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held = {sig: handler for sig, handler in handlers.items()
+            if callable(handler) and (sig != signal.SIGINT
+                                      or handler is signal.default_int_handler)}
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
         if received:
-            raise KeyboardInterrupt
+            held[received[0]](received[0], None)  # raises KeyboardInterrupt / Terminated
 
 
 def _check_saved_arrays(state_dir: str, abstract, *, where: str) -> None:

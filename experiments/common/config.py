@@ -5,6 +5,7 @@ run)."""
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -110,16 +111,38 @@ def run_app(define_flags, main) -> None:
         define_flags()
     except (AttributeError, KeyError) as error:
         raise SystemExit(f"error: {_unknown_field_line(error, sys.argv)}") from None
+    signal.signal(signal.SIGTERM, _on_sigterm)  # a scheduler's stop: like a Ctrl-C
     try:
         app.run(main, flags_parser=parse_flags)
+    except Terminated:
+        print("\nterminated (SIGTERM); rerun the same command to resume from the last "
+              "checkpoint", file=sys.stderr)
+        raise SystemExit(EXIT_TERMINATED) from None
     except KeyboardInterrupt:
         # Checkpoints are written atomically, so whatever was saved is intact.
         print("\ninterrupted (Ctrl-C); rerun the same command to resume from the last "
               "checkpoint", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except SystemExit as stop:
+        # absl ends --help (and --helpshort, --helpfull) with status 1; asking for help is
+        # not an error.
+        if stop.code == 1 and any(arg.split("=")[0] in HELP_FLAGS for arg in sys.argv[1:]):
+            raise SystemExit(0) from None
+        raise
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler or ``kill``): unwinds like a Ctrl-C, so the workdir
+    lock is released and checkpoint writes in flight finish first (``checkpoint``)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
 
 
 def parse_flags(argv: list[str], flag_values=None) -> list[str]:
@@ -170,6 +193,34 @@ def _check_config_files_loaded(flag_values) -> None:
             raise SystemExit(
                 f"error: --{name}: cannot load the config file {filename} ({why}); pass "
                 f"--{name}=experiments/configs/<experiment>.py:<preset>") from None
+
+
+def check_experiment_config(config, name: str) -> None:
+    """Raise ``ConfigError`` (one line) when ``config`` lacks fields of experiment ``name``'s
+    own config (``experiments/configs/<name>.py``): the config file of another experiment
+    was passed. The ``methods`` entries are the user's to choose, so they are not
+    compared."""
+    import importlib
+
+    reference = to_dict(importlib.import_module(f"experiments.configs.{name}").get_config())
+    given = to_dict(config)
+    reference.pop("methods", None)
+
+    def missing(ref: dict, have, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in ref.items():
+            if not isinstance(have, dict) or key not in have:
+                out.append(f"{prefix}{key}")
+            elif isinstance(value, dict):
+                out += missing(value, have[key], f"{prefix}{key}.")
+        return out
+
+    lacking = missing(reference, given)
+    if lacking:
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        raise ConfigError(
+            f"--config is not a {name} config: it lacks {', '.join(lacking[:3])}{more}; "
+            f"pass --config=experiments/configs/{name}.py:<preset>")
 
 
 def check_train_examples(config) -> None:

@@ -11,6 +11,7 @@ file: offline, TFDS itself retries every URL with back-off for minutes before it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -25,6 +26,47 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
 
 class DataMissingError(FileNotFoundError):
     """The dataset is not prepared under the data dir and could not be downloaded."""
+
+
+class DataCorruptError(DataMissingError):
+    """A prepared dataset's file cannot be read (damaged or truncated)."""
+
+
+def split_size(name: str, split: str, data_dir: str | None) -> int | None:
+    """The number of examples of ``split`` (TFDS slicing allowed, e.g. "train[:10%]") from
+    the prepared dataset's metadata, without reading any example; None when the dataset is
+    not prepared there (it may be downloaded later) or the metadata cannot be read."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=resolve_data_dir(data_dir))
+        if not _is_prepared(builder):
+            return None
+        return int(builder.info.splits[split].num_examples)
+    except Exception:  # noqa: BLE001 - no metadata: the loading reports the real problem
+        return None
+
+
+def corrupt_error(name: str, split: str, data_dir: str | None, error: BaseException,
+                  data_dir_setting: str) -> DataCorruptError:
+    """The one-line error for a prepared split that cannot be read: the split's files, the
+    reader's complaint, and how to get a good copy."""
+    import tensorflow_datasets as tfds
+
+    folder, files = data_dir or "~/tensorflow_datasets", []
+    with contextlib.suppress(Exception):
+        builder = tfds.builder(name, data_dir=resolve_data_dir(data_dir))
+        folder = os.fspath(builder.data_path)
+        base = split.split("[")[0]
+        files = [os.fspath(f) for f in builder.info.splits[base].filepaths]
+    damaged = [f for f in files if os.fspath(f) in str(error)] or files
+    which = (f"{damaged[0]}" if len(damaged) == 1 else
+             f"one of its {len(damaged)} files ({os.path.basename(damaged[0])}, ...)"
+             if damaged else "a file")
+    return DataCorruptError(
+        f"cannot read split {split!r} of TFDS dataset {name!r}: {which} is damaged or "
+        f"truncated ({_one_line(error)}); delete {folder} and rerun to let TFDS prepare it "
+        f"again, or point {data_dir_setting} (or TFDS_DATA_DIR) at a good copy.")
 
 
 def resolve_data_dir(data_dir: str | None) -> str | None:
@@ -123,11 +165,38 @@ def open_source(name: str, split: str, *, data_dir: str | None, download: bool,
             _message(name, data_dir, cause, fix, data_dir_setting, alternative))
 
     try:
-        return _open(name, split, data_dir, download, download_setting, missing)
+        source = _open(name, split, data_dir, download, download_setting, missing)
     except ImportError as error:  # the install lacks what TFDS (or its download path) imports
         raise missing(f"preparing it needs a module that is not installed "
                       f"({_one_line(error)})",
                       "install it: pip install -r requirements.txt") from error
+    return _CheckedSource(source, name, split, data_dir, data_dir_setting)
+
+
+class _CheckedSource:
+    """A TFDS data source whose reads turn a damaged file's error (the array_record
+    reader's RuntimeError and the like) into ``DataCorruptError``, naming the file."""
+
+    def __init__(self, source, name, split, data_dir, data_dir_setting) -> None:
+        self._source, self._where = source, (name, split, data_dir, data_dir_setting)
+
+    def _read(self, read):
+        try:
+            return read()
+        except (KeyError, IndexError, DataMissingError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the readers raise many types
+            name, split, data_dir, setting = self._where
+            raise corrupt_error(name, split, data_dir, error, setting) from None
+
+    def __len__(self) -> int:
+        return self._read(lambda: len(self._source))
+
+    def __getitem__(self, index):
+        return self._read(lambda: self._source[index])
+
+    def __getattr__(self, attr):
+        return getattr(self._source, attr)
 
 
 def _open(name, split, data_dir, download, download_setting, missing):

@@ -21,7 +21,10 @@ The trainer does everything else, the same way for every experiment:
   steps); checkpoint and resume (records past the restored step, or all of a model's
   records when no checkpoint is usable, are dropped); the loop; the task's reports; a
   result record (``checkpoints/<name>_result.json``) that a rerun reuses, unless the
-  ``eval`` settings changed since: then the final checkpoint is evaluated again;
+  ``eval`` settings changed since: then the final checkpoint is evaluated again. Every
+  checkpoint and result carries the fingerprint of the config it was trained with
+  (``runs.run_config``: every field but ``eval`` and the resumable ones); one of another
+  config (or of none) is never resumed or reused: the run stops in one line;
 * the run: ``summary.json``, the side-by-side table, the curves plot.
 """
 
@@ -45,7 +48,12 @@ import bdia_jax
 from experiments.common import config as config_lib
 from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
-from experiments.common.checkpoint import Checkpointer
+from experiments.common.checkpoint import (
+    CONFIG_FINGERPRINT_KEY,
+    CONFIG_KEY,
+    Checkpointer,
+    CheckpointWriteError,
+)
 from experiments.common.loop import (
     NONFINITE_POLICIES,
     PROGRESS_MODES,
@@ -412,6 +420,11 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
         if line + message not in checks.problems:
             checks.problems.append(line + message)
 
+    if "compute_dtype" in config.model:  # the model config checks the other values
+        checks.require(str(config.model.compute_dtype) not in ("float16", "half"),
+                       "model.compute_dtype", "float16 is not supported (the training has "
+                       "no loss scaling, so small gradients vanish); use 'float32' or "
+                       "'bfloat16'")
     t = config.train
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         checks.int_at_least(t[field], f"train.{field}")
@@ -456,10 +469,17 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     the task's reports; return its result (also in ``checkpoints/<name>_result.json``)."""
     display = task.display(name)
     eval_settings = config_lib.to_dict(config)["eval"]
+    run_config = runs.run_config(config, name, resumable=RESUMABLE + task.resumable)
     result_path = os.path.join(workdir, "checkpoints", f"{name}_result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
             previous = json.load(f)
+        if previous.get(CONFIG_FINGERPRINT_KEY) != runs.fingerprint(run_config):
+            # Never reuse (or re-evaluate) another config's model as this one's.
+            raise config_lib.ConfigError(
+                f"{result_path} was trained with a different config "
+                f"({runs.describe_change(previous.get(CONFIG_KEY), run_config)}); rerun "
+                f"with the config it was trained with, or use a new --workdir")
         changed = config_lib.diff_fields(previous.get("eval_settings", {}), eval_settings,
                                          prefix="eval.")
         if not changed:
@@ -490,7 +510,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     t = config.train
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints", name), save_every_steps=t.checkpoint_every_steps,
-        keep=t.keep_checkpoints, async_save=t.async_checkpoints,
+        keep=t.keep_checkpoints, async_save=t.async_checkpoints, run_config=run_config,
     )
     loop_result = None
     restored = checkpointer.restore(state, state_sharding)
@@ -579,6 +599,8 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
         "nonfinite_steps": loop_result.nonfinite_steps,
         "skipped_steps": loop_result.skipped_steps,
         "eval_settings": eval_settings,
+        CONFIG_FINGERPRINT_KEY: runs.fingerprint(run_config),
+        CONFIG_KEY: run_config,
     }
     metrics.write_json(result_path, result)
     return result
@@ -654,7 +676,8 @@ def aggregate(per_seed: Mapping[int, dict]) -> dict:
     """One model's entry of a several-seed summary: {"seeds", "mean", "std", "per_seed"}
     (``per_seed``: seed → that seed's result; ``mean``/``std``: ``mean_std`` of them)."""
     seeds = list(per_seed)
-    pair = mean_std([per_seed[s] for s in seeds]) or ({}, {})
+    pair = mean_std([{k: v for k, v in per_seed[s].items() if k != CONFIG_KEY}
+                     for s in seeds]) or ({}, {})
     return {"seeds": seeds, "mean": pair[0], "std": pair[1],
             "per_seed": {str(s): per_seed[s] for s in seeds}}
 
@@ -832,4 +855,4 @@ def main(task: Task) -> None:
         data_dir_help=task.data_dir_help,
         # NonFiniteError includes RangeOverflowError.
         errors=(config_lib.ConfigError, sharding.DistributedInitError, NonFiniteError,
-                *task.errors))
+                CheckpointWriteError, *task.errors))

@@ -9,7 +9,9 @@ so that one workdir holds one run at a time.
   left behind by a killed run is free: the next run takes it over and resumes.
 * On the way out the lock file is removed, and so is a workdir this run created and left
   empty; a run stopped by a bad config also removes the ``config.json`` it wrote, so that
-  the workdir is as it was.
+  the workdir is as it was. (A ``config.json`` left by a run stopped for another reason
+  before its first checkpoint, e.g. missing data, does not block a rerun with another
+  config: ``runs.check_resume_config``.)
 
 Multi-host: only process 0 of the launch locks (the workdir is usually shared); the others
 run the checks. POSIX only (``fcntl``).
