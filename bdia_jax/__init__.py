@@ -18,7 +18,8 @@ deprecated alias here for one release.
 import importlib
 import warnings
 
-from bdia_jax import chunked_loss, engine, fixed_point, methods, stable
+# Submodules, reachable as bdia_jax.<name> after `import bdia_jax`.
+from bdia_jax import chunked_loss, engine, fixed_point, methods, stable  # noqa: F401
 from bdia_jax.engine import StackStats, apply_stack
 from bdia_jax.methods import BDIA, Autodiff, Remat, Reversible, Standard, parse_method
 

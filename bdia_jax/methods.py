@@ -128,8 +128,9 @@ class Backprop(abc.ABC):
     def run(self, stack: StackPass) -> Any:
         """The outputs of ``stack``, differentiated this method's way."""
 
-    def check_update(self, update: Update) -> None:
-        """Raise a one-line ValueError if this method cannot differentiate ``update``."""
+    def check_update(self, update: Update) -> None:  # noqa: B027 (a hook: most accept all)
+        """Raise a one-line ValueError if this method cannot differentiate ``update``
+        (``Reversible`` needs an invertible BDIA update; the others take any)."""
 
 
 def _call_as_is(call):
