@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 def chunk_problem(chunk, seq: int) -> str | None:
     """What is wrong with ``chunk`` positions per chunk of a ``seq``-long sequence, or None:
-    the one statement of the rule (the experiments' config checks report it too)."""
+    the one statement of the rule, for callers that report problems instead of raising."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or seq % chunk:
         return f"must be a positive int dividing the sequence length {seq}, got {chunk!r}"
     return None
@@ -33,9 +33,9 @@ def chunked_token_losses(hidden: jax.Array, embedding: jax.Array, targets: jax.A
                          chunk: int) -> dict[str, jax.Array]:
     """Summed next-token losses of the tied head, computed ``chunk`` positions at a time.
 
-    Equals ``experiments.text.losses.token_losses(hidden @ embeddingᵀ, targets, all-True
-    mask)`` up to float rounding (the sums are taken chunk by chunk), and so do its
-    gradients.
+    Equals the unchunked sums over logits = hidden @ embeddingᵀ (float32),
+    Σ -log_softmax(logits)[target] and Σ [argmax(logits) = target], up to float rounding
+    (the sums are taken chunk by chunk), and so do its gradients.
 
     Args:
       hidden: [batch, seq, width] float, the final normalized hidden states (``GPT``'s

@@ -1,12 +1,12 @@
 """The pure-JAX engine: K residual blocks with depth-stacked parameters.
 
 Public entry points:
-  * ``apply_stack``     – the core: ``update`` (``Standard`` | ``BDIA``) and ``backprop``
-                          (``Autodiff`` | ``Remat`` | ``Reversible``) objects from
-                          ``bdia_jax.methods``; always returns ``(x_K, StackStats)``.
-  * ``bdia_stack``      – the plain keyword form (gamma=, frac_bits=, backprop="reversible",
-                          ...), a thin layer over ``apply_stack``.
-  * ``standard_stack``  – the conventional transformer x_{k+1} = x_k + h_k(x_k).
+  * ``apply_stack``     – the one way to run a stack: ``update`` (``Standard`` | ``BDIA``)
+                          and ``backprop`` (``Autodiff`` | ``Remat`` | ``Reversible``) objects
+                          from ``bdia_jax.methods``; returns ``(x_K, StackStats)``. It
+                          describes the pass (``_TrainPass`` / ``_InferencePass``, a
+                          ``methods.StackPass``) and calls ``backprop.run`` on it: the method
+                          chooses stored activations, per-block remat or the custom VJP.
   * ``bdia_forward`` / ``bdia_invert`` – the forward/inverse pair behind the reversible
                           custom VJP (``bdia_all_states`` is their step-by-step reference),
                           exposed for tests, debugging and verification.
@@ -26,25 +26,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bdia_jax import fixed_point
-from bdia_jax.methods import (
-    BDIA,
-    Backprop,
-    Remat,
-    Reversible,
-    Standard,
-    Update,
-    check_method,
-    method_from_flat,
-)
+from bdia_jax.methods import BDIA, Backprop, Reversible, Standard, Update, check_method
 from bdia_jax.step import (
     bdia_combine,
     bdia_uncombine,
@@ -93,20 +83,15 @@ class _Spec:
     depth: int
     frac_bits: int | None  # None: no grid
     side_bits: int | None  # m of the invertible update (|γ| = 2**-m on a grid); else None
-    verify: bool  # keep x_0 for the reversal probe
-    remat: bool
     exact_range: float
-    recompute: str  # Reversible.recompute (unused otherwise)
 
 
-def _spec(depth, dtype, frac_bits, side_bits, backprop, verify=False) -> _Spec:
+def _spec(depth, dtype, frac_bits, side_bits) -> _Spec:
     if frac_bits is not None:
         fixed_point.check_frac_bits(frac_bits, dtype)
     return _Spec(
         depth=depth, frac_bits=frac_bits, side_bits=side_bits if frac_bits is not None else None,
-        verify=verify, remat=isinstance(backprop, Remat),
         exact_range=math.inf if frac_bits is None else fixed_point.exact_range(dtype, frac_bits),
-        recompute=backprop.recompute if isinstance(backprop, Reversible) else "separate",
     )
 
 
@@ -117,7 +102,7 @@ def _depth_of(params) -> int:
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError(
-            "params has no array leaves; bdia_stack needs depth-stacked parameters "
+            "params has no array leaves; apply_stack needs depth-stacked parameters "
             "(every leaf with a leading [depth] axis)."
         )
     depths = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
@@ -224,11 +209,6 @@ def _apply_block(block_fn, params_k, x, context, key_k):
     return jax.lax.optimization_barrier(h)
 
 
-def _block_caller(block_fn, remat: bool):
-    call = functools.partial(_apply_block, block_fn)
-    return jax.checkpoint(call) if remat else call
-
-
 def _max_abs(*arrays):
     # stop_gradient: statistics never carry gradients.
     return jax.lax.stop_gradient(
@@ -291,15 +271,16 @@ def _scan_rest(step, init, params, keys, per_block, *, by_index: bool, reverse: 
     return jax.lax.scan(body, init, xs, reverse=reverse)
 
 
-def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, keep_bits: bool,
+def _train_forward(call, spec: _Spec, params, x0, context, keys, gammas, keep_bits: bool,
                    by_index: bool):
     """BDIA training forward from x0 (on the grid when spec.frac_bits is set).
 
-    Returns (x_K, x_{K-1}, x_1, packed side bits or None, max_abs). The side-bit form is
-    used when spec.side_bits is set, the one-rounding ``noninvertible_step`` otherwise.
-    by_index: see ``_scan_rest`` (True under the reversible custom VJP).
+    call: ``call(params_k, x, context, key_k) -> h``, the fenced block (``_apply_block``),
+    as the gradient method wraps it. Returns (x_K, x_{K-1}, packed side bits or None,
+    max_abs). The side-bit form is used when spec.side_bits is set, the one-rounding
+    ``noninvertible_step`` otherwise. by_index: see ``_scan_rest`` (True under the
+    reversible custom VJP).
     """
-    call = _block_caller(block_fn, spec.remat)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
     max_abs0 = _max_abs(x0, x1, h0 if spec.frac_bits is None else x1 - x0)
@@ -321,26 +302,16 @@ def _train_forward(block_fn, spec: _Spec, params, x0, context, keys, gammas, kee
 
     (x_before, x_last, max_abs), bits = _scan_rest(step, (x0, x1, max_abs0), params, keys,
                                                    gammas, by_index=by_index)
-    return x_last, x_before, x1, bits, max_abs
+    return x_last, x_before, bits, max_abs
 
 
-def _rebuild_step(block_fn, spec: _Spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits):
-    """Rebuild x_{k-1} from (x_k, x_{k+1}); also returns the block's VJP at x_k."""
-    if spec.recompute == "shared":
-        # One evaluation: the VJP's primal output rebuilds x_{k-1}. Exact only when the
-        # block's forward has the same bits with and without its VJP (bdia_jax.stable).
-        h, pullback = jax.vjp(
-            lambda p, x, c: block_fn(p, x, c, key_k), params_k, x_cur, context
-        )
-    else:
-        # h comes from the *same* fenced computation as in the forward pass and the VJP is
-        # a separate evaluation: XLA compiles a block whose VJP is also taken with other
-        # fusions and reduction orders (on XLA:CPU a jnp.mean in a LayerNorm changed h's
-        # last bits at batch >= 64: an inexact rebuild). Costs one more block forward.
-        h = _apply_block(block_fn, params_k, x_cur, context, key_k)
-        _, pullback = jax.vjp(
-            lambda p, x, c: block_fn(p, x, c, key_k), params_k, x_cur, context
-        )
+def _rebuild_step(block_fn, method: Reversible, spec: _Spec, context, x_cur, x_next, params_k,
+                  key_k, gamma_k, bits):
+    """Rebuild x_{k-1} from (x_k, x_{k+1}); also returns the block's VJP at x_k, which
+    ``method.output_and_vjp`` gets as its ``recompute`` says."""
+    h, pullback = method.output_and_vjp(
+        lambda p, x, c: block_fn(p, x, c, key_k), (params_k, x_cur, context),
+        fenced=lambda p, x, c: _apply_block(block_fn, p, x, c, key_k))
     gamma_b = broadcast_gamma(gamma_k, x_cur)
     s = fixed_point.unpack_side_bits(bits, x_cur.shape, x_cur.dtype)
     x_prev = bdia_uncombine(x_cur, x_next, h, s, gamma_b, spec.frac_bits)
@@ -350,10 +321,13 @@ def _rebuild_step(block_fn, spec: _Spec, context, x_cur, x_next, params_k, key_k
 # --------------------------------------------------------------------------- forward / invert
 
 
+# The method of the forward/inverse pair: the engine's own rebuild, no probe.
+_PAIR_METHOD = Reversible(reversal_probe=False)
+
+
 def _pair_spec(update: BDIA, params, x0) -> _Spec:
-    check_method(update, Reversible(probe=False))
-    return _spec(_depth_of(params), jnp.asarray(x0).dtype, update.frac_bits, update.side_bits,
-                 Reversible(probe=False))
+    check_method(update, _PAIR_METHOD)
+    return _spec(_depth_of(params), jnp.asarray(x0).dtype, update.frac_bits, update.side_bits)
 
 
 def bdia_forward(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas,
@@ -364,8 +338,9 @@ def bdia_forward(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas,
     gammas: [depth-1, batch] of ±γ (``prepare_keys_and_gammas`` gives both).
     """
     spec = _pair_spec(update, params, x0)
-    x_last, x_before, _, bits, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, keys, gammas, keep_bits=True, by_index=True
+    x_last, x_before, bits, max_abs = _train_forward(
+        functools.partial(_apply_block, block_fn), spec, params, x0, context, keys, gammas,
+        keep_bits=True, by_index=True
     )
     return ForwardRecord(x_last, x_before, bits, _stats(max_abs, spec))
 
@@ -381,7 +356,7 @@ def bdia_invert(block_fn: BlockFn, params, record: ForwardRecord, *, update: BDI
         x_cur, x_next = carry
         gamma_k, bits = per_k
         x_prev, _, _ = _rebuild_step(
-            block_fn, spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits
+            block_fn, _PAIR_METHOD, spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits
         )
         return (x_prev, x_cur), x_prev
 
@@ -395,7 +370,7 @@ def bdia_all_states(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas
     """All forward states [depth+1, batch, ...] (x_0 … x_K), computed step by step with the
     same update as the stack: the reference for round trips through ``bdia_invert``."""
     spec = _pair_spec(update, params, x0)
-    call = _block_caller(block_fn, False)
+    call = functools.partial(_apply_block, block_fn)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
 
@@ -414,27 +389,33 @@ def bdia_all_states(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas
 # --------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _reversible(block_fn, spec: _Spec, params, x0, context, keys, gammas, probe):
-    x_last, _, _, _, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, keys, gammas, keep_bits=False, by_index=True
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _reversible(block_fn, method: Reversible, spec: _Spec, params, x0, context, keys, gammas,
+                reversal_probe):
+    x_last, _, _, max_abs = _train_forward(
+        functools.partial(_apply_block, block_fn), spec, params, x0, context, keys, gammas,
+        keep_bits=False, by_index=True
     )
     return x_last, _stats(max_abs, spec)
 
 
-def _reversible_fwd(block_fn, spec: _Spec, params, x0, context, keys, gammas, probe):
-    x_last, x_before, x1, bits, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, keys, gammas, keep_bits=True, by_index=True
+def _reversible_fwd(block_fn, method: Reversible, spec: _Spec, params, x0, context, keys,
+                    gammas, reversal_probe):
+    x_last, x_before, bits, max_abs = _train_forward(
+        functools.partial(_apply_block, block_fn), spec, params, x0, context, keys, gammas,
+        keep_bits=True, by_index=True
     )
-    # Verification keeps x_0 (constant in depth) to compare with its rebuild: the last
-    # state rebuilt, which an error anywhere in the reversal reaches, doubled at every block.
-    refs = x0 if spec.verify else None
-    residuals = (params, context, keys, gammas, x_before, x_last, bits, refs, probe)
+    # The probe keeps x_0 (constant in depth) to compare with its rebuild: the last state
+    # rebuilt, which an error anywhere in the reversal reaches, doubled at every block.
+    probe_x0 = x0 if method.reversal_probe else None
+    residuals = (params, context, keys, gammas, x_before, x_last, bits, probe_x0,
+                 reversal_probe)
     return (x_last, _stats(max_abs, spec)), residuals
 
 
-def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
-    params, context, keys, gammas, x_before, x_last, bits, refs, probe = residuals
+def _reversible_bwd(block_fn, method: Reversible, spec: _Spec, residuals, cotangents):
+    (params, context, keys, gammas, x_before, x_last, bits, probe_x0,
+     reversal_probe) = residuals
     g_last, _ = cotangents  # the stats output carries no gradient
     # Only inexact context leaves carry gradients (a bool padding mask gets a float0 zero).
     ctx_leaves, ctx_def = jax.tree_util.tree_flatten(context)
@@ -475,7 +456,7 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
                   else jax.lax.dynamic_index_in_dim(bits, jnp.maximum(k - 1, 0), keepdims=False))
         gamma_k = gamma_of(k)
         x_prev, gamma_b, pullback = _rebuild_step(
-            block_fn, spec, context, x_cur, x_next, _take(params, k),
+            block_fn, method, spec, context, x_cur, x_next, _take(params, k),
             None if keys is None else keys[k], jnp.where(k == 0, 1, gamma_k).astype(gamma_k.dtype),
             bits_k)
         gamma_b = broadcast_gamma(gamma_k, x_cur)
@@ -527,9 +508,9 @@ def _reversible_bwd(block_fn, spec: _Spec, residuals, cotangents):
         0, (n + 2) // 2, two_steps, (streams, zeros_ctx, g_params))
     g_ctx = full_ctx_cotangent(g_ctx)
 
-    if spec.verify:
-        error = jnp.max(jnp.abs(x0 - refs))
-        g_probe = error.astype(probe.dtype)
+    if method.reversal_probe:
+        error = jnp.max(jnp.abs(x0 - probe_x0))
+        g_probe = error.astype(reversal_probe.dtype)
     else:
         g_probe = None
     return g_params, g_x0, g_ctx, None, None, g_probe
@@ -541,12 +522,12 @@ _reversible.defvjp(_reversible_fwd, _reversible_bwd)
 # --------------------------------------------------------------------------- inference
 
 
-def _inference_forward(block_fn, spec: _Spec, params, x, context, keys, gammas,
+def _inference_forward(call, spec: _Spec, params, x, context, keys, gammas,
                        by_index: bool = False):
     """x_0 = Q(x), x_{k+1} = x_k + Q(h_k(x_k)) (γ = 0), or with explicit inference gammas
-    ``noninvertible_step``. Q is the identity when spec.frac_bits is None. by_index: see
+    ``noninvertible_step``. Q is the identity when spec.frac_bits is None. call: the fenced
+    block as the gradient method wraps it (see ``_train_forward``). by_index: see
     ``_scan_rest`` (True where no gradient is taken)."""
-    call = _block_caller(block_fn, spec.remat)
     x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
     h0 = call(_slice0(params), x0, context, None if keys is None else keys[0])
     x1 = euler_step(x0, h0, spec.frac_bits)
@@ -568,7 +549,8 @@ def _inference_forward(block_fn, spec: _Spec, params, x, context, keys, gammas,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _inference_without_gradient(block_fn, spec: _Spec, params, x, context, keys, gammas):
-    return _inference_forward(block_fn, spec, params, x, context, keys, gammas, by_index=True)
+    return _inference_forward(functools.partial(_apply_block, block_fn), spec, params, x,
+                              context, keys, gammas, by_index=True)
 
 
 def _inference_without_gradient_fwd(block_fn, spec, params, x, context, keys, gammas):
@@ -585,6 +567,57 @@ def _inference_without_gradient_bwd(block_fn, spec, residuals, cotangents):
 
 _inference_without_gradient.defvjp(_inference_without_gradient_fwd,
                                    _inference_without_gradient_bwd)
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+class _TrainPass(NamedTuple):
+    """A BDIA training pass from x0 (on the grid when spec.frac_bits is set), as the gradient
+    method runs it (``methods.StackPass``): stored activations or the reversible VJP."""
+
+    block_fn: BlockFn
+    spec: _Spec
+    params: Any
+    x0: jax.Array
+    context: Any
+    keys: jax.Array | None
+    gammas: jax.Array
+    reversal_probe: jax.Array | None
+
+    def stored(self, wrap_block):
+        x_last, _, _, max_abs = _train_forward(
+            wrap_block(functools.partial(_apply_block, self.block_fn)), self.spec, self.params,
+            self.x0, self.context, self.keys, self.gammas, keep_bits=False, by_index=False,
+        )
+        return x_last, _stats(max_abs, self.spec)
+
+    def reversible(self, method: Reversible):
+        return _reversible(self.block_fn, method, self.spec, self.params, self.x0,
+                           self.context, self.keys, self.gammas, self.reversal_probe)
+
+
+class _InferencePass(NamedTuple):
+    """An inference pass (γ = 0 or explicit gammas; the standard update) from x. The
+    reversible method has no inverse to differentiate it with: it runs forward and raises
+    if differentiated."""
+
+    block_fn: BlockFn
+    spec: _Spec
+    params: Any
+    x: jax.Array
+    context: Any
+    keys: jax.Array | None
+    gammas: jax.Array | None
+
+    def stored(self, wrap_block):
+        return _inference_forward(wrap_block(functools.partial(_apply_block, self.block_fn)),
+                                  self.spec, self.params, self.x, self.context, self.keys,
+                                  self.gammas)
+
+    def reversible(self, method: Reversible):
+        return _inference_without_gradient(self.block_fn, self.spec, self.params, self.x,
+                                           self.context, self.keys, self.gammas)
 
 
 # --------------------------------------------------------------------------- public API
@@ -611,7 +644,7 @@ def apply_stack(
       params: pytree, every leaf stacked on a leading [depth] axis.
       x: [batch, ...] float32 (or float64) stack input, batch >= 1, e.g. [batch, seq, dim].
       update: ``Standard()`` or ``BDIA(gamma, frac_bits, quantize_at_inference)``.
-      backprop: ``Autodiff()``, ``Remat()`` or ``Reversible(recompute, probe)``; the pair is
+      backprop: ``Autodiff()``, ``Remat()`` or ``Reversible(recompute, reversal_probe)``; the pair is
         checked by ``check_method`` (Standard + Reversible raises).
       key: PRNG key. Split into the γ draw (BDIA training, when ``gammas`` is None) and
         the per-block ``key_k`` given to ``block_fn`` (dropout); the reversible backward
@@ -627,7 +660,7 @@ def apply_stack(
         differentiated (γ = 0 has no inverse: say Autodiff() or Remat() to differentiate
         it). For Standard, train changes nothing.
       reversal_probe: float scalar (use 0.0), required exactly when train=True with
-        ``Reversible(probe=True)``: its gradient is the largest |rebuilt - forward| of
+        ``Reversible(reversal_probe=True)``: its gradient is the largest |rebuilt - forward| of
         x_0, the last state rebuilt (0.0 when the reversal was exact). Anything else raises.
 
     Returns:
@@ -643,18 +676,18 @@ def apply_stack(
     if not isinstance(train, bool):
         raise ValueError(f"train must be True or False, got {train!r}.")
     batch = x.shape[0]
-    reversible_train = train and isinstance(backprop, Reversible)
-    if reversible_train and backprop.probe and reversal_probe is None:
+    reads_probe = train and backprop.reversal_probe
+    if reads_probe and reversal_probe is None:
         raise ValueError(
-            "backprop=Reversible(probe=True) reports the reversal error as the gradient of "
-            "`reversal_probe`: pass reversal_probe=jnp.zeros(()), or use "
-            "Reversible(probe=False)."
+            "backprop=Reversible(reversal_probe=True) reports the reversal error as the "
+            "gradient of `reversal_probe`: pass reversal_probe=jnp.zeros(()), or use "
+            "Reversible(reversal_probe=False)."
         )
-    if reversal_probe is not None and not (reversible_train and backprop.probe):
+    if reversal_probe is not None and not reads_probe:
         raise ValueError(
             f"reversal_probe is read only by a train=True pass with "
-            f"backprop=Reversible(probe=True), got train={train}, backprop={backprop!r}: "
-            "nothing is rebuilt here, so drop reversal_probe."
+            f"backprop=Reversible(reversal_probe=True), got train={train}, "
+            f"backprop={backprop!r}: nothing is rebuilt here, so drop reversal_probe."
         )
     if isinstance(update, Standard) and gammas is not None:
         raise ValueError("gammas apply only to update=BDIA(...); drop them for Standard().")
@@ -662,18 +695,15 @@ def apply_stack(
     if isinstance(update, Standard) or not train:
         inference_grid = (isinstance(update, BDIA) and update.quantize_at_inference
                           and update.frac_bits is not None)
-        spec = _spec(depth, x.dtype, update.frac_bits if inference_grid else None, None,
-                     backprop)
+        spec = _spec(depth, x.dtype, update.frac_bits if inference_grid else None, None)
         block_keys, _ = _keys_and_gammas(key, None, depth, batch, 0.0, x.dtype, False)
         if gammas is not None:
             gammas = _check_gammas(gammas, depth, batch, train=False).astype(x.dtype)
         _check_block_output(block_fn, params, x, context, block_keys)
-        forward = (_inference_without_gradient if isinstance(backprop, Reversible)
-                   else _inference_forward)
-        return forward(block_fn, spec, params, x, context, block_keys, gammas)
+        return backprop.run(_InferencePass(block_fn, spec, params, x, context, block_keys,
+                                           gammas))
 
-    spec = _spec(depth, x.dtype, update.frac_bits, update.side_bits, backprop,
-                 verify=reversal_probe is not None)
+    spec = _spec(depth, x.dtype, update.frac_bits, update.side_bits)
     block_keys, gammas = _keys_and_gammas(key, gammas, depth, batch, update.gamma, x.dtype,
                                           True)
     gammas = _check_gammas(gammas, depth, batch, train=True).astype(x.dtype)
@@ -681,115 +711,9 @@ def apply_stack(
         _check_train_gammas_values(gammas, update.gamma)
     _check_block_output(block_fn, params, x, context, block_keys)
     x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
-    if reversible_train:
-        probe = None if reversal_probe is None else jnp.asarray(reversal_probe, x.dtype)
-        return _reversible(block_fn, spec, params, x0, context, block_keys, gammas, probe)
-    x_last, _, _, _, max_abs = _train_forward(
-        block_fn, spec, params, x0, context, block_keys, gammas, keep_bits=False,
-        by_index=False,
-    )
-    return x_last, _stats(max_abs, spec)
-
-
-def _warn_if_overflow(stats: StackStats) -> None:
-    """Warn (RuntimeWarning, from the host, under jit too) when the stream left the exact
-    range of the grid or went non-finite (NaN/Inf): used when the caller did not ask for
-    the stats."""
-
-    def warn(overflow, max_abs, nonfinite):
-        if bool(nonfinite):
-            warnings.warn(
-                "bdia_stack: the residual stream holds NaN/Inf values (from the input or a "
-                "block), so the output is not finite; check the input's values, and pass "
-                "return_stats=True to read StackStats yourself.",
-                RuntimeWarning, stacklevel=2,
-            )
-        elif bool(overflow):
-            warnings.warn(
-                f"bdia_stack: the residual stream reached |x| = {float(max_abs):g}, past the "
-                "exact range of the fixed-point grid, so the reversal (and its gradients) is "
-                "no longer exact; lower frac_bits or the stream's scale, and pass "
-                "return_stats=True to read StackStats yourself.",
-                RuntimeWarning, stacklevel=2,
-            )
-
-    jax.debug.callback(warn, stats.overflow, stats.max_abs, stats.nonfinite)
-
-
-def bdia_stack(
-    block_fn: BlockFn,
-    params,
-    x: jax.Array,
-    *,
-    key: jax.Array | None = None,
-    gammas: jax.Array | None = None,
-    context: Any = None,
-    gamma: float = 0.5,
-    frac_bits: int | None = 9,
-    backprop: Literal["reversible", "autodiff", "remat"] | None = None,
-    train: bool = True,
-    quantize: bool = True,
-    reversal_probe: jax.Array | None = None,
-    recompute: Literal["separate", "shared"] = "separate",
-    return_stats: bool = False,
-):
-    """The plain keyword form of ``apply_stack`` with the BDIA update.
-
-    Builds ``method_from_flat(update="bdia", backprop=backprop, gamma=gamma,
-    frac_bits=frac_bits if quantize else None, recompute=recompute,
-    probe=reversal_probe is not None)`` and calls ``apply_stack`` (see there for key,
-    gammas, context, train, reversal_probe).
-
-    gamma: |γ| in [0, 1); "reversible" needs 2**-m (0.5, 0.25, …), other values (0.6, 0)
-      train with "autodiff" / "remat".
-    frac_bits: l in δ = 2**-l; None (or quantize=False) is the unquantized ablation.
-    backprop: "reversible" | "autodiff" | "remat"; None (default) picks "reversible" on a
-      grid (so a γ that is not a power of two fails here, naming the fix) and "autodiff"
-      without one.
-    recompute: "separate" | "shared", see ``bdia_jax.Reversible``.
-    return_stats: return ``(x_K, StackStats)``. Without it a range overflow (the reversal
-      is no longer exact) or a NaN/Inf in the stream is reported by a RuntimeWarning,
-      since the caller cannot see it.
-
-    Returns x_K (same shape and dtype as x), or ``(x_K, StackStats)`` with return_stats.
-    """
-    if not isinstance(quantize, bool):
-        raise ValueError(f"quantize must be True or False, got {quantize!r}.")
-    update, bp = method_from_flat(
-        update="bdia", backprop=backprop, gamma=gamma, frac_bits=frac_bits if quantize else None,
-        recompute=recompute, probe=reversal_probe is not None,
-    )
-    x_last, stats = apply_stack(block_fn, params, x, update=update, backprop=bp, key=key,
-                                gammas=gammas, context=context, train=train,
-                                reversal_probe=reversal_probe)
-    if return_stats:
-        return x_last, stats
-    _warn_if_overflow(stats)
-    return x_last
-
-
-def standard_stack(
-    block_fn: BlockFn,
-    params,
-    x: jax.Array,
-    *,
-    key: jax.Array | None = None,
-    context: Any = None,
-    backprop: Literal["autodiff", "remat"] = "autodiff",
-    return_stats: bool = False,
-):
-    """The conventional pre-LN transformer: x_{k+1} = x_k + h_k(x_k), unquantized.
-
-    The baseline every experiment compares against: ``apply_stack`` with ``Standard()``.
-    Same block contract and key split as ``bdia_stack`` (so a standard and a BDIA model
-    given the same key draw the same dropout masks). ``backprop`` is "autodiff" or "remat"
-    ("reversible" raises: this update has no exact inverse). Returns x_K, or
-    ``(x_K, StackStats)`` with return_stats.
-    """
-    _, bp = method_from_flat(update="standard", backprop=backprop)
-    out = apply_stack(block_fn, params, x, update=Standard(), backprop=bp, key=key,
-                      context=context, train=False)
-    return out if return_stats else out[0]
+    probe = None if reversal_probe is None else jnp.asarray(reversal_probe, x.dtype)
+    return backprop.run(_TrainPass(block_fn, spec, params, x0, context, block_keys, gammas,
+                                   probe))
 
 
 def prepare_keys_and_gammas(key, depth: int, batch: int, gamma: float = 0.5,

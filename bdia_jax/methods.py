@@ -1,11 +1,18 @@
-"""How a residual stack trains: the update rule and the gradient method, as validated objects.
+"""How a residual stack trains: the update rule and the gradient method, as validated values.
 
 Two frozen dataclasses describe the update (``Standard`` or ``BDIA``) and three the gradient
 method (``Autodiff``, ``Remat`` or ``Reversible``). Each checks its own fields once, in
-``__post_init__``; ``check_method`` is the one check of a pair. The engine
-(``bdia_jax.engine.apply_stack``), ``bdia_jax.models.ResidualStack`` and the model configs
-(through ``StackMethod``) take these objects and pass them on unchanged.
-``method_from_flat`` turns the plain keyword form (strings and numbers) into objects.
+``__post_init__``; ``check_method`` is the one check of a pair.
+
+A gradient method carries its behaviour (diffrax's adjoints are the model): a stack kernel
+(``bdia_jax.engine.apply_stack``, ``bdia_jax.revnet.revnet_stack``) describes one pass as a
+``StackPass`` and calls ``backprop.run(stack_pass)``. ``Autodiff`` lets JAX differentiate the
+stored activations, ``Remat`` wraps each block's call in ``jax.checkpoint``, ``Reversible``
+runs the kernel's custom VJP, which gets each block's output and VJP from
+``Reversible.output_and_vjp``. A new gradient method is one ``Backprop`` subclass.
+
+Strings become objects in one place, ``parse_method`` (the config boundary: the experiments'
+``config.methods`` entries, ``load_gpt2``'s overrides, the models' ``*_config(name, ...)``).
 
     from bdia_jax import BDIA, Reversible
     update, backprop = BDIA(gamma=0.5, frac_bits=9), Reversible(recompute="shared")
@@ -13,17 +20,18 @@ method (``Autodiff``, ``Remat`` or ``Reversible``). Each checks its own fields o
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import numbers
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
 
+import jax
 import jax.numpy as jnp
 
 from bdia_jax import fixed_point
 
-UPDATE_NAMES = ("standard", "bdia")
-BACKPROP_METHODS = ("reversible", "autodiff", "remat")
 RECOMPUTE_MODES = ("separate", "shared")
 MAX_SIDE_BITS = 8  # side bits are packed from uint8 values: |γ| >= 2**-8
 
@@ -94,32 +102,75 @@ class BDIA:
         return int(round(m)) if m == round(m) and 1 <= round(m) <= MAX_SIDE_BITS else None
 
 
+class StackPass(Protocol):
+    """One pass of a stack kernel, as a gradient method sees it (see ``Backprop.run``)."""
+
+    def stored(self, wrap_block: Callable[[Callable], Callable]) -> Any:
+        """The pass for JAX to differentiate from its stored activations, each block called
+        through ``wrap_block(call)``."""
+
+    def reversible(self, method: Reversible) -> Any:
+        """The pass under the kernel's custom VJP, whose backward pass rebuilds each block's
+        input from its output and gets the block's output and VJP from
+        ``method.output_and_vjp``."""
+
+
+class Backprop(abc.ABC):
+    """How a stack is differentiated: ``run(stack_pass)`` chooses how the kernel's pass runs.
+
+    reversal_probe: whether a training pass reads the kernel's ``reversal_probe`` scalar
+    (only ``Reversible`` rebuilds anything to compare).
+    """
+
+    reversal_probe: bool = False
+
+    @abc.abstractmethod
+    def run(self, stack: StackPass) -> Any:
+        """The outputs of ``stack``, differentiated this method's way."""
+
+    def check_update(self, update: Update) -> None:  # noqa: B027 (a hook: most accept all)
+        """Raise a one-line ValueError if this method cannot differentiate ``update``
+        (``Reversible`` needs an invertible BDIA update; the others take any)."""
+
+
+def _call_as_is(call):
+    return call
+
+
 @dataclasses.dataclass(frozen=True)
-class Autodiff:
+class Autodiff(Backprop):
     """Plain JAX autodiff through the stored activations (the oracle of ``Reversible``)."""
 
+    def run(self, stack: StackPass) -> Any:
+        return stack.stored(_call_as_is)
+
 
 @dataclasses.dataclass(frozen=True)
-class Remat:
+class Remat(Backprop):
     """Per-block ``jax.checkpoint``: keeps one state per block, recomputes the block."""
 
+    def run(self, stack: StackPass) -> Any:
+        return stack.stored(jax.checkpoint)
+
 
 @dataclasses.dataclass(frozen=True)
-class Reversible:
+class Reversible(Backprop):
     """A custom VJP that rebuilds x_{k-1} from (x_k, x_{k+1}) bit for bit (BDIA on the grid,
     |γ| = 2**-m only): activation memory constant in depth apart from m bits per element.
+    RevViT's two-stream stack (``bdia_jax.revnet``) rebuilds its inputs the same way, exact
+    in real arithmetic only.
 
     recompute: how the backward pass gets h_k(x_k). "separate" (the default because it is
       exact for any block) runs the forward pass's own fenced call, then the block's VJP;
       "shared" takes the VJP's primal output, one block forward cheaper, exact when the
       block's statistics use ``bdia_jax.stable`` (the models' blocks do).
-    probe: keep x_0 (one state) so that the gradient of the engine's ``reversal_probe``
-      scalar is the largest |rebuilt - forward| of x_0, the last state rebuilt (0.0 when
-      exact).
+    reversal_probe: keep x_0 (one state) so that the gradient of the engine's
+      ``reversal_probe`` scalar is the largest |rebuilt - forward| of x_0, the last state
+      rebuilt (0.0 when exact).
     """
 
     recompute: Literal["separate", "shared"] = "separate"
-    probe: bool = True
+    reversal_probe: bool = True
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE_MODES:
@@ -128,12 +179,57 @@ class Reversible:
                 "'separate' is exact for any block; 'shared' saves one block forward per "
                 "block when the block's statistics use bdia_jax.stable."
             )
-        if not isinstance(self.probe, bool):
-            raise ValueError(f"Reversible probe must be True or False, got {self.probe!r}.")
+        if not isinstance(self.reversal_probe, bool):
+            raise ValueError(
+                f"Reversible reversal_probe must be True or False, got {self.reversal_probe!r}.")
+
+    def run(self, stack: StackPass) -> Any:
+        return stack.reversible(self)
+
+    def output_and_vjp(self, fn: Callable, primals: tuple, fenced: Callable):
+        """(fn(*primals), the VJP of fn at primals), in the backward pass of a rebuild.
+
+        fenced: the call the forward pass made (the engine's fenced block). "shared" takes
+        the output from the VJP's own evaluation; "separate" from ``fenced(*primals)``, so
+        the output has the forward pass's bits whatever the block, and the VJP from a second
+        evaluation.
+        """
+        if self.recompute == "shared":
+            return jax.vjp(fn, *primals)
+        # XLA compiles a block whose VJP is also taken with other fusions and reduction
+        # orders (on XLA:CPU a jnp.mean in a LayerNorm changed h's last bits at batch >= 64:
+        # an inexact rebuild); the fenced call compiles as in the forward pass.
+        out = fenced(*primals)
+        _, pullback = jax.vjp(fn, *primals)
+        return out, pullback
+
+    def check_update(self, update: Update) -> None:
+        if isinstance(update, Standard):
+            raise ValueError(
+                "backprop=Reversible() needs update=BDIA(...): the standard update "
+                "x_{k+1} = x_k + h(x_k) has no exact inverse; use Autodiff() or Remat()."
+            )
+        if update.frac_bits is None:
+            raise ValueError(
+                "backprop=Reversible() needs the fixed-point grid: set BDIA(frac_bits=9) "
+                "(e.g.), or use Autodiff()/Remat() for the unquantized ablation."
+            )
+        if update.gamma == 0:
+            raise ValueError(
+                "backprop=Reversible() needs gamma != 0 (the update is not invertible at "
+                "γ = 0); use gamma=0.5 or 0.25, or Autodiff()/Remat() for the γ = 0 ablation."
+            )
+        if update.side_bits is None:
+            raise ValueError(
+                f"backprop=Reversible() needs gamma = 2**-m with 1 <= m <= {MAX_SIDE_BITS} "
+                f"(e.g. 0.5 or 0.25), got {update.gamma}: the inverse divides by γ and only "
+                "powers of two divide exactly; use Autodiff()/Remat() for other γ."
+            )
 
 
 Update = Standard | BDIA
-Backprop = Autodiff | Remat | Reversible
+UPDATES = {"standard": Standard, "bdia": BDIA}
+BACKPROPS = {"autodiff": Autodiff, "remat": Remat, "reversible": Reversible}
 
 
 def check_method(update: Update, backprop: Backprop) -> None:
@@ -141,36 +237,15 @@ def check_method(update: Update, backprop: Backprop) -> None:
     if not isinstance(update, (Standard, BDIA)):
         raise ValueError(
             f"update must be bdia_jax.Standard() or bdia_jax.BDIA(...), got {update!r}; "
-            "method_from_flat(update='bdia', ...) builds one from strings."
+            "bdia_jax.parse_method(update='bdia', ...) builds one from strings."
         )
-    if not isinstance(backprop, (Autodiff, Remat, Reversible)):
+    if not isinstance(backprop, Backprop):
         raise ValueError(
             f"backprop must be bdia_jax.Autodiff(), Remat() or Reversible(...), got "
-            f"{backprop!r}; method_from_flat(backprop='reversible', ...) builds one from strings."
+            f"{backprop!r}; bdia_jax.parse_method(backprop='reversible', ...) builds one from "
+            "strings."
         )
-    if not isinstance(backprop, Reversible):
-        return
-    if isinstance(update, Standard):
-        raise ValueError(
-            "backprop=Reversible() needs update=BDIA(...): the standard update "
-            "x_{k+1} = x_k + h(x_k) has no exact inverse; use Autodiff() or Remat()."
-        )
-    if update.frac_bits is None:
-        raise ValueError(
-            "backprop=Reversible() needs the fixed-point grid: set BDIA(frac_bits=9) (e.g.), "
-            "or use Autodiff()/Remat() for the unquantized ablation."
-        )
-    if update.gamma == 0:
-        raise ValueError(
-            "backprop=Reversible() needs gamma != 0 (the update is not invertible at γ = 0); "
-            "use gamma=0.5 or 0.25, or Autodiff()/Remat() for the γ = 0 ablation."
-        )
-    if update.side_bits is None:
-        raise ValueError(
-            f"backprop=Reversible() needs gamma = 2**-m with 1 <= m <= {MAX_SIDE_BITS} (e.g. "
-            f"0.5 or 0.25), got {update.gamma}: the inverse divides by γ and only powers of "
-            "two divide exactly; use Autodiff()/Remat() for other γ."
-        )
+    backprop.check_update(update)
 
 
 def default_backprop(update: Update) -> Backprop:
@@ -184,29 +259,70 @@ def default_backprop(update: Update) -> Backprop:
     return Autodiff()
 
 
-def method_from_flat(*, update="bdia", backprop=None, gamma=0.5, frac_bits=9,
-                     quantize_at_inference=True, recompute="separate", probe=True
-                     ) -> tuple[Update, Backprop]:
-    """The plain keyword form (strings and numbers) → validated (update, backprop) objects.
+UPDATE_FIELDS = ("gamma", "frac_bits", "quantize_at_inference")
+BACKPROP_FIELDS = ("recompute", "reversal_probe")
+# Every keyword of parse_method: a model config's method, as a config file or a command
+# line spells it.
+METHOD_KEYWORDS = ("update", "backprop", *UPDATE_FIELDS, *BACKPROP_FIELDS)
 
-    update: "standard" | "bdia". gamma, frac_bits, quantize_at_inference are read only for
-    "bdia". backprop: "reversible" | "autodiff" | "remat", or None for ``default_backprop``
-    (Reversible for BDIA on a grid, else Autodiff). recompute and
-    probe are read only for "reversible" (and for None when that resolves to Reversible).
+
+def parse_method(*, update: str | Update | None = "bdia", backprop: str | Backprop | None = None,
+                 **fields) -> dict:
+    """The method of a model config from its plain spelling (strings and numbers): the one
+    place strings become method objects. Each object validates its own fields.
+
+    update: "standard" | "bdia" (with ``gamma``, ``frac_bits``, ``quantize_at_inference``:
+      ``BDIA``'s fields), or a ``Standard``/``BDIA`` object (then no update fields), or
+      None for a model with its own update (RevViT: only ``backprop`` is parsed).
+    backprop: "autodiff" | "remat" | "reversible" (with ``recompute``, ``reversal_probe``:
+      ``Reversible``'s fields), or an object (then no backprop fields), or None for
+      ``default_backprop(update)`` (Reversible for BDIA on a grid, else Autodiff).
+
+    Returns {"update": ..., "backprop": ...}, the fields of a model config
+    (``Config(**other_fields, **parse_method(...))``; without "update" when update is None).
+    The pair is checked where it is used: the model config (``StackMethod``) or
+    ``apply_stack``. A keyword that does not apply raises, naming it.
     """
-    if update not in UPDATE_NAMES:
-        raise ValueError(f"update must be one of {UPDATE_NAMES}, got {update!r}.")
-    if backprop is not None and backprop not in BACKPROP_METHODS:
-        raise ValueError(f"backprop must be one of {BACKPROP_METHODS} or None, got {backprop!r}.")
-    upd = Standard() if update == "standard" else BDIA(gamma, frac_bits, quantize_at_inference)
+    unknown = sorted(set(fields) - set(UPDATE_FIELDS) - set(BACKPROP_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown method keywords {unknown}; valid: {list(METHOD_KEYWORDS)}.")
+    update_fields = {k: v for k, v in fields.items() if k in UPDATE_FIELDS}
+    backprop_fields = {k: v for k, v in fields.items() if k in BACKPROP_FIELDS}
+    method = {}
+    if update is not None:
+        if isinstance(update, str):
+            if update not in UPDATES:
+                raise ValueError(f"update must be one of {tuple(UPDATES)}, got {update!r}.")
+            if update == "standard" and update_fields:
+                raise ValueError(f"{sorted(update_fields)} apply only to update='bdia'; drop "
+                                 "them for update='standard'.")
+            update = UPDATES[update](**update_fields)
+        elif update_fields:
+            raise ValueError(f"give the update either as an object (update={update!r}) or as "
+                             f"update='bdia' with {sorted(update_fields)}, not both.")
+        method["update"] = update
+    elif update_fields:
+        raise ValueError(f"{sorted(update_fields)} apply only to update='bdia'; this model "
+                         "has its own update.")
     if backprop is None:
-        backprop = "reversible" if isinstance(default_backprop(upd), Reversible) else "autodiff"
-    if backprop == "reversible":
-        bp = Reversible(recompute=recompute, probe=probe)
-    else:
-        bp = Autodiff() if backprop == "autodiff" else Remat()
-    check_method(upd, bp)
-    return upd, bp
+        if update is None:
+            raise ValueError("a model with its own update needs backprop='autodiff', 'remat' "
+                             "or 'reversible'.")
+        backprop = type(default_backprop(update))
+        backprop = next(name for name, cls in BACKPROPS.items() if cls is backprop)
+    if isinstance(backprop, str):
+        if backprop not in BACKPROPS:
+            raise ValueError(f"backprop must be one of {tuple(BACKPROPS)} or None, got "
+                             f"{backprop!r}.")
+        if backprop != "reversible" and backprop_fields:
+            raise ValueError(f"{sorted(backprop_fields)} apply only to "
+                             f"backprop='reversible'; drop them for backprop={backprop!r}.")
+        backprop = BACKPROPS[backprop](**backprop_fields)
+    elif backprop_fields:
+        raise ValueError(f"give backprop either as an object (backprop={backprop!r}) or as "
+                         f"backprop='reversible' with {sorted(backprop_fields)}, not both.")
+    method["backprop"] = backprop
+    return method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,8 +331,8 @@ class StackMethod:
 
     update: Standard() | BDIA(...). backprop: Autodiff() | Remat() | Reversible(...), or None
     for ``default_backprop(update)`` (resolved here, so the stored config is explicit).
-    The models' residual streams are float32, so frac_bits is checked against float32's
-    limit here, at construction.
+    The pair is checked here, where a model's method is defined. The models' residual
+    streams are float32, so frac_bits is checked against float32's limit here too.
     """
 
     update: Update = BDIA()
@@ -229,29 +345,3 @@ class StackMethod:
         if isinstance(self.update, BDIA) and self.update.frac_bits is not None:
             fixed_point.check_frac_bits(self.update.frac_bits, jnp.float32)
 
-
-FLAT_METHOD_FIELDS = ("gamma", "frac_bits", "quantize_at_inference", "recompute", "probe")
-
-
-def method_overrides(overrides: dict) -> dict:
-    """Turn a ``*_config(name, **overrides)`` dict's flat method keywords (update="bdia",
-    backprop="reversible", gamma=..., frac_bits=..., ...) into update/backprop objects.
-
-    Objects (update=BDIA(...)) pass through unchanged; mixing objects with flat keywords
-    raises. Returns a new dict with no flat method keys.
-    """
-    out = dict(overrides)
-    flat = {k: out.pop(k) for k in FLAT_METHOD_FIELDS if k in out}
-    named = {k: out[k] for k in ("update", "backprop") if isinstance(out.get(k), str)}
-    objects = [k for k in ("update", "backprop") if out.get(k) is not None and k not in named]
-    if not flat and not named:
-        return out
-    if objects:
-        raise ValueError(
-            f"give the method either as objects (update=BDIA(...), backprop=Reversible(...)) "
-            f"or as flat keywords, not both: got {objects[0]}={out[objects[0]]!r} with "
-            f"{sorted({**flat, **named})}."
-        )
-    out["update"], out["backprop"] = method_from_flat(
-        update=out.get("update", "bdia"), backprop=out.get("backprop"), **flat)
-    return out

@@ -48,7 +48,7 @@ from flax import nnx
 
 from bdia_jax.formats import load_tokenizer as load_tokenizer  # re-export
 from bdia_jax.formats import read_checkpoint, write_hf_folder
-from bdia_jax.methods import FLAT_METHOD_FIELDS, Standard, method_overrides
+from bdia_jax.methods import METHOD_KEYWORDS, UPDATE_FIELDS, BACKPROP_FIELDS, Standard, parse_method
 from bdia_jax.models import DecoderConfig, DecoderLM, ReversalProbe
 
 CONFIG_FILE = "config.json"
@@ -62,7 +62,6 @@ ARCHITECTURE_FIELDS = ("vocab_size", "max_len", "width", "depth", "num_heads", "
                        "num_kv_heads", "head_dim", "qk_norm", "tie_embeddings", "rope_theta",
                        "rope_scaling", "rope_factor", "rope_low_freq_factor",
                        "rope_high_freq_factor", "rope_original_max_len")
-_METHOD_KEYWORDS = ("update", "backprop", *FLAT_METHOD_FIELDS)
 
 # ---- GPT-2
 # HF activation_function → DecoderConfig.approximate_gelu.
@@ -97,7 +96,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> Dec
     overrides: DecoderConfig fields the checkpoint does not fix (dropout, attention_dropout,
     compute_dtype, param_dtype, attention, chunk_size, chunk_mlp, embed_std, and max_len for
     rope models) and the method (objects, or the flat keywords ``update``, ``backprop``,
-    ``gamma``, ``frac_bits``, ``quantize_at_inference``, ``recompute``, ``probe``). No
+    ``gamma``, ``frac_bits``, ``quantize_at_inference``, ``recompute``, ``reversal_probe``). No
     ``update``: the checkpoint's own network, ``Standard()`` with ``Autodiff()``.
     """
     model_type = hf.get("model_type")
@@ -107,7 +106,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> Dec
         fields = _llama_fields(hf, source)
     else:
         _refuse(source, "model_type", model_type, f"bdia_jax.pretrained reads {MODEL_TYPES}")
-    valid = {f.name for f in dataclasses.fields(DecoderConfig)} | set(_METHOD_KEYWORDS)
+    valid = {f.name for f in dataclasses.fields(DecoderConfig)} | set(METHOD_KEYWORDS)
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"unknown load overrides {unknown}; valid: {sorted(valid)}.")
@@ -122,7 +121,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> Dec
                          f"{hf.get('resid_pdrop', 0.1)}, and DecoderConfig has one dropout for "
                          f"both; pass dropout=... to load.")
     if "update" not in overrides:
-        flat = sorted(set(overrides) & set(FLAT_METHOD_FIELDS))
+        flat = sorted(set(overrides) & set(UPDATE_FIELDS + BACKPROP_FIELDS))
         if flat:
             raise ValueError(f"{flat[0]}={overrides[flat[0]]!r} needs a training method: pass "
                              f"update='bdia' (load without update= is the standard network).")
@@ -130,7 +129,8 @@ def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> Dec
     fields = {**fields, **overrides}
     if fields["position"] == "rope":
         _check_window(hf, source, fields["max_len"])
-    return DecoderConfig(**method_overrides(fields))
+    method = {k: fields.pop(k) for k in METHOD_KEYWORDS if k in fields}
+    return DecoderConfig(**fields, **parse_method(**method))
 
 
 def _gpt2_fields(hf: dict, source: str) -> dict:

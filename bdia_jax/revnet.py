@@ -10,17 +10,20 @@ and its inverse recomputes the inputs from the outputs:
     X2 = Y2 - G(Y1)
     X1 = Y1 - F(X2)
 
-The "reversible" gradient (``revnet_stack``) keeps only the final two streams: its backward
-pass rebuilds each block's inputs from its outputs, block by block in reverse, and takes the
-block's VJP there (Mangalam et al., "Reversible Vision Transformers", CVPR 2022).
+The gradient method is one of BDIA's objects (``bdia_jax.methods``): ``Reversible`` keeps only
+the final two streams, and its backward pass rebuilds each block's inputs from its outputs,
+block by block in reverse, and takes the block's VJP there (Mangalam et al., "Reversible
+Vision Transformers", CVPR 2022); its ``recompute`` says whether a sub-block's output comes
+from the VJP ("shared", RevViT's default) or from a second call ("separate"). ``Autodiff``
+differentiates the stored activations (the oracle), ``Remat`` recomputes each block.
 
 **The reversal is exact in real arithmetic, not in floating point.** ``(a + b) - b`` is not
 ``a`` after rounding, so every rebuilt state carries a rounding error, and the error of one
 block feeds the next (F and G are evaluated at rebuilt, slightly wrong inputs). The
 gradients therefore differ slightly from autodiff through the same forward pass. This is
-the contrast with BDIA (``bdia_jax.bdia_stack``), whose fixed-point update rebuilds states
-bit for bit. The size of the error is measured, not assumed: pass ``reversal_probe`` and its
-gradient is max |rebuilt input - forward input| over both streams (the BDIA probe pattern).
+the contrast with BDIA (``bdia_jax.apply_stack``), whose fixed-point update rebuilds states
+bit for bit. The size of the error is measured, not assumed: with
+``Reversible(reversal_probe=True)`` pass ``reversal_probe`` and its gradient is max |rebuilt input - forward input| over both streams (the BDIA probe pattern).
 
 The sub-block contract: ``f_fn(params_k, x, key) -> F(x)`` and ``g_fn(params_k, y, key) ->
 G(y)`` are pure, return their input's shape and dtype, and apply dropout only when ``key``
@@ -33,26 +36,28 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdia_jax.methods import Backprop, Reversible
+
 SubBlockFn = Callable[[Any, jax.Array, Any], jax.Array]
-Backprop = Literal["reversible", "autodiff"]
-BACKPROP_METHODS = ("reversible", "autodiff")
 
 
 # --------------------------------------------------------------------------- validation
 
 
 def check_backprop(backprop) -> None:
-    """One-line error for an unknown gradient method."""
-    if backprop not in BACKPROP_METHODS:
+    """One-line error for a value that is not a gradient method object (a field's type,
+    checked where a two-stream stack's settings are defined)."""
+    if not isinstance(backprop, Backprop):
         raise ValueError(
-            f"backprop must be one of {BACKPROP_METHODS}, got {backprop!r}: 'reversible' "
-            "(rebuild states from the outputs) or 'autodiff' (stored activations, the oracle)."
+            f"backprop must be bdia_jax.Autodiff(), Remat() or Reversible(...), got "
+            f"{backprop!r}; bdia_jax.parse_method(update=None, backprop='reversible', "
+            "recompute='shared') builds one from strings."
         )
 
 
@@ -129,13 +134,14 @@ def _block_inverse(f_fn, g_fn, params_k, y1, y2, key_k):
     return x1, x2
 
 
-def _forward_scan(f_fn, g_fn, params, x1, x2, keys):
-    """All blocks forward; returns (y1, y2, max_abs over all streams)."""
+def _forward_scan(call, params, x1, x2, keys):
+    """All blocks forward, block k as ``call(params_k, x1, x2, key_k)`` (``_block_forward``
+    as the gradient method wraps it); returns (y1, y2, max_abs over all streams)."""
 
     def body(carry, xs):
         a, b, max_abs = carry
         params_k, key_k = xs
-        a, b = _block_forward(f_fn, g_fn, params_k, a, b, key_k)
+        a, b = call(params_k, a, b, key_k)
         return (a, b, jnp.maximum(max_abs, _max_abs(a, b))), None
 
     (y1, y2, max_abs), _ = jax.lax.scan(body, (x1, x2, _max_abs(x1, x2)), (params, keys))
@@ -161,7 +167,8 @@ def revnet_forward(f_fn: SubBlockFn, g_fn: SubBlockFn, params, x1: jax.Array, x2
     """
     _depth_of(params)
     _check_streams(f_fn, g_fn, params, x1, x2, keys)
-    y1, y2, _ = _forward_scan(f_fn, g_fn, params, x1, x2, keys)
+    y1, y2, _ = _forward_scan(functools.partial(_block_forward, f_fn, g_fn), params, x1, x2,
+                              keys)
     return y1, y2
 
 
@@ -187,20 +194,21 @@ def revnet_inverse(f_fn: SubBlockFn, g_fn: SubBlockFn, params, y1: jax.Array, y2
 # --------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _reversible(f_fn, g_fn, params, x1, x2, keys, probe):
-    return _forward_scan(f_fn, g_fn, params, x1, x2, keys)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _reversible(f_fn, g_fn, method: Reversible, params, x1, x2, keys, reversal_probe):
+    return _forward_scan(functools.partial(_block_forward, f_fn, g_fn), params, x1, x2, keys)
 
 
-def _reversible_fwd(f_fn, g_fn, params, x1, x2, keys, probe):
-    y1, y2, max_abs = _forward_scan(f_fn, g_fn, params, x1, x2, keys)
+def _reversible_fwd(f_fn, g_fn, method: Reversible, params, x1, x2, keys, reversal_probe):
+    y1, y2, max_abs = _forward_scan(functools.partial(_block_forward, f_fn, g_fn), params, x1,
+                                    x2, keys)
     # The probe keeps the two inputs (constant in depth) to compare with their rebuilds.
-    refs = (x1, x2) if probe is not None else None
-    return (y1, y2, max_abs), (params, keys, y1, y2, refs, probe)
+    probe_inputs = (x1, x2) if method.reversal_probe else None
+    return (y1, y2, max_abs), (params, keys, y1, y2, probe_inputs, reversal_probe)
 
 
-def _reversible_bwd(f_fn, g_fn, residuals, cotangents):
-    params, keys, y1, y2, refs, probe = residuals
+def _reversible_bwd(f_fn, g_fn, method: Reversible, residuals, cotangents):
+    params, keys, y1, y2, probe_inputs, reversal_probe = residuals
     g_y1, g_y2, _ = cotangents  # max_abs carries no gradient
 
     def body(carry, xs):
@@ -209,12 +217,14 @@ def _reversible_bwd(f_fn, g_fn, residuals, cotangents):
         params_k, key_k = xs
         kf, kg = _sub_keys(key_k)
         # Y2 = X2 + G(Y1): rebuild X2 and pull dL/dY2 back through G.
-        g_out, g_pullback = jax.vjp(lambda p, y: g_fn(p, y, kg), params_k, y1)
+        g_call = functools.partial(_sub_block, g_fn, kg)
+        g_out, g_pullback = method.output_and_vjp(g_call, (params_k, y1), fenced=g_call)
         x2 = y2 - g_out
         g_params_g, g_y1_via_g = g_pullback(g_y2)
         g_x1 = g_y1 + g_y1_via_g  # dL/dY1 in full = dL/dX1 (Y1 = X1 + F(X2))
         # Y1 = X1 + F(X2): rebuild X1 and pull dL/dY1 back through F.
-        f_out, f_pullback = jax.vjp(lambda p, x: f_fn(p, x, kf), params_k, x2)
+        f_call = functools.partial(_sub_block, f_fn, kf)
+        f_out, f_pullback = method.output_and_vjp(f_call, (params_k, x2), fenced=f_call)
         x1 = y1 - f_out
         g_params_f, g_x2_via_f = f_pullback(g_x1)
         g_x2 = g_y2 + g_x2_via_f
@@ -224,16 +234,41 @@ def _reversible_bwd(f_fn, g_fn, residuals, cotangents):
     (x1, x2, g_x1, g_x2), g_params = jax.lax.scan(
         body, (y1, y2, g_y1, g_y2), (params, keys), reverse=True
     )
-    if probe is None:
-        g_probe = None
-    else:
-        ref1, ref2 = refs
+    if method.reversal_probe:
+        ref1, ref2 = probe_inputs
         error = jnp.maximum(jnp.max(jnp.abs(x1 - ref1)), jnp.max(jnp.abs(x2 - ref2)))
-        g_probe = error.astype(probe.dtype)
+        g_probe = error.astype(reversal_probe.dtype)
+    else:
+        g_probe = None
     return g_params, g_x1, g_x2, None, g_probe
 
 
 _reversible.defvjp(_reversible_fwd, _reversible_bwd)
+
+
+def _sub_block(fn, key, params_k, x):
+    return fn(params_k, x, key)
+
+
+class _TwoStreamPass(NamedTuple):
+    """One pass of the two-stream stack, as the gradient method runs it
+    (``bdia_jax.methods.StackPass``)."""
+
+    f_fn: SubBlockFn
+    g_fn: SubBlockFn
+    params: Any
+    x1: jax.Array
+    x2: jax.Array
+    keys: jax.Array | None
+    reversal_probe: jax.Array | None
+
+    def stored(self, wrap_block):
+        call = wrap_block(functools.partial(_block_forward, self.f_fn, self.g_fn))
+        return _forward_scan(call, self.params, self.x1, self.x2, self.keys)
+
+    def reversible(self, method: Reversible):
+        return _reversible(self.f_fn, self.g_fn, method, self.params, self.x1, self.x2,
+                           self.keys, self.reversal_probe)
 
 
 # --------------------------------------------------------------------------- public API
@@ -246,38 +281,48 @@ def revnet_stack(
     x1: jax.Array,
     x2: jax.Array,
     *,
+    backprop: Backprop,
     key: jax.Array | None = None,
-    backprop: Backprop = "reversible",
     reversal_probe: jax.Array | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    """K two-stream reversible blocks, with the gradient method ``backprop``.
+    """K two-stream reversible blocks, differentiated by ``backprop``.
 
     Args:
       f_fn, g_fn: the sub-blocks (see the module docstring).
       params: pytree, every leaf stacked on a leading [depth] axis.
       x1, x2: [batch, ...] float32 (or float64) streams of one shape and dtype.
+      backprop: ``Reversible(recompute, reversal_probe)`` (custom VJP: only (Y1, Y2) are
+        kept; the backward pass rebuilds each block's inputs from its outputs),
+        ``Autodiff()`` (stored activations; the oracle) or ``Remat()`` (per block
+        ``jax.checkpoint``).
       key: PRNG key for the per-block dropout keys (``block_keys``); None: no dropout.
-      backprop: "reversible" (custom VJP: only (Y1, Y2) are kept; the backward pass rebuilds
-        each block's inputs from its outputs) or "autodiff" (stored activations; the oracle).
-      reversal_probe: optional float scalar (use 0.0). With "reversible", its gradient is the
-        largest |rebuilt - forward| over the two input streams: the floating-point error of
-        the reversal, > 0 in general. Costs two stored states, constant in depth. Ignored
-        (zero gradient) with "autodiff", where nothing is rebuilt.
+      reversal_probe: float scalar (use 0.0), required exactly with
+        ``Reversible(reversal_probe=True)``: its gradient is the largest |rebuilt - forward|
+        over the two input streams, the floating-point error of the reversal (> 0 in
+        general). Costs two stored states, constant in depth.
 
     Returns:
       ((y1, y2), max_abs): the output streams (x1's shape and dtype) and the largest |value|
       of any stream state (a float scalar without gradient).
     """
     check_backprop(backprop)
+    if backprop.reversal_probe and reversal_probe is None:
+        raise ValueError(
+            "backprop=Reversible(reversal_probe=True) reports the reversal error as the "
+            "gradient of `reversal_probe`: pass reversal_probe=jnp.zeros(()), or use "
+            "Reversible(reversal_probe=False)."
+        )
+    if reversal_probe is not None and not backprop.reversal_probe:
+        raise ValueError(
+            f"reversal_probe is read only with backprop=Reversible(reversal_probe=True), got "
+            f"backprop={backprop!r}: nothing is rebuilt here, so drop reversal_probe."
+        )
     depth = _depth_of(params)
     x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
     if not jnp.issubdtype(x1.dtype, jnp.floating):
         raise ValueError(f"streams must be float arrays, got {x1.dtype}.")
     keys = block_keys(key, depth)
     _check_streams(f_fn, g_fn, params, x1, x2, keys)
-    if backprop == "autodiff":
-        y1, y2, max_abs = _forward_scan(f_fn, g_fn, params, x1, x2, keys)
-    else:
-        probe = None if reversal_probe is None else jnp.asarray(reversal_probe)
-        y1, y2, max_abs = _reversible(f_fn, g_fn, params, x1, x2, keys, probe)
+    probe = None if reversal_probe is None else jnp.asarray(reversal_probe)
+    y1, y2, max_abs = backprop.run(_TwoStreamPass(f_fn, g_fn, params, x1, x2, keys, probe))
     return (y1, y2), max_abs

@@ -1,7 +1,7 @@
 """Reductions whose bits do not depend on how XLA compiles the code around them.
 
-Why this exists: ``recompute="shared"`` (see ``bdia_stack``) rebuilds x_{k-1} from the
-h_k(x_k) that the block's VJP computes in the backward pass, so that h must have the bits of
+Why this exists: ``Reversible(recompute="shared")`` (``bdia_jax.methods``) rebuilds x_{k-1}
+from the h_k(x_k) that the block's VJP computes in the backward pass, so that h must have the bits of
 the forward pass, where no VJP was taken. XLA:CPU emits a ``jnp.mean``/``jnp.sum`` over the
 last axis differently when the VJP runs in the same program (other fusion, other accumulation
 order): measured for a LayerNorm on [64, 65, 128] float32, a quarter of the outputs changed in

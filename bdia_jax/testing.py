@@ -1,6 +1,6 @@
 """Small pure-jnp residual branches for tests, benchmarks and examples.
 
-They follow the ``block_fn(params_k, x, context, key_k) -> h`` contract of ``bdia_stack`` and
+They follow the ``block_fn(params_k, x, context, key_k) -> h`` contract of ``apply_stack`` and
 are independent of the Flax models, so the engine can be tested and benchmarked on its own;
 their dropout is the models' (``bdia_jax.ops.dropout``), so both draw masks alike.
 """

@@ -30,6 +30,7 @@ def measure() -> dict:
     import numpy as np
 
     import bdia_jax
+    from bdia_jax import engine, fixed_point
     from bdia_jax.testing import init_mlp, make_tanh_block
     from experiments import device_check
 
@@ -46,12 +47,12 @@ def measure() -> dict:
     update = bdia_jax.BDIA(gamma=gamma, frac_bits=9)
     block = make_tanh_block(amplitude=250.0)
     params = init_mlp(jax.random.PRNGKey(1), depth, 8)
-    x0 = bdia_jax.quantize(jax.random.normal(jax.random.PRNGKey(2), (3, 4, 8)) * 1e3, 9)
-    keys, gammas = bdia_jax.prepare_keys_and_gammas(jax.random.PRNGKey(depth), depth, 3, gamma)
+    x0 = fixed_point.quantize(jax.random.normal(jax.random.PRNGKey(2), (3, 4, 8)) * 1e3, 9)
+    keys, gammas = engine.prepare_keys_and_gammas(jax.random.PRNGKey(depth), depth, 3, gamma)
     pair = dict(update=update, keys=keys, gammas=gammas, context=None)
-    states = jax.jit(bdia_jax.bdia_all_states, static_argnums=(0,),
+    states = jax.jit(engine.bdia_all_states, static_argnums=(0,),
                      static_argnames=("update",))(block, params, x0, **pair)
-    record = jax.jit(bdia_jax.bdia_forward, static_argnums=(0,),
+    record = jax.jit(engine.bdia_forward, static_argnums=(0,),
                      static_argnames=("update",))(block, params, x0, **pair)
     differ = int(np.sum(np.asarray(record.x_last) != np.asarray(states[-1])))
     return {"compile_s": compile_s, "probe": probe, "forward_programs_differ_in": differ}

@@ -77,7 +77,7 @@ PAPER_MEMORY_MB = {"vit": 1570.6, "bdia_vit": 693.4, "revvit": 572.7}
 MEMORY_MODELS = {  # Table 1's rows: (label, model kind, flat method keywords)
     "vit": ("ViT (standard, autodiff)", "vit", dict(update="standard", backprop="autodiff")),
     "bdia_vit": ("BDIA-ViT (reversible)", "vit", dict(update="bdia", backprop="reversible")),
-    "revvit": ("RevViT (reversible)", "revvit", dict(backprop="reversible")),
+    "revvit": ("RevViT (reversible)", "revvit", dict(backprop="reversible", recompute="shared")),
 }
 
 # Sizes. "full": the experiments' training sizes (ViT: the paper's CIFAR-10 model; GPT:
@@ -302,7 +302,8 @@ def exactness_specs(names=None) -> dict:
                     "model": model, "dtype": dtype,
                     "method": dict(update="bdia", backprop="reversible", recompute=recompute)}
         specs[f"revvit/reversible/{dtype}"] = {"model": "revvit", "dtype": dtype,
-                                               "method": dict(backprop="reversible")}
+                                               "method": dict(backprop="reversible",
+                                                              recompute="shared")}
     return specs if names is None else {name: specs[name] for name in names}
 
 

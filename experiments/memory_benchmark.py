@@ -55,13 +55,14 @@ def make_step(kind: str, backprop: str, block, gamma: float, frac_bits: int,
     (loss, (grad_params, grad_x, reversal_error)).
     """
 
+    update = (bdia_jax.Standard() if kind == "standard"
+              else bdia_jax.BDIA(gamma=gamma, frac_bits=frac_bits))
+    fields = (dict(recompute=recompute or "separate", reversal_probe=probe)
+              if backprop == "reversible" else {})
+    method = bdia_jax.parse_method(update=update, backprop=backprop, **fields)
+
     def loss(params, x, key, reversal_probe):
-        if kind == "standard":
-            y = bdia_jax.standard_stack(block, params, x, key=key, backprop=backprop)
-        else:
-            y = bdia_jax.bdia_stack(block, params, x, key=key, gamma=gamma,
-                                    frac_bits=frac_bits, backprop=backprop,
-                                    recompute=recompute or "separate",
+        y, _ = bdia_jax.apply_stack(block, params, x, **method, key=key,
                                     reversal_probe=reversal_probe)
         return jnp.mean(jnp.square(y))
 

@@ -55,12 +55,10 @@ def worker(num_devices: int, args) -> dict:
                 if gather is not None:
                     params = jax.lax.with_sharding_constraint(
                         params, jax.tree_util.tree_map(lambda _: gather, params))
-                if kind == "standard":
-                    y = bdia_jax.standard_stack(block, params, x, key=key)
-                else:
-                    y = bdia_jax.bdia_stack(
-                        block, params, x, key=key, backprop=backprop,
-                        reversal_probe=probe if backprop == "reversible" else None)
+                reversible = backprop == "reversible"
+                y, _ = bdia_jax.apply_stack(
+                    block, params, x, **bdia_jax.parse_method(update=kind, backprop=backprop),
+                    key=key, reversal_probe=probe if reversible else None)
                 return jnp.mean(jnp.square(y))
 
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))

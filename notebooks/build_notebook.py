@@ -264,8 +264,8 @@ def block_fn(params_k, x, context, key_k):
 
 x = jax.random.normal(jax.random.PRNGKey(1), (batch, tokens, exact_cfg.width))  # token embeddings
 key = jax.random.PRNGKey(2)  # draws the γ signs and the per-block dropout keys
-block_keys, gammas = bdia_jax.prepare_keys_and_gammas(key, depth, batch, GAMMA)
-x0 = bdia_jax.quantize(x, FRAC_BITS)  # the stack puts its input on the grid first
+block_keys, gammas = bdia_jax.engine.prepare_keys_and_gammas(key, depth, batch, GAMMA)
+x0 = bdia_jax.fixed_point.quantize(x, FRAC_BITS)  # the stack puts its input on the grid first
 
 
 
@@ -274,9 +274,9 @@ def forward_and_invert(block_params, x0, block_keys, gammas):
     """All forward states [depth+1, ...]; the reversible forward's record; the states rebuilt
     from it."""
     pair = dict(update=exact_cfg.update, keys=block_keys, gammas=gammas)
-    states = bdia_jax.bdia_all_states(block_fn, block_params, x0, **pair)
-    record = bdia_jax.bdia_forward(block_fn, block_params, x0, **pair)
-    rebuilt = bdia_jax.bdia_invert(block_fn, block_params, record, **pair)
+    states = bdia_jax.engine.bdia_all_states(block_fn, block_params, x0, **pair)
+    record = bdia_jax.engine.bdia_forward(block_fn, block_params, x0, **pair)
+    rebuilt = bdia_jax.engine.bdia_invert(block_fn, block_params, record, **pair)
     return states, record, rebuilt
 
 
@@ -527,7 +527,7 @@ for index, name in enumerate(names):
 axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
 axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy (test: E[γ] = 0)")
 axes[2].set(xlabel="step", ylabel="max |x_k|", title="residual-stream range (exact up to "
-            f"{bdia_jax.exact_range(jnp.float32, FRAC_BITS):g} at l = {FRAC_BITS})")
+            f"{bdia_jax.fixed_point.exact_range(jnp.float32, FRAC_BITS):g} at l = {FRAC_BITS})")
 for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend()
@@ -584,8 +584,9 @@ md("""
 * `python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:paper` runs the
   full comparison from a shell (add `--config.model.compute_dtype=bfloat16` on a GPU/TPU).
 * `python -m experiments.memory_benchmark` prints the memory/speed table of section 2 with timings.
-* `bdia_jax.bdia_stack(block_fn, params, x, key=...)` makes any residual stack of identical blocks
-  reversible; `bdia_jax.models` has the ViT, a GPT and an encoder-decoder built on it.
+* `bdia_jax.apply_stack(block_fn, params, x, update=BDIA(), backprop=Reversible(), key=...)`
+  makes any residual stack of identical blocks reversible; `bdia_jax.models` has the ViT, a GPT
+  and an encoder-decoder built on it.
 """)
 
 

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bdia_jax  # noqa: E402
+from bdia_jax import engine, fixed_point  # noqa: E402
 from bdia_jax.testing import assert_bits_equal, init_attn_mlp, make_attn_mlp_block  # noqa: E402
 
 
@@ -32,8 +33,9 @@ def main():
     key = jax.random.PRNGKey(2)
 
     def loss(params, x, context, probe):
-        y = bdia_jax.bdia_stack(block, params, x, key=key, context=context,
-                                reversal_probe=probe)
+        y, _ = bdia_jax.apply_stack(block, params, x, update=bdia_jax.BDIA(),
+                                    backprop=bdia_jax.Reversible(), key=key, context=context,
+                                    reversal_probe=probe)
         return jnp.mean(y**2)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -43,12 +45,12 @@ def main():
 
     # Forward states rebuilt under sharding, compared bit for bit with one device.
     update = bdia_jax.BDIA()
-    keys, gammas = bdia_jax.prepare_keys_and_gammas(key, 6, 16)
-    x0 = bdia_jax.quantize(x, 9)
+    keys, gammas = engine.prepare_keys_and_gammas(key, 6, 16)
+    x0 = fixed_point.quantize(x, 9)
     static = dict(static_argnums=(0,), static_argnames=("update",))
-    forward = jax.jit(bdia_jax.bdia_forward, **static)
-    invert = jax.jit(bdia_jax.bdia_invert, **static)
-    ref_states = jax.jit(bdia_jax.bdia_all_states, **static)(
+    forward = jax.jit(engine.bdia_forward, **static)
+    invert = jax.jit(engine.bdia_invert, **static)
+    ref_states = jax.jit(engine.bdia_all_states, **static)(
         block, params, x0, update=update, keys=keys, gammas=gammas, context=context)
 
     mesh = Mesh(np.array(jax.devices()), ("data",))

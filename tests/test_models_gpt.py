@@ -32,10 +32,12 @@ def tokens(batch=2, length=8, vocab=32, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
 
 
-def pair(depth=2, **overrides):
+def pair(depth=2, quantize_at_inference=True, **overrides):
     """A standard and a BDIA GPT with the same parameters."""
     std = GPT(gpt_config("tiny", depth=depth, update="standard", **overrides), rngs=nnx.Rngs(0))
-    bdia = GPT(gpt_config("tiny", depth=depth, update="bdia", **overrides), rngs=nnx.Rngs(1))
+    bdia = GPT(gpt_config("tiny", depth=depth, update="bdia",
+                          quantize_at_inference=quantize_at_inference, **overrides),
+               rngs=nnx.Rngs(1))
     nnx.update(bdia, nnx.state(std, nnx.Param))
     return std, bdia
 

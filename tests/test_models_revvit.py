@@ -14,10 +14,12 @@ from flax import nnx
 from grad_utils import assert_grads_close
 from models_utils import count_params, is_key_bias, probe_total, train_grads
 
-from bdia_jax import revnet
+from bdia_jax import Autodiff, Remat, Reversible, revnet
 from bdia_jax.models import ReversalProbe, RevViT, RevViTConfig, ViT, revvit_config, vit_config
 
 DEPTH, WIDTH = 6, 16
+# RevViT's default: each sub-block's output from its VJP, as the authors' code.
+SHARED = Reversible(recompute="shared")
 
 
 # ----------------------------------------------------------------------------- engine
@@ -49,11 +51,13 @@ def toy(dtype=jnp.float32):
 
 
 def engine_grads(params, x1, x2, backprop, key=jax.random.key(7)):
-    """(param grads, x1 grad, x2 grad, probe grad) of a fixed nonlinear loss."""
+    """(param grads, x1 grad, x2 grad, probe grad) of a fixed nonlinear loss (the probe's
+    gradient is 0 where the method reads no probe)."""
 
     def loss(params, x1, x2, probe):
-        (y1, y2), _ = revnet.revnet_stack(f_fn, g_fn, params, x1, x2, key=key,
-                                          backprop=backprop, reversal_probe=probe)
+        (y1, y2), _ = revnet.revnet_stack(
+            f_fn, g_fn, params, x1, x2, key=key, backprop=backprop,
+            reversal_probe=probe if backprop.reversal_probe else None)
         return jnp.sum(jnp.sin(y1) * y2)
 
     probe = jnp.zeros((), x1.dtype)
@@ -97,12 +101,21 @@ def test_engine_inverse_with_wrong_keys_does_not_round_trip():
 
 def test_engine_reversible_grads_match_autodiff_and_report_the_error():
     params, x1, x2 = toy()
-    *rev, probe = engine_grads(params, x1, x2, "reversible")
-    *auto, probe_auto = engine_grads(params, x1, x2, "autodiff")
-    assert_grads_close(rev, auto, rtol=1e-4)
-    # The probe's gradient is the rebuild error of the input streams: > 0, small.
-    assert np.isfinite(float(probe)) and 0.0 < float(probe) < 1e-4, probe
+    *auto, probe_auto = engine_grads(params, x1, x2, Autodiff())
     assert float(probe_auto) == 0.0  # nothing is rebuilt under autodiff
+    for method in (SHARED, Reversible(recompute="separate")):
+        *rev, probe = engine_grads(params, x1, x2, method)
+        assert_grads_close(rev, auto, rtol=1e-4)
+        # The probe's gradient is the rebuild error of the input streams: > 0, small.
+        assert np.isfinite(float(probe)) and 0.0 < float(probe) < 1e-4, (method, probe)
+
+
+def test_engine_remat_is_autodiff_with_each_block_recomputed():
+    """Remat wraps each block's call in jax.checkpoint: the same forward and, recomputing
+    the same ops, the same gradient bits as Autodiff."""
+    params, x1, x2 = toy()
+    chex.assert_trees_all_equal(engine_grads(params, x1, x2, Remat()),
+                                engine_grads(params, x1, x2, Autodiff()))
 
 
 def test_engine_probe_is_the_round_trip_error_bit_for_bit_op_by_op():
@@ -111,7 +124,7 @@ def test_engine_probe_is_the_round_trip_error_bit_for_bit_op_by_op():
     round trip's error exactly. (Two jitted programs fuse differently and round apart.)"""
     params, x1, x2 = toy()
     with jax.disable_jit():
-        *_, probe = engine_grads(params, x1, x2, "reversible")
+        *_, probe = engine_grads(params, x1, x2, SHARED)
         error = round_trip_error(params, x1, x2)
     assert 0.0 < error < 1e-4, error
     assert float(probe) == error
@@ -120,8 +133,8 @@ def test_engine_probe_is_the_round_trip_error_bit_for_bit_op_by_op():
 def test_engine_reversible_grads_match_autodiff_tightly_in_float64():
     with jax.enable_x64(True):
         params, x1, x2 = toy(jnp.float64)
-        *rev, probe = engine_grads(params, x1, x2, "reversible")
-        *auto, _ = engine_grads(params, x1, x2, "autodiff")
+        *rev, probe = engine_grads(params, x1, x2, SHARED)
+        *auto, _ = engine_grads(params, x1, x2, Autodiff())
         assert_grads_close(rev, auto, rtol=1e-10)
         assert float(probe) < 1e-10
 
@@ -130,7 +143,7 @@ def test_engine_outputs_equal_the_plain_forward():
     params, x1, x2 = toy()
     key = jax.random.key(7)
     want = revnet.revnet_forward(f_fn, g_fn, params, x1, x2, revnet.block_keys(key, DEPTH))
-    for backprop in revnet.BACKPROP_METHODS:
+    for backprop in (Reversible(reversal_probe=False), Autodiff(), Remat()):
         got, max_abs = revnet.revnet_stack(f_fn, g_fn, params, x1, x2, key=key,
                                            backprop=backprop)
         chex.assert_trees_all_equal(got, want)
@@ -158,20 +171,28 @@ def test_engine_reversible_memory_is_constant_in_depth():
         compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    rev_growth = temp_bytes(16, "reversible") - temp_bytes(2, "reversible")
-    auto_growth = temp_bytes(16, "autodiff") - temp_bytes(2, "autodiff")
+    rev = Reversible(recompute="shared", reversal_probe=False)
+    rev_growth = temp_bytes(16, rev) - temp_bytes(2, rev)
+    auto_growth = temp_bytes(16, Autodiff()) - temp_bytes(2, Autodiff())
     assert rev_growth < stream_bytes, rev_growth
     assert auto_growth > 14 * stream_bytes, auto_growth
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, p, a, b, backprop="remat"),
-     "backprop must be one of"),
-    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, p, a, b[:, :8]),
+    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, p, a, b, backprop="reversible"),
+     "backprop must be bdia_jax.Autodiff"),
+    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, p, a, b, backprop=SHARED),
+     "pass reversal_probe=jnp.zeros"),
+    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, p, a, b, backprop=Autodiff(),
+                                         reversal_probe=jnp.zeros(())),
+     "drop reversal_probe"),
+    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, p, a, b[:, :8], backprop=Autodiff()),
      "the two streams must have one shape"),
-    (lambda p, a, b: revnet.revnet_stack(lambda q, x, k: x[:, :3], g_fn, p, a, b),
+    (lambda p, a, b: revnet.revnet_stack(lambda q, x, k: x[:, :3], g_fn, p, a, b,
+                                         backprop=Autodiff()),
      "f_fn must return one array"),
-    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, {**p, "bg": p["bg"][:2]}, a, b),
+    (lambda p, a, b: revnet.revnet_stack(f_fn, g_fn, {**p, "bg": p["bg"][:2]}, a, b,
+                                         backprop=Autodiff()),
      "same leading depth axis"),
     (lambda p, a, b: revnet.revnet_inverse(f_fn, g_fn, {}, a, b),
      "params has no array leaves"),
@@ -273,7 +294,10 @@ def test_revvit_inference_needs_no_key_and_train_with_dropout_does():
     (dict(patch_size=5), "must be a multiple of patch_size"),
     (dict(pool="max"), "pool must be 'cls' or 'mean'"),
     (dict(num_heads=3), "must be divisible by num_heads"),
-    (dict(backprop="remat"), "backprop must be one of"),
+    (dict(backprop="checkpoint"), "backprop must be one of"),
+    (dict(backprop="reversible", recompute="twice"), "recompute must be one of"),
+    (dict(recompute="shared"), "needs backprop="),
+    (dict(backprop=Remat(), recompute="shared"), "not both"),
     (dict(depth=0), "depth must be an int >= 1"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(compute_dtype="int8"), "compute_dtype must be"),

@@ -24,12 +24,11 @@ from models_utils import (
     train_grads,
 )
 
+from bdia_jax import Autodiff, Standard
 from bdia_jax.models import (
     SEQ2SEQ_VARIANTS,
-    Autodiff,
     Seq2SeqConfig,
     Seq2SeqTransformer,
-    Standard,
     seq2seq_config,
 )
 from bdia_jax.models.decoding import length_penalty
@@ -60,11 +59,12 @@ def tiny(**overrides):
     return Seq2SeqTransformer(seq2seq_config("tiny", **overrides), rngs=nnx.Rngs(0))
 
 
-def pair(**overrides):
+def pair(quantize_at_inference=True, **overrides):
     """A standard and a BDIA model with the same parameters."""
     std = tiny(update="standard", **overrides)
-    bdia = Seq2SeqTransformer(seq2seq_config("tiny", update="bdia", **overrides),
-                              rngs=nnx.Rngs(1))
+    bdia = Seq2SeqTransformer(seq2seq_config("tiny", update="bdia",
+                                             quantize_at_inference=quantize_at_inference,
+                                             **overrides), rngs=nnx.Rngs(1))
     nnx.update(bdia, nnx.state(std, nnx.Param))
     return std, bdia
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 from models_utils import probe_total, train_grads
 
+from bdia_jax import Reversible
 from bdia_jax.models import (
     GPT,
-    Reversible,
     Seq2SeqTransformer,
     ViT,
     gpt_config,

@@ -19,13 +19,10 @@ from models_utils import (
     train_grads_by_key,
 )
 
+from bdia_jax import BDIA, Autodiff, Reversible, Standard
 from bdia_jax.models import (
-    BDIA,
     VIT_VARIANTS,
-    Autodiff,
     ResidualStack,
-    Reversible,
-    Standard,
     ViT,
     ViTConfig,
     vit_config,
@@ -105,9 +102,12 @@ def test_bad_inputs_fail_loudly():
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="no exact inverse"):
         ViTConfig(update=Standard(), backprop=Reversible())
+    # A stack built directly passes its method on unchanged: apply_stack checks the pair
+    # when the stack runs (one check where the pair is used, not one per layer).
+    stack = ResidualStack(lambda rngs: nnx.Linear(4, 4, rngs=rngs), 2, update=Standard(),
+                          backprop=Reversible(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="no exact inverse"):
-        ResidualStack(lambda rngs: None, 2, update=Standard(), backprop=Reversible(),
-                      rngs=nnx.Rngs(0))
+        stack(jnp.zeros((1, 4)))
     # Any γ trains where no inverse is needed (Table 2); the default then is Autodiff.
     assert vit_config("tiny", gamma=0.6, frac_bits=None).backprop == Autodiff()
     with pytest.raises(ValueError, match="only powers of two"):
@@ -213,10 +213,12 @@ def test_standard_vit_trains_by_autodiff_and_matches_remat():
 # ----------------------------------------------------------------------------- inference
 
 
-def _pair(**overrides):
+def _pair(quantize_at_inference=True, **overrides):
     """A standard and a BDIA ViT with the same parameters."""
     std = ViT(vit_config("tiny", depth=3, update="standard", **overrides), rngs=nnx.Rngs(0))
-    bdia = ViT(vit_config("tiny", depth=3, update="bdia", **overrides), rngs=nnx.Rngs(1))
+    bdia = ViT(vit_config("tiny", depth=3, update="bdia",
+                          quantize_at_inference=quantize_at_inference, **overrides),
+               rngs=nnx.Rngs(1))
     nnx.update(bdia, nnx.state(std, nnx.Param))
     return std, bdia
 

@@ -1,4 +1,4 @@
-"""Gradients of "reversible", "autodiff" (the oracle) and "remat" agree (float32, rtol 1e-5)."""
+"""Gradients of Reversible, Autodiff (the oracle) and Remat agree (float32, rtol 1e-5)."""
 
 import chex
 import jax
@@ -31,12 +31,14 @@ def _inputs(case):
 
 
 def _loss_fn(block, backprop, gamma, recompute="separate"):
+    fields = dict(recompute=recompute) if backprop == "reversible" else {}
+    method = bdia_jax.parse_method(gamma=gamma, backprop=backprop, **fields)
+
     def loss(params, x, context, target, probe):
         # Only the reversible method rebuilds states, so only it reads the probe.
-        y, stats = bdia_jax.bdia_stack(
-            block, params, x, key=jax.random.PRNGKey(4), context=context, gamma=gamma,
-            backprop=backprop, reversal_probe=probe if backprop == "reversible" else None,
-            return_stats=True, recompute=recompute,
+        y, stats = bdia_jax.apply_stack(
+            block, params, x, **method, key=jax.random.PRNGKey(4), context=context,
+            reversal_probe=probe if backprop == "reversible" else None,
         )
         return jnp.mean((y - target) ** 2), stats
 
@@ -63,7 +65,8 @@ class ReversibleGradientTest(chex.TestCase):
     def test_reversible_matches_autodiff_and_remat_outside_jit(self, case_name, gamma):
         self._check(case_name, gamma, methods=("reversible", "autodiff"))  # eager: slow
 
-    def _check(self, case_name, gamma, methods=(*bdia_jax.BACKPROP_METHODS, "reversible_shared")):
+    def _check(self, case_name, gamma,
+               methods=("reversible", "autodiff", "remat", "reversible_shared")):
         case = CASES[case_name]
         params, x, context, target = _inputs(case)
         argnums = (0, 1, 2, 4) if case["context"] else (0, 1, 4)
@@ -104,7 +107,9 @@ def test_gradient_wrt_input_is_straight_through_for_quantization():
     x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, SEQ, DIM))
     gammas = jnp.array([[0.5, -0.5, 0.5], [-0.5, -0.5, 0.5]])
     # x_1 = x_0, x_2 = γ_1 x_0 + (1-γ_1) x_1 = x_0, x_3 = x_0 too: dx = d(sum x_3) = 1.
-    g = jax.grad(lambda x: jnp.sum(bdia_jax.bdia_stack(zero_block, params, x, gammas=gammas)))(x)
+    method = dict(update=bdia_jax.BDIA(), backprop=bdia_jax.Reversible(reversal_probe=False))
+    g = jax.grad(lambda x: jnp.sum(bdia_jax.apply_stack(zero_block, params, x, **method,
+                                                         gammas=gammas)[0]))(x)
     chex.assert_trees_all_equal(g, jnp.ones_like(x))
 
 
@@ -137,7 +142,7 @@ def test_any_gamma_trains_without_an_inverse(gamma, frac_bits):
     block = make_tanh_block()
     params = init_mlp(jax.random.PRNGKey(0), DEPTH, DIM)
     _, x, _, target = _inputs(CASES["attn_mlp"])
-    gammas = bdia_jax.draw_gammas(jax.random.PRNGKey(5), DEPTH, BATCH, gamma)
+    gammas = bdia_jax.engine.draw_gammas(jax.random.PRNGKey(5), DEPTH, BATCH, gamma)
     if gamma:
         assert set(np.unique(np.abs(np.asarray(gammas)))) == {np.float32(gamma)}
 
@@ -163,8 +168,3 @@ def test_any_gamma_trains_without_an_inverse(gamma, frac_bits):
             chex.assert_trees_all_equal(y, want_y)
         assert_grads_close(grads_of(engine), want_grads, rtol=1e-5)
     assert float(jnp.max(jnp.abs(want_grads[0]["w"]))) > 0
-    # The keyword form is the same pass (with a key it draws ±γ itself).
-    y = bdia_jax.bdia_stack(block, params, x, gammas=gammas, gamma=gamma, frac_bits=frac_bits,
-                            backprop="autodiff")
-    chex.assert_trees_all_equal(y, bdia_jax.apply_stack(
-        block, params, x, update=update, backprop=bdia_jax.Autodiff(), gammas=gammas)[0])

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bdia_jax
+from bdia_jax import engine, fixed_point
 from bdia_jax.testing import bits, init_mlp, make_tanh_block
 
 # Shapes are drawn from small sets so that jit caches are reused across examples.
@@ -28,17 +29,17 @@ _settings = settings(max_examples=12, deadline=None,
 )
 def test_reversal_exact_unless_overflow_reported(depth, batch, dim, gamma, frac_bits, log_scale,
                                                  amplitude, seed):
-    limit = bdia_jax.exact_range(jnp.float32, frac_bits)
+    limit = fixed_point.exact_range(jnp.float32, frac_bits)
     scale = limit * 10.0 ** (log_scale - 1.0)  # input magnitudes from 1e-5·limit to ~1.1·limit
     key = jax.random.PRNGKey(seed)
     params = init_mlp(jax.random.fold_in(key, 1), depth, dim)
     block = make_tanh_block(amplitude=scale * amplitude)
     x = jax.random.normal(jax.random.fold_in(key, 2), (batch, 3, dim)) * scale
-    keys, gammas = bdia_jax.prepare_keys_and_gammas(jax.random.fold_in(key, 3), depth, batch,
-                                                    gamma)
+    keys, gammas = engine.prepare_keys_and_gammas(jax.random.fold_in(key, 3), depth, batch,
+                                                  gamma)
     pair = dict(update=bdia_jax.BDIA(gamma=gamma, frac_bits=frac_bits), keys=keys,
                 gammas=gammas)
-    x0 = bdia_jax.quantize(x, frac_bits)
+    x0 = fixed_point.quantize(x, frac_bits)
     states = _all_states(block, params, x0, **pair)
     record = _forward(block, params, x0, **pair)
     rebuilt = _invert(block, params, record, **pair)
@@ -51,6 +52,6 @@ def test_reversal_exact_unless_overflow_reported(depth, batch, dim, gamma, frac_
 
 
 _STATIC = dict(static_argnums=(0,), static_argnames=("update",))
-_all_states = jax.jit(bdia_jax.bdia_all_states, **_STATIC)
-_forward = jax.jit(bdia_jax.bdia_forward, **_STATIC)
-_invert = jax.jit(bdia_jax.bdia_invert, **_STATIC)
+_all_states = jax.jit(engine.bdia_all_states, **_STATIC)
+_forward = jax.jit(engine.bdia_forward, **_STATIC)
+_invert = jax.jit(engine.bdia_invert, **_STATIC)

@@ -9,6 +9,7 @@ import pytest
 from float_bounds import ELEMENTWISE_ULPS, assert_within, network_bound
 
 import bdia_jax
+from bdia_jax import engine, fixed_point
 from bdia_jax.testing import (
     assert_bits_equal,
     init_attn_mlp,
@@ -18,6 +19,9 @@ from bdia_jax.testing import (
 )
 
 BATCH, SEQ, DIM = 3, 4, 8
+BDIA, STANDARD, AUTODIFF = bdia_jax.BDIA(), bdia_jax.Standard(), bdia_jax.Autodiff()
+NO_PROBE = bdia_jax.Reversible(reversal_probe=False)
+BACKPROPS = (NO_PROBE, AUTODIFF, bdia_jax.Remat())
 
 
 def _jit(fn):
@@ -27,12 +31,12 @@ def _jit(fn):
 def _round_trip(block, params, x, key, gamma, context=None):
     depth = jax.tree_util.tree_leaves(params)[0].shape[0]
     update = bdia_jax.BDIA(gamma=gamma, frac_bits=9)
-    keys, gammas = bdia_jax.prepare_keys_and_gammas(key, depth, x.shape[0], gamma)
-    x0 = bdia_jax.quantize(x, 9)
+    keys, gammas = engine.prepare_keys_and_gammas(key, depth, x.shape[0], gamma)
+    x0 = fixed_point.quantize(x, 9)
     pair = dict(update=update, keys=keys, gammas=gammas, context=context)
-    states = _jit(bdia_jax.bdia_all_states)(block, params, x0, **pair)
-    record = _jit(bdia_jax.bdia_forward)(block, params, x0, **pair)
-    rebuilt = _jit(bdia_jax.bdia_invert)(block, params, record, **pair)
+    states = _jit(engine.bdia_all_states)(block, params, x0, **pair)
+    record = _jit(engine.bdia_forward)(block, params, x0, **pair)
+    rebuilt = _jit(engine.bdia_invert)(block, params, record, **pair)
     return states, rebuilt, record
 
 
@@ -53,7 +57,8 @@ def test_stack_round_trip_bit_exact(depth, gamma, scale):
         assert float(jnp.max(jnp.abs(states))) > 1e3
     assert_bits_equal(rebuilt, states)
     # The stack's own output is the last forward state.
-    out = bdia_jax.bdia_stack(block, params, x, key=key, gamma=gamma)
+    out, _ = bdia_jax.apply_stack(block, params, x, update=bdia_jax.BDIA(gamma=gamma),
+                                  backprop=NO_PROBE, key=key)
     chex.assert_trees_all_equal(out, states[-1])
 
 
@@ -73,10 +78,10 @@ def test_side_bit_memory_is_m_bits_per_element():
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, DIM))
     for gamma, bits in [(0.5, 1), (0.25, 2)]:
         # Only the forward record is read: no reference states and no rebuild to compile.
-        keys, gammas = bdia_jax.prepare_keys_and_gammas(jax.random.PRNGKey(2), depth, BATCH,
-                                                        gamma)
-        record = _jit(bdia_jax.bdia_forward)(
-            make_tanh_block(), params, bdia_jax.quantize(x, 9),
+        keys, gammas = engine.prepare_keys_and_gammas(jax.random.PRNGKey(2), depth, BATCH,
+                                                      gamma)
+        record = _jit(engine.bdia_forward)(
+            make_tanh_block(), params, fixed_point.quantize(x, 9),
             update=bdia_jax.BDIA(gamma=gamma, frac_bits=9), keys=keys, gammas=gammas)
         assert record.side_bits.dtype == jnp.uint8
         assert record.side_bits.shape == (depth - 1, BATCH, bits, SEQ * DIM // 8)
@@ -89,7 +94,8 @@ def test_reversal_probe_is_zero_when_exact(depth):
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, DIM))
 
     def loss(params, probe):
-        y = bdia_jax.bdia_stack(block, params, x, key=jax.random.PRNGKey(2), reversal_probe=probe)
+        y, _ = bdia_jax.apply_stack(block, params, x, update=BDIA, backprop=bdia_jax.Reversible(),
+                                    key=jax.random.PRNGKey(2), reversal_probe=probe)
         return jnp.sum(y**2)
 
     probe_grad = jax.jit(jax.grad(loss, argnums=1))(params, jnp.zeros(()))
@@ -110,8 +116,9 @@ def test_reversal_probe_detects_a_mismatched_recomputation():
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, DIM))
 
     def loss(params, probe):
-        y = bdia_jax.bdia_stack(drifting_block, params, x, key=jax.random.PRNGKey(2),
-                                reversal_probe=probe)
+        y, _ = bdia_jax.apply_stack(drifting_block, params, x, update=BDIA,
+                                    backprop=bdia_jax.Reversible(), key=jax.random.PRNGKey(2),
+                                    reversal_probe=probe)
         return jnp.sum(y)
 
     probe_grad = jax.grad(loss, argnums=1)(params, jnp.zeros(()))
@@ -123,17 +130,15 @@ def test_overflow_and_nonfinite_are_reported():
     params = init_mlp(jax.random.PRNGKey(0), depth, DIM)
     block = make_tanh_block()
     key = jax.random.PRNGKey(1)
-    limit = bdia_jax.exact_range(jnp.float32, 9)  # 32768 at l = 9
+    limit = fixed_point.exact_range(jnp.float32, 9)  # 32768 at l = 9
     x = jnp.ones((BATCH, SEQ, DIM))
-    for backprop in bdia_jax.BACKPROP_METHODS:
-        _, ok = bdia_jax.bdia_stack(block, params, x, key=key, backprop=backprop,
-                                    return_stats=True)
+    for backprop in BACKPROPS:
+        method = dict(update=BDIA, backprop=backprop, key=key)
+        _, ok = bdia_jax.apply_stack(block, params, x, **method)
         assert not bool(ok.overflow) and not bool(ok.nonfinite)
-        _, big = bdia_jax.bdia_stack(block, params, x * limit, key=key, backprop=backprop,
-                                     return_stats=True)
+        _, big = bdia_jax.apply_stack(block, params, x * limit, **method)
         assert bool(big.overflow) and not bool(big.nonfinite)
-        _, bad = bdia_jax.bdia_stack(block, params, x.at[0, 0, 0].set(jnp.nan), key=key,
-                                     backprop=backprop, return_stats=True)
+        _, bad = bdia_jax.apply_stack(block, params, x.at[0, 0, 0].set(jnp.nan), **method)
         assert bool(bad.nonfinite)
     # Just below the bound: no overflow reported, and reversal is exact.
     x_edge = jnp.full((BATCH, SEQ, DIM), limit / 4)
@@ -148,8 +153,9 @@ def test_modes_give_identical_forward():
     block = make_attn_mlp_block(heads=2, dropout=0.1)
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, DIM))
     outs = [
-        bdia_jax.bdia_stack(block, params, x, key=jax.random.PRNGKey(2), backprop=b)
-        for b in bdia_jax.BACKPROP_METHODS
+        bdia_jax.apply_stack(block, params, x, update=BDIA, backprop=b,
+                             key=jax.random.PRNGKey(2))[0]
+        for b in BACKPROPS
     ]
     chex.assert_trees_all_equal(*outs)
 
@@ -159,20 +165,24 @@ def test_inference_paths():
     params = init_attn_mlp(jax.random.PRNGKey(0), depth, DIM, 16)
     block = make_attn_mlp_block(heads=2)
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, DIM))
-    standard = bdia_jax.standard_stack(block, params, x)
+
+    def infer(update, backprop, **kwargs):
+        return bdia_jax.apply_stack(block, params, x, update=update, backprop=backprop,
+                                    train=False, **kwargs)[0]
+
+    standard = infer(STANDARD, AUTODIFF)
     # Unquantized BDIA inference is the standard transformer, bit for bit.
-    unquantized = bdia_jax.bdia_stack(block, params, x, train=False, quantize=False)
-    chex.assert_trees_all_equal(unquantized, bdia_jax.apply_stack(
-        block, params, x, update=bdia_jax.BDIA(quantize_at_inference=False),
-        backprop=bdia_jax.Autodiff(), train=False)[0])
+    unquantized = infer(bdia_jax.BDIA(frac_bits=None), AUTODIFF)
+    chex.assert_trees_all_equal(unquantized, infer(bdia_jax.BDIA(quantize_at_inference=False),
+                                                   AUTODIFF))
     chex.assert_trees_all_equal(unquantized, standard)
     # Quantized inference (γ = 0) is within a few grid steps of it.
-    quantized = bdia_jax.bdia_stack(block, params, x, train=False)
+    quantized = infer(BDIA, NO_PROBE)
     assert float(jnp.max(jnp.abs(quantized - standard))) < 16 * 2.0**-9
     # Explicit inference γ = 0 equals the default; γ ≠ 0 changes the output.
-    zero = bdia_jax.bdia_stack(block, params, x, train=False, gammas=0.0, quantize=False)
+    zero = infer(bdia_jax.BDIA(frac_bits=None), AUTODIFF, gammas=0.0)
     chex.assert_trees_all_equal(zero, standard)
-    swept = bdia_jax.bdia_stack(block, params, x, train=False, gammas=0.5)
+    swept = infer(BDIA, NO_PROBE, gammas=0.5)
     assert float(jnp.max(jnp.abs(swept - quantized))) > 0
     # The standard baseline itself: x_{k+1} = x_k + h_k(x_k).
     ref = x
@@ -196,8 +206,9 @@ def _training_size_probe(batch, recompute, stable_stats):
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, seq, width))
 
     def loss(params, probe, x, key):
-        y = bdia_jax.bdia_stack(block, params, x, key=key, reversal_probe=probe,
-                                recompute=recompute)
+        y, _ = bdia_jax.apply_stack(block, params, x, update=BDIA,
+                                    backprop=bdia_jax.Reversible(recompute=recompute), key=key,
+                                    reversal_probe=probe)
         return jnp.sum(y**2)
 
     # x and the key are arguments, as in a train step: closed over, they are constants that

@@ -1,6 +1,6 @@
 """Flax NNX models on the BDIA engine: ordinary pre-LN transformers whose training update
 (``update=Standard() | BDIA(...)``) and gradient method (``backprop=Autodiff() | Remat() |
-Reversible(...)``) are switches (``bdia_jax.methods``, re-exported here).
+Reversible(...)``) are switches (import them from ``bdia_jax``).
 
 * ``layers``:  ``BlockConfig`` (the block settings every config shares), attention (GQA,
   rotary positions, q/k norm), MLPs (GELU, SwiGLU), LayerNorm/RMSNorm, encoder/decoder
@@ -15,15 +15,6 @@ Reversible(...)``) are switches (``bdia_jax.methods``, re-exported here).
 * ``decoding``: greedy and beam search over a KV-cached step function.
 """
 
-from bdia_jax.methods import (
-    BDIA,
-    Autodiff,
-    Remat,
-    Reversible,
-    StackMethod,
-    Standard,
-    method_from_flat,
-)
 from bdia_jax.models import decoding
 from bdia_jax.models.decoder import (
     DECODER_VARIANTS,
@@ -61,7 +52,6 @@ from bdia_jax.models.seq2seq import (
 from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
 
 __all__ = [
-    "BDIA",
     "BlockConfig",
     "DECODER_VARIANTS",
     "DecoderConfig",
@@ -70,13 +60,7 @@ __all__ = [
     "RMSNorm",
     "Rope",
     "decoder_config",
-    "Autodiff",
     "LayerNorm",
-    "Remat",
-    "Reversible",
-    "StackMethod",
-    "Standard",
-    "method_from_flat",
     "SEQ2SEQ_VARIANTS",
     "DecodeState",
     "Seq2SeqConfig",
@@ -109,3 +93,19 @@ __all__ = [
     "stats_to_aux",
     "vit_config",
 ]
+
+
+# The method objects were re-exported here in 0.1.0; they live at bdia_jax's top level.
+_MOVED_METHODS = ("BDIA", "Autodiff", "Remat", "Reversible", "StackMethod", "Standard")
+
+
+def __getattr__(name):
+    if name in _MOVED_METHODS:
+        import warnings
+
+        from bdia_jax import methods
+
+        warnings.warn(f"bdia_jax.models.{name} moved to bdia_jax.methods.{name}; the alias "
+                      "goes in the next release.", DeprecationWarning, stacklevel=2)
+        return getattr(methods, name)
+    raise AttributeError(f"module 'bdia_jax.models' has no attribute {name!r}")

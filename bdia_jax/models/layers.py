@@ -1,7 +1,7 @@
 """Transformer building blocks (Flax NNX) shaped for the BDIA block contract.
 
 A pre-LN block x + h(x) is written as its residual *branch* h, which is what
-``bdia_stack`` / ``standard_stack`` want:
+``bdia_jax.apply_stack`` wants:
 
     encoder block:  h(x) = a(x) + m(x + a(x)),                a(x) = Attn(LN1(x)),  m(y) = MLP(LN2(y))
     decoder block:  h(x) = a(x) + c(y) + m(y + c(y)),  y = x + a(x),  c(y) = CrossAttn(LN2(y), enc)

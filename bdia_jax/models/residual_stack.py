@@ -29,12 +29,11 @@ from bdia_jax import fixed_point
 from bdia_jax.engine import StackStats, apply_stack
 from bdia_jax.methods import (
     BDIA,
-    FLAT_METHOD_FIELDS,
+    METHOD_KEYWORDS,
     Backprop,
-    Reversible,
-    StackMethod,
     Update,
-    method_overrides,
+    default_backprop,
+    parse_method,
 )
 from bdia_jax.models.layers import ReversalProbe
 
@@ -55,19 +54,21 @@ def named_config(config_cls, variants: dict[str, dict], name: str, overrides: di
     """``config_cls(**variants[name], **overrides)`` for the models' ``*_config(name, ...)``.
 
     The method may be given as objects (update=BDIA(...), backprop=Reversible(...)) or as
-    flat keywords (update="standard", backprop="remat", gamma=..., frac_bits=...,
-    recompute=...), which ``bdia_jax.methods.method_overrides`` turns into objects.
+    the keywords of ``bdia_jax.parse_method`` (update="standard", backprop="remat",
+    gamma=..., frac_bits=..., recompute=...), which it turns into objects.
     """
     kind = config_cls.__name__.removesuffix("Config")
     if name not in variants:
         raise ValueError(f"unknown {kind} variant {name!r}; choose one of {sorted(variants)}.")
-    fields = {f.name for f in dataclasses.fields(config_cls)} | set(FLAT_METHOD_FIELDS)
+    fields = {f.name for f in dataclasses.fields(config_cls)} | set(METHOD_KEYWORDS)
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(
             f"unknown {config_cls.__name__} fields {sorted(unknown)}; valid: {sorted(fields)}."
         )
-    return config_cls(**{**variants[name], **method_overrides(overrides)})
+    method = {k: overrides[k] for k in METHOD_KEYWORDS if k in overrides}
+    rest = {k: v for k, v in overrides.items() if k not in method}
+    return config_cls(**{**variants[name], **rest, **(parse_method(**method) if method else {})})
 
 
 class ResidualStack(nnx.Module):
@@ -78,9 +79,10 @@ class ResidualStack(nnx.Module):
         create all K blocks with a leading [depth] axis on every parameter.
       depth: K ≥ 1.
       update: ``Standard()`` | ``BDIA(gamma, frac_bits, quantize_at_inference)``.
-      backprop: ``Autodiff()`` | ``Remat()`` | ``Reversible(recompute, probe)``, or None
-        for ``bdia_jax.default_backprop(update)``. The pair is checked here
-        (``StackMethod``): Standard + Reversible raises.
+      backprop: ``Autodiff()`` | ``Remat()`` | ``Reversible(recompute, reversal_probe)``,
+        or None for ``bdia_jax.methods.default_backprop(update)``. Passed on unchanged: the
+        pair is checked where it is defined, by a model config (``StackMethod``) or, for a
+        stack built directly, by ``apply_stack`` when it first runs.
       rngs: parameter initialisation.
     """
 
@@ -88,10 +90,9 @@ class ResidualStack(nnx.Module):
                  update: Update = BDIA(), backprop: Backprop | None = None, rngs: nnx.Rngs):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
-        method = StackMethod(update=update, backprop=backprop)
         self.depth = depth
-        self.update = method.update
-        self.backprop = method.backprop
+        self.update = update
+        self.backprop = default_backprop(update) if backprop is None else backprop
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -157,7 +158,7 @@ class ResidualStack(nnx.Module):
                 "γ signs and the dropout masks): pass key=jax.random.key(step)."
             )
         probe = None
-        if train and isinstance(self.backprop, Reversible) and self.backprop.probe:
+        if train and self.backprop.reversal_probe:
             probe = self.reversal_probe[...]
         return apply_stack(
             self._block_fn(graphdef), params, x, update=self.update, backprop=self.backprop,

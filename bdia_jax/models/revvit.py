@@ -15,9 +15,10 @@ with the parameters of an ordinary ViT block; only the final LayerNorm and the h
 twice as wide. The authors' model has no class token (``pool="mean"``, the default here);
 ``pool="cls"`` prepends one to both streams and reads it after the fusion.
 
-Gradient (``backprop``): "reversible" rebuilds each block's inputs from its outputs in the
-backward pass (``bdia_jax.revnet``), keeping only the final two streams; "autodiff"
-differentiates the same two-stream forward with stored activations (the oracle). The
+Gradient (``backprop``, the method objects of ``bdia_jax.methods``): ``Reversible`` rebuilds
+each block's inputs from its outputs in the backward pass (``bdia_jax.revnet``), keeping only
+the final two streams; ``Autodiff`` differentiates the same two-stream forward with stored
+activations (the oracle); ``Remat`` recomputes each block. The
 reversal is exact in real arithmetic but **not in floating point**: its error is measured by
 the model's ``ReversalProbe`` (``model.stack.reversal_probe``), whose gradient is
 max |rebuilt - forward| of the stack's input streams, read by a trainer like the BDIA probe.
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax import revnet
+from bdia_jax.methods import Autodiff, Backprop, Reversible, parse_method
 from bdia_jax.models.attention import dropout_threshold
 from bdia_jax.models.layers import (
     MLP,
@@ -68,9 +70,10 @@ class RevViTConfig:
     attention_dropout: float = 0.1  # dropout on attention probabilities
     pool: Literal["cls", "mean"] = "mean"  # class token, or mean over tokens
     channels: int = 3  # input channels (C in [batch, H, W, C])
-    # "reversible": rebuild states from the outputs (activation memory constant in depth;
-    # inexact in floating point, measured by the probe); "autodiff": stored activations.
-    backprop: Literal["reversible", "autodiff"] = "reversible"
+    # Reversible(): rebuild states from the outputs (activation memory constant in depth;
+    # inexact in floating point, measured by the probe), each sub-block's output from its
+    # VJP ("shared", as the authors' code); Autodiff(): stored activations; Remat().
+    backprop: Backprop = Reversible(recompute="shared")
     compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
 
     def __post_init__(self):
@@ -87,20 +90,30 @@ class RevViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+# The method keywords of revvit_config (``bdia_jax.parse_method``'s, with update=None: RevViT
+# has its own update).
+METHOD_KEYWORDS = ("backprop", "recompute", "reversal_probe")
+
+
 def revvit_config(name: str, **overrides) -> RevViTConfig:
     """A RevViT of the size of the named ViT variant (``VIT_VARIANTS``: "tiny", "small",
-    "paper"), with field overrides."""
+    "paper"), with field overrides; the method as an object (backprop=Reversible(...)) or as
+    ``parse_method``'s keywords (backprop="reversible", recompute="shared")."""
     if name not in VIT_VARIANTS:
         raise ValueError(
             f"unknown RevViT variant {name!r}; choose one of {sorted(VIT_VARIANTS)}."
         )
-    fields = {f.name for f in dataclasses.fields(RevViTConfig)}
+    fields = {f.name for f in dataclasses.fields(RevViTConfig)} | set(METHOD_KEYWORDS)
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(
             f"unknown RevViTConfig fields {sorted(unknown)}; valid: {sorted(fields)}."
         )
-    return RevViTConfig(**{**VIT_VARIANTS[name], **overrides})
+    method = {k: overrides[k] for k in METHOD_KEYWORDS if k in overrides}
+    rest = {k: v for k, v in overrides.items() if k not in method}
+    if method:
+        rest.update(parse_method(update=None, **method))
+    return RevViTConfig(**{**VIT_VARIANTS[name], **rest})
 
 
 class RevBlock(nnx.Module):
@@ -138,15 +151,15 @@ class TwoStreamStack(nnx.Module):
       make_block: ``make_block(rngs) -> module`` with ``attention_branch(x, key)`` (F) and
         ``mlp_branch(y, key)`` (G), holding only ``nnx.Param`` state.
       depth: K >= 1.
-      backprop: "reversible" | "autodiff" (see ``bdia_jax.revnet.revnet_stack``).
+      backprop: ``Reversible(...)`` | ``Autodiff()`` | ``Remat()`` (see
+        ``bdia_jax.revnet.revnet_stack``), the training pass's method.
       rngs: parameter initialisation.
     """
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *,
-                 backprop: str = "reversible", rngs: nnx.Rngs):
+                 backprop: Backprop = Reversible(recompute="shared"), rngs: nnx.Rngs):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
-        revnet.check_backprop(backprop)
         self.depth = depth
         self.backprop = backprop
 
@@ -187,11 +200,10 @@ class TwoStreamStack(nnx.Module):
         Returns ((y1, y2), max_abs float32 scalar: largest |stream value|).
         """
         f_fn, g_fn, params = self.sub_block_fns()
-        reversible = train and self.backprop == "reversible"
+        backprop = self.backprop if train else Autodiff()
         return revnet.revnet_stack(
-            f_fn, g_fn, params, x1, x2, key=key if train else None,
-            backprop="reversible" if reversible else "autodiff",
-            reversal_probe=self.reversal_probe[...] if reversible else None,
+            f_fn, g_fn, params, x1, x2, key=key if train else None, backprop=backprop,
+            reversal_probe=self.reversal_probe[...] if backprop.reversal_probe else None,
         )
 
 

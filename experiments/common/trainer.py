@@ -11,7 +11,7 @@ The trainer does everything else, the same way for every experiment:
 * the models of a run: ``config.mode`` is "compare" (every name of ``config.models``, in
   order), a mode of the task's ``mode_models`` (its list of names, e.g. vit_cifar's
   "table1"), or one name of ``config.methods``; each entry of ``config.methods`` holds the
-  flat keywords of ``bdia_jax.method_from_flat``, or ``architecture=<name>`` and that
+  keywords of ``bdia_jax.parse_method``, or ``architecture=<name>`` and that
   architecture's own method fields (``Task.architectures``, e.g. RevViT);
 * the seeds: ``config.seeds`` empty trains ``config.seed`` in ``workdir``; else every seed
   in its own ``workdir/seed_<s>/`` (a complete, separately resumable run) and the summary
@@ -81,33 +81,36 @@ LOOP_KINDS = ("train", "eval")
 
 
 def method_fields(method: Mapping[str, Any]) -> dict:
-    """The ``update`` / ``backprop`` objects of a model config from the flat keywords of
-    ``bdia_jax.method_from_flat`` (which validates them: ValueError/TypeError naming the
-    fix)."""
-    update, backprop = bdia_jax.method_from_flat(**method)
-    return {"update": update, "backprop": backprop}
+    """The ``update`` / ``backprop`` objects of a model config from the keywords of
+    ``bdia_jax.parse_method`` (an architecture entry's: only ``backprop`` and its fields,
+    the architecture has its own update). The objects validate their fields; the model
+    config checks the pair."""
+    method = dict(method)
+    if method.pop("architecture", None) is not None:
+        return bdia_jax.parse_method(update=None, **method)
+    return bdia_jax.parse_method(**method)
 
 
 def backprop_name(model_config) -> str:
-    """"reversible", "autodiff" or "remat": how ``model_config``'s stack is differentiated
-    (a method object, or an architecture's own string such as RevViT's)."""
-    backprop = model_config.backprop
-    return backprop if isinstance(backprop, str) else type(backprop).__name__.lower()
+    """"reversible", "autodiff" or "remat": how ``model_config``'s stack is differentiated."""
+    return type(model_config.backprop).__name__.lower()
 
 
 def is_reversible(model_config) -> bool:
-    return isinstance(model_config.backprop, bdia_jax.Reversible)
+    """BDIA's exact reversal: a Reversible method on a model with a BDIA update."""
+    return (isinstance(model_config.backprop, bdia_jax.Reversible)
+            and isinstance(getattr(model_config, "update", None), bdia_jax.BDIA))
 
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """A model a task trains besides its own (``config.methods.<name>.architecture``).
 
-    config_class(**config.model fields it has, **the entry's other keys) builds its config
-    (``backprop`` among them: "reversible" | "autodiff"); model_class(config, rngs=...)
-    the model, with the call and aux of the task's model. Its reversal (``backprop`` =
-    "reversible") is exact only in real arithmetic: the probe's error is reported, never
-    warned about.
+    config_class(**config.model fields it has, **method_fields(the entry)) builds its
+    config (``backprop``: a method object parsed from "reversible" | "autodiff" | "remat"
+    and its fields); model_class(config, rngs=...) the model, with the call and aux of the
+    task's model. Its reversal (``Reversible``) is exact only in real arithmetic: the
+    probe's error is reported, never warned about.
     """
 
     config_class: type
@@ -156,8 +159,7 @@ def build_model_config(task: Task, config, method: Mapping[str, Any], data):
             raise ValueError(f"{arch.config_class.__name__} has no field {field!r}: keep "
                              f"--config.model.{field}={defaults[field]!r} to train it.")
     fields = {k: v for k, v in model_fields.items() if k in own}
-    extra = {k: v for k, v in method.items() if k != "architecture"}
-    return arch.config_class(**fields, **extra), arch.model_class
+    return arch.config_class(**fields, **method_fields(method)), arch.model_class
 
 
 def reversal_kind(model_config) -> str | None:
@@ -166,7 +168,8 @@ def reversal_kind(model_config) -> str | None:
     None (no reversal: autodiff or remat)."""
     if is_reversible(model_config):
         return "exact"
-    return "floating-point" if model_config.backprop == "reversible" else None
+    return ("floating-point" if isinstance(model_config.backprop, bdia_jax.Reversible)
+            else None)
 
 
 # --------------------------------------------------------------------------- the task
@@ -389,8 +392,8 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     for name in names:
         method = config.methods[name].to_dict()
         try:
-            arch = _architecture(task, method)
-            methods[name] = method if arch is not None else method_fields(method)
+            _architecture(task, method)
+            methods[name] = method_fields(method)
         except (TypeError, ValueError) as error:
             checks.require(False, f"methods.{name}", str(error).splitlines()[0])
     before = len(checks.problems)

@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mode = "compare"
     c.models = ("standard", "bdia")  # the models of "compare" mode: names of `methods` entries
 
-    # --- how each model trains: the keywords of bdia_jax.method_from_flat.
+    # --- how each model trains: the keywords of bdia_jax.parse_method (the one parser).
     # update: "standard" (x_{k+1} = x_k + h_k) or "bdia" (x_{k+1} = γ x_{k-1} + (1-γ) x_k
     #   + (1+γ) h_k with γ = ±gamma); gamma: |γ|; frac_bits: l of the fixed-point grid
     #   δ = 2**-l (the paper: 9); quantize_at_inference: BDIA inference keeps the stream on

@@ -34,8 +34,9 @@ GAMMA_ABLATION = {"bdia_g000": 0.0, "bdia_g025": 0.25, "bdia_g050": 0.5, "bdia_g
 def _base() -> ml_collections.ConfigDict:
     c = common.base_config()  # preset, seed, mode, models, methods, mesh, distributed
     # RevViT (bdia_jax.models.RevViTConfig) with the config.model fields it shares with the
-    # ViT; backprop "reversible" (rebuilt in floating point) or "autodiff".
-    c.methods.revvit = dict(architecture="revvit", backprop="reversible")
+    # ViT; backprop "reversible" (rebuilt in floating point; recompute "shared": each
+    # sub-block's output from its VJP, as the authors' code) or "autodiff" / "remat".
+    c.methods.revvit = dict(architecture="revvit", backprop="reversible", recompute="shared")
     for name, gamma in GAMMA_ABLATION.items():
         c.methods[name] = dict(update="bdia", gamma=gamma, frac_bits=None, backprop="autodiff")
 
