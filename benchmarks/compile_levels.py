@@ -2,8 +2,8 @@
 XLA (``--xla_backend_optimization_level``), each level in its own process (XLA reads its
 flags once): the measurement behind the test suite's -O1 (tests/conftest.py).
 
-    python -m experiments.compile_levels            # levels default, 2, 1, 0
-    python -m experiments.compile_levels --levels 1,0 --extra_flags=--xla_cpu_use_fusion_emitters=false
+    python -m benchmarks.compile_levels            # levels default, 2, 1, 0
+    python -m benchmarks.compile_levels --levels 1,0 --extra_flags=--xla_cpu_use_fusion_emitters=false
 
 Per level: the seconds to compile device_check's small ViT train step (BDIA, reversible,
 recompute="shared"), twice; its reversal probe (0.0: exact); and the round trip of the
@@ -31,7 +31,7 @@ def measure() -> dict:
 
     import bdia_jax
     from bdia_jax.testing import init_mlp, make_tanh_block
-    from experiments import device_check
+    from benchmarks import device_check
 
     spec = device_check.exactness_specs(["vit/shared/float32"])["vit/shared/float32"]
     compile_s, probe = [], None
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             flags += f" --xla_backend_optimization_level={level}"
         flags += f" {args.extra_flags}"
         env["XLA_FLAGS"] = flags.strip()
-        out = subprocess.run([sys.executable, "-m", "experiments.compile_levels", "--worker"],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.compile_levels", "--worker"],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
         results[level] = json.loads(out.stdout.strip().splitlines()[-1])
     print("| level | compile (s), 1st / 2nd | probe | forward programs differ in |")

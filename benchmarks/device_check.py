@@ -1,8 +1,8 @@
 """The accelerator check: exactness, Table 1's memory, step time and the largest batch, in
 one command.
 
-    python -m experiments.device_check                   # on a GPU/TPU: under 4 minutes
-    python -m experiments.device_check --small           # CPU, reduced sizes (the test)
+    python -m benchmarks.device_check                   # on a GPU/TPU: under 4 minutes
+    python -m benchmarks.device_check --small           # CPU, reduced sizes (the test)
 
 Writes ``device_check.json`` and ``device_check.md`` to ``--out_dir`` (rewritten after every
 section, so a run cut short keeps what it found). Sections, in this order:
@@ -26,7 +26,7 @@ section, so a run cut short keeps what it found). Sections, in this order:
 * ``step_time``: BDIA reversible (``recompute="shared"``, ``max_batch.METHODS``), standard
   per-block remat and standard autodiff ViT train steps, interleaved round-robin in one process; median seconds per step and the ratio to
   remat.
-* ``max_batch``: ``experiments.max_batch`` (GPT-2 medium size, compile-only search) with the
+* ``max_batch``: ``benchmarks.max_batch`` (GPT-2 medium size, compile-only search) with the
   budget = the device's ``memory_stats()["bytes_limit"]``; ``--small``: its small preset.
 
 Every section and every case runs in its own try/except (the error goes into the JSON and
@@ -64,7 +64,7 @@ from bdia_jax.models import (
     seq2seq_config,
     vit_config,
 )
-from experiments import max_batch
+from benchmarks import max_batch
 from experiments.common.memory import compiled_memory, device_memory
 from experiments.common.train_step import adamw, make_train_step, split_model
 
@@ -243,7 +243,7 @@ def run_worker(kind: str, spec: dict, preset_name: str, timeout: float,
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra_xla_flags}".strip()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        command = [sys.executable, "-m", "experiments.device_check", "--worker", kind,
+        command = [sys.executable, "-m", "benchmarks.device_check", "--worker", kind,
                    "--worker_spec", json.dumps(spec), "--worker_out", out]
         if preset_name == "small":
             command.append("--small")
@@ -485,7 +485,7 @@ def largest_batch(args, preset: dict, budget: TimeBudget) -> dict:
         source = "memory_stats() bytes_limit"
     else:
         raise RuntimeError("this device reports no memory_stats()['bytes_limit']; run "
-                           "experiments.max_batch with --budget_gib instead.")
+                           "benchmarks.max_batch with --budget_gib instead.")
     argv += ["--attention", args.max_batch_attention]
     merged = {"budget_source": source, "searches": {}, "table": {}, "skipped_methods": []}
     methods, last_search_s = [], 0.0
@@ -592,7 +592,7 @@ def markdown(results: dict) -> str:
                          " |")
         lines.append("")
     section = results.get("max_batch", {})
-    lines += ["## Largest batch (compile-only, experiments.max_batch)", ""]
+    lines += ["## Largest batch (compile-only, benchmarks.max_batch)", ""]
     if status(section):
         lines += [status(section), ""]
     else:
@@ -675,7 +675,7 @@ def main(argv=None) -> dict:
     start = time.monotonic()
     budget = TimeBudget(args.time_budget_s)
     results = {"preset": args.preset, "time_budget_s": args.time_budget_s,
-               "command": "python -m experiments.device_check " + " ".join(argv or sys.argv[1:])}
+               "command": "python -m benchmarks.device_check " + " ".join(argv or sys.argv[1:])}
     try:
         results["environment"] = environment()
     except Exception as exc:  # noqa: BLE001

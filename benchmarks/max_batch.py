@@ -1,8 +1,8 @@
 """The largest global batch whose compiled GPT train step fits a memory budget.
 
-    python -m experiments.max_batch                              # GPT-2 medium, 16 and 80 GiB
-    python -m experiments.max_batch --small --budget_gib 0.05,0.1   # seconds (the test)
-    python -m experiments.max_batch --loss_chunk 128   # the head and loss in 128-token chunks
+    python -m benchmarks.max_batch                              # GPT-2 medium, 16 and 80 GiB
+    python -m benchmarks.max_batch --small --budget_gib 0.05,0.1   # seconds (the test)
+    python -m benchmarks.max_batch --loss_chunk 128   # the head and loss in 128-token chunks
 
 For each gradient method (standard autodiff, standard per-block remat, BDIA reversible) and
 each attention option (``--attention``; "cudnn" only where it runs) it searches the batch

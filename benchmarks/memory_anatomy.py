@@ -1,10 +1,10 @@
 """Where the compiled memory of the BDIA-ViT train step goes, beside its analytic floor.
 
-    python -m experiments.memory_anatomy                  # paper size: depth 6, width 512, batch 128
-    python -m experiments.memory_anatomy --depth 24       # the same width, 24 blocks
-    python -m experiments.memory_anatomy --small          # seconds (the test)
+    python -m benchmarks.memory_anatomy                  # paper size: depth 6, width 512, batch 128
+    python -m benchmarks.memory_anatomy --depth 24       # the same width, 24 blocks
+    python -m benchmarks.memory_anatomy --small          # seconds (the test)
 
-The step is the one ``experiments.train_step_memory`` compiles: vit_cifar's loss (augmentation,
+The step is the one ``benchmarks.train_step_memory`` compiles: vit_cifar's loss (augmentation,
 label smoothing) and AdamW update, one device, the state donated. For every variant it
 compiles the step on abstract inputs with XLA's dumps on and reads the buffers live at the
 peak from the buffer assignment's live-range report (``*-live-range.txt``, "Live ranges at N

@@ -1,7 +1,7 @@
 """Memory and speed of the gradient methods, side by side in one run.
 
-    python -m experiments.memory_benchmark                      # CPU-sized defaults
-    python -m experiments.memory_benchmark --depths 6,12,24,48,96 --batches 8,16 \
+    python -m benchmarks.memory_benchmark                      # CPU-sized defaults
+    python -m benchmarks.memory_benchmark --depths 6,12,24,48,96 --batches 8,16 \
         --seq 65 --dim 512 --hidden 512 --heads 8 --workdir runs/memory_benchmark
 
 For every method and every (depth, batch) it compiles the full value-and-grad step of a pre-LN

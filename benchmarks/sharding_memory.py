@@ -1,7 +1,7 @@
 """Per-device compiled memory of the gradient step at 1, 2, 4, 8 devices (DP and FSDP).
 
-    python -m experiments.sharding_memory                  # forced CPU host devices
-    python -m experiments.sharding_memory --devices 1,2,4,8 --depth 24 --batch 32
+    python -m benchmarks.sharding_memory                  # forced CPU host devices
+    python -m benchmarks.sharding_memory --devices 1,2,4,8 --depth 24 --batch 32
 
 Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
 the devices are forced with ``--xla_force_host_platform_device_count``). The global batch is
@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 
-from experiments.common.host_devices import host_devices, measure
+from benchmarks.host_devices import host_devices, measure
 from experiments.common.memory import add_stack_size_args
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32, help="global batch (divisible)")
     add_stack_size_args(parser)
     parser.add_argument("--workdir", default="runs/sharding_memory", help="output folder")
-    args, rows = measure("experiments.sharding_memory", parser, worker,
+    args, rows = measure("benchmarks.sharding_memory", parser, worker,
                          ("depth", "batch", "seq", "dim", "hidden", "heads"), argv)
     if rows is None:  # a worker
         return None

@@ -1,9 +1,9 @@
 """Per-device compiled memory of an experiment's full train step (model, loss, gradients,
 optimizer update) at 1, 2, 4, 8 devices, with data parallelism and with FSDP.
 
-    python -m experiments.train_step_memory                     # vit_cifar quick, CPU devices
-    python -m experiments.train_step_memory --preset paper --devices 1,8 --models bdia
-    python -m experiments.train_step_memory --experiment lm --preset full --devices 1 --layouts dp
+    python -m benchmarks.train_step_memory                     # vit_cifar quick, CPU devices
+    python -m benchmarks.train_step_memory --preset paper --devices 1,8 --models bdia
+    python -m benchmarks.train_step_memory --experiment lm --preset full --devices 1 --layouts dp
 
 Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
 the devices are forced with ``--xla_force_host_platform_device_count``). The step is only
@@ -14,7 +14,7 @@ devices are added; with ``fsdp`` (``mesh.fsdp`` = all devices) the parameters, g
 Adam moments are stored sharded too (the step all-gathers the weights at its start, as the
 trainer does). Figures: XLA's ``memory_analysis()`` per device — arguments (state + batch),
 temporaries (activations and scratch) and peak = arguments + outputs + temporaries - aliased.
-See ``experiments/sharding_memory.py`` for the same at the engine level.
+See ``benchmarks/sharding_memory.py`` for the same at the engine level.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 
-from experiments.common.host_devices import host_devices, measure
+from benchmarks.host_devices import host_devices, measure
 
 EXPERIMENTS = ("vit_cifar", "lm", "translation")
 
@@ -94,7 +94,7 @@ def main(argv=None):
                         help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
     parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
-    args, rows = measure("experiments.train_step_memory", parser, worker,
+    args, rows = measure("benchmarks.train_step_memory", parser, worker,
                          ("experiment", "preset", "batch", "models", "layouts"), argv)
     if rows is None:  # a worker
         return None

@@ -27,9 +27,9 @@ from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.lm import PRESETS
-from experiments.text import char_lm
-from experiments.text.losses import lm_nll_sums, token_losses
-from experiments.text.parallel import TextDataError
+from experiments.data.text import char_lm
+from experiments.data.text.losses import lm_nll_sums, token_losses
+from experiments.data.text.parallel import TextDataError
 
 
 def mean_loss(step, state, windows, batch_size: int, mesh) -> float:

@@ -11,10 +11,11 @@ from flax import nnx
 
 from bdia_jax.chunked_loss import chunked_cross_entropy, chunked_token_losses
 from bdia_jax.models import GPT, gpt_config
-from experiments import lm, max_batch
+from benchmarks import max_batch
+from experiments import lm
 from experiments.common.config import ConfigError
 from experiments.configs.lm import get_config
-from experiments.text.losses import token_losses
+from experiments.data.text.losses import token_losses
 
 
 def full_cross_entropy(hidden, embedding, targets):

@@ -1,4 +1,4 @@
-"""experiments.device_check --small: every section on the CPU, its JSON and markdown; and the
+"""benchmarks.device_check --small: every section on the CPU, its JSON and markdown; and the
 subprocess rerun with the deterministic-ops flag that a non-zero GPU probe triggers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import TEST_XLA_FLAG
 
-from experiments import device_check
+from benchmarks import device_check
 
 
 @pytest.mark.slow
@@ -101,7 +101,7 @@ def test_memory_runs_one_process_per_model_where_memory_stats_exist(monkeypatch)
 def test_largest_batch_on_a_device_keeps_the_presets_flags(monkeypatch):
     """The accelerator path of the max-batch section, on the CPU: the budget comes from a
     stand-in memory_stats(), and the full preset's own flags (the README's --loss_chunk 32)
-    reach experiments.max_batch with it. The search itself is stubbed (tests/test_max_batch.py
+    reach benchmarks.max_batch with it. The search itself is stubbed (tests/test_max_batch.py
     runs it)."""
     monkeypatch.setattr(device_check, "device_memory", lambda: {"bytes_limit": 80 * 2**30})
     seen = []

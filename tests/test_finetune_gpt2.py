@@ -18,7 +18,7 @@ from experiments.common import sharding
 from experiments.common import train_state as ts
 from experiments.common.trainer import method_fields
 from experiments.configs.finetune_gpt2 import get_config
-from experiments.text import e2e
+from experiments.data.text import e2e
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

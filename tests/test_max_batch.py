@@ -1,4 +1,4 @@
-"""experiments.max_batch: the batch search, and one compile-only run at a tiny size."""
+"""benchmarks.max_batch: the batch search, and one compile-only run at a tiny size."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import max_batch
+from benchmarks import max_batch
 
 CURVES = {  # peak bytes at batch b: growing, near-affine like compiled peaks
     "affine": lambda b: 100 + 10 * b,

@@ -1,11 +1,11 @@
-"""experiments.sharding_memory end to end at toy sizes: one worker process per device
+"""benchmarks.sharding_memory end to end at toy sizes: one worker process per device
 count, the size flags forwarded to it, and the reversal exact on every layout."""
 
 from __future__ import annotations
 
 import json
 
-from experiments import sharding_memory
+from benchmarks import sharding_memory
 
 
 def test_one_worker_per_device_count_with_the_size_flags(tmp_path):

@@ -1,7 +1,7 @@
 """One AdamW train step for any model of ``bdia_jax.models``, with its reversal probe read.
 
 Used by the benchmarks that compile or time a step without the trainer
-(``experiments.max_batch``, ``experiments.device_check``): the model is split into its
+(``benchmarks.max_batch``, ``benchmarks.device_check``): the model is split into its
 ``nnx.Param`` state and its ``ReversalProbe`` state, the loss is differentiated with respect
 to both, and the probe gradients are summed into the step's reversal error (0.0 when the
 BDIA reversal is bit-exact; RevViT's is its floating-point reconstruction error).
