@@ -100,6 +100,7 @@ def compile_step(args, update: str, dropout: float):
     from flax import nnx
 
     from experiments import vit_cifar
+    from bdia_jax import training
     from experiments.common import train_state as ts
     from experiments.common import trainer
     from experiments.configs.vit_cifar import get_config
@@ -112,14 +113,14 @@ def compile_step(args, update: str, dropout: float):
     vit_cfg, model_class = trainer.build_model_config(
         task, config, config.methods[update].to_dict(), None)
     optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-    graphdef = ts.split_model(nnx.eval_shape(lambda: model_class(vit_cfg, rngs=nnx.Rngs(0))))[0]
-    state = jax.eval_shape(lambda: ts.create_train_state(
+    graphdef = training.split(nnx.eval_shape(lambda: model_class(vit_cfg, rngs=nnx.Rngs(0))))[0]
+    state = jax.eval_shape(lambda: training.init(
         model_class(vit_cfg, rngs=nnx.Rngs(0)), optimizer, jax.random.PRNGKey(0))[1])
     size = config.model.image_size
     batch = {"image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
-    step = ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                              schedule=schedule)
+    step = training.make_train_step(graphdef, task.loss_fn(config), optimizer,
+                                    schedule=schedule)
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     return compiled, state, config
 

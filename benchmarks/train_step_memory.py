@@ -37,6 +37,7 @@ def worker(num_devices: int, args) -> dict:
     from flax import nnx
 
     from experiments.common import memory, sharding, trainer
+    from bdia_jax import training
     from experiments.common import train_state as ts
 
     task = importlib.import_module(f"experiments.{args.experiment}").TASK
@@ -65,16 +66,16 @@ def worker(num_devices: int, args) -> dict:
                 task, config, config.methods[name].to_dict(), None)
             model_cfg = dataclasses.replace(model_cfg, **data_fields)
             optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-            graphdef, state = ts.create_train_state(model_class(model_cfg, rngs=nnx.Rngs(0)),
-                                                    optimizer, jax.random.PRNGKey(0))
+            graphdef, state = training.init(model_class(model_cfg, rngs=nnx.Rngs(0)),
+                                            optimizer, jax.random.PRNGKey(0))
             shardings = sharding.train_state_shardings(state, mesh)
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                 shardings)
             compiled = ts.compile_train_step(
-                ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                                   schedule=schedule,
-                                   gather_params=sharding.gather_sharding(mesh)),
+                training.make_train_step(graphdef, task.loss_fn(config), optimizer,
+                                         schedule=schedule,
+                                         gather_params=sharding.gather_sharding(mesh)),
                 abstract, batch, state_sharding=shardings, batch_sharding=batch_sharding,
                 metrics_sharding=sharding.replicated_sharding(mesh))
             out["results"][f"{layout}/{name}"] = {

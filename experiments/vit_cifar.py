@@ -25,10 +25,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bdia_jax import training
 from bdia_jax.models import RevViT, RevViTConfig, ViT, ViTConfig
 from experiments.data import cifar
 from experiments.common import data_checks, plots, sharding, trainer
-from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.vit_cifar import GAMMA_ABLATION, PRESETS
 
@@ -163,7 +163,7 @@ class ViTCifar(trainer.Task):
         sweep = {"gammas": [], "accuracy": [], "num_examples": 0}
         if gammas and "architecture" not in run.method:  # RevViT: no inference γ
             sweep_cfg = sweep_config_for(run.model_config, run.method.get("update"))
-            graphdef = run.graphdef if sweep_cfg == run.model_config else ts.split_model(
+            graphdef = run.graphdef if sweep_cfg == run.model_config else training.split(
                 nnx.eval_shape(lambda: ViT(sweep_cfg, rngs=nnx.Rngs(run.seed))))[0]
             step = trainer.model_step(run, cifar.eval_sums, graphdef=graphdef)
             n = e.sweep_num_examples or len(test)

@@ -275,7 +275,7 @@ def train_state_shardings(state, mesh: Mesh):
 
 def gather_sharding(mesh: Mesh) -> NamedSharding | None:
     """What the train step constrains the parameters to at its start (see
-    ``train_state.make_train_step(gather_params=...)``): replicated under FSDP, so the
+    ``bdia_jax.training.make_train_step(gather_params=...)``): replicated under FSDP, so the
     weights are all-gathered once per step and the activations keep their batch sharding;
     None (no constraint) with replicated parameters."""
     return replicated_sharding(mesh) if fsdp_size(mesh) > 1 else None
