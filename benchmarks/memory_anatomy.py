@@ -19,7 +19,7 @@ block's VJP compiled alone at the same batch).
 
 Variants (``--variants``): ``trained`` (the paper's dropout 0.1, JAX's default threefry keys),
 ``no_dropout`` (dropout 0), ``rbg`` (dropout 0.1 with ``jax_default_prng_impl="rbg"``: XLA's
-RngBitGenerator instead of threefry). Writes ``--out`` (JSON) and prints markdown tables.
+RngBitGenerator instead of threefry). Writes ``memory_anatomy.json`` to ``--out_dir`` and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def compile_step(args, update: str, dropout: float):
     import jax.numpy as jnp
     from flax import nnx
 
-    from experiments import vit_cifar
     from bdia_jax import training
+    from experiments import vit_cifar
     from experiments.common import train_state as ts
     from experiments.common import trainer
     from experiments.configs.vit_cifar import get_config
@@ -162,7 +162,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=",".join(VARIANTS))
     parser.add_argument("--models", default="bdia,standard", help="bdia and/or standard")
     parser.add_argument("--top", type=int, default=12, help="largest op_name groups listed")
-    parser.add_argument("--out", default="runs/memory_anatomy/memory_anatomy.json")
+    parser.add_argument("--out_dir", default="runs/memory_anatomy",
+                        help="output folder (memory_anatomy.json)")
     parser.add_argument("--keep_dump", action="store_true", help="keep XLA's dump folder")
     args = parser.parse_args(argv)
     if args.small:
@@ -221,14 +222,15 @@ def main(argv=None) -> dict:
     results["floor_bytes"] = floor
     results["markdown"] = markdown(results, floor)
     print("\n" + results["markdown"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "memory_anatomy.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     if args.keep_dump:
         print(f"XLA dumps in {dump_dir}")
     else:
         shutil.rmtree(dump_dir, ignore_errors=True)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
     return results
 
 

@@ -22,7 +22,7 @@ import json
 import os
 
 from benchmarks.host_devices import host_devices, measure
-from experiments.common.memory import add_stack_size_args
+from benchmarks.registry import STACK_METHODS, add_stack_size_args
 
 
 def worker(num_devices: int, args) -> dict:
@@ -39,8 +39,8 @@ def worker(num_devices: int, args) -> dict:
     params = init_attn_mlp(jax.random.PRNGKey(1), args.depth, args.dim, args.hidden)
     x = jax.random.normal(jax.random.PRNGKey(2), (args.batch, args.seq, args.dim))
     key = jax.random.PRNGKey(0)
-    methods = {"standard": ("standard", "autodiff"), "bdia_remat": ("bdia", "remat"),
-               "bdia_reversible": ("bdia", "reversible")}
+    methods = {name: STACK_METHODS[name][1:3]
+               for name in ("standard", "bdia_remat", "bdia_reversible")}
     out = {"devices": num_devices, "results": {}}
     for layout in ("dp", "fsdp"):
         # The trainer's layouts (experiments.common.sharding): the batch over every device;
@@ -76,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=24, help="blocks")
     parser.add_argument("--batch", type=int, default=32, help="global batch (divisible)")
     add_stack_size_args(parser)
-    parser.add_argument("--workdir", default="runs/sharding_memory", help="output folder")
+    parser.add_argument("--out_dir", default="runs/sharding_memory", help="output folder")
     args, rows = measure("benchmarks.sharding_memory", parser, worker,
                          ("depth", "batch", "seq", "dim", "hidden", "heads"), argv)
     if rows is None:  # a worker
@@ -94,10 +94,10 @@ def main(argv=None):
     losses = {k: [r["results"][k]["loss"] for r in rows] for k in keys}
     print("max reversal error over device counts:", errors)
     print("loss per device count:", losses)
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "sharding_memory.json"), "w") as f:
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "sharding_memory.json"), "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=2)
-    print(f"wrote {args.workdir}/sharding_memory.json")
+    print(f"wrote {args.out_dir}/sharding_memory.json")
     return rows
 
 

@@ -36,8 +36,8 @@ def worker(num_devices: int, args) -> dict:
     import jax
     from flax import nnx
 
-    from experiments.common import memory, sharding, trainer
     from bdia_jax import training
+    from experiments.common import memory, sharding, trainer
     from experiments.common import train_state as ts
 
     task = importlib.import_module(f"experiments.{args.experiment}").TASK
@@ -94,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--models", default="standard,bdia",
                         help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
-    parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
+    parser.add_argument("--out_dir", default="runs/train_step_memory", help="output folder")
     args, rows = measure("benchmarks.train_step_memory", parser, worker,
                          ("experiment", "preset", "batch", "models", "layouts"), argv)
     if rows is None:  # a worker
@@ -112,8 +112,8 @@ def main(argv=None):
             cells.append(f"{m['argument_bytes'] / 2**20:.2f} / {m['temp_bytes'] / 2**20:.2f} / "
                          f"{m['peak_estimate_bytes'] / 2**20:.2f}")
         print(f"| {key} | " + " | ".join(cells) + " |")
-    os.makedirs(args.workdir, exist_ok=True)
-    path = os.path.join(args.workdir, "train_step_memory.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "train_step_memory.json")
     with open(path, "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=2)
     print(f"wrote {path}")

@@ -12,10 +12,10 @@ from benchmarks import memory_anatomy
 
 
 def test_live_buffers_add_up_to_the_compiled_peak(tmp_path):
-    out = tmp_path / "anatomy.json"
+    out = tmp_path / "memory_anatomy.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-m", "benchmarks.memory_anatomy", "--small",
-                    "--variants", "trained", "--models", "bdia", "--out", str(out)],
+                    "--variants", "trained", "--models", "bdia", "--out_dir", str(tmp_path)],
                    check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     results = json.loads(out.read_text())
     step = results["steps"]["trained/bdia"]
