@@ -35,9 +35,14 @@ import tempfile
 
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 from flax import nnx
+
+try:
+    import safetensors
+    import safetensors.numpy
+except ImportError as error:  # the optional extra
+    raise ImportError("bdia_jax.pretrained reads safetensors checkpoints: "
+                      "pip install 'bdia_jax[checkpoints]'.") from error
 
 from bdia_jax.methods import method_overrides
 from bdia_jax.models import GPT, GPTConfig, ReversalProbe
