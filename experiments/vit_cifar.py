@@ -27,10 +27,10 @@ from flax import nnx
 
 from bdia_jax import training
 from bdia_jax.models import RevViT, RevViTConfig, ViT, ViTConfig
-from experiments.data import cifar
 from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common.loop import log
 from experiments.configs.vit_cifar import GAMMA_ABLATION, PRESETS
+from experiments.data import cifar
 
 # The inference update that a standard ViT's parameters are swept in (the paper applies
 # γ to a conventionally trained model this way; at γ = 0 it is the standard transformer).

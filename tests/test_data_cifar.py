@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.data import cifar
 from experiments.common import tfds_download
+from experiments.data import cifar
 
 
 def test_load_split_under_mock_data():

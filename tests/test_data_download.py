@@ -21,10 +21,10 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.download import checksums, downloader
 from tensorflow_datasets.core.download import util as download_util
-from tensorflow_datasets.image_classification import cifar
+from tensorflow_datasets.image_classification import cifar as tfds_cifar
 
-from experiments.data import cifar
 from experiments.common import tfds_download
+from experiments.data import cifar
 from experiments.data.text import char_lm, parallel
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -107,10 +107,10 @@ def serve():
 
 def _point_cifar10_at(monkeypatch, url: str, body: bytes) -> None:
     """The real cifar10 builder, downloading ``url`` and checking it against ``body``."""
-    real_info = cifar.Cifar10._cifar_info.fget
-    monkeypatch.setattr(cifar.Cifar10, "_cifar_info",
+    real_info = tfds_cifar.Cifar10._cifar_info.fget
+    monkeypatch.setattr(tfds_cifar.Cifar10, "_cifar_info",
                         property(lambda self: real_info(self)._replace(url=url)))
-    monkeypatch.setattr(cifar.Cifar10, "url_infos", {url: checksums.UrlInfo(
+    monkeypatch.setattr(tfds_cifar.Cifar10, "url_infos", {url: checksums.UrlInfo(
         size=tfds_utils.Size(len(body)), checksum=hashlib.sha256(body).hexdigest(),
         filename=url.rsplit("/", 1)[1])})
 
@@ -233,7 +233,7 @@ def test_a_module_missing_from_the_install_says_to_install_it(monkeypatch, tmp_p
     def url_infos(cls):
         raise ModuleNotFoundError("No module named 'importlib_resources'")
 
-    monkeypatch.setattr(cifar.Cifar10, "url_infos", property(url_infos))
+    monkeypatch.setattr(tfds_cifar.Cifar10, "url_infos", property(url_infos))
     with pytest.raises(cifar.DataMissingError) as info:
         cifar.load_split("cifar10", "train", data_dir=str(tmp_path))
     _assert_one_line(info.value, "importlib_resources", "pip install -r requirements.txt")
