@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from float_bounds import U, assert_within, cross_entropy_bound, sum_bound
 
-from experiments.text.losses import lm_nll_sums, token_losses
+from experiments.data.text.losses import lm_nll_sums, token_losses
 
 
 def test_token_losses_match_optax_and_respect_the_mask():
