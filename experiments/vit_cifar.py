@@ -107,7 +107,7 @@ class ViTCifar(trainer.Task):
         # A batch larger than the training split, from the prepared dataset's metadata:
         # before any data loads or any program compiles.
         batch, wanted = config.train.batch_size, d.num_train_examples
-        size = (cifar_data.tfds_download.split_size(d.name, d.train_split, d.data_dir or None)
+        size = (cifar.tfds_download.split_size(d.name, d.train_split, d.data_dir or None)
                 if isinstance(batch, int) and isinstance(wanted, int) else None)
         if size is not None:
             used = size if wanted <= 0 else min(wanted, size)

@@ -9,7 +9,8 @@ import sys
 import pytest
 from subprocess_env import REPO, child_env
 
-from experiments import cifar_data, vit_cifar
+from experiments import vit_cifar
+from experiments.data import cifar as cifar_data
 from experiments.common import config as config_lib
 from experiments.common import sharding, tfds_download
 from experiments.configs.vit_cifar import get_config
@@ -99,7 +100,7 @@ def test_the_command_line_refuses_an_oversized_batch_at_once(tmp_path):
                                                    "tiny_shakespeare")),
                     reason="needs ../shared/tensorflow_datasets/tiny_shakespeare")
 def test_the_text_readers_name_a_damaged_file_too(tmp_path):
-    from experiments.text import char_lm
+    from experiments.data.text import char_lm
 
     shared = os.path.join(os.path.dirname(os.path.dirname(SHARED)), "tiny_shakespeare")
     version = os.listdir(shared)[0]
