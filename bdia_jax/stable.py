@@ -15,7 +15,7 @@ same sequence of roundings whatever the fusion, the batch and sequence sizes, or
 number of rows, so KV-cached decoding of one token would no longer match the full pass.)
 
 Use these in a residual branch of your own to make it eligible for ``recompute="shared"``;
-the models in ``bdia_jax.models`` use them for every LayerNorm.
+the models in ``bdia_jax.models`` use them for every LayerNorm and RMSNorm.
 """
 
 from __future__ import annotations
@@ -55,4 +55,16 @@ def tree_layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Arra
         y = y * scale
     if bias is not None:
         y = y + bias
+    return y
+
+
+def tree_rms_norm(x: jax.Array, scale: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
+    """RMSNorm over the last axis with fusion-independent statistics.
+
+    x: [..., d] float32; scale: optional [d] float32. Returns [..., d] like x.
+    Computes x * rsqrt(mean(x**2) + eps) * scale (Llama's RMSNorm, in float32).
+    """
+    y = x * jax.lax.rsqrt(mean_last_axis(x * x) + eps)
+    if scale is not None:
+        y = y * scale
     return y

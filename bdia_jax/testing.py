@@ -2,7 +2,7 @@
 
 They follow the ``block_fn(params_k, x, context, key_k) -> h`` contract of ``bdia_stack`` and
 are independent of the Flax models, so the engine can be tested and benchmarked on its own;
-their dropout is the models' (``bdia_jax.models.attention.dropout``), so both draw masks alike.
+their dropout is the models' (``bdia_jax.ops.dropout``), so both draw masks alike.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bdia_jax import stable
-from bdia_jax.models.attention import dropout as attention_dropout
+from bdia_jax.ops import dropout as attention_dropout
 
 
 def mean_layer_norm(x, eps=1e-6):

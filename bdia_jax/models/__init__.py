@@ -2,11 +2,15 @@
 (``update=Standard() | BDIA(...)``) and gradient method (``backprop=Autodiff() | Remat() |
 Reversible(...)``) are switches (``bdia_jax.methods``, re-exported here).
 
-* ``layers``:  attention, MLP, LayerNorm, encoder/decoder residual branches, KV caches.
+* ``layers``:  ``BlockConfig`` (the block settings every config shares), attention (GQA,
+  rotary positions, q/k norm), MLPs (GELU, SwiGLU), LayerNorm/RMSNorm, encoder/decoder
+  residual branches, KV caches.
 * ``residual_stack``: ``ResidualStack`` (depth-stacked parameters → ``bdia_jax.apply_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
 * ``revvit``:  ``RevViT`` / ``RevViTConfig`` / ``revvit_config`` (two-stream reversible ViT).
-* ``gpt``:     ``GPT`` / ``GPTConfig`` / ``gpt_config`` (decoder-only LM, KV cache, sampling).
+* ``decoder``: ``DecoderLM`` / ``DecoderConfig`` / ``decoder_config``: the decoder-only LM
+  (GPT-2 and the Llama family: Llama 3.x, Qwen2/3, Mistral, SmolLM2), KV cache, sampling.
+* ``gpt``:     ``GPT`` / ``GPTConfig`` / ``gpt_config``: the GPT names of ``decoder``.
 * ``seq2seq``: ``Seq2SeqTransformer`` / ``Seq2SeqConfig`` / ``seq2seq_config`` (translation).
 * ``decoding``: greedy and beam search over a KV-cached step function.
 """
@@ -21,16 +25,26 @@ from bdia_jax.methods import (
     method_from_flat,
 )
 from bdia_jax.models import decoding
+from bdia_jax.models.decoder import (
+    DECODER_VARIANTS,
+    DecoderConfig,
+    DecoderLM,
+    decoder_config,
+)
 from bdia_jax.models.gpt import GPT, GPT_VARIANTS, GPTConfig, gpt_config
 from bdia_jax.models.layers import (
     MLP,
+    BlockConfig,
     DecoderBlock,
     DecoderCache,
     EncoderBlock,
+    GatedMLP,
     KVCache,
     LayerNorm,
     MultiHeadAttention,
     ReversalProbe,
+    RMSNorm,
+    Rope,
     causal_mask,
     dot_product_attention,
     padding_mask,
@@ -48,6 +62,14 @@ from bdia_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig, vit_config
 
 __all__ = [
     "BDIA",
+    "BlockConfig",
+    "DECODER_VARIANTS",
+    "DecoderConfig",
+    "DecoderLM",
+    "GatedMLP",
+    "RMSNorm",
+    "Rope",
+    "decoder_config",
     "Autodiff",
     "LayerNorm",
     "Remat",

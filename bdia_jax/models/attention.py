@@ -4,12 +4,12 @@
   einsum for the output. It materializes the [batch, heads, q_len, k_len] probabilities
   (and keeps them for the backward pass).
 * ``"chunked"`` – ``chunked_attention``: the same function applied to blocks of
-  ``QUERY_CHUNK`` queries, with a custom VJP that keeps only q, k and v and recomputes each
+  ``chunk_size`` queries (a config field of every model), with a custom VJP that keeps only q, k and v and recomputes each
   block's probabilities in the backward pass. Only one block's [batch, heads, chunk, k_len]
   logits and probabilities live at a time, in the forward pass and in the backward pass.
-  The blocks' MLPs then also run over blocks of ``QUERY_CHUNK`` positions, with the same
-  kind of custom VJP (``layers.position_blocks``), since their [len, mlp_dim] activations
-  are the next largest. Exact attention, any backend. Each output row is computed by the very ops of
+  The blocks' MLPs can run over blocks of positions too (``BlockConfig.chunk_mlp``), with
+  the same kind of custom VJP (``bdia_jax.ops.position_blocks``), since their [len, mlp_dim]
+  activations are the next largest. Exact attention, any backend. Each output row is computed by the very ops of
   ``"xla"`` on its own query row, so the two agree to float rounding
   (tests/test_attention.py).
 * ``"cudnn"``   – ``fused_attention``: ``jax.nn.dot_product_attention(implementation=
@@ -29,8 +29,11 @@ None. Outputs [batch, heads, q_len, head_dim] in v's dtype. Dropout on the proba
 drawn from ``key`` (None: none); ``"chunked"`` draws chunk i's mask from
 ``fold_in(key, i)``, so its masks differ from ``"xla"``'s but are replayed exactly.
 
-``dropout`` (used on attention probabilities here and on residual branches by the blocks)
-lives here so that ``layers`` can import this module without a cycle.
+Grouped-query attention (fewer key/value heads than query heads) repeats each key/value
+head for its group of query heads (``repeat_kv``) before any of the three, so the three see
+ordinary multi-head attention; KV caches keep only the key/value heads.
+
+``dropout`` and the blockwise loop live in ``bdia_jax.ops`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdia_jax.ops import dropout, dropout_threshold, for_each_block, random_bytes
+
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "attend", "check_attention", "check_chunk_size",
+           "chunked_attention", "dot_product_attention", "dropout", "dropout_threshold",
+           "for_each_block", "fused_attention", "random_bytes", "repeat_kv"]
+
 ATTENTION_IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
-# Queries (and MLP positions) per block of "chunked": memory O(batch·heads·QUERY_CHUNK·k_len).
-# Read when a model is traced, so setting it before then changes the block size (the tests
-# use small blocks).
-QUERY_CHUNK = 128
 
 # Masked attention logits get this value; exp(_MASKED - max) is exactly 0.0 in float32,
 # so masked keys contribute exactly nothing (causality and padding tests check bit-equality).
@@ -67,52 +72,21 @@ def check_attention(attention: str, attention_dropout: float = 0.0,
                          "attention_dropout=0.0 or use attention='chunked'.")
 
 
-def dropout_threshold(rate: float, field: str = "dropout rate") -> int:
-    """The uint8 threshold t = round(rate * 256) of ``dropout``: it drops an element whose
-    random byte is < t, so the rate it applies is t / 256. ``field`` names it in errors."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"{field} must be in [0, 1), got {rate!r}.")
-    threshold = round(rate * 256)
-    if rate and not 0 < threshold < 256:
-        raise ValueError(f"{field} {rate} rounds to {threshold}/256 on the uint8 grid of "
-                         "dropout masks; use 0.0 or a rate in [1/256, 255/256].")
-    return threshold
+def check_chunk_size(chunk_size: int, field: str = "chunk_size") -> int:
+    """A block size of ``"chunked"`` attention or of the position-blocked MLP: an int >= 1."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{field} must be an int >= 1 (queries per block of "
+                         f"attention='chunked'), got {chunk_size!r}.")
+    return chunk_size
 
 
-def random_bytes(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """[*shape] uint8 random bytes from ``key``, four per uint32 word drawn.
-
-    Partitionable threefry draws one counter and one word per element whatever the width
-    asked for, so ``jax.random.bits(key, shape, jnp.uint8)`` costs as much as uint32 bits:
-    this draws a quarter of the words (along the last axis, so leading axes keep their
-    sharding) and splits each into its bytes.
-    """
-    shape = tuple(shape)
-    last = shape[-1] if shape else 1
-    num_words = -(-last // 4)
-    words = jax.random.bits(key, shape[:-1] + (num_words,), jnp.uint32)
-    data = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., num_words, 4]
-    data = data.reshape(data.shape[:-2] + (4 * num_words,))[..., :last]
-    return data.reshape(shape)
+def repeat_kv(kv: jax.Array, groups: int) -> jax.Array:
+    """[batch, kv_heads, len, head_dim] → [batch, kv_heads * groups, len, head_dim]: key/value
+    head j serves query heads j*groups … (j+1)*groups-1 (Hugging Face's ``repeat_kv``)."""
+    return kv if groups == 1 else jnp.repeat(kv, groups, axis=1)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout drawn from ``key``; identity when key is None or rate == 0.
 
-    x: any shape and float dtype; returns x's shape and dtype. The mask comes from one
-    random byte per element (``random_bytes``), so the rate is rounded to a multiple of
-    1/256 (``dropout_threshold``) and kept elements are scaled by the inverse of the kept
-    fraction actually drawn for, which keeps E[out] = x.
-    """
-    if key is None or rate == 0.0:
-        return x
-    threshold = dropout_threshold(rate)
-    # Bytes, not bernoulli's uint32 uniforms: a quarter of threefry's counters and bits,
-    # and the same key still replays the same mask in the backward pass. A finer grid
-    # (uint16) would double them for a rate change far below dropout's own noise.
-    keep = random_bytes(key, x.shape) >= jnp.uint8(threshold)
-    scale = 256.0 / (256 - threshold)
-    return jnp.where(keep, x * scale, jnp.zeros_like(x)).astype(x.dtype)
 
 
 def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
@@ -134,15 +108,6 @@ def _scale_queries(q):
     return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
 
-def for_each_block(length: int, chunk: int, fn, carry):
-    """``carry = fn(start, size, index, carry)`` over blocks of ``chunk`` positions of a
-    ``length`` axis: the full blocks in a ``fori_loop`` (traced start and index, size =
-    chunk), then a shorter last block, if any, once more."""
-    num_full = length // chunk
-    carry = jax.lax.fori_loop(0, num_full, lambda i, c: fn(i * chunk, chunk, i, c), carry)
-    if num_full * chunk < length:
-        carry = fn(num_full * chunk, length - num_full * chunk, num_full, carry)
-    return carry
 
 
 def _softmax_probs(q_c, k, mask_c):
@@ -236,10 +201,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
-                      chunk_size: int | None = None, checkpoint: bool = True):
+                      chunk_size: int, checkpoint: bool = True):
     """``dot_product_attention`` over blocks of ``chunk_size`` queries (``"chunked"``).
 
-    Shapes and dtypes as ``dot_product_attention``. ``chunk_size`` (None: ``QUERY_CHUNK``)
+    Shapes and dtypes as ``dot_product_attention``. ``chunk_size``
     queries per block: the q_len // chunk_size full blocks run in a loop, a shorter last
     block after it. Block i's dropout mask is drawn from ``fold_in(key, i)``.
 
@@ -251,9 +216,7 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
     False``: the same blocks, differentiated by JAX, which keeps every block's probabilities
     (the reference the tests compare the custom VJP with).
     """
-    chunk_size = QUERY_CHUNK if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    check_chunk_size(chunk_size)
     chunk = min(chunk_size, q.shape[2])
     threshold = dropout_threshold(dropout_rate) if key is not None else 0
     key_data, impl = None, None
@@ -287,14 +250,17 @@ def fused_attention(q, k, v, mask, *, implementation: str = "cudnn"):
     return out.transpose(0, 2, 1, 3)
 
 
-def attend(q, k, v, mask, *, attention: str, dropout_rate: float = 0.0, key=None):
-    """Softmax attention by the ``attention`` option (see the module docstring).
+def attend(q, k, v, mask, *, attention: str, chunk_size: int, dropout_rate: float = 0.0,
+           key=None):
+    """Softmax attention by the ``attention`` option (see the module docstring);
+    ``chunk_size``: queries per block of ``"chunked"`` (read only there).
 
-    Shapes and dtypes as ``dot_product_attention``.
+    Shapes and dtypes as ``dot_product_attention`` (k, v: as many heads as q).
     """
     check_attention(attention, dropout_rate)
     if attention == "chunked":
-        return chunked_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key)
+        return chunked_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key,
+                                 chunk_size=chunk_size)
     if attention == "cudnn":
         return fused_attention(q, k, v, mask, implementation="cudnn").astype(v.dtype)
     return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key)

@@ -13,9 +13,13 @@ that key (``jax.random``): blocks hold parameters and nothing else, so the rever
 pass, which replays the same per-block key, redraws exactly the same masks.
 
 Attention is plain jnp (einsum + float32 softmax); the ``attention`` option of the attention
-modules and blocks picks "xla" | "chunked" | "cudnn" (``bdia_jax.models.attention``).
-``compute_dtype`` (e.g. bfloat16) is the matmul dtype; LayerNorm, softmax and the residual
-branch output stay float32.
+modules and blocks picks "xla" | "chunked" | "cudnn" (``bdia_jax.models.attention``), with
+``chunk_size`` queries per block of "chunked". ``compute_dtype`` (e.g. bfloat16) is the
+matmul dtype and ``param_dtype`` the stored parameters' dtype; norms, softmax, rotary
+positions and the residual branch output stay float32.
+
+``BlockConfig`` declares and validates, once, the block settings that every model config
+shares (width, heads, MLP width, dropouts, dtype, attention implementation, chunk sizes).
 
 Masks are boolean, True = may attend, broadcastable to [batch, heads, q_len, k_len]. A
 padding mask travels through a stack's ``context`` as bool [batch, k_len] (True = real
@@ -24,17 +28,22 @@ token); the engine gives such a non-float context leaf a float0 (no) cotangent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bdia_jax import stable
-from bdia_jax.models import attention as attention_module
-from bdia_jax.models.attention import attend, check_attention, dropout, for_each_block
+from bdia_jax.methods import StackMethod
+from bdia_jax.models.attention import attend, check_attention, check_chunk_size, repeat_kv
 from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
+from bdia_jax.ops import dropout as dropout  # re-export
+from bdia_jax.ops import position_blocks
 
 
 class ReversalProbe(nnx.Variable):
@@ -115,51 +124,217 @@ def combine_masks(*masks):
     return out
 
 
+def param_dtype_of(dtype) -> jnp.dtype:
+    """'float32' / 'bfloat16' → the stored parameters' jnp.dtype, with an error naming both."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"param_dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig(StackMethod):
+    """The block settings every transformer config shares (``ViTConfig``,
+    ``Seq2SeqConfig``, ``DecoderConfig``), declared and validated here once; each config
+    re-declares the fields whose defaults differ. The training method is the keyword-only
+    ``update`` / ``backprop`` pair of ``StackMethod``."""
+
+    width: int = 512  # residual stream (embedding) dimension
+    num_heads: int = 8  # attention (query) heads; width must be divisible by it
+    mlp_dim: int = 2048  # hidden size of each block's MLP
+    dropout: float = 0.1  # embedding dropout and residual dropout on every branch
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
+    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
+    # blocks of chunk_size, O(seq·chunk) memory, any backend), "cudnn" (fused, GPU only).
+    attention: str = "xla"
+    chunk_size: int = 128  # queries per block of attention="chunked"
+    # MLP over blocks of chunk_size positions (a recomputing custom VJP: one block's
+    # [chunk, mlp_dim] activations at a time); None: chunked iff attention == "chunked".
+    chunk_mlp: bool | None = None
+
+    def __post_init__(self):
+        for name in ("width", "num_heads", "mlp_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        self._check_heads()
+        canonical_dtype(self.compute_dtype)
+        check_attention(self.attention, self.attention_dropout, self.dropout)
+        check_chunk_size(self.chunk_size)
+        if self.chunk_mlp not in (None, True, False):
+            raise ValueError(f"chunk_mlp must be True, False or None (chunked iff "
+                             f"attention='chunked'), got {self.chunk_mlp!r}.")
+        super().__post_init__()
+
+    def _check_heads(self):
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
+            )
+
+    @property
+    def mlp_chunk_size(self) -> int | None:
+        """Positions per block of the MLP, or None for the whole sequence at once."""
+        chunked = self.attention == "chunked" if self.chunk_mlp is None else self.chunk_mlp
+        return self.chunk_size if chunked else None
+
+
+ROPE_SCALINGS = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding (Hugging Face's rotate-half layout) of one head size.
+
+    The cos/sin tables are numpy constants, computed once in float64 and rounded to float32,
+    for positions 0 … max_len-1: every program (the forward pass, the VJP that recomputes a
+    block, KV-cached decoding) slices the same bits, whatever XLA would make of cos/sin.
+    scaling: "default" (none), "linear" (positions / factor) or "llama3" (Llama 3.1's
+    frequency-dependent scaling with factor, low/high_freq_factor, original_max_len).
+    """
+
+    head_dim: int
+    max_len: int
+    theta: float = 10000.0
+    scaling: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def inv_freq(self) -> np.ndarray:
+        """[head_dim // 2] float64 angular frequencies, after the scaling."""
+        inv = 1.0 / self.theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64)
+                                   / self.head_dim)
+        if self.scaling == "linear":
+            return inv / self.factor
+        if self.scaling == "llama3":
+            low_wavelen = self.original_max_len / self.low_freq_factor
+            high_wavelen = self.original_max_len / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = ((self.original_max_len / wavelen - self.low_freq_factor)
+                      / (self.high_freq_factor - self.low_freq_factor))
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            return np.where(medium, smoothed, scaled)
+        return inv
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin): [max_len, head_dim // 2] float32 numpy."""
+        return _rope_tables(self)
+
+    def __call__(self, x: jax.Array, start=0) -> jax.Array:
+        """Rotate x: [batch, heads, t, head_dim] at positions start … start+t-1 (start may
+        be traced); computed in float32, returned in x's dtype."""
+        cos, sin = self.tables()
+        t = x.shape[2]
+        if isinstance(start, int):
+            cos, sin = jnp.asarray(cos[start:start + t]), jnp.asarray(sin[start:start + t])
+        else:
+            cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos), start, t)
+            sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin), start, t)
+        y = x.astype(jnp.float32)
+        half = self.head_dim // 2
+        y1, y2 = y[..., :half], y[..., half:]
+        out = jnp.concatenate([y1 * cos - y2 * sin, y2 * cos + y1 * sin], axis=-1)
+        return out.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(rope: Rope) -> tuple[np.ndarray, np.ndarray]:
+    angles = np.arange(rope.max_len, dtype=np.float64)[:, None] * rope.inv_freq()[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention: self-attention (``kv`` = None) or cross-attention.
 
-    Projections q, k, v, o are Linear(width → width) with bias (4·(width² + width) params).
-    ``attention``: "xla" | "chunked" | "cudnn", how softmax attention is computed.
+    Projections q: width → num_heads·head_dim, k, v: kv_width → num_kv_heads·head_dim,
+    o: num_heads·head_dim → width (by default 4·(width² + width) params). Options:
+    ``num_kv_heads`` (grouped-query attention, num_heads a multiple of it; None = num_heads),
+    ``head_dim`` (None = width // num_heads), ``qkv_bias`` / ``out_bias``, ``qk_norm_eps``
+    (per-head RMSNorm of queries and keys before the rotation, Qwen3; None = none),
+    ``rope`` (a ``Rope`` applied to queries and keys; None = no rotation),
+    ``attention``: "xla" | "chunked" | "cudnn" with ``chunk_size`` queries per block.
     """
 
     def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
-                 attention_dropout: float = 0.0, compute_dtype="float32",
-                 attention: str = "xla", rngs: nnx.Rngs):
-        if width % num_heads:
+                 num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = True, out_bias: bool = True, qk_norm_eps: float | None = None,
+                 rope: Rope | None = None, attention_dropout: float = 0.0,
+                 compute_dtype="float32", param_dtype="float32", attention: str = "xla",
+                 chunk_size: int = 128, rngs: nnx.Rngs):
+        if head_dim is None and width % num_heads:
             raise ValueError(
                 f"width ({width}) must be divisible by num_heads ({num_heads}); "
                 f"change one of them."
             )
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads}).")
         kv_width = width if kv_width is None else kv_width
         dtype = canonical_dtype(compute_dtype)
         self.num_heads = num_heads
-        self.head_dim = width // num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = width // num_heads if head_dim is None else head_dim
         self.attention_dropout = attention_dropout
         self.compute_dtype = dtype
         check_attention(attention, attention_dropout)
         self.attention = attention  # "xla" | "chunked" | "cudnn" (bdia_jax.models.attention)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.rope = rope
+        p_dtype = param_dtype_of(param_dtype)
 
-        def linear(n_in):
-            return nnx.Linear(n_in, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        def linear(n_in, n_out, bias):
+            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=p_dtype,
+                              rngs=rngs)
 
-        self.query = linear(width)
-        self.key = linear(kv_width)
-        self.value = linear(kv_width)
-        self.out = linear(width)
+        q_width, kv_out = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.query = linear(width, q_width, qkv_bias)
+        self.key = linear(kv_width, kv_out, qkv_bias)
+        self.value = linear(kv_width, kv_out, qkv_bias)
+        self.out = linear(q_width, width, out_bias)
+        if qk_norm_eps is not None:
+            self.query_norm = RMSNorm(self.head_dim, epsilon=qk_norm_eps,
+                                      param_dtype=p_dtype, rngs=rngs)
+            self.key_norm = RMSNorm(self.head_dim, epsilon=qk_norm_eps,
+                                    param_dtype=p_dtype, rngs=rngs)
+        self.qk_norm = qk_norm_eps is not None
 
-    def _heads(self, y: jax.Array) -> jax.Array:
-        """[batch, len, width] → [batch, heads, len, head_dim]."""
+    def _heads(self, y: jax.Array, num: int) -> jax.Array:
+        """[batch, len, num·head_dim] → [batch, num, len, head_dim]."""
         b, t, _ = y.shape
-        return y.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return y.reshape(b, t, num, self.head_dim).transpose(0, 2, 1, 3)
 
-    def project_kv(self, y: jax.Array) -> KVCache:
-        """y: [batch, k_len, kv_width] → KVCache of [batch, heads, k_len, head_dim]."""
-        return KVCache(self._heads(self.key(y)), self._heads(self.value(y)))
+    def _position(self, y: jax.Array, norm, start) -> jax.Array:
+        """q/k norm (float32) then the rotation, back in the compute dtype."""
+        if self.qk_norm:
+            y = norm(y).astype(y.dtype)
+        if self.rope is not None:
+            y = self.rope(y, start)
+        return y
 
-    def attend(self, x: jax.Array, kv: KVCache, mask, key=None) -> jax.Array:
-        """Queries from x: [batch, q_len, width] against kv → [batch, q_len, width] float32."""
-        q = self._heads(self.query(x))
-        o = attend(q, kv.key, kv.value, mask, attention=self.attention,
+    def project_kv(self, y: jax.Array, start=0) -> KVCache:
+        """y: [batch, k_len, kv_width] at positions start … → KVCache of
+        [batch, num_kv_heads, k_len, head_dim] (keys normed and rotated)."""
+        k = self._heads(self.key(y), self.num_kv_heads)
+        k = self._position(k, self.key_norm if self.qk_norm else None, start)
+        return KVCache(k, self._heads(self.value(y), self.num_kv_heads))
+
+    def attend(self, x: jax.Array, kv: KVCache, mask, key=None, start=0) -> jax.Array:
+        """Queries from x: [batch, q_len, width] at positions start … against kv →
+        [batch, q_len, width] float32."""
+        q = self._heads(self.query(x), self.num_heads)
+        q = self._position(q, self.query_norm if self.qk_norm else None, start)
+        groups = self.num_heads // self.num_kv_heads
+        o = attend(q, repeat_kv(kv.key, groups), repeat_kv(kv.value, groups), mask,
+                   attention=self.attention, chunk_size=self.chunk_size,
                    dropout_rate=self.attention_dropout, key=key)
         b, _, t, _ = o.shape
         o = o.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
@@ -176,52 +351,37 @@ class MultiHeadAttention(nnx.Module):
     def attend_cached(self, x: jax.Array, cache: KVCache, pos, mask=None):
         """Causal self-attention of a chunk x: [batch, t, width] at positions pos … pos+t-1.
 
-        Writes the chunk's keys/values into ``cache`` ([batch, heads, max_len, head_dim]) and
-        attends over cache positions <= each query's position (plus ``mask``). Returns
-        (out [batch, t, width] float32, updated cache). No dropout: inference only.
+        Writes the chunk's keys/values into ``cache`` ([batch, num_kv_heads, max_len,
+        head_dim]) and attends over cache positions <= each query's position (plus
+        ``mask``). Returns (out [batch, t, width] float32, updated cache). No dropout:
+        inference only.
         """
-        new = self.project_kv(x)
+        new = self.project_kv(x, pos)
         index = (0, 0, pos, 0)
         cache = KVCache(
             jax.lax.dynamic_update_slice(cache.key, new.key.astype(cache.key.dtype), index),
             jax.lax.dynamic_update_slice(cache.value, new.value.astype(cache.value.dtype), index),
         )
         causal = causal_mask(x.shape[1], cache.key.shape[2], pos)
-        return self.attend(x, cache, combine_masks(causal, mask)), cache
+        return self.attend(x, cache, combine_masks(causal, mask), start=pos), cache
 
     def empty_cache(self, batch: int, max_len: int) -> KVCache:
-        """Zero KVCache [batch, heads, max_len, head_dim] in the compute dtype."""
-        shape = (batch, self.num_heads, max_len, self.head_dim)
+        """Zero KVCache [batch, num_kv_heads, max_len, head_dim] in the compute dtype."""
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
         return KVCache(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
 
 
-class MLP(nnx.Module):
-    """Linear(width → mlp_dim) → GELU → Linear(mlp_dim → width); returns float32.
-
-    ``approximate_gelu``: True = the tanh approximation (GPT-2's ``gelu_new``), False = the
-    exact erf GELU. ``chunked`` (the blocks' ``attention="chunked"``): positions run in
-    blocks of ``attention.QUERY_CHUNK`` (``position_blocks``), so that one block's
-    [batch, chunk, mlp_dim] hidden activations live at a time, in the forward and in the
-    backward pass, instead of the whole sequence's. Each row goes through the same ops
-    either way; the backward pass runs each block's forward once more.
-    """
-
-    def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
-                 approximate_gelu: bool = True, chunked: bool = False, rngs: nnx.Rngs):
-        dtype = canonical_dtype(compute_dtype)
-        self.approximate_gelu = approximate_gelu
-        self.chunked = chunked
-        self.fc1 = nnx.Linear(width, mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_dim, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-    def _dense(self, y: jax.Array) -> jax.Array:
-        hidden = jax.nn.gelu(self.fc1(y), approximate=self.approximate_gelu)
-        return self.fc2(hidden).astype(jnp.float32)
+class _PositionwiseMLP(nnx.Module):
+    """The position-blocked call shared by the MLPs: ``chunk_size`` None runs ``_dense`` on
+    the whole sequence; an int runs it over blocks of that many positions
+    (``bdia_jax.ops.position_blocks``), so that one block's [batch, chunk, mlp_dim] hidden
+    activations live at a time, in the forward and in the backward pass. Each row goes
+    through the same ops either way; the backward pass runs each block's forward once more."""
 
     def __call__(self, y: jax.Array) -> jax.Array:
         """y: [..., len, width] → [..., len, width] float32."""
-        chunk = attention_module.QUERY_CHUNK
-        if not self.chunked or y.ndim < 2 or y.shape[-2] <= chunk:
+        chunk = self.chunk_size
+        if chunk is None or y.ndim < 2 or y.shape[-2] <= chunk:
             return self._dense(y)
         graphdef, state = nnx.split(self)
 
@@ -231,98 +391,153 @@ class MLP(nnx.Module):
         return position_blocks(dense, state, y, chunk)
 
 
-def _position_blocks_forward(fn, chunk, params, y):
-    def block(start, size, index, out):
-        out_c = fn(params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
-        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=-2)
+class MLP(_PositionwiseMLP):
+    """Linear(width → mlp_dim) → GELU → Linear(mlp_dim → width); returns float32.
 
-    shape = jax.eval_shape(fn, params, jax.ShapeDtypeStruct(
-        y.shape[:-2] + (chunk,) + y.shape[-1:], y.dtype))
-    out = jnp.zeros(y.shape[:-2] + y.shape[-2:-1] + shape.shape[-1:], shape.dtype)
-    return for_each_block(y.shape[-2], chunk, block, out)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _position_blocks(fn, chunk, params, y):
-    return _position_blocks_forward(fn, chunk, params, y)
-
-
-def _position_blocks_fwd(fn, chunk, params, y):
-    return _position_blocks_forward(fn, chunk, params, y), (params, y)
-
-
-def _position_blocks_bwd(fn, chunk, residuals, g_out):
-    params, y = residuals
-
-    def block(start, size, index, carry):
-        g_params, g_y = carry
-        _, pullback = jax.vjp(fn, params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
-        g_params_c, g_y_c = pullback(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=-2))
-        g_params = jax.tree_util.tree_map(jnp.add, g_params, g_params_c)
-        return g_params, jax.lax.dynamic_update_slice_in_dim(g_y, g_y_c, start, axis=-2)
-
-    carry = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros_like(y))
-    return for_each_block(y.shape[-2], chunk, block, carry)
-
-
-_position_blocks.defvjp(_position_blocks_fwd, _position_blocks_bwd)
-
-
-def position_blocks(fn, params, y: jax.Array, chunk: int) -> jax.Array:
-    """``fn(params, y)`` of a position-wise ``fn``, computed ``chunk`` positions at a time.
-
-    y: [..., len, width]; returns fn's [..., len, out] in its dtype. The forward pass writes
-    each block's output in place; a custom VJP keeps only (params, y) and its backward pass
-    loops over the same blocks, recomputing each block's ``fn`` under ``jax.vjp``,
-    accumulating the parameter gradients and writing dL/dy in place. So one block's
-    activations of ``fn`` live at a time, and no block axis is transposed to the front.
-    The same ops run on each block in both passes, which the BDIA reversal needs.
+    ``approximate_gelu``: True = the tanh approximation (GPT-2's ``gelu_new``), False = the
+    exact erf GELU. ``use_bias``: biases on both Linears. ``chunk_size``: see
+    ``_PositionwiseMLP`` (None: whole sequence).
     """
-    return _position_blocks(fn, chunk, params, y)
+
+    def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
+                 param_dtype="float32", approximate_gelu: bool = True, use_bias: bool = True,
+                 chunk_size: int | None = None, rngs: nnx.Rngs):
+        dtype, p_dtype = canonical_dtype(compute_dtype), param_dtype_of(param_dtype)
+        self.approximate_gelu = approximate_gelu
+        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size)
+        self.fc1 = nnx.Linear(width, mlp_dim, use_bias=use_bias, dtype=dtype,
+                              param_dtype=p_dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_dim, width, use_bias=use_bias, dtype=dtype,
+                              param_dtype=p_dtype, rngs=rngs)
+
+    def _dense(self, y: jax.Array) -> jax.Array:
+        hidden = jax.nn.gelu(self.fc1(y), approximate=self.approximate_gelu)
+        return self.fc2(hidden).astype(jnp.float32)
+
+
+class GatedMLP(_PositionwiseMLP):
+    """SwiGLU: down(silu(gate(y)) · up(y)) with Linears gate, up: width → mlp_dim and down:
+    mlp_dim → width (Llama's MLP); returns float32. ``use_bias`` and ``chunk_size`` as
+    ``MLP``."""
+
+    def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
+                 param_dtype="float32", use_bias: bool = False,
+                 chunk_size: int | None = None, rngs: nnx.Rngs):
+        dtype, p_dtype = canonical_dtype(compute_dtype), param_dtype_of(param_dtype)
+        self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size)
+
+        def linear(n_in, n_out):
+            return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype,
+                              param_dtype=p_dtype, rngs=rngs)
+
+        self.gate = linear(width, mlp_dim)
+        self.up = linear(width, mlp_dim)
+        self.down = linear(mlp_dim, width)
+
+    def _dense(self, y: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(y)) * self.up(y)).astype(jnp.float32)
 
 
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis in float32, with ``scale`` and ``bias`` Params (the
-    parameter names of ``nnx.LayerNorm``). Its mean and variance are pairwise tree
-    sums (``bdia_jax.stable``), so its bits do not change when XLA also compiles its VJP: this
-    is what lets the models' reversible stacks use ``recompute="shared"``."""
+    parameter names of ``nnx.LayerNorm``; stored in ``param_dtype``). Its mean and variance
+    are pairwise tree sums (``bdia_jax.stable``), so its bits do not change when XLA also
+    compiles its VJP: this is what lets the models' reversible stacks use
+    ``recompute="shared"``."""
 
-    def __init__(self, width: int, *, epsilon: float = 1e-6, rngs: nnx.Rngs):
+    def __init__(self, width: int, *, epsilon: float = 1e-6, param_dtype="float32",
+                 rngs: nnx.Rngs):
         del rngs  # deterministic initialisation; kept for the nnx constructor convention
-        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+        dtype = param_dtype_of(param_dtype)
+        self.scale = nnx.Param(jnp.ones((width,), dtype))
+        self.bias = nnx.Param(jnp.zeros((width,), dtype))
         self.epsilon = epsilon
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., width] → [..., width] float32."""
-        return stable.tree_layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...],
-                                 self.epsilon)
+        return stable.tree_layer_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                                      self.bias[...].astype(jnp.float32), self.epsilon)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis in float32 with a ``scale`` Param (Llama's; stored in
+    ``param_dtype``); its mean square is a pairwise tree sum (``bdia_jax.stable``), exact
+    under ``recompute="shared"`` like ``LayerNorm``."""
+
+    def __init__(self, width: int, *, epsilon: float = 1e-6, param_dtype="float32",
+                 rngs: nnx.Rngs):
+        del rngs  # deterministic initialisation
+        self.scale = nnx.Param(jnp.ones((width,), param_dtype_of(param_dtype)))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., width] → [..., width] float32."""
+        return stable.tree_rms_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                                    self.epsilon)
+
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+BIASES = ("all", "none", "qkv")
 
 
 class EncoderBlock(nnx.Module):
-    """Residual branch of a pre-LN self-attention block: h(x) = a(x) + m(x + a(x)).
+    """Residual branch of a pre-norm self-attention block: h(x) = a(x) + m(x + a(x)).
 
-    ``context``: None, or a bool [batch, len] key-padding mask (True = real token). ``causal=True`` adds the causal mask (decoder-only LM).
+    ``context``: None, or a bool [batch, len] key-padding mask (True = real token).
+    ``causal=True`` adds the causal mask (decoder-only LM).
     Dropout: ``attention_dropout`` on attention probabilities, ``dropout`` on a(x) and on
-    m(·) (residual dropout), all drawn from the block key. ``layer_norm_eps`` and
-    ``approximate_gelu`` (see ``MLP``) let the block be GPT-2's exactly (1e-5, True).
+    m(·) (residual dropout), all drawn from the block key. The defaults are the pre-LN
+    ViT/GPT block; the options make it GPT-2's (``layer_norm_eps=1e-5``,
+    ``approximate_gelu=True``) or a Llama-family block: ``norm`` ("layernorm" |
+    "rmsnorm"), ``mlp`` ("gelu" | "swiglu"), ``bias`` ("all": every Linear; "none"; "qkv":
+    the query/key/value projections only), ``num_kv_heads``, ``head_dim``, ``qk_norm``,
+    ``rope`` (see ``MultiHeadAttention``), ``param_dtype``; ``chunk_size`` (queries per
+    block of attention="chunked") and ``mlp_chunk_size`` (``MLP``). ``from_config`` builds
+    it from a ``BlockConfig``.
     """
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, causal: bool = False,
                  dropout: float = 0.0, attention_dropout: float = 0.0,
                  compute_dtype="float32", layer_norm_eps: float = 1e-6,
                  approximate_gelu: bool = True, attention: str = "xla",
+                 chunk_size: int = 128, mlp_chunk_size: int | None = None,
+                 norm: str = "layernorm", mlp: str = "gelu", bias: str = "all",
+                 num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qk_norm: bool = False, rope: Rope | None = None, param_dtype="float32",
                  rngs: nnx.Rngs):
+        if norm not in NORMS or mlp not in MLPS or bias not in BIASES:
+            raise ValueError(f"norm must be one of {NORMS}, mlp one of {MLPS}, bias one of "
+                             f"{BIASES}; got {norm!r}, {mlp!r}, {bias!r}.")
         self.causal = causal
         self.dropout = dropout
-        self.ln1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
-        self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
-                                       compute_dtype=compute_dtype, attention=attention,
-                                       rngs=rngs)
-        self.ln2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
-                       approximate_gelu=approximate_gelu, chunked=attention == "chunked",
-                       rngs=rngs)
+        norm_cls = LayerNorm if norm == "layernorm" else RMSNorm
+        self.ln1 = norm_cls(width, epsilon=layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.attn = MultiHeadAttention(
+            width, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            qkv_bias=bias != "none", out_bias=bias == "all",
+            qk_norm_eps=layer_norm_eps if qk_norm else None, rope=rope,
+            attention_dropout=attention_dropout, compute_dtype=compute_dtype,
+            param_dtype=param_dtype, attention=attention, chunk_size=chunk_size, rngs=rngs)
+        self.ln2 = norm_cls(width, epsilon=layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        if mlp == "gelu":
+            self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, param_dtype=param_dtype,
+                           approximate_gelu=approximate_gelu, use_bias=bias == "all",
+                           chunk_size=mlp_chunk_size, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(width, mlp_dim, compute_dtype=compute_dtype,
+                                param_dtype=param_dtype, use_bias=bias == "all",
+                                chunk_size=mlp_chunk_size, rngs=rngs)
+
+    @classmethod
+    def from_config(cls, config: BlockConfig, *, causal: bool = False, rngs: nnx.Rngs,
+                    **options) -> EncoderBlock:
+        """The block of a ``BlockConfig``'s shared settings, plus model-specific options."""
+        c = config
+        return cls(c.width, c.num_heads, c.mlp_dim, causal=causal, dropout=c.dropout,
+                   attention_dropout=c.attention_dropout, compute_dtype=c.compute_dtype,
+                   attention=c.attention, chunk_size=c.chunk_size,
+                   mlp_chunk_size=c.mlp_chunk_size, rngs=rngs, **options)
 
     def _mask(self, x, context):
         causal = causal_mask(x.shape[1], x.shape[1]) if self.causal else None
@@ -377,21 +592,22 @@ class DecoderBlock(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *,
                  enc_width: int | None = None, dropout: float = 0.0,
                  attention_dropout: float = 0.0, compute_dtype="float32",
-                 attention: str = "xla", rngs: nnx.Rngs):
+                 attention: str = "xla", chunk_size: int = 128,
+                 mlp_chunk_size: int | None = None, rngs: nnx.Rngs):
         self.dropout = dropout
         self.ln1 = LayerNorm(width, rngs=rngs)
         self.self_attn = MultiHeadAttention(width, num_heads,
                                             attention_dropout=attention_dropout,
                                             compute_dtype=compute_dtype, attention=attention,
-                                            rngs=rngs)
+                                            chunk_size=chunk_size, rngs=rngs)
         self.ln2 = LayerNorm(width, rngs=rngs)
         self.cross_attn = MultiHeadAttention(width, num_heads, kv_width=enc_width,
                                              attention_dropout=attention_dropout,
                                              compute_dtype=compute_dtype, attention=attention,
-                                             rngs=rngs)
+                                             chunk_size=chunk_size, rngs=rngs)
         self.ln3 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
-                       chunked=attention == "chunked", rngs=rngs)
+                       chunk_size=mlp_chunk_size, rngs=rngs)
 
     @staticmethod
     def _unpack(context):

@@ -31,14 +31,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.methods import BDIA, StackMethod
+from bdia_jax.methods import BDIA
 from bdia_jax.models import decoding
-from bdia_jax.models.attention import check_attention
 from bdia_jax.models.layers import (
+    BlockConfig,
     DecoderBlock,
     EncoderBlock,
     LayerNorm,
-    canonical_dtype,
     dropout,
     padding_mask,
 )
@@ -48,37 +47,25 @@ KEY_ENCODER, KEY_DECODER, KEY_SRC_EMBED, KEY_TGT_EMBED = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig(StackMethod):
+class Seq2SeqConfig(BlockConfig):
     """Encoder-decoder settings. Defaults: a Transformer-base-like model. The training
     method (both stacks) is the keyword-only ``update`` / ``backprop`` pair of
-    ``StackMethod``."""
+    ``StackMethod``; the block settings are ``BlockConfig``'s."""
 
     src_vocab_size: int = 8000  # source vocabulary
     tgt_vocab_size: int = 8000  # target vocabulary
     share_embeddings: bool = True  # one table for source and target (a joint vocabulary)
     tie_output: bool = True  # output logits use the target embedding (else a Linear head)
     max_len: int = 128  # longest source and target sequence (learned positions)
-    width: int = 512  # residual stream (embedding) dimension
     encoder_depth: int = 6  # encoder blocks
     decoder_depth: int = 6  # decoder blocks
-    num_heads: int = 8  # attention heads; width must be divisible by it
-    mlp_dim: int = 2048  # hidden size of each block's MLP
-    dropout: float = 0.1  # embedding dropout and residual dropout in every branch
-    attention_dropout: float = 0.0  # dropout on attention probabilities
-    compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
-    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
-    # blocks, O(seq·chunk) memory, any backend; the MLP runs in position blocks too), "cudnn"
-    # (fused kernel, GPU only).
-    attention: str = "xla"
+    # Shared block settings (BlockConfig): width 512, 8 heads, MLP 2048, dropout 0.1,
+    # attention_dropout 0.0, compute_dtype, attention, chunk_size, chunk_mlp.
     pad_id: int = 0  # padding token (source padding is masked out of attention)
     bos_id: int = 2  # decoder start token
     eos_id: int = 3  # end of sentence
 
     def __post_init__(self):
-        if self.width % self.num_heads:
-            raise ValueError(
-                f"width ({self.width}) must be divisible by num_heads ({self.num_heads})."
-            )
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings=True needs one joint vocabulary, got src_vocab_size="
@@ -88,8 +75,6 @@ class Seq2SeqConfig(StackMethod):
         if min(self.encoder_depth, self.decoder_depth) < 1:
             raise ValueError("encoder_depth and decoder_depth must be >= 1.")
         super().__post_init__()
-        canonical_dtype(self.compute_dtype)
-        check_attention(self.attention, self.attention_dropout, self.dropout)
 
 
 SEQ2SEQ_VARIANTS: dict[str, dict] = {
@@ -141,15 +126,13 @@ class Seq2SeqTransformer(nnx.Module):
         self.tgt_pos = nnx.Param(pos_init(rngs.params(), (c.max_len, c.width), jnp.float32))
 
         def make_encoder_block(block_rngs):
-            return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
-                                attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, attention=c.attention,
-                                rngs=block_rngs)
+            return EncoderBlock.from_config(c, rngs=block_rngs)
 
         def make_decoder_block(block_rngs):
             return DecoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                                 attention_dropout=c.attention_dropout,
                                 compute_dtype=c.compute_dtype, attention=c.attention,
+                                chunk_size=c.chunk_size, mlp_chunk_size=c.mlp_chunk_size,
                                 rngs=block_rngs)
 
         settings = dict(update=c.update, backprop=c.backprop)

@@ -18,19 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.methods import BDIA, StackMethod
-from bdia_jax.models.attention import check_attention
-from bdia_jax.models.layers import EncoderBlock, LayerNorm, canonical_dtype, dropout
+from bdia_jax.methods import BDIA
+from bdia_jax.models.layers import BlockConfig, EncoderBlock, LayerNorm, dropout
 from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
 KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(StackMethod):
+class ViTConfig(BlockConfig):
     """ViT settings. Defaults: the paper's CIFAR-10 model. The training method is the
     keyword-only ``update`` / ``backprop`` pair of ``StackMethod`` (default BDIA(), with
-    Reversible() resolved from it)."""
+    Reversible() resolved from it); the block settings are ``BlockConfig``'s."""
 
     image_size: int = 32  # input height = width, pixels
     patch_size: int = 4  # square patches; image_size must be a multiple (32/4 → 64 tokens)
@@ -43,17 +42,11 @@ class ViTConfig(StackMethod):
     attention_dropout: float = 0.1  # dropout on attention probabilities
     pool: Literal["cls", "mean"] = "cls"  # class token, or mean over patch tokens
     channels: int = 3  # input channels (C in [batch, H, W, C])
-    compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
-    # Softmax attention: "xla" (einsum, materializes the probabilities), "chunked" (query
-    # blocks, O(seq·chunk) memory, any backend; the MLP runs in position blocks too), "cudnn"
-    # (fused kernel, GPU only).
-    attention: str = "xla"
+    # Also BlockConfig's compute_dtype, attention, chunk_size and chunk_mlp.
 
     def __post_init__(self):
         check_image_fields(self)
         super().__post_init__()
-        canonical_dtype(self.compute_dtype)
-        check_attention(self.attention, self.attention_dropout, self.dropout)
 
     @property
     def num_patches(self) -> int:
@@ -141,10 +134,7 @@ class ViT(PatchTokens, nnx.Module):
         self._init_tokens(rngs)
 
         def make_block(block_rngs):
-            return EncoderBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
-                                attention_dropout=c.attention_dropout,
-                                compute_dtype=c.compute_dtype, attention=c.attention,
-                                rngs=block_rngs)
+            return EncoderBlock.from_config(c, rngs=block_rngs)
 
         self.stack = ResidualStack(make_block, c.depth, update=c.update, backprop=c.backprop,
                                    rngs=rngs)
