@@ -39,10 +39,11 @@ seed sizes are fitted by a polynomial of degree <= 2 that predicts the largest s
 prediction is compiled and its neighbour one step above, refitting with the nearest points
 (bisecting when the fit stalls) until a size fits and size + step does not.
 
-Breakdown (``breakdown``): the per-token bytes of each method at context 4096 (the batch
-slope / 4096) beside the analytic parts: side bits, stream buffers, one block's forward +
-VJP (the block's VJP compiled alone), the head and loss (compiled alone), and the constant
-parameters, gradients and optimizer state; for bdia the floor is their sum.
+Breakdown (``breakdown``): each method's per-token bytes at context 4096 (the batch slope of
+the compiled peak / 4096) against its analytic floor (side bits, stream buffers, one
+block's least working set), one block's forward + VJP and the head + loss compiled alone,
+and each method's batch-independent bytes (at context 4096) against parameters, gradients
+and optimizer state.
 """
 
 from __future__ import annotations
@@ -395,11 +396,23 @@ def loss_vjp_bytes(shape, batch, context, opts) -> int:
 
 
 def breakdown(runner: Runner, shape, mode, methods) -> dict:
-    """Per-token bytes at context 4096 (batch slope of the compiled peak / 4096) against the
-    analytic parts; constant bytes (parameters, gradients, optimizer state) apart."""
+    """Per-token bytes at context 4096 (the batch slope of the compiled peak / 4096) beside
+    the analytic parts, and each method's constant bytes (the peak at batch 1 less the
+    per-token part) beside parameters, gradients and optimizer state.
+
+    The analytic floor per token (bdia): its side bits, the backward pass's four float32
+    stream buffers (x_k, x_k+1, dL/dx_k+2, dL/dx_k+1) and the probe's x_0, and one block's
+    working set at its least: q, k, v in the compute dtype, their float32 gradients and one
+    float32 branch output (or, if larger, the loss's hidden state and its gradient).
+    remat's floor has its saved block inputs instead of the side bits and two streams.
+    One block's forward + VJP and the head + loss compiled alone are reported beside them
+    (their temporaries per token; not a floor: compiled alone, XLA keeps more)."""
     opts = runner.opts
     fields = SHAPES[shape][0]
     width, depth = fields["width"], fields["depth"]
+    heads, kv = fields["num_heads"], fields.get("num_kv_heads") or fields["num_heads"]
+    head_dim = fields.get("head_dim") or width // heads
+    compute = jnp.dtype(opts["compute_dtype"]).itemsize
     t = BATCH_CONTEXT
     cache = runner.data.setdefault("parts", {})
     key = f"{shape}/{mode}"
@@ -408,44 +421,37 @@ def breakdown(runner: Runner, shape, mode, methods) -> dict:
         loss = [loss_vjp_bytes(shape, b, t, opts) for b in (1, 2)]
         cache[key] = {"block_vjp_temp_bytes_b1_b2": block, "loss_vjp_temp_bytes_b1_b2": loss}
         runner.save()
-    block_per_token = (cache[key]["block_vjp_temp_bytes_b1_b2"][1]
-                       - cache[key]["block_vjp_temp_bytes_b1_b2"][0]) / t
-    loss_per_token = (cache[key]["loss_vjp_temp_bytes_b1_b2"][1]
-                      - cache[key]["loss_vjp_temp_bytes_b1_b2"][0]) / t
+    slope = lambda pair: (pair[1] - pair[0]) / t  # noqa: E731
     stream = width * 4
-    parts = {
-        "side_bits": (depth - 1) * width / 8,
-        # bdia: the backward's x_k, x_k+1, dL/dx_k+2, dL/dx_k+1 and the probe's x_0.
-        "streams": 5 * stream,
-        "block_forward_vjp": block_per_token,
-        # The final hidden state and its gradient, plus the loss's own temporaries.
-        "logits_loss": 2 * stream + loss_per_token,
-    }
-    m1 = runner.data["measurements"]
-    const = m1.get(f"{shape}/{mode}/bdia/b1/t{t}") or next(
-        (v for k, v in m1.items() if k.startswith(f"{shape}/{mode}/") and k.endswith(f"/t{t}")),
-        None)
-    out = {"context": t, "per_token_bytes": {}, "analytic_parts_per_token": parts}
-    if const is not None:
-        grads = const["param_bytes"]
-        out["constant_bytes"] = {"trainable_parameters": const["param_bytes"],
-                                 "frozen_parameters": const["frozen_bytes"],
-                                 "gradients": grads,
-                                 "optimizer_state": const["opt_state_bytes"]}
+    qkv = (heads + 2 * kv) * head_dim
+    block_min = max(qkv * compute + qkv * 4 + stream, 2 * stream)
+    parts = {"side_bits": (depth - 1) * width / 8,
+             "streams": 5 * stream,
+             "one_block_working_set_min": block_min}
     floors = {"bdia": sum(parts.values()),
-              "remat": depth * stream + sum(v for k, v in parts.items() if k != "side_bits"),
-              "remat_bf16": depth * stream / 2 + sum(
-                  v for k, v in parts.items() if k != "side_bits"),
-              "remat_offload": 2 * stream + sum(
-                  v for k, v in parts.items() if k != "side_bits")}
+              "remat": depth * stream + 2 * stream + block_min,
+              "remat_bf16": depth * stream / 2 + 2 * stream + block_min,
+              "remat_offload": 2 * stream + 2 * stream + block_min,
+              "remat_nomask": depth * stream + 2 * stream + block_min}
+    out = {"context": t, "per_token_bytes": {}, "analytic_parts_per_token": parts,
+           "compiled_alone_per_token": {
+               "one_block_forward_vjp_temp": slope(cache[key]["block_vjp_temp_bytes_b1_b2"]),
+               "head_and_loss_temp": slope(cache[key]["loss_vjp_temp_bytes_b1_b2"])},
+           "batch_independent_bytes": {}}
     for method in methods:
         p1 = runner.method_peak(shape, mode, method, 1, t)
         p2 = runner.method_peak(shape, mode, method, 2, t)
-        entry = {"compiled": (p2 - p1) / t}
-        if method in floors:
-            entry["floor"] = floors[method]
-            entry["compiled_over_floor"] = entry["compiled"] / floors[method]
+        entry = {"compiled": (p2 - p1) / t, "floor": floors.get(method)}
+        if entry["floor"]:
+            entry["compiled_over_floor"] = entry["compiled"] / entry["floor"]
         out["per_token_bytes"][method] = entry
+        out["batch_independent_bytes"][method] = p1 - (p2 - p1)
+    state = runner.data["measurements"].get(f"{shape}/{mode}/remat/b1/t{t}")
+    if state is not None:
+        out["batch_independent_bytes"]["analytic"] = {
+            "trainable_parameters": state["param_bytes"], "gradients": state["param_bytes"],
+            "optimizer_state": state["opt_state_bytes"],
+            "frozen_parameters": state["frozen_bytes"]}
     return out
 
 
