@@ -523,6 +523,7 @@ def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
                     runner, shape, mode, methods)
                 runner.save()
     runner.data["wall_seconds_last_run"] = round(time.perf_counter() - start, 1)
+    runner.data.setdefault("wall_seconds_runs", []).append(runner.data["wall_seconds_last_run"])
     runner.data["markdown"] = markdown(runner.data)
     runner.save()
     return runner.data
