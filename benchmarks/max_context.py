@@ -225,14 +225,16 @@ def measure(shape, mode, method, batch, context, opts) -> dict:
 # ------------------------------------------------------------------------------- search
 
 
-def largest_fitting(peak, budget: float, ceiling: int, seeds=(1, 4, 16)) -> int:
+def largest_fitting(peak, budget: float, ceiling: int, seeds=(1, 4, 16),
+                    prior=None) -> int:
     """The largest n in [0, ceiling] with peak(n) <= budget, peak increasing in n (the
     caller caches it). The seeds' peaks are fitted by a polynomial of degree <= 2 (the three
     measured points nearest the budget), its crossing is compiled and so is the next n;
-    a guess that does not halve the bracket is followed by a bisection."""
+    a guess that does not halve the bracket is followed by a bisection. ``prior``: {n:
+    peak} already measured (another budget's search), used by the fit and the bracket."""
     if peak(1) > budget:
         return 0
-    known = {}
+    known = {n: p for n, p in (prior or {}).items() if 1 <= n <= ceiling}
 
     def at(n):
         known[n] = peak(n)
@@ -344,14 +346,25 @@ def search(runner: Runner, shape, mode, method, budget_gib: float, what: str) ->
     """max_context (tokens, batch 1) or max_batch_at_4096 (samples)."""
     budget = budget_gib * GIB
     unit = runner.opts["context_step"]
+    measured = ANALYTIC.get(method, method)
+    prior = {}
+    for key in runner.data["measurements"]:
+        s, m, meth, b, t = key.split("/")
+        b, t = int(b[1:]), int(t[1:])
+        if (s, m, meth) != (shape, mode, measured):
+            continue
+        if what == "context" and b == 1 and t % unit == 0:
+            prior[t // unit] = runner.method_peak(shape, mode, method, 1, t)
+        elif what == "batch" and t == BATCH_CONTEXT:
+            prior[b] = runner.method_peak(shape, mode, method, b, t)
     if what == "context":
         ceiling = runner.opts["max_context"] // unit
         n = largest_fitting(lambda n: runner.method_peak(shape, mode, method, 1, n * unit),
-                            budget, ceiling)
+                            budget, ceiling, prior=prior)
         return n * unit
     return largest_fitting(lambda b: runner.method_peak(shape, mode, method, b,
                                                         BATCH_CONTEXT),
-                           budget, runner.opts["max_batch"])
+                           budget, runner.opts["max_batch"], prior=prior)
 
 
 # ---------------------------------------------------------------------------- breakdown

@@ -36,6 +36,13 @@ def test_fit_search_returns_the_last_size_that_fits(curve, budget, ceiling):
     assert len(set(calls)) <= 20  # a search, not a scan
     if 0 < found < ceiling:
         assert found in calls and found + 1 in calls  # both compiled, not predicted
+    # Another budget's measurements seed the fit; the answer is still checked at n, n + 1.
+    prior = {n: CURVES[curve](n) for n in (1, 4, 16, 100) if n <= ceiling}
+    again = []
+    assert mc.largest_fitting(lambda n: again.append(n) or CURVES[curve](n), budget,
+                              ceiling, prior=prior) == want
+    if 0 < want < ceiling:
+        assert {want, want + 1} <= set(again) | set(prior)
 
 
 def test_lora_adapters_are_the_only_trainable_parameters():
