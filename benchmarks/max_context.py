@@ -148,7 +148,8 @@ def add_lora(model: DecoderLM, rank: int, rngs: nnx.Rngs) -> DecoderLM:
 
 def lora_param_count(fields: dict, rank: int = LORA_RANK) -> int:
     """Adapter parameters of ``add_lora`` on a shape: rank·(in + out) per projection."""
-    w, h, kv = fields["width"], fields["num_heads"], fields.get("num_kv_heads") or fields["num_heads"]
+    w, h = fields["width"], fields["num_heads"]
+    kv = fields.get("num_kv_heads") or h
     d = fields.get("head_dim") or w // h
     m = fields["mlp_dim"]
     per_block = [(w, h * d), (w, kv * d), (w, kv * d), (h * d, w), (w, m), (w, m), (m, w)]
@@ -169,16 +170,21 @@ def model_config(shape: str, method: str, context: int, compute_dtype: str,
 
 
 def make_model(config: DecoderConfig, mode: str) -> DecoderLM:
+    """The DecoderLM of ``config``, with rank-16 adapters (``add_lora``) in mode "lora16"."""
     rngs = nnx.Rngs(0)
     model = DecoderLM(config, rngs=rngs)
     return add_lora(model, LORA_RANK, rngs) if mode == "lora16" else model
 
 
 def trainable_of(mode: str):
+    """The train step's ``trainable=`` filter of ``mode``: the adapters, or every Param."""
     return LoRAParam if mode == "lora16" else nnx.Param
 
 
 def loss_fn(loss_chunk: int):
+    """Next-token cross-entropy of tokens [batch, context+1] int32, the head and loss over
+    chunks of ``loss_chunk`` positions (``bdia_jax.chunked_loss``), for any head (tied or
+    not: ``head_embedding``)."""
     def loss(model, tokens, key):
         hidden, aux = model.hidden_states(tokens[:, :-1], key=key, train=True)
         chunk = min(loss_chunk, hidden.shape[1])
@@ -200,6 +206,7 @@ def abstract_step(config: DecoderConfig, mode: str, loss_chunk: int):
 
 
 def tree_bytes(tree) -> int:
+    """Bytes of the (abstract) arrays of ``tree``."""
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree_util.tree_leaves(tree))
 
