@@ -1,0 +1,613 @@
+"""The longest context (batch 1) and the largest batch at context 4096 whose compiled
+Llama-family train step fits a memory budget.
+
+    python -m benchmarks.max_context --shapes llama-3.1-8b --modes lora16 --budget_gib 80 \\
+        --out_dir runs/max_context
+    python -m benchmarks.max_context --shapes llama-3.2-1b --modes full --budget_gib 24 \\
+        --searches batch --out_dir runs/max_context
+    python -m benchmarks.max_context --shapes test-tiny --budget_gib 0.01 --out_dir /tmp/mc
+
+Compile-only, like ``benchmarks.max_batch``: the step is ``bdia_jax.training``'s (AdamW,
+the state donated), compiled on abstract inputs; a size's memory is XLA's compiled peak
+estimate (``experiments.common.memory.compiled_memory``). Nothing is allocated.
+
+Shapes (``SHAPES``): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B from their config.json
+(docs/max_context.md cites them), bfloat16 parameters, float32 residual stream, matmuls in
+``--compute_dtype``; "test-tiny" for the tests. Every method runs attention="chunked" with
+the same ``--attention_chunk`` and the head and loss over ``--loss_chunk`` positions
+(``bdia_jax.chunked_loss``).
+
+Modes: "full" (AdamW on every parameter) and "lora16" (rank-16 float32 adapters on the q,
+k, v, o, gate, up and down projections of every block, built here as ``LoRALinear`` since
+the library has no LoRA yet; the base is frozen with the step's ``trainable=`` filter: no
+gradient, no optimizer state).
+
+Methods (the records' ``method``): "autodiff", "remat" (per-block ``jax.checkpoint``
+saving each block's float32 input), "bdia" (reversible, recompute="shared"), compiled;
+and three *analytic* rows derived from remat's compiled peak at the same size, because the
+engine has none of these options: "remat_bf16" (remat minus half of the saved float32 block
+inputs: depth·tokens·width·2 bytes) and "remat_offload" (remat with each block's input
+offloaded to host memory, which XLA:CPU does not have: remat minus all saved block inputs
+but two, the one in flight and the one being recomputed) and "remat_nomask" (remat without
+the bool [context, context] causal mask that ``jax.checkpoint`` saves for every block:
+remat minus depth - 1 masks).
+
+Search: a size's peak is cached in ``max_context.json`` (``measurements``), so a rerun
+resumes. Peak memory is affine in the batch and, with chunked attention, affine in the
+context up to the [context, context] causal mask (a quadratic term), so the peaks at three
+seed sizes are fitted by a polynomial of degree <= 2 that predicts the largest size; the
+prediction is compiled and its neighbour one step above, refitting with the nearest points
+(bisecting when the fit stalls) until a size fits and size + step does not.
+
+Breakdown (``breakdown``): each method's per-token bytes at context 4096 (the batch slope of
+the compiled peak / 4096) against its analytic floor (side bits, stream buffers, one
+block's least working set), one block's forward + VJP and the head + loss compiled alone,
+and each method's batch-independent bytes (at context 4096) against parameters, gradients
+and optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bdia_jax import training
+from bdia_jax.chunked_loss import chunk_problem, chunked_cross_entropy
+from bdia_jax.models.decoder import DecoderConfig, DecoderLM
+from bdia_jax.models.residual_stack import named_config
+from benchmarks import registry
+from experiments.common.memory import compiled_memory
+
+GIB = 2**30
+
+_LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", bias="none",
+              layer_norm_eps=1e-5, dropout=0.0, attention_dropout=0.0)
+
+# name -> (DecoderConfig fields from the model's config.json, max_position_embeddings).
+SHAPES: dict[str, tuple[dict, int]] = {
+    "smollm2-135m": (dict(vocab_size=49152, width=576, depth=30, num_heads=9, num_kv_heads=3,
+                          mlp_dim=1536, head_dim=64, tie_embeddings=True,
+                          rope_theta=100000.0, **_LLAMA), 8192),
+    "llama-3.2-1b": (dict(vocab_size=128256, width=2048, depth=16, num_heads=32,
+                          num_kv_heads=8, mlp_dim=8192, head_dim=64, tie_embeddings=True,
+                          rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0,
+                          rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                          rope_original_max_len=8192, **_LLAMA), 131072),
+    "llama-3.1-8b": (dict(vocab_size=128256, width=4096, depth=32, num_heads=32,
+                          num_kv_heads=8, mlp_dim=14336, head_dim=128, tie_embeddings=False,
+                          rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0,
+                          rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                          rope_original_max_len=8192, **_LLAMA), 131072),
+    # The tests' shape: a Llama block (GQA, untied head) in seconds.
+    "test-tiny": (dict(vocab_size=64, width=32, depth=6, num_heads=4, num_kv_heads=2,
+                       mlp_dim=64, tie_embeddings=False, **_LLAMA), 1 << 20),
+}
+MODES = ("full", "lora16")
+LORA_RANK = 16
+COMPILED = {"autodiff": "autodiff", "remat": "remat", "bdia": "bdia"}  # -> registry.METHODS
+# Derived from remat's compiled peak at the same size (see ANALYTIC_HOW).
+ANALYTIC = {"remat_bf16": "remat", "remat_offload": "remat", "remat_nomask": "remat"}
+METHODS = ("autodiff", "remat", "remat_bf16", "remat_offload", "remat_nomask", "bdia")
+SEARCHES = ("context", "batch")
+BATCH_CONTEXT = 4096  # the context of the largest-batch search
+
+
+# ------------------------------------------------------------------------------- LoRA
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA adapter weight: the only parameters mode "lora16" trains."""
+
+
+class LoRALinear(nnx.Module):
+    """``base(x) + (x @ a) @ b · alpha / rank``: a frozen ``nnx.Linear`` plus rank-``rank``
+    float32 adapters a [in, rank] (normal init) and b [rank, out] (zeros), computed in the
+    base's compute dtype. ``lead``: leading axes of the base's kernel (the stacked blocks'
+    [depth])."""
+
+    def __init__(self, base: nnx.Linear, rank: int, lead: tuple[int, ...], *, alpha=32.0,
+                 rngs: nnx.Rngs):
+        n_in, n_out = base.kernel.shape[-2:]
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = LoRAParam(jax.random.normal(rngs.params(), (*lead, n_in, rank),
+                                                  jnp.float32) / math.sqrt(n_in))
+        self.lora_b = LoRAParam(jnp.zeros((*lead, rank, n_out), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        dtype = self.base.dtype or x.dtype
+        low = (x.astype(dtype) @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
+        return y + (low * self.scale).astype(y.dtype)
+
+
+LORA_TARGETS = (("attn", ("query", "key", "value", "out")), ("mlp", ("gate", "up", "down")))
+
+
+def add_lora(model: DecoderLM, rank: int, rngs: nnx.Rngs) -> DecoderLM:
+    """Wrap every block's q, k, v, o, gate, up, down projection of ``model`` in
+    ``LoRALinear`` (in place; the stacked blocks' params keep their leading [depth] axis)."""
+    blocks = model.stack.blocks
+    depth = model.config.depth
+    for part, names in LORA_TARGETS:
+        module = getattr(blocks, part)
+        for name in names:
+            setattr(module, name, LoRALinear(getattr(module, name), rank, (depth,), rngs=rngs))
+    return model
+
+
+def lora_param_count(fields: dict, rank: int = LORA_RANK) -> int:
+    """Adapter parameters of ``add_lora`` on a shape: rank·(in + out) per projection."""
+    w, h = fields["width"], fields["num_heads"]
+    kv = fields.get("num_kv_heads") or h
+    d = fields.get("head_dim") or w // h
+    m = fields["mlp_dim"]
+    per_block = [(w, h * d), (w, kv * d), (w, kv * d), (h * d, w), (w, m), (w, m), (m, w)]
+    return fields["depth"] * sum(rank * (a + b) for a, b in per_block)
+
+
+# ------------------------------------------------------------------------- the model + step
+
+
+def model_config(shape: str, method: str, context: int, compute_dtype: str,
+                 attention_chunk: int) -> DecoderConfig:
+    """The DecoderConfig of ``shape`` at ``context`` trained with compiled ``method``."""
+    fields, _ = SHAPES[shape]
+    return named_config(DecoderConfig, {shape: fields}, shape, dict(
+        max_len=context, param_dtype="bfloat16", compute_dtype=compute_dtype,
+        attention="chunked", chunk_size=attention_chunk,
+        **registry.METHODS[COMPILED[method]][1]))
+
+
+def make_model(config: DecoderConfig, mode: str) -> DecoderLM:
+    """The DecoderLM of ``config``, with rank-16 adapters (``add_lora``) in mode "lora16"."""
+    rngs = nnx.Rngs(0)
+    model = DecoderLM(config, rngs=rngs)
+    return add_lora(model, LORA_RANK, rngs) if mode == "lora16" else model
+
+
+def trainable_of(mode: str):
+    """The train step's ``trainable=`` filter of ``mode``: the adapters, or every Param."""
+    return LoRAParam if mode == "lora16" else nnx.Param
+
+
+def loss_fn(loss_chunk: int):
+    """Next-token cross-entropy of tokens [batch, context+1] int32, the head and loss over
+    chunks of ``loss_chunk`` positions (``bdia_jax.chunked_loss``), for any head (tied or
+    not: ``head_embedding``)."""
+    def loss(model, tokens, key):
+        hidden, aux = model.hidden_states(tokens[:, :-1], key=key, train=True)
+        chunk = min(loss_chunk, hidden.shape[1])
+        value = chunked_cross_entropy(hidden, model.head_embedding, tokens[:, 1:], chunk=chunk)
+        return value, {k: aux[k] for k in ("overflow", "nonfinite") if k in aux}
+    return loss
+
+
+def abstract_step(config: DecoderConfig, mode: str, loss_chunk: int):
+    """(jitted step, abstract step-0 state): nothing allocated."""
+    opt = registry.optimizer()
+    trainable = trainable_of(mode)
+    build = lambda: make_model(config, mode)  # noqa: E731
+    graphdef = training.split(nnx.eval_shape(build), trainable)[0]
+    state = jax.eval_shape(lambda: training.init(build(), opt, jax.random.PRNGKey(2),
+                                                 trainable=trainable)[1])
+    step = training.make_train_step(graphdef, loss_fn(loss_chunk), opt, trainable=trainable)
+    return jax.jit(step, donate_argnums=0), state
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the (abstract) arrays of ``tree``."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def measure(shape, mode, method, batch, context, opts) -> dict:
+    """compiled_memory of the train step at (batch, context), with compile seconds and the
+    state's sizes."""
+    config = model_config(shape, method, context, opts["compute_dtype"],
+                          opts["attention_chunk"])
+    step, state = abstract_step(config, mode, opts["loss_chunk"])
+    tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
+    start = time.perf_counter()
+    compiled = step.lower(state, tokens).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+    if memory is None:
+        raise RuntimeError("this backend gives no compiled memory_analysis(); run on CPU.")
+    memory.update(compile_seconds=round(seconds, 2), param_bytes=tree_bytes(state.params),
+                  frozen_bytes=tree_bytes(state.rest), opt_state_bytes=tree_bytes(state.opt_state))
+    return memory
+
+
+# ------------------------------------------------------------------------------- search
+
+
+def largest_fitting(peak, budget: float, ceiling: int, seeds=(1, 4, 16),
+                    prior=None) -> int:
+    """The largest n in [0, ceiling] with peak(n) <= budget, peak increasing in n (the
+    caller caches it). The seeds' peaks are fitted by a polynomial of degree <= 2 (the three
+    measured points nearest the budget), its crossing is compiled and so is the next n;
+    a guess that does not halve the bracket is followed by a bisection. ``prior``: {n:
+    peak} already measured (another budget's search), used by the fit and the bracket."""
+    if peak(1) > budget:
+        return 0
+    known = {n: p for n, p in (prior or {}).items() if 1 <= n <= ceiling}
+
+    def at(n):
+        known[n] = peak(n)
+        return known[n]
+
+    for n in seeds:
+        if n <= ceiling and at(n) > budget:
+            break
+    lo = max(n for n, p in known.items() if p <= budget)
+    over = [n for n, p in known.items() if p > budget]
+    hi = min(over) if over else ceiling + 1
+    bisect = False
+    while hi - lo > 1:
+        width = hi - lo
+        guess = (lo + hi) // 2 if bisect else predict(known, budget)
+        if not over:  # no size known above the budget: extrapolate at most 4x
+            guess = min(guess, 4 * lo)
+        guess = min(max(guess, lo + 1), hi - 1)
+        if at(guess) <= budget:
+            lo = guess
+            if guess + 1 < hi and at(guess + 1) > budget:
+                hi = guess + 1
+        else:
+            hi = guess
+        over = [n for n, p in known.items() if p > budget]
+        bisect = (hi - lo) > width // 2 and not bisect
+    return lo
+
+
+def predict(known: dict, budget: float) -> int:
+    """The largest n where the polynomial through the (up to) three points of ``known``
+    nearest the budget stays <= budget (degree 2 only with three distinct points)."""
+    points = sorted(known.items(), key=lambda kv: abs(kv[1] - budget))[:3]
+    ns = np.array([n for n, _ in points], float)
+    ps = np.array([p for _, p in points], float)
+    degree = min(2, len(ns) - 1)
+    if degree == 0:
+        return int(ns[0]) + 1
+    coef = np.polyfit(ns, ps, degree)
+    if degree == 2 and coef[0] > 0:
+        a, b, c = coef
+        disc = b * b - 4 * a * (c - budget)
+        if disc >= 0:
+            return int(math.floor((-b + math.sqrt(disc)) / (2 * a)))
+    slope, intercept = np.polyfit(ns, ps, 1)
+    if slope <= 0:
+        return int(ns.max()) * 2
+    return int(math.floor((budget - intercept) / slope))
+
+
+def saved_inputs_bytes(shape: str, batch: int, context: int) -> int:
+    """Per-block remat's saved block inputs: depth · batch · context · width float32."""
+    fields = SHAPES[shape][0]
+    return fields["depth"] * batch * context * fields["width"] * 4
+
+
+def analytic_peak(method: str, shape: str, remat_peak: int, batch: int, context: int) -> int:
+    """remat_bf16 / remat_offload's device-side peak from remat's compiled peak."""
+    saved = saved_inputs_bytes(shape, batch, context)
+    if method == "remat_bf16":
+        return remat_peak - saved // 2
+    depth = SHAPES[shape][0]["depth"]
+    if method == "remat_nomask":
+        return remat_peak - (depth - 1) * context * context
+    return remat_peak - saved * (depth - 2) // depth
+
+
+class Runner:
+    """The cached measurements of one out_dir (``max_context.json``)."""
+
+    def __init__(self, out_dir: str, opts: dict):
+        self.path = os.path.join(out_dir, "max_context.json")
+        self.opts = opts
+        self.data = {"measurements": {}}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.data = json.load(f)
+            old = self.data.get("options")
+            if old is not None and old != opts:
+                raise ValueError(f"{self.path} was measured with {old}, not {opts}; give "
+                                 f"another --out_dir or the same options.")
+        self.data["options"] = opts
+        os.makedirs(out_dir, exist_ok=True)
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def peak(self, shape, mode, method, batch, context) -> int:
+        key = f"{shape}/{mode}/{method}/b{batch}/t{context}"
+        cache = self.data["measurements"]
+        if key not in cache:
+            cache[key] = measure(shape, mode, method, batch, context, self.opts)
+            self.save()
+            print(f"  {key}: {cache[key]['peak_estimate_bytes'] / GIB:.3f} GiB "
+                  f"({cache[key]['compile_seconds']:.1f} s)", flush=True)
+        return cache[key]["peak_estimate_bytes"]
+
+    def method_peak(self, shape, mode, method, batch, context) -> int:
+        if method in ANALYTIC:
+            remat = self.peak(shape, mode, ANALYTIC[method], batch, context)
+            return analytic_peak(method, shape, remat, batch, context)
+        return self.peak(shape, mode, method, batch, context)
+
+
+def search(runner: Runner, shape, mode, method, budget_gib: float, what: str) -> int:
+    """max_context (tokens, batch 1) or max_batch_at_4096 (samples)."""
+    budget = budget_gib * GIB
+    unit = runner.opts["context_step"]
+    measured = ANALYTIC.get(method, method)
+    prior = {}
+    for key in runner.data["measurements"]:
+        s, m, meth, b, t = key.split("/")
+        b, t = int(b[1:]), int(t[1:])
+        if (s, m, meth) != (shape, mode, measured):
+            continue
+        if what == "context" and b == 1 and t % unit == 0:
+            prior[t // unit] = runner.method_peak(shape, mode, method, 1, t)
+        elif what == "batch" and t == BATCH_CONTEXT:
+            prior[b] = runner.method_peak(shape, mode, method, b, t)
+    if what == "context":
+        ceiling = runner.opts["max_context"] // unit
+        n = largest_fitting(lambda n: runner.method_peak(shape, mode, method, 1, n * unit),
+                            budget, ceiling, prior=prior)
+        return n * unit
+    return largest_fitting(lambda b: runner.method_peak(shape, mode, method, b,
+                                                        BATCH_CONTEXT),
+                           budget, runner.opts["max_batch"], prior=prior)
+
+
+# ---------------------------------------------------------------------------- breakdown
+
+
+def block_vjp_bytes(shape, mode, batch, context, opts) -> int:
+    """Temp bytes of one block's forward + VJP (the block's trainable parameters and its
+    input differentiated) compiled alone at [batch, context, width]."""
+    config = model_config(shape, "remat", context, opts["compute_dtype"],
+                          opts["attention_chunk"])
+    model = nnx.eval_shape(lambda: make_model(config, mode))
+    graphdef, params = nnx.split(model.stack.blocks, nnx.Param)
+    params = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+    graphdef, train, frozen = nnx.split(nnx.merge(graphdef, params), trainable_of(mode), ...)
+    x = jax.ShapeDtypeStruct((batch, context, config.width), jnp.float32)
+
+    def vjp(train, frozen, x, g):
+        h, pullback = jax.vjp(lambda t, x: nnx.merge(graphdef, t, frozen)(x, None, None),
+                              train, x)
+        return h, pullback(g)
+
+    compiled = jax.jit(vjp).lower(train, frozen, x, x).compile()
+    return compiled_memory(compiled)["temp_bytes"]
+
+
+def loss_vjp_bytes(shape, batch, context, opts) -> int:
+    """Temp bytes of the head and chunked loss's forward + VJP (final norm output
+    differentiated) compiled alone."""
+    fields = SHAPES[shape][0]
+    hidden = jax.ShapeDtypeStruct((batch, context, fields["width"]), jnp.float32)
+    head = jax.ShapeDtypeStruct((fields["vocab_size"], fields["width"]), jnp.bfloat16)
+    targets = jax.ShapeDtypeStruct((batch, context), jnp.int32)
+    chunk = min(opts["loss_chunk"], context)
+
+    def vjp(hidden, head, targets):
+        return jax.value_and_grad(lambda h: chunked_cross_entropy(
+            h, head.astype(jnp.float32), targets, chunk=chunk))(hidden)
+
+    compiled = jax.jit(vjp).lower(hidden, head, targets).compile()
+    return compiled_memory(compiled)["temp_bytes"]
+
+
+def breakdown(runner: Runner, shape, mode, methods) -> dict:
+    """Per-token bytes at context 4096 (the batch slope of the compiled peak / 4096) beside
+    the analytic parts, and each method's constant bytes (the peak at batch 1 less the
+    per-token part) beside parameters, gradients and optimizer state.
+
+    The analytic floor per token (bdia): its side bits, the backward pass's four float32
+    stream buffers (x_k, x_k+1, dL/dx_k+2, dL/dx_k+1) and the probe's x_0, and one block's
+    working set at its least: q, k, v in the compute dtype, their float32 gradients and one
+    float32 branch output (or, if larger, the loss's hidden state and its gradient).
+    remat's floor has its saved block inputs instead of the side bits and two streams.
+    One block's forward + VJP and the head + loss compiled alone are reported beside them
+    (their temporaries per token; not a floor: compiled alone, XLA keeps more)."""
+    opts = runner.opts
+    fields = SHAPES[shape][0]
+    width, depth = fields["width"], fields["depth"]
+    heads, kv = fields["num_heads"], fields.get("num_kv_heads") or fields["num_heads"]
+    head_dim = fields.get("head_dim") or width // heads
+    compute = jnp.dtype(opts["compute_dtype"]).itemsize
+    t = BATCH_CONTEXT
+    cache = runner.data.setdefault("parts", {})
+    key = f"{shape}/{mode}"
+    if key not in cache:
+        block = [block_vjp_bytes(shape, mode, b, t, opts) for b in (1, 2)]
+        loss = [loss_vjp_bytes(shape, b, t, opts) for b in (1, 2)]
+        cache[key] = {"block_vjp_temp_bytes_b1_b2": block, "loss_vjp_temp_bytes_b1_b2": loss}
+        runner.save()
+    slope = lambda pair: (pair[1] - pair[0]) / t  # noqa: E731
+    stream = width * 4
+    qkv = (heads + 2 * kv) * head_dim
+    block_min = max(qkv * compute + qkv * 4 + stream, 2 * stream)
+    parts = {"side_bits": (depth - 1) * width / 8,
+             "streams": 5 * stream,
+             "one_block_working_set_min": block_min}
+    floors = {"bdia": sum(parts.values()),
+              "remat": depth * stream + 2 * stream + block_min,
+              "remat_bf16": depth * stream / 2 + 2 * stream + block_min,
+              "remat_offload": 2 * stream + 2 * stream + block_min,
+              "remat_nomask": depth * stream + 2 * stream + block_min}
+    out = {"context": t, "per_token_bytes": {}, "analytic_parts_per_token": parts,
+           "compiled_alone_per_token": {
+               "one_block_forward_vjp_temp": slope(cache[key]["block_vjp_temp_bytes_b1_b2"]),
+               "head_and_loss_temp": slope(cache[key]["loss_vjp_temp_bytes_b1_b2"])},
+           "batch_independent_bytes": {}}
+    for method in methods:
+        p1 = runner.method_peak(shape, mode, method, 1, t)
+        p2 = runner.method_peak(shape, mode, method, 2, t)
+        entry = {"compiled": (p2 - p1) / t, "floor": floors.get(method)}
+        if entry["floor"]:
+            entry["compiled_over_floor"] = entry["compiled"] / entry["floor"]
+        out["per_token_bytes"][method] = entry
+        out["batch_independent_bytes"][method] = p1 - (p2 - p1)
+    state = runner.data["measurements"].get(f"{shape}/{mode}/remat/b1/t{t}")
+    if state is not None:
+        out["batch_independent_bytes"]["analytic"] = {
+            "trainable_parameters": state["param_bytes"], "gradients": state["param_bytes"],
+            "optimizer_state": state["opt_state_bytes"],
+            "frozen_parameters": state["frozen_bytes"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
+        compute_dtype="bfloat16", attention_chunk=128, loss_chunk=512, context_step=1024,
+        max_context=1 << 20, max_batch=4096, with_breakdown=True) -> dict:
+    """Search every (shape, mode, method, budget); write and return max_context.json."""
+    for name, values, choices in (("shapes", shapes, SHAPES), ("modes", modes, MODES),
+                                  ("methods", methods, METHODS), ("searches", searches,
+                                                                  SEARCHES)):
+        unknown = [v for v in values if v not in choices]
+        if unknown:
+            raise ValueError(f"{name}: unknown {unknown}; choose from {list(choices)}.")
+    for value, name in ((context_step, "context_step"), (BATCH_CONTEXT, "context 4096")):
+        problem = chunk_problem(loss_chunk, value)
+        if problem:
+            raise ValueError(f"--loss_chunk {problem} ({name}).")
+    opts = dict(compute_dtype=compute_dtype, attention_chunk=attention_chunk,
+                loss_chunk=loss_chunk, context_step=context_step, max_context=max_context,
+                max_batch=max_batch)
+    runner = Runner(out_dir, opts)
+    runner.data.update(backend=jax.default_backend(), device=str(jax.devices()[0]),
+                       platform=platform.platform(), jax=jax.__version__)
+    records = {(r["shape"], r["mode"], r["method"], r["budget_gib"]): r
+               for r in runner.data.get("records", [])}
+    start = time.perf_counter()
+    for shape in shapes:
+        fields, max_positions = SHAPES[shape]
+        for mode in modes:
+            for method in methods:
+                for budget in budgets:
+                    found = {}
+                    for what in searches:
+                        found[what] = search(runner, shape, mode, method, budget, what)
+                    old = records.get((shape, mode, method, budget), {})
+                    record = {
+                        "shape": shape, "mode": mode, "method": method, "budget_gib": budget,
+                        "max_context": found.get("context", old.get("max_context")),
+                        "max_batch_at_4096": found.get("batch", old.get("max_batch_at_4096")),
+                        "analytic": method in ANALYTIC,
+                        "max_position_embeddings": max_positions,
+                        "lora": ("rank-16 float32 adapters built by benchmarks.max_context."
+                                 "LoRALinear; base frozen by trainable=" if mode == "lora16"
+                                 else None),
+                        "lora_params": lora_param_count(fields) if mode == "lora16" else 0,
+                        "commit": commit(),
+                    }
+                    if method in ANALYTIC:
+                        record["how"] = ANALYTIC_HOW[method]
+                    records[(shape, mode, method, budget)] = record
+                    print(f"{shape} {mode} {method} {budget:g} GiB: context "
+                          f"{record['max_context']}, batch at 4096 "
+                          f"{record['max_batch_at_4096']}", flush=True)
+                    runner.data["records"] = list(records.values())
+                    runner.save()
+            if with_breakdown:
+                runner.data.setdefault("breakdown", {})[f"{shape}/{mode}"] = breakdown(
+                    runner, shape, mode, methods)
+                runner.save()
+    runner.data["wall_seconds_last_run"] = round(time.perf_counter() - start, 1)
+    runner.data.setdefault("wall_seconds_runs", []).append(runner.data["wall_seconds_last_run"])
+    runner.data["markdown"] = markdown(runner.data)
+    runner.save()
+    return runner.data
+
+
+ANALYTIC_HOW = {
+    "remat_bf16": "remat's compiled peak at the same size minus half of its saved float32 "
+                  "block inputs (depth*batch*context*width*2 bytes): the engine has no "
+                  "bfloat16 checkpoint option",
+    "remat_offload": "device side only: remat's compiled peak minus the saved block inputs "
+                     "of all blocks but two (XLA:CPU has no host memory space to offload to)",
+    "remat_nomask": "remat's compiled peak minus depth-1 bool [context, context] causal "
+                    "masks: jax.checkpoint saves each block's mask (built from iota, not "
+                    "from the block input) as a residual; a remat that rebuilds it holds one",
+}
+
+
+def markdown(data) -> str:
+    lines = ["| shape | mode | method | budget GiB | max context (batch 1) | "
+             "max batch at 4096 |", "|---|---|---|---:|---:|---:|"]
+    for r in sorted(data.get("records", []), key=lambda r: (
+            r["shape"], r["mode"], r["budget_gib"], METHODS.index(r["method"]))):
+        name = r["method"] + (" (analytic)" if r["analytic"] else "")
+        lines.append(f"| {r['shape']} | {r['mode']} | {name} | {r['budget_gib']:g} | "
+                     f"{r['max_context']} | {r['max_batch_at_4096']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="llama-3.1-8b", help=",".join(SHAPES))
+    p.add_argument("--modes", default=",".join(MODES), help=",".join(MODES))
+    p.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
+    p.add_argument("--budget_gib", default="16,24,80", help="comma-separated budgets, GiB")
+    p.add_argument("--searches", default=",".join(SEARCHES),
+                   help="context (batch 1) and/or batch (context 4096)")
+    p.add_argument("--compute_dtype", default="bfloat16", help="matmul dtype")
+    p.add_argument("--attention_chunk", type=int, default=128, help="queries per block")
+    p.add_argument("--loss_chunk", type=int, default=512, help="positions per loss chunk")
+    p.add_argument("--context_step", type=int, default=1024,
+                   help="the context search's unit (tokens)")
+    p.add_argument("--max_context", type=int, default=1 << 20, help="context ceiling")
+    p.add_argument("--max_batch", type=int, default=4096, help="batch ceiling")
+    p.add_argument("--no_breakdown", action="store_true", help="skip the per-token parts")
+    p.add_argument("--out_dir", default="runs/max_context", help="output folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        data = run(args.shapes.split(","), args.modes.split(","), args.methods.split(","),
+                   [float(b) for b in args.budget_gib.split(",")], args.out_dir,
+                   searches=args.searches.split(","), compute_dtype=args.compute_dtype,
+                   attention_chunk=args.attention_chunk, loss_chunk=args.loss_chunk,
+                   context_step=args.context_step, max_context=args.max_context,
+                   max_batch=args.max_batch, with_breakdown=not args.no_breakdown)
+    except ValueError as error:
+        raise SystemExit(f"benchmarks.max_context: {error}") from None
+    print("\n" + data["markdown"])
+    print(f"wrote {os.path.join(args.out_dir, 'max_context.json')} "
+          f"({data['wall_seconds_last_run']} s)")
+    return data
+
+
+if __name__ == "__main__":
+    main()

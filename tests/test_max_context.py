@@ -1,0 +1,99 @@
+"""benchmarks.max_context: the fit-and-verify search, the LoRA adapters, and one compile-only
+run at the tiny test shape."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import max_context as mc
+
+CURVES = {  # peak bytes at size n: growing, affine or with the causal mask's n² term
+    "affine": lambda n: 1000 + 10 * n,
+    "quadratic": lambda n: 1000 + 10 * n + n * n // 7,
+    "steps": lambda n: 1000 + 10 * n + 40 * (n // 16),  # buffer-assignment jumps
+    "concave": lambda n: 1000 + 10 * n + int(50 * n**0.5),
+}
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+@pytest.mark.parametrize("budget, ceiling", [
+    (5000, 4096), (500, 4096), (1010, 4096), (1011, 4096), (10**9, 64), (10**6, 4096)])
+def test_fit_search_returns_the_last_size_that_fits(curve, budget, ceiling):
+    calls = []
+
+    def peak(n):
+        calls.append(n)
+        return CURVES[curve](n)
+
+    found = mc.largest_fitting(peak, budget, ceiling)
+    want = max([0] + [n for n in range(1, ceiling + 1) if CURVES[curve](n) <= budget])
+    assert found == want
+    assert len(set(calls)) <= 20  # a search, not a scan
+    if 0 < found < ceiling:
+        assert found in calls and found + 1 in calls  # both compiled, not predicted
+    # Another budget's measurements seed the fit; the answer is still checked at n, n + 1.
+    prior = {n: CURVES[curve](n) for n in (1, 4, 16, 100) if n <= ceiling}
+    again = []
+    assert mc.largest_fitting(lambda n: again.append(n) or CURVES[curve](n), budget,
+                              ceiling, prior=prior) == want
+    if 0 < want < ceiling:
+        assert {want, want + 1} <= set(again) | set(prior)
+
+
+def test_lora_adapters_are_the_only_trainable_parameters():
+    config = mc.model_config("test-tiny", "bdia", 32, "float32", 16)
+    model = nnx.eval_shape(lambda: mc.make_model(config, "lora16"))
+    _, lora, _ = nnx.split(model, mc.LoRAParam, ...)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
+    assert n == mc.lora_param_count(mc.SHAPES["test-tiny"][0]) > 0
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(lora))
+    base = nnx.split(model, nnx.Param, ...)[1]
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(base))
+    assert n_base > n  # the base (frozen by trainable=LoRAParam) is the rest
+
+
+def test_analytic_rows_subtract_the_saved_block_inputs():
+    fields = mc.SHAPES["test-tiny"][0]
+    saved = fields["depth"] * 2 * 64 * fields["width"] * 4
+    assert mc.saved_inputs_bytes("test-tiny", 2, 64) == saved
+    assert mc.analytic_peak("remat_bf16", "test-tiny", 10**7, 2, 64) == 10**7 - saved // 2
+    keep_two = saved * (fields["depth"] - 2) // fields["depth"]
+    assert mc.analytic_peak("remat_offload", "test-tiny", 10**7, 2, 64) == 10**7 - keep_two
+    masks = (fields["depth"] - 1) * 64 * 64  # bool [context, context] per saved block
+    assert mc.analytic_peak("remat_nomask", "test-tiny", 10**7, 2, 64) == 10**7 - masks
+
+
+@pytest.mark.slow
+def test_tiny_run_records_and_bdia_fits_longer_context(tmp_path):
+    # Compiles the tiny step about a dozen times (seconds each at the suite's XLA flags).
+    budget = 0.0015
+    argv = ["--shapes", "test-tiny", "--modes", "full", "--methods", "remat,remat_bf16,bdia",
+            "--budget_gib", str(budget), "--searches", "context", "--context_step", "32",
+            "--loss_chunk", "32", "--attention_chunk", "32", "--max_context", "8192",
+            "--no_breakdown", "--out_dir", str(tmp_path)]
+    data = mc.main(argv)
+    on_disk = json.loads((tmp_path / "max_context.json").read_text())
+    assert on_disk["records"] == data["records"]
+    records = {r["method"]: r for r in data["records"]}
+    assert set(records) == {"remat", "remat_bf16", "bdia"}
+    for r in records.values():
+        assert {"shape", "mode", "method", "budget_gib", "max_context", "max_batch_at_4096",
+                "analytic", "commit"} <= set(r)
+        assert r["shape"] == "test-tiny" and r["mode"] == "full" and r["budget_gib"] == budget
+        assert r["max_context"] % 32 == 0
+    assert records["remat_bf16"]["analytic"] and not records["bdia"]["analytic"]
+    assert records["bdia"]["max_context"] > records["remat"]["max_context"] > 0
+    measured = data["measurements"]
+    for method in ("remat", "bdia"):
+        t = records[method]["max_context"]
+        fits = measured[f"test-tiny/full/{method}/b1/t{t}"]["peak_estimate_bytes"]
+        over = measured[f"test-tiny/full/{method}/b1/t{t + 32}"]["peak_estimate_bytes"]
+        assert fits <= budget * 2**30 < over  # compiled at the answer and one step above
+    # A rerun resumes from the cached measurements: no compile.
+    again = mc.main(argv)
+    assert again["measurements"] == measured and again["records"] == data["records"]
