@@ -33,7 +33,7 @@ def chunked_token_losses(hidden: jax.Array, embedding: jax.Array, targets: jax.A
                          chunk: int) -> dict[str, jax.Array]:
     """Summed next-token losses of the tied head, computed ``chunk`` positions at a time.
 
-    Equals ``experiments.text.losses.token_losses(hidden @ embeddingᵀ, targets, all-True
+    Equals ``experiments.data.text.losses.token_losses(hidden @ embeddingᵀ, targets, all-True
     mask)`` up to float rounding (the sums are taken chunk by chunk), and so do its
     gradients.
 

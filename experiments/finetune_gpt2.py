@@ -31,9 +31,9 @@ from bdia_jax.models import GPT, GPTConfig, decoding
 from experiments.common import plots, sharding, trainer
 from experiments.common.loop import log
 from experiments.configs.finetune_gpt2 import PRESETS
-from experiments.text import e2e
-from experiments.text.losses import lm_nll_sums, token_losses
-from experiments.text.parallel import TextDataError
+from experiments.data.text import e2e
+from experiments.data.text.losses import lm_nll_sums, token_losses
+from experiments.data.text.parallel import TextDataError
 
 GPT2_DOWNLOAD = ("download a GPT-2 checkpoint folder (config.json, model.safetensors, "
                  "vocab.json, merges.txt; e.g. huggingface.co/openai-community/gpt2-medium) "

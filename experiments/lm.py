@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdia_jax import training
 from bdia_jax.chunked_loss import chunk_problem, chunked_token_losses
 from bdia_jax.models import GPT, GPTConfig
 from experiments.common import data_checks, plots, sharding, trainer
-from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.lm import PRESETS
-from experiments.text import char_lm
-from experiments.text.losses import lm_nll_sums, token_losses
-from experiments.text.parallel import TextDataError
+from experiments.data.text import char_lm
+from experiments.data.text.losses import lm_nll_sums, token_losses
+from experiments.data.text.parallel import TextDataError
 
 
 def mean_loss(step, state, windows, batch_size: int, mesh) -> float:
@@ -168,7 +168,7 @@ class CharLM(trainer.ValLossTask):
         e, samples = run.config.eval, []
         if e.num_samples:
             start = time.perf_counter()
-            samples = char_lm.sample_texts(ts.merge_model(run.graphdef, state), run.data.vocab,
+            samples = char_lm.sample_texts(training.merge(run.graphdef, state), run.data.vocab,
                                            e, run.config.model.max_len,
                                            jax.random.PRNGKey(run.seed + 7))
             log(f"[{run.display}] {len(samples)} sample(s) of {e.sample_length} characters "

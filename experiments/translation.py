@@ -4,7 +4,7 @@
     python -m experiments.translation --config=experiments/configs/translation.py:full \\
         --workdir=runs/translation_full --data_dir=/path/to/multi30k
 
-Trains a SentencePiece tokenizer on the training split (``experiments.text``), then the
+Trains a SentencePiece tokenizer on the training split (``experiments.data.text``), then the
 models that ``config.mode`` names on length-bucketed batches; reports validation loss and
 perplexity every epoch and, at the end, sacreBLEU on the test split with greedy and beam
 decoding at E[γ] = 0. Writes to ``--workdir``: metrics.jsonl, summary.json, config.json,
@@ -24,10 +24,10 @@ from bdia_jax.models import Seq2SeqConfig, Seq2SeqTransformer
 from experiments.common import data_checks, plots, sharding, trainer
 from experiments.common.loop import log
 from experiments.configs.translation import PRESETS
-from experiments.text import batching, tokenizer, translate, translation_data
-from experiments.text.losses import token_losses
-from experiments.text.parallel import TextDataError
-from experiments.text.translation_data import device_batch
+from experiments.data.text import batching, tokenizer, translate, translation_data
+from experiments.data.text.losses import token_losses
+from experiments.data.text.parallel import TextDataError
+from experiments.data.text.translation_data import device_batch
 
 
 def _token_sums(model, batch):

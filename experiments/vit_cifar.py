@@ -25,12 +25,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bdia_jax import training
 from bdia_jax.models import RevViT, RevViTConfig, ViT, ViTConfig
-from experiments import cifar_data
 from experiments.common import data_checks, plots, sharding, trainer
-from experiments.common import train_state as ts
 from experiments.common.loop import log
 from experiments.configs.vit_cifar import GAMMA_ABLATION, PRESETS
+from experiments.data import cifar
 
 # The inference update that a standard ViT's parameters are swept in (the paper applies
 # γ to a conventionally trained model this way; at γ = 0 it is the standard transformer).
@@ -46,10 +46,10 @@ def sweep_config_for(vit_cfg: ViTConfig, update: str) -> ViTConfig:
     return dataclasses.replace(vit_cfg, **trainer.method_fields(SWEEP_METHOD))
 
 
-def evaluate(step, state, data: cifar_data.ImageSplit, batch_size: int, mesh, gamma=None):
+def evaluate(step, state, data: cifar.ImageSplit, batch_size: int, mesh, gamma=None):
     """{"accuracy", "loss"} of ``state`` on ``data`` (every example once)."""
     gamma = None if gamma is None else jnp.float32(gamma)
-    sums = trainer.sum_over(step, state, cifar_data.eval_batches(data, batch_size), mesh, gamma)
+    sums = trainer.sum_over(step, state, cifar.eval_batches(data, batch_size), mesh, gamma)
     return {"accuracy": sums["correct"] / sums["count"], "loss": sums["loss_sum"] / sums["count"]}
 
 
@@ -65,7 +65,7 @@ class ViTCifar(trainer.Task):
     summary_keys = ("loss", "accuracy", "reversal_error_max", "overflow_steps")
     data_dir_field = "data.data_dir"
     data_dir_help = "TFDS data dir (default: config.data.data_dir, then $TFDS_DATA_DIR)."
-    errors = (cifar_data.DataMissingError,)
+    errors = (cifar.DataMissingError,)
     resumable = ("data.data_dir", "data.download", "eval.batch_size", "eval.sweep_gammas",
                  "eval.sweep_num_examples")
     int_fields = {**{f"model.{f}": 1 for f in ("image_size", "patch_size", "num_classes",
@@ -106,7 +106,7 @@ class ViTCifar(trainer.Task):
     def load_data(self, config, workdir, mesh):
         d = config.data
         kwargs = dict(data_dir=d.data_dir or None, download=d.download)
-        splits = {split: cifar_data.load_split(d.name, d[f"{split}_split"],
+        splits = {split: cifar.load_split(d.name, d[f"{split}_split"],
                                                num_examples=d[f"num_{split}_examples"],
                                                **kwargs) for split in ("train", "test")}
         return {**splits, "source": f"tfds:{d.name}"}
@@ -117,12 +117,12 @@ class ViTCifar(trainer.Task):
 
     def schedule(self, config, data):
         t = config.train
-        spe = cifar_data.TrainBatches(data["train"], t.batch_size, config.seed).steps_per_epoch
+        spe = cifar.TrainBatches(data["train"], t.batch_size, config.seed).steps_per_epoch
         return t.num_epochs, spe, t.eval_every_epochs, t.batch_size
 
     def batch_fn(self, run):
         size = run.config.train.batch_size
-        batches = cifar_data.TrainBatches(run.data["train"], size, run.seed)
+        batches = cifar.TrainBatches(run.data["train"], size, run.seed)
         # Each process reads only the rows of every global batch that its devices hold.
         rows = sharding.process_rows(run.mesh, size)
         return lambda step: sharding.shard_local_batch(batches(step, rows), run.mesh, size)
@@ -140,9 +140,9 @@ class ViTCifar(trainer.Task):
 
         def loss_fn(model, batch, key):
             augment_key, model_key = jax.random.split(key)
-            images = cifar_data.random_crop_flip(batch["image"], augment_key, padding=padding,
+            images = cifar.random_crop_flip(batch["image"], augment_key, padding=padding,
                                                  flip=flip)
-            logits, aux = model(cifar_data.normalize(images), key=model_key, train=True)
+            logits, aux = model(cifar.normalize(images), key=model_key, train=True)
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes),
                                           smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -152,7 +152,7 @@ class ViTCifar(trainer.Task):
         return loss_fn
 
     def evaluator(self, run):
-        step = trainer.model_step(run, cifar_data.eval_sums)
+        step = trainer.model_step(run, cifar.eval_sums)
         size = run.config.eval.batch_size
         return lambda state: evaluate(step, state, run.data["test"], size, run.mesh)
 
@@ -163,11 +163,11 @@ class ViTCifar(trainer.Task):
         sweep = {"gammas": [], "accuracy": [], "num_examples": 0}
         if gammas and "architecture" not in run.method:  # RevViT: no inference γ
             sweep_cfg = sweep_config_for(run.model_config, run.method.get("update"))
-            graphdef = run.graphdef if sweep_cfg == run.model_config else ts.split_model(
+            graphdef = run.graphdef if sweep_cfg == run.model_config else training.split(
                 nnx.eval_shape(lambda: ViT(sweep_cfg, rngs=nnx.Rngs(run.seed))))[0]
-            step = trainer.model_step(run, cifar_data.eval_sums, graphdef=graphdef)
+            step = trainer.model_step(run, cifar.eval_sums, graphdef=graphdef)
             n = e.sweep_num_examples or len(test)
-            subset = cifar_data.ImageSplit(test.images[:n], test.labels[:n])
+            subset = cifar.ImageSplit(test.images[:n], test.labels[:n])
             sweep["num_examples"] = len(subset)
             start = time.perf_counter()
             for gamma in gammas:

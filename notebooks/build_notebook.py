@@ -70,7 +70,8 @@ IN_COLAB = "google.colab" in sys.modules
 
 
 def _importable() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("bdia_jax", "experiments"))
+    return all(importlib.util.find_spec(name) is not None for name in
+               ("bdia_jax", "experiments", "benchmarks"))
 
 
 def _find_checkout() -> str | None:
@@ -187,7 +188,8 @@ from flax import nnx
 import bdia_jax
 from bdia_jax.models import ReversalProbe, ViT, vit_config
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
-from experiments import memory_benchmark, vit_cifar
+from benchmarks import memory_benchmark
+from experiments import vit_cifar
 from experiments.common import metrics as run_metrics
 from experiments.common.memory import step_memory
 from experiments.configs.vit_cifar import get_config
@@ -395,7 +397,7 @@ md("""
 ## 2. Compiled memory at growing depth
 
 For each method and depth, XLA compiles the full value-and-grad step of a pre-LN attention + MLP
-stack (`experiments/memory_benchmark.py`) and reports the program's memory
+stack (`benchmarks/memory_benchmark.py`) and reports the program's memory
 (`memory_analysis()`: arguments + outputs + temporaries). Nothing is run, so large shapes cost
 only compile time. The *activation* memory per block is the mixed slope ∂²M/∂depth∂batch
 (parameters and their gradients grow with depth but not with batch, so they drop out), in bits
@@ -405,7 +407,7 @@ per-block remat stores each block's input (32 bits), reversible BDIA only its si
 
 code('''
 mem = SETTINGS["memory"]
-MEMORY_METHODS = mem["methods"]  # keys of experiments.memory_benchmark.METHODS
+MEMORY_METHODS = mem["methods"]  # keys of benchmarks.memory_benchmark.METHODS
 big_batch = mem["batches"][-1]
 slope_depths = mem["depths"][-2:]  # the mixed slope uses the two largest depths
 # Every depth at the largest batch (the plot), the other batches only where the slope needs them.
@@ -583,7 +585,7 @@ md("""
 
 * `python -m experiments.vit_cifar --config=experiments/configs/vit_cifar.py:paper` runs the
   full comparison from a shell (add `--config.model.compute_dtype=bfloat16` on a GPU/TPU).
-* `python -m experiments.memory_benchmark` prints the memory/speed table of section 2 with timings.
+* `python -m benchmarks.memory_benchmark` prints the memory/speed table of section 2 with timings.
 * `bdia_jax.bdia_stack(block_fn, params, x, key=...)` makes any residual stack of identical blocks
   reversible; `bdia_jax.models` has the ViT, a GPT and an encoder-decoder built on it.
 """)

@@ -11,10 +11,11 @@ from flax import nnx
 
 from bdia_jax.chunked_loss import chunked_cross_entropy, chunked_token_losses
 from bdia_jax.models import GPT, gpt_config
-from experiments import lm, max_batch
+from benchmarks import max_batch, registry
+from experiments import lm
 from experiments.common.config import ConfigError
 from experiments.configs.lm import get_config
-from experiments.text.losses import token_losses
+from experiments.data.text.losses import token_losses
 
 
 def full_cross_entropy(hidden, embedding, targets):
@@ -99,8 +100,8 @@ def test_gpt_hidden_states_and_the_chunked_lm_and_max_batch_losses():
         model = nnx.merge(graphdef, state)
         return (model(batch["inputs"])[0], model.hidden_states(batch["inputs"])[0],
                 model.head_embedding, full_loss_fn(model, batch, None),
-                chunked_loss_fn(model, batch, None), max_batch.gpt_loss(model, tokens, None),
-                max_batch.gpt_loss(model, tokens, None, loss_chunk=8))
+                chunked_loss_fn(model, batch, None), registry.gpt_loss(model, tokens, None)[0],
+                registry.gpt_loss(model, tokens, None, loss_chunk=8)[0])
 
     logits, hidden, embedding, full, chunked, max_batch_full, max_batch_chunked = outputs(state)
     assert hidden.shape == (2, 16, 32) and hidden.dtype == jnp.float32

@@ -2,7 +2,7 @@
 
 Only 127.0.0.1 is ever contacted: an autouse guard refuses every other address and name.
 CIFAR-10 is prepared for real from a tiny archive in its binary format, served on
-127.0.0.1, and read back through ``cifar_data.load_split``; failed and impossible
+127.0.0.1, and read back through ``cifar.load_split``; failed and impossible
 transfers (HTTP error, closed port, unknown host, hanging DNS, missing module) end in one
 ``DataMissingError`` line within seconds, for the image, LM and translation readers.
 """
@@ -21,11 +21,11 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.download import checksums, downloader
 from tensorflow_datasets.core.download import util as download_util
-from tensorflow_datasets.image_classification import cifar
+from tensorflow_datasets.image_classification import cifar as tfds_cifar
 
-from experiments import cifar_data
 from experiments.common import tfds_download
-from experiments.text import char_lm, parallel
+from experiments.data import cifar
+from experiments.data.text import char_lm, parallel
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 LOCAL = "127.0.0.1"
@@ -107,10 +107,10 @@ def serve():
 
 def _point_cifar10_at(monkeypatch, url: str, body: bytes) -> None:
     """The real cifar10 builder, downloading ``url`` and checking it against ``body``."""
-    real_info = cifar.Cifar10._cifar_info.fget
-    monkeypatch.setattr(cifar.Cifar10, "_cifar_info",
+    real_info = tfds_cifar.Cifar10._cifar_info.fget
+    monkeypatch.setattr(tfds_cifar.Cifar10, "_cifar_info",
                         property(lambda self: real_info(self)._replace(url=url)))
-    monkeypatch.setattr(cifar.Cifar10, "url_infos", {url: checksums.UrlInfo(
+    monkeypatch.setattr(tfds_cifar.Cifar10, "url_infos", {url: checksums.UrlInfo(
         size=tfds_utils.Size(len(body)), checksum=hashlib.sha256(body).hexdigest(),
         filename=url.rsplit("/", 1)[1])})
 
@@ -147,8 +147,8 @@ def test_download_hosts_come_from_the_builders_checksums(monkeypatch, tmp_path):
 def test_cifar10_downloads_from_localhost_and_loads(monkeypatch, tmp_path, serve):
     body, examples = _cifar_archive()
     _point_cifar10_at(monkeypatch, serve(body), body)
-    train = cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path))
-    test = cifar_data.load_split("cifar10", "test", data_dir=str(tmp_path), download=False)
+    train = cifar.load_split("cifar10", "train", data_dir=str(tmp_path))
+    test = cifar.load_split("cifar10", "test", data_dir=str(tmp_path), download=False)
     assert train.images.shape == (15, 32, 32, 3) and train.images.dtype == np.uint8
     assert len(test) == 3
     for split, data in (("train", train), ("test", test)):
@@ -161,8 +161,8 @@ def test_a_failed_transfer_ends_in_one_line(monkeypatch, tmp_path, serve):
     body, _ = _cifar_archive(images_per_file=1)
     _point_cifar10_at(monkeypatch, serve(b"gone", status=404), body)
     start = time.monotonic()
-    with pytest.raises(cifar_data.DataMissingError) as info:
-        cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path))
+    with pytest.raises(cifar.DataMissingError) as info:
+        cifar.load_split("cifar10", "train", data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     _assert_one_line(info.value, "downloading and preparing it failed (DownloadError:",
                      "HTTP code: 404", "point --data_dir (or TFDS_DATA_DIR", str(tmp_path))
@@ -173,8 +173,8 @@ def test_a_transfer_that_does_not_match_its_checksum_ends_in_one_line(monkeypatc
                                                                       serve):
     body, _ = _cifar_archive(images_per_file=1)
     _point_cifar10_at(monkeypatch, serve(body[:-10]), body)
-    with pytest.raises(cifar_data.DataMissingError) as info:
-        cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path))
+    with pytest.raises(cifar.DataMissingError) as info:
+        cifar.load_split("cifar10", "train", data_dir=str(tmp_path))
     _assert_one_line(info.value, "NonMatchingChecksumError", "fix that cause and rerun")
 
 
@@ -190,8 +190,8 @@ def test_offline_fails_fast_before_any_transfer(monkeypatch, tmp_path, unreachab
     monkeypatch.setattr(downloader._Downloader, "_sync_download",
                         lambda self, url, *args, **kwargs: transfers.append(url))
     start = time.monotonic()
-    with pytest.raises(cifar_data.DataMissingError) as info:
-        cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path))
+    with pytest.raises(cifar.DataMissingError) as info:
+        cifar.load_split("cifar10", "train", data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     cause = {"closed port": "the download would fail: cannot reach 127.0.0.1:",
              "unknown host": "the download would fail: cannot reach www.cs.toronto.edu:443 "
@@ -233,9 +233,9 @@ def test_a_module_missing_from_the_install_says_to_install_it(monkeypatch, tmp_p
     def url_infos(cls):
         raise ModuleNotFoundError("No module named 'importlib_resources'")
 
-    monkeypatch.setattr(cifar.Cifar10, "url_infos", property(url_infos))
-    with pytest.raises(cifar_data.DataMissingError) as info:
-        cifar_data.load_split("cifar10", "train", data_dir=str(tmp_path))
+    monkeypatch.setattr(tfds_cifar.Cifar10, "url_infos", property(url_infos))
+    with pytest.raises(cifar.DataMissingError) as info:
+        cifar.load_split("cifar10", "train", data_dir=str(tmp_path))
     _assert_one_line(info.value, "importlib_resources", "pip install -r requirements.txt")
     assert "reachable" not in str(info.value)  # the network is not the problem
 

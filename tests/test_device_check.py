@@ -1,4 +1,4 @@
-"""experiments.device_check --small: every section on the CPU, its JSON and markdown; and the
+"""benchmarks.device_check --small: every section on the CPU, its JSON and markdown; and the
 subprocess rerun with the deterministic-ops flag that a non-zero GPU probe triggers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import TEST_XLA_FLAG
 
-from experiments import device_check
+from benchmarks import device_check
 
 
 @pytest.mark.slow
@@ -98,26 +98,31 @@ def test_memory_runs_one_process_per_model_where_memory_stats_exist(monkeypatch)
     assert section["rows"]["bdia_vit"]["vit_over_this"] > 0
 
 
-def test_largest_batch_on_a_device_keeps_the_presets_flags(monkeypatch):
+def test_largest_batch_on_a_device_keeps_the_presets_settings(monkeypatch):
     """The accelerator path of the max-batch section, on the CPU: the budget comes from a
-    stand-in memory_stats(), and the full preset's own flags (the README's --loss_chunk 32)
-    reach experiments.max_batch with it. The search itself is stubbed (tests/test_max_batch.py
-    runs it)."""
+    stand-in memory_stats(), and the full preset's own settings (the README's loss_chunk 32,
+    GPT-2 medium) reach benchmarks.max_batch.run with it. The search itself is stubbed
+    (tests/test_max_batch.py runs it)."""
     monkeypatch.setattr(device_check, "device_memory", lambda: {"bytes_limit": 80 * 2**30})
     seen = []
 
-    def run(args):
-        seen.append(args)
-        table = {args.methods: {"80.0": {"batch": 3, "attention": "chunked"}}}
-        return {"searches": {}, "table": table, "config": vars(args), "backend": "cpu"}
+    def run(budgets_gib, size, *, methods, attention, loss_chunk):
+        seen.append(dict(budgets_gib=budgets_gib, size=size, methods=methods,
+                         attention=attention, loss_chunk=loss_chunk))
+        table = {methods[0]: {"80.0": {"batch": 3, "attention": "chunked"}}}
+        return {"searches": {}, "table": table, "backend": "cpu",
+                "config": {**size, "budgets_gib": [80.0], "loss_chunk": loss_chunk,
+                           "compute_dtype": "float32"}}
 
     monkeypatch.setattr(device_check.max_batch, "run", run)
     args = device_check.parse_args([])
     section = device_check.largest_batch(args, device_check.PRESETS["full"],
                                          device_check.TimeBudget(300))
     assert section["budget_source"] == "memory_stats() bytes_limit"
-    assert [a.methods for a in seen] == ["bdia", "remat", "autodiff"]
+    assert [tuple(a["methods"]) for a in seen] == [("bdia",), ("remat",), ("autodiff",)]
     for a in seen:
-        assert (a.loss_chunk, a.budget_gib, a.attention) == (32, "80.00", "chunked")
-        assert (a.depth, a.width, a.context) == (24, 1024, 1024)  # GPT-2 medium, not --small
+        assert (a["loss_chunk"], tuple(a["budgets_gib"]), a["attention"]) == (
+            32, (80.0,), ["chunked"])
+        size = a["size"]
+        assert (size["depth"], size["width"], size["context"]) == (24, 1024, 1024)
     assert "BDIA / remat" in section["markdown"]

@@ -1,4 +1,4 @@
-"""experiments.text.e2e: E2E NLG CSVs, GPT-2 BPE, prompt/target encoding, multi-reference BLEU."""
+"""experiments.data.text.e2e: E2E NLG CSVs, GPT-2 BPE, prompt/target encoding, multi-reference BLEU."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bdia_jax.pretrained import load_gpt2
-from experiments.text import e2e
-from experiments.text.parallel import TextDataError
+from experiments.data.text import e2e
+from experiments.data.text.parallel import TextDataError
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from checkpoint_utils import restore_on_one_device
 from flax import nnx
 from subprocess_env import child_env
 
+from bdia_jax import training
 from bdia_jax.models import ViT, vit_config
 from experiments.common import sharding
 from experiments.common import train_state as ts
@@ -50,7 +51,7 @@ def _fresh_state(frac_bits=9):
     model = ViT(vit_config("tiny", update="bdia", backprop="reversible", frac_bits=frac_bits),
                 rngs=nnx.Rngs(0))
     optimizer, schedule = ts.make_optimizer(_optim(), 20, 10)
-    graphdef, state = ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))
+    graphdef, state = training.init(model, optimizer, jax.random.PRNGKey(0))
     return graphdef, optimizer, schedule, state
 
 
@@ -78,8 +79,8 @@ def _overflow_setup(stop_on_nonfinite):
     graphdef, optimizer, schedule, state = _fresh_state(frac_bits=20)
     rep = sharding.replicated_sharding(mesh)
     step = ts.compile_train_step(
-        ts.make_train_step(graphdef, _loss_fn, optimizer, schedule=schedule,
-                           stop_on_nonfinite=stop_on_nonfinite),
+        training.make_train_step(graphdef, _loss_fn, optimizer, schedule=schedule,
+                                 stop_on_nonfinite=stop_on_nonfinite),
         sharding.replicate(state, mesh), sharding.shard_batch(_batch(), mesh),
         state_sharding=rep, batch_sharding=sharding.batch_sharding(mesh), metrics_sharding=rep)
     return mesh, step
@@ -391,7 +392,7 @@ def _like_state(**model):
     model = ViT(vit_config("tiny", update="bdia", backprop="reversible", frac_bits=9, **model),
                 rngs=nnx.Rngs(0))
     optimizer, _ = ts.make_optimizer(_optim(), 20, 10)
-    return ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))[1]
+    return training.init(model, optimizer, jax.random.PRNGKey(0))[1]
 
 
 @pytest.mark.parametrize("change,fragment", [

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bdia_jax import training
+
 from experiments import finetune_gpt2 as ft
 from experiments.common import sharding
-from experiments.common import train_state as ts
 from experiments.common.trainer import method_fields
 from experiments.configs.finetune_gpt2 import get_config
-from experiments.text import e2e
+from experiments.data.text import e2e
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_models_load_the_checkpoint_and_greedy_decodes_match_generate(tiny, tmp_
     np.testing.assert_array_equal(np.asarray(model.pos_embed[...]),
                                   np.asarray(standard.pos_embed[...]))
 
-    graphdef, params, probes, rest = ts.split_model(standard)
+    graphdef, params, probes, rest = training.split(standard)
     run = types.SimpleNamespace(graphdef=graphdef, gather=None, config=c, data=data,
                                 mesh=sharding.mesh_from_config(c))
     # Placed as the trainer places a state: the decode programs are the quick run's.

@@ -1,4 +1,4 @@
-"""experiments.max_batch: the batch search, and one compile-only run at a tiny size."""
+"""benchmarks.max_batch: the batch search, and one compile-only run at a tiny size."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import max_batch
+from benchmarks import max_batch
 
 CURVES = {  # peak bytes at batch b: growing, near-affine like compiled peaks
     "affine": lambda b: 100 + 10 * b,
@@ -34,12 +34,11 @@ def test_largest_batch_is_the_last_that_fits(curve, budget, ceiling):
 
 @pytest.mark.slow
 def test_small_run_writes_the_table(tmp_path):
-    out = tmp_path / "max_batch.json"
     # A budget that holds batch 2, not 3: a compile per batch searched, three per method.
     results = max_batch.main(["--small", "--depth", "2", "--context", "32",
                               "--budget_gib", "0.0024", "--methods", "remat,bdia",
-                              "--attention", "chunked", "--out", str(out)])
-    assert json.loads(out.read_text())["table"] == results["table"]
+                              "--attention", "chunked", "--out_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "max_batch.json").read_text())["table"] == results["table"]
     assert "| BDIA, reversible |" in (tmp_path / "max_batch.md").read_text()
     for method in ("remat", "bdia"):
         search = results["searches"][f"{method}/chunked"]

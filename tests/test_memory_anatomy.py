@@ -1,4 +1,4 @@
-"""experiments.memory_anatomy: the buffers read from XLA's live-range report add up to the
+"""benchmarks.memory_anatomy: the buffers read from XLA's live-range report add up to the
 compiled peak (a tiny ViT, in a subprocess: the dump flags must precede the backend)."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 
-from experiments import memory_anatomy
+from benchmarks import memory_anatomy
 
 
 def test_live_buffers_add_up_to_the_compiled_peak(tmp_path):
-    out = tmp_path / "anatomy.json"
+    out = tmp_path / "memory_anatomy.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-m", "experiments.memory_anatomy", "--small",
-                    "--variants", "trained", "--models", "bdia", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "benchmarks.memory_anatomy", "--small",
+                    "--variants", "trained", "--models", "bdia", "--out_dir", str(tmp_path)],
                    check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     results = json.loads(out.read_text())
     step = results["steps"]["trained/bdia"]

@@ -1,17 +1,17 @@
-"""experiments.sharding_memory end to end at toy sizes: one worker process per device
+"""benchmarks.sharding_memory end to end at toy sizes: one worker process per device
 count, the size flags forwarded to it, and the reversal exact on every layout."""
 
 from __future__ import annotations
 
 import json
 
-from experiments import sharding_memory
+from benchmarks import sharding_memory
 
 
 def test_one_worker_per_device_count_with_the_size_flags(tmp_path):
     rows = sharding_memory.main(["--devices", "1,2", "--depth", "2", "--batch", "4",
                                  "--seq", "8", "--dim", "16", "--hidden", "32", "--heads", "2",
-                                 "--workdir", str(tmp_path)])
+                                 "--out_dir", str(tmp_path)])
     assert [r["devices"] for r in rows] == [1, 2]
     saved = json.loads((tmp_path / "sharding_memory.json").read_text())
     assert saved["config"]["dim"] == 16 and saved["config"]["heads"] == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.text import batching, char_lm, parallel, tokenizer
-from experiments.text.parallel import TextDataError
+from experiments.data.text import batching, char_lm, parallel, tokenizer
+from experiments.data.text.parallel import TextDataError
 
 EN = [
     "A man rides a red bicycle.",

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.text.losses import lm_nll_sums, token_losses
+from experiments.data.text.losses import lm_nll_sums, token_losses
 
 
 def test_token_losses_match_optax_and_respect_the_mask():

@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from bdia_jax import training
 from bdia_jax.models import ViT, vit_config
 from experiments.common import config as config_lib
 from experiments.common import sharding, trainer
@@ -58,7 +59,7 @@ def _fresh_state(update):
     backprop = "reversible" if update == "bdia" else "autodiff"
     model = ViT(vit_config("tiny", update=update, backprop=backprop), rngs=nnx.Rngs(0))
     optimizer, schedule = ts.make_optimizer(_optim(), 20, 10)
-    graphdef, state = ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))
+    graphdef, state = training.init(model, optimizer, jax.random.PRNGKey(0))
     return graphdef, optimizer, schedule, state
 
 
@@ -69,8 +70,8 @@ def _compiled_step(update, stop_on_nonfinite):
     graphdef, optimizer, schedule, state = _fresh_state(update)
     rep = sharding.replicated_sharding(mesh)
     return ts.compile_train_step(
-        ts.make_train_step(graphdef, _loss_fn, optimizer, schedule=schedule,
-                           stop_on_nonfinite=stop_on_nonfinite),
+        training.make_train_step(graphdef, _loss_fn, optimizer, schedule=schedule,
+                                 stop_on_nonfinite=stop_on_nonfinite),
         sharding.replicate(state, mesh), sharding.shard_batch(_batch(), mesh),
         state_sharding=rep, batch_sharding=sharding.batch_sharding(mesh),
         metrics_sharding=rep)

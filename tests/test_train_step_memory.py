@@ -1,4 +1,4 @@
-"""experiments.train_step_memory compiles each experiment's train step on abstract inputs
+"""benchmarks.train_step_memory compiles each experiment's train step on abstract inputs
 (the task's train_batch_shapes): a batch that does not match the task's loss fails here."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import train_step_memory
+from benchmarks import train_step_memory
 
 
 @pytest.mark.parametrize("experiment", train_step_memory.EXPERIMENTS)

@@ -14,7 +14,7 @@ from experiments import translation
 from experiments.common.config import ConfigError
 from experiments.common.loop import TrainingInterrupted
 from experiments.configs.translation import get_config
-from experiments.text.parallel import TextDataError
+from experiments.data.text.parallel import TextDataError
 
 # A toy "language pair": French is the word-by-word image of English.
 LEXICON = {

@@ -13,6 +13,8 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
+from bdia_jax import training
+
 from experiments import vit_cifar
 from experiments.common import config as config_lib
 from experiments.common import sharding
@@ -276,7 +278,7 @@ def test_train_state_shardings_shard_params_and_optimizer_state_only():
 
     model = ViT(vit_config("tiny", update="bdia"), rngs=nnx.Rngs(0))
     optimizer, _ = ts.make_optimizer(get_config("tiny").optim, 10, 10)
-    _, state = ts.create_train_state(model, optimizer, jax.random.PRNGKey(0))
+    _, state = training.init(model, optimizer, jax.random.PRNGKey(0))
 
     # An abstract 1 x 4 mesh: shardings are only built here, not used to place arrays.
     mesh = AbstractMesh((1, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)

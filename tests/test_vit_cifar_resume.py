@@ -8,6 +8,8 @@ import jax
 import pytest
 import tensorflow_datasets as tfds
 
+from bdia_jax import training
+
 from experiments import vit_cifar
 from experiments.common import config as config_lib
 from experiments.common import runs, sharding, trainer
@@ -38,8 +40,8 @@ def _final_state(workdir, config):
 
     vit_cfg = ViTConfig(**config.model, **trainer.method_fields(config.methods.bdia))
     optimizer, _ = ts.make_optimizer(config.optim, 16, 8)
-    _, like = ts.create_train_state(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
-                                    jax.random.PRNGKey(0))
+    _, like = training.init(ViT(vit_cfg, rngs=nnx.Rngs(0)), optimizer,
+                            jax.random.PRNGKey(0))
     ckpt = Checkpointer(str(workdir / "checkpoints" / "bdia"), save_every_steps=4, keep=5)
     state, _ = ckpt.restore(like, sharding.replicated_sharding(mesh))
     ckpt.close()

@@ -8,7 +8,8 @@
                     parameters replicated or FSDP-sharded; jax.distributed set-up,
                     per-host batch rows, process-0-only writes. The one place that
                     decides how arrays are laid out.
-* ``train_state`` – ``TrainState``, the optimizer factory, the pure jitted train step.
+* ``train_state`` – the optimizer factory, the ahead-of-time compile of the library's train
+                    step (``bdia_jax.training``) and the state fingerprint.
 * ``checkpoint``  – Orbax checkpoints: save every N steps (atomically), keep the last N,
                     resume from the newest one that verifies (fingerprint), skip and
                     report corrupted ones.
@@ -19,7 +20,6 @@
                     ``memory_stats()``.
 * ``plots``       – every PNG plot (matplotlib figures, no pyplot).
 * ``data_checks`` – TFDS dataset-name and data-dir checks.
-* ``host_devices`` – one worker process per host-device count (the multi-device benchmarks).
 * ``runs``        – the command line of ``python -m experiments.<name>`` and the
                     ``config.json`` resume check.
 """

@@ -11,8 +11,6 @@
   and the earlier ones'.
 * ``step_memory`` – ``compiled_memory`` of a jitted function at given arguments (the
   benchmarks), raising where the backend has no analysis.
-* ``add_stack_size_args`` – the size flags of the benchmarks' attention+MLP stack
-  (``bdia_jax.testing.make_attn_mlp_block``).
 """
 
 from __future__ import annotations
@@ -70,11 +68,3 @@ def device_memory() -> dict | None:
 
 def megabytes(num_bytes: int | None) -> float | None:
     return None if num_bytes is None else num_bytes / 2**20
-
-
-def add_stack_size_args(parser) -> None:
-    """--seq, --dim, --hidden, --heads of an attention+MLP stack on an argparse parser."""
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sample")
-    parser.add_argument("--dim", type=int, default=128, help="model width")
-    parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")

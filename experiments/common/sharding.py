@@ -12,7 +12,7 @@ axes ``("data", "fsdp")`` of sizes ``(devices / fsdp, fsdp)``:
   replicated). The train step all-gathers the weights at its start (``gather_sharding``)
   and the gradients are reduce-scattered back to the shards; without that constraint
   XLA's partitioner may instead reshard the activations to follow the weights' layout,
-  which costs more memory (measured with ``experiments/train_step_memory.py``).
+  which costs more memory (measured with ``benchmarks/train_step_memory.py``).
 
 Multi-host: ``initialize_distributed`` calls ``jax.distributed.initialize()`` when the
 config or the environment asks for it (see ``distributed_wanted``); then
@@ -275,7 +275,7 @@ def train_state_shardings(state, mesh: Mesh):
 
 def gather_sharding(mesh: Mesh) -> NamedSharding | None:
     """What the train step constrains the parameters to at its start (see
-    ``train_state.make_train_step(gather_params=...)``): replicated under FSDP, so the
+    ``bdia_jax.training.make_train_step(gather_params=...)``): replicated under FSDP, so the
     weights are all-gathered once per step and the activations keep their batch sharding;
     None (no constraint) with replicated parameters."""
     return replicated_sharding(mesh) if fsdp_size(mesh) > 1 else None

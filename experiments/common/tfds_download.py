@@ -1,6 +1,6 @@
 """Open a TFDS dataset as a random-access source, downloading and preparing it when allowed.
 
-Shared by the image (``experiments/cifar_data.py``), language-model (``text/char_lm.py``) and
+Shared by the image (``experiments/data/cifar.py``), language-model (``text/char_lm.py``) and
 translation (``text/parallel.py``) data paths. Every failure is one ``DataMissingError`` line
 that says how to provide the data.
 

@@ -1,117 +1,22 @@
-"""The train state, the optimizer factory and the generic pure train step.
+"""The optimizer factory, the compiled train step and the state fingerprint of the harness.
 
-An experiment supplies ``loss_fn(model, batch, key) -> (loss, metrics)``: ``model`` is the
-NNX module rebuilt from the state, ``batch`` a dict of arrays with a leading batch axis,
-``key`` the step's PRNG key; ``loss`` a float32 scalar and ``metrics`` a dict of scalars
-(the keys "overflow" and "nonfinite", when present, are read as the model's health flags).
-
-The step splits the model with ``nnx.split(model, nnx.Param, ReversalProbe, ...)``,
-differentiates with respect to the parameters AND the reversal probes, applies the optax
-update to the parameters only, and reports the summed probe gradients as
-"reversal_error" (0.0: every reversible stack rebuilt its states bit for bit).
-
-Randomness: the step's key is ``fold_in(base_key, step)``, so a resumed run replays the same
-stream. Bad steps: a non-finite loss or gradient (or a "nonfinite" flag from the model), and
-a fixed-point range overflow reported by the engine (the "overflow" flag: the BDIA stream
-left the grid's exact range, so the reversal and its gradient are no longer exact). Their
-update is not applied (parameters and optimizer state keep their old values);
-``num_nonfinite`` / ``num_overflow`` count them and ``first_nonfinite_step`` /
-``first_overflow_step`` remember the first; with ``stop_on_nonfinite`` every later update is
-held back too, so the host loop can stop with the state from just before the bad step. A
-state therefore never contains a bad update, and never NaNs.
+The train step itself and its state are the library's (``bdia_jax.training``: ``TrainState``,
+``init``, ``make_train_step``); this module builds the optax optimizer from a config's
+``optim`` section, compiles the step ahead of time for the trainer's shardings (donating the
+state), and fingerprints a state for the checkpoints.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx, struct
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+from bdia_jax.training import TrainState
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 SCHEDULES = ("warmup_cosine", "warmup_constant")
-
-
-def probe_type():
-    """The reversal-probe variable type of ``bdia_jax.models``."""
-    from bdia_jax.models import ReversalProbe
-
-    return ReversalProbe
-
-
-def split_model(model: nnx.Module):
-    """``(graphdef, params, probes, rest)``: trainable parameters, reversal probes, the rest."""
-    return nnx.split(model, nnx.Param, probe_type(), ...)
-
-
-@struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; a pytree (checkpointed as a whole).
-
-    step:                 int32 scalar, optimizer steps taken (= batches consumed).
-    params:               nnx.State of nnx.Param leaves (float32).
-    probes:               nnx.State of ReversalProbe scalars (always 0.0; only their
-                          gradients are read).
-    rest:                 nnx.State of every other variable of the model.
-    opt_state:            optax state of ``params``.
-    base_key:             uint32[2] raw PRNG key; step k uses ``fold_in(base_key, k)``.
-    num_nonfinite:        int32 scalar, steps with a non-finite loss/gradient (held back).
-    first_nonfinite_step: int32 scalar, the first such step, -1 if none.
-    num_overflow:         int32 scalar, steps whose BDIA stack overflowed its fixed-point
-                          range (held back).
-    first_overflow_step:  int32 scalar, the first such step, -1 if none.
-    """
-
-    step: jax.Array
-    params: Any
-    probes: Any
-    rest: Any
-    opt_state: Any
-    base_key: jax.Array
-    num_nonfinite: jax.Array
-    first_nonfinite_step: jax.Array
-    num_overflow: jax.Array
-    first_overflow_step: jax.Array
-
-
-def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
-                       base_key: jax.Array) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` and build its step-0 state. ``base_key``: a raw uint32[2] key."""
-    graphdef, params, probes, rest = split_model(model)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        probes=probes,
-        rest=rest,
-        opt_state=optimizer.init(params),
-        base_key=jnp.asarray(base_key, jnp.uint32),
-        num_nonfinite=jnp.zeros((), jnp.int32),
-        first_nonfinite_step=jnp.full((), -1, jnp.int32),
-        num_overflow=jnp.zeros((), jnp.int32),
-        first_overflow_step=jnp.full((), -1, jnp.int32),
-    )
-    return graphdef, state
-
-
-def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
-    """The NNX module for ``state`` (e.g. for evaluation)."""
-    return nnx.merge(graphdef, state.params, state.probes, state.rest)
-
-
-def gathered(params, gather_params):
-    """``params`` constrained to ``gather_params`` (inside a jitted step; see
-    ``make_train_step``): under FSDP the weights are all-gathered once, so the
-    batch-sharded activations keep their layout. None: unchanged."""
-    if gather_params is None:
-        return params
-    return jax.lax.with_sharding_constraint(
-        params, jax.tree_util.tree_map(lambda _: gather_params, params))
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -189,91 +94,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, steps_per
     return base, schedule
 
 
-# --------------------------------------------------------------------------- train step
-
-
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
-                    optimizer: optax.GradientTransformation, *,
-                    schedule: optax.Schedule | None = None,
-                    stop_on_nonfinite: bool = True,
-                    gather_params=None):
-    """The pure train step ``(state, batch) -> (state, metrics)``; jit it with
-    ``donate_argnums=0`` (see ``compile_train_step``).
-
-    metrics (float32/bool scalars): the loss_fn's metrics plus "loss", "grad_norm",
-    "reversal_error" (summed probe gradients), "nonfinite" (non-finite loss, gradient or
-    model values this step), "overflow" (the model's fixed-point range overflow flag, False
-    when the loss_fn reports none), "skipped" (this step's update was held back),
-    "learning_rate" (when ``schedule`` is given).
-
-    With ``stop_on_nonfinite`` (the "stop" policy) every update after the first bad step is
-    held back as well; otherwise ("skip") only the bad steps are.
-
-    ``gather_params``: None, or a sharding (e.g. replicated) that the parameters are
-    constrained to at the start of the step. With FSDP-sharded parameters this makes XLA
-    all-gather the weights once per step (and reduce-scatter their gradients) instead of
-    resharding the batch-sharded activations to follow the weights' layout.
-    """
-    probe = probe_type()
-
-    def train_step(state: TrainState, batch: dict):
-        key = jax.random.fold_in(state.base_key, state.step)
-
-        def objective(params, probes):
-            model = nnx.merge(graphdef, gathered(params, gather_params), probes, state.rest)
-            loss, metrics = loss_fn(model, batch, key)
-            _, _, _, rest = nnx.split(model, nnx.Param, probe, ...)
-            return loss, (metrics, rest)
-
-        (loss, (metrics, rest)), (grads, probe_grads) = jax.value_and_grad(
-            objective, argnums=(0, 1), has_aux=True
-        )(state.params, state.probes)
-
-        grad_norm = optax.tree.norm(grads)
-        nonfinite = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
-        if "nonfinite" in metrics:
-            nonfinite = nonfinite | jnp.asarray(metrics["nonfinite"], bool)
-        overflow = jnp.asarray(metrics.get("overflow", False), bool)
-        bad = nonfinite | overflow
-        seen_bad = (state.first_nonfinite_step >= 0) | (state.first_overflow_step >= 0)
-        hold = bad | seen_bad if stop_on_nonfinite else bad
-
-        def update(old):
-            params, opt_state, _ = old
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, rest
-
-        # A cond, not a select of old against new: with jnp.where the old moments stay live
-        # beside the new ones, and XLA copies them for the whole step (docs/results.md).
-        params, opt_state, rest = jax.lax.cond(
-            hold, lambda old: old, update, (state.params, state.opt_state, state.rest))
-
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            rest=rest,
-            num_nonfinite=state.num_nonfinite + nonfinite.astype(jnp.int32),
-            first_nonfinite_step=jnp.where(
-                nonfinite & (state.first_nonfinite_step < 0), state.step,
-                state.first_nonfinite_step),
-            num_overflow=state.num_overflow + overflow.astype(jnp.int32),
-            first_overflow_step=jnp.where(
-                overflow & (state.first_overflow_step < 0), state.step,
-                state.first_overflow_step),
-        )
-        reversal_error = sum(
-            (jnp.asarray(g, jnp.float32) for g in jax.tree_util.tree_leaves(probe_grads)),
-            jnp.zeros((), jnp.float32),
-        )
-        out = dict(metrics)
-        out.update(loss=loss, grad_norm=grad_norm, reversal_error=reversal_error,
-                   nonfinite=nonfinite, overflow=overflow, skipped=hold)
-        if schedule is not None:
-            out["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return new_state, out
-
-    return train_step
+# --------------------------------------------------------------------------- compiling
 
 
 def state_shardings(state: TrainState, sharding) -> TrainState:

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 import bdia_jax
+from bdia_jax import training
 from experiments.common import config as config_lib
 from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
@@ -171,7 +172,7 @@ class ModelRun:
     name: the ``config.methods`` entry; display: its name in records and tables; method:
     that entry (flat keywords); model_config: the built model config; graphdef: the
     model's NNX graph; gather: the sharding the parameters are all-gathered to inside
-    jitted steps (None without FSDP; pass it to ``train_state.gathered``); num_steps.
+    jitted steps (None without FSDP; pass it to ``bdia_jax.training.gathered``); num_steps.
     """
 
     name: str
@@ -262,7 +263,7 @@ class Task:
         front, so compilation never lands in the timed training windows."""
         return [get_batch(0)]
 
-    def loss_fn(self, config) -> ts.LossFn:
+    def loss_fn(self, config) -> training.LossFn:
         raise NotImplementedError
 
     def train_batch_shapes(self, config) -> tuple[dict, dict]:
@@ -271,10 +272,10 @@ class Task:
         config's values: vocabulary sizes and the like)."""
         raise NotImplementedError
 
-    def evaluator(self, run: ModelRun) -> Callable[[ts.TrainState], dict]:
+    def evaluator(self, run: ModelRun) -> Callable[[training.TrainState], dict]:
         raise NotImplementedError
 
-    def report(self, run: ModelRun, state: ts.TrainState) -> dict:
+    def report(self, run: ModelRun, state: training.TrainState) -> dict:
         """The task's extra figures of a trained model (merged into its result)."""
         return {}
 
@@ -317,7 +318,7 @@ def _jit_on_model(graphdef, gather, fn, static):
 
     @jax.jit
     def step(params, probes, rest, *args):
-        model = nnx.merge(graphdef, ts.gathered(params, gather), probes, rest)
+        model = nnx.merge(graphdef, training.gathered(params, gather), probes, rest)
         return fn(model, *args, **kwargs)
 
     return step
@@ -476,7 +477,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     num_steps = num_epochs * spe
     optimizer, schedule = ts.make_optimizer(config.optim, num_steps, spe)
     base_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    graphdef, state = ts.create_train_state(model, optimizer, base_key)
+    graphdef, state = training.init(model, optimizer, base_key)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     del model
     # Parameters and optimizer state: replicated, or FSDP-sharded when mesh.fsdp > 1.
@@ -506,10 +507,10 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
 
     get_batch = task.batch_fn(run)
     compile_start = time.perf_counter()
-    train_step = ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                                    schedule=schedule,
-                                    stop_on_nonfinite=t.on_nonfinite == "stop",
-                                    gather_params=run.gather)
+    train_step = training.make_train_step(graphdef, task.loss_fn(config), optimizer,
+                                          schedule=schedule,
+                                          stop_on_nonfinite=t.on_nonfinite == "stop",
+                                          gather_params=run.gather)
     step_fn, measured = _compile_per_shape(train_step, state, state_sharding,
                                            task.example_batches(run, get_batch), mesh)
     compile_seconds = time.perf_counter() - compile_start

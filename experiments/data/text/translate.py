@@ -11,7 +11,7 @@ import sacrebleu
 
 from bdia_jax.models import decoding
 from experiments.common import sharding
-from experiments.text import tokenizer
+from experiments.data.text import tokenizer
 
 
 def translate_batch(model, src, src_mask, *, max_len: int, beam_size: int, alpha: float):

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from experiments.common import sharding
-from experiments.text import batching, parallel, tokenizer
+from experiments.data.text import batching, parallel, tokenizer
 
 # The arrays of a batch that go to the device (the host keeps "index").
 DEVICE_KEYS = ("src", "src_mask", "tgt_in", "tgt_out", "tgt_mask")

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from experiments.text.parallel import TextDataError
+from experiments.data.text.parallel import TextDataError
 
 
 def read_text_file(path: str) -> str:

@@ -8,7 +8,7 @@
 No TensorFlow is needed: TFDS datasets are read with ``tfds.data_source``.
 """
 
-from experiments.text.parallel import (
+from experiments.data.text.parallel import (
     ParallelCorpus,
     TextDataError,
     read_lines,

@@ -29,7 +29,7 @@ import tokenizers.decoders
 import tokenizers.models
 import tokenizers.pre_tokenizers
 
-from experiments.text.parallel import TextDataError
+from experiments.data.text.parallel import TextDataError
 
 SPLIT_FILES = {"train": "trainset.csv", "validation": "devset.csv",
                "test": "testset_w_refs.csv"}

@@ -1,8 +1,8 @@
 """The largest global batch whose compiled GPT train step fits a memory budget.
 
-    python -m experiments.max_batch                              # GPT-2 medium, 16 and 80 GiB
-    python -m experiments.max_batch --small --budget_gib 0.05,0.1   # seconds (the test)
-    python -m experiments.max_batch --loss_chunk 128   # the head and loss in 128-token chunks
+    python -m benchmarks.max_batch                              # GPT-2 medium, 16 and 80 GiB
+    python -m benchmarks.max_batch --small --budget_gib 0.05,0.1   # seconds (the test)
+    python -m benchmarks.max_batch --loss_chunk 128   # the head and loss in 128-token chunks
 
 For each gradient method (standard autodiff, standard per-block remat, BDIA reversible) and
 each attention option (``--attention``; "cudnn" only where it runs) it searches the batch
@@ -22,8 +22,10 @@ The loss: by default the full float32 logits [batch, context, vocab] and their g
 at a time under ``jax.checkpoint`` (``bdia_jax.chunked_loss``), holding one chunk's logits.
 
 The default model is GPT-2 medium sized: 24 blocks, width 1024, 16 heads, MLP 4096,
-context 1024, vocabulary 50257, tied embeddings, no dropout. Writes ``--out`` (JSON) and a
-markdown table beside it (same name, ``.md``), and prints the table.
+context 1024, vocabulary 50257, tied embeddings, no dropout. The step is
+``bdia_jax.training``'s (the experiments' step: the update held on a bad step) with AdamW; the
+methods are ``benchmarks.registry.METHODS`` (the experiments' settings). Writes
+``max_batch.json`` and ``max_batch.md`` to ``--out_dir``, and prints the table.
 """
 
 from __future__ import annotations
@@ -37,67 +39,43 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from bdia_jax.chunked_loss import chunk_problem, chunked_cross_entropy
+from bdia_jax.chunked_loss import chunk_problem
 from bdia_jax.models import GPT, gpt_config
 from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from benchmarks import registry
+from benchmarks.registry import METHODS
 from experiments.common.memory import compiled_memory
-from experiments.common.train_step import adamw, make_train_step, split_model
 
-# Each gradient method: (label, the method keywords of gpt_config). BDIA recomputes h_k
-# the way the experiments' configs train it (recompute="shared": one block forward per step
-# of the backward pass, which the models' blocks are built to keep exact).
-METHODS = {
-    "autodiff": ("standard, autodiff", dict(update="standard", backprop="autodiff")),
-    "remat": ("standard, per-block remat", dict(update="standard", backprop="remat")),
-    "bdia": ("BDIA, reversible", dict(update="bdia", backprop="reversible",
-                                      recompute="shared")),
-}
 GPT2_MEDIUM = dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, context=1024,
                    vocab=50257)
 SMALL = dict(width=64, depth=4, num_heads=4, mlp_dim=128, context=64, vocab=256)
 GIB = 2**30
 
 
-def model_config(args, method: str, attention: str):
+def model_config(size: dict, method: str, attention: str, compute_dtype: str = "float32"):
+    """The GPT config of ``size`` (GPT2_MEDIUM's keys) trained with ``METHODS[method]``."""
     return gpt_config(
-        "nanogpt", vocab_size=args.vocab, max_len=args.context, width=args.width,
-        depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim, dropout=0.0,
-        attention_dropout=0.0, compute_dtype=args.compute_dtype, attention=attention,
+        "nanogpt", vocab_size=size["vocab"], max_len=size["context"], width=size["width"],
+        depth=size["depth"], num_heads=size["num_heads"], mlp_dim=size["mlp_dim"],
+        dropout=0.0, attention_dropout=0.0, compute_dtype=compute_dtype, attention=attention,
         **METHODS[method][1])
 
 
-def gpt_loss(model, tokens, key, loss_chunk: int = 0):
-    """Next-token cross-entropy of ``tokens`` [batch, context+1] int32 (train=True); the
-    head and loss over chunks of ``loss_chunk`` positions when it is > 0."""
-    if loss_chunk:
-        hidden, _ = model.hidden_states(tokens[:, :-1], key=key, train=True)
-        return chunked_cross_entropy(hidden, model.head_embedding, tokens[:, 1:],
-                                     chunk=loss_chunk)
-    logits, _ = model(tokens[:, :-1], key=key, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-
 def abstract_step(config, loss_chunk: int = 0):
-    """(jitted step, abstract params, probes, opt_state) of a GPT with ``config``."""
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-    graphdef, params, probes = split_model(model)
-    optimizer = adamw()
-    opt_state = jax.eval_shape(optimizer.init, params)
-    loss = functools.partial(gpt_loss, loss_chunk=loss_chunk)
-    step = jax.jit(make_train_step(graphdef, optimizer, loss), donate_argnums=(0, 2))
-    return step, params, probes, opt_state
+    """(jitted train step, abstract state) of a GPT with ``config``: the library's step
+    (``bdia_jax.training``), AdamW, the state donated."""
+    loss = functools.partial(registry.gpt_loss, loss_chunk=loss_chunk)
+    return registry.abstract_train_step(lambda: GPT(config, rngs=nnx.Rngs(0)), loss)
 
 
 def peak_bytes(compiled_step, batch: int, context: int) -> tuple[int, float]:
     """(compiled peak estimate in bytes, compile seconds) at ``batch``."""
-    step, params, probes, opt_state = compiled_step
+    step, state = compiled_step
     tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     start = time.perf_counter()
-    compiled = step.lower(params, probes, opt_state, tokens, key).compile()
+    compiled = step.lower(state, tokens).compile()
     seconds = time.perf_counter() - start
     memory = compiled_memory(compiled)
     if memory is None:
@@ -140,11 +118,12 @@ def largest_batch(peak, budget: int, max_batch: int) -> int:
     return lo
 
 
-def attention_options(args) -> list[str]:
-    options = args.attention.split(",")
+def attention_options(attention) -> list[str]:
+    """The attention options to search, without "cudnn" off a GPU."""
+    options = list(attention)
     unknown = [a for a in options if a not in ATTENTION_IMPLEMENTATIONS]
     if unknown:
-        raise SystemExit(f"--attention: unknown {unknown}; choose from "
+        raise ValueError(f"attention: unknown {unknown}; choose from "
                          f"{ATTENTION_IMPLEMENTATIONS}.")
     if "cudnn" in options and jax.default_backend() != "gpu":
         print("skipping attention=cudnn: it needs a CUDA GPU", flush=True)
@@ -152,34 +131,41 @@ def attention_options(args) -> list[str]:
     return options
 
 
-def run(args) -> dict:
-    budgets = [float(b) for b in args.budget_gib.split(",")]
-    methods = args.methods.split(",")
+def run(budgets_gib, size: dict, *, methods=tuple(METHODS),
+        attention=ATTENTION_IMPLEMENTATIONS, loss_chunk: int = 0,
+        compute_dtype: str = "float32", max_batch: int = 4096) -> dict:
+    """The search: for each method of ``methods`` (keys of ``METHODS``) and each
+    ``attention`` option, the largest batch whose compiled step fits each budget (GiB).
+    ``size``: GPT2_MEDIUM's keys. Returns {"config", "searches", "table", "markdown", ...}."""
+    budgets = [float(b) for b in budgets_gib]
+    methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
-    results = {"config": vars(args), "backend": jax.default_backend(),
+        raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}.")
+    config = {**size, "budgets_gib": budgets, "methods": methods,
+              "attention": list(attention), "loss_chunk": loss_chunk,
+              "compute_dtype": compute_dtype, "max_batch": max_batch}
+    results = {"config": config, "backend": jax.default_backend(),
                "device": str(jax.devices()[0]), "platform": platform.platform(),
                "jax": jax.__version__, "searches": {}, "table": {}}
-    options = attention_options(args)
+    options = attention_options(attention)
     for method in methods:
-        for attention in options:
-            compiled_step = abstract_step(model_config(args, method, attention),
-                                          args.loss_chunk)
+        for attention_option in options:
+            compiled_step = abstract_step(
+                model_config(size, method, attention_option, compute_dtype), loss_chunk)
             cache, seconds = {}, []
 
             def peak(batch, compiled_step=compiled_step, cache=cache, seconds=seconds,
-                     label=f"{method}/{attention}"):
+                     label=f"{method}/{attention_option}"):
                 if batch not in cache:
-                    cache[batch], took = peak_bytes(compiled_step, batch, args.context)
+                    cache[batch], took = peak_bytes(compiled_step, batch, size["context"])
                     seconds.append(took)
                     print(f"  {label} batch {batch}: "
                           f"{cache[batch] / GIB:.3f} GiB ({took:.1f} s)", flush=True)
                 return cache[batch]
 
-            found = {str(b): largest_batch(peak, int(b * GIB), args.max_batch)
-                     for b in budgets}
-            results["searches"][f"{method}/{attention}"] = {
+            found = {str(b): largest_batch(peak, int(b * GIB), max_batch) for b in budgets}
+            results["searches"][f"{method}/{attention_option}"] = {
                 "max_batch": found, "peak_bytes": {str(k): v for k, v in sorted(cache.items())},
                 "compile_seconds": seconds}
         for b in budgets:
@@ -198,8 +184,8 @@ def markdown(results, budgets, methods) -> str:
             if c.get("loss_chunk") else "full logits")
     lines = [f"GPT: {c['depth']} blocks, width {c['width']}, {c['num_heads']} heads, MLP "
              f"{c['mlp_dim']}, context {c['context']}, vocab {c['vocab']}, "
-             f"{c['compute_dtype']}, {head}; AdamW; XLA:{results['backend'].upper()} "
-             f"compiled peak.",
+             f"{c['compute_dtype']}, {head}; AdamW, the train step of bdia_jax.training; "
+             f"XLA:{results['backend'].upper()} compiled peak.",
              "",
              "| method | " + " | ".join(f"max batch at {b:g} GiB" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
@@ -234,10 +220,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="head and loss over chunks of N positions (a divisor of "
                              "--context); 0: the full logits")
     parser.add_argument("--max_batch", type=int, default=4096, help="search ceiling")
-    parser.add_argument("--out", default="runs/max_batch/max_batch.json", help="JSON output")
+    parser.add_argument("--out_dir", default="runs/max_batch",
+                        help="output folder (max_batch.json and max_batch.md)")
     args = parser.parse_args(argv)
-    preset = SMALL if args.small else GPT2_MEDIUM
-    for name, value in preset.items():
+    for name, value in size_of(args.small).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     problem = args.loss_chunk and chunk_problem(args.loss_chunk, args.context)
@@ -247,16 +233,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def size_of(small: bool = False, **overrides) -> dict:
+    """GPT2_MEDIUM (or SMALL) with the non-None ``overrides``."""
+    return {**(SMALL if small else GPT2_MEDIUM),
+            **{k: v for k, v in overrides.items() if v is not None}}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    results = run(args)
+    try:
+        results = run(args.budget_gib.split(","), {k: getattr(args, k) for k in GPT2_MEDIUM},
+                      methods=args.methods.split(","), attention=args.attention.split(","),
+                      loss_chunk=args.loss_chunk, compute_dtype=args.compute_dtype,
+                      max_batch=args.max_batch)
+    except ValueError as error:
+        raise SystemExit(f"benchmarks.max_batch: {error}") from None
     print("\n" + results["markdown"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "max_batch.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    with open(os.path.join(args.out_dir, "max_batch.md"), "w") as f:
         f.write(results["markdown"] + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {path} and max_batch.md")
     return results
 
 

@@ -1,9 +1,9 @@
 """Per-device compiled memory of an experiment's full train step (model, loss, gradients,
 optimizer update) at 1, 2, 4, 8 devices, with data parallelism and with FSDP.
 
-    python -m experiments.train_step_memory                     # vit_cifar quick, CPU devices
-    python -m experiments.train_step_memory --preset paper --devices 1,8 --models bdia
-    python -m experiments.train_step_memory --experiment lm --preset full --devices 1 --layouts dp
+    python -m benchmarks.train_step_memory                     # vit_cifar quick, CPU devices
+    python -m benchmarks.train_step_memory --preset paper --devices 1,8 --models bdia
+    python -m benchmarks.train_step_memory --experiment lm --preset full --devices 1 --layouts dp
 
 Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
 the devices are forced with ``--xla_force_host_platform_device_count``). The step is only
@@ -14,7 +14,7 @@ devices are added; with ``fsdp`` (``mesh.fsdp`` = all devices) the parameters, g
 Adam moments are stored sharded too (the step all-gathers the weights at its start, as the
 trainer does). Figures: XLA's ``memory_analysis()`` per device — arguments (state + batch),
 temporaries (activations and scratch) and peak = arguments + outputs + temporaries - aliased.
-See ``experiments/sharding_memory.py`` for the same at the engine level.
+See ``benchmarks/sharding_memory.py`` for the same at the engine level.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 
-from experiments.common.host_devices import host_devices, measure
+from benchmarks.host_devices import host_devices, measure
 
 EXPERIMENTS = ("vit_cifar", "lm", "translation")
 
@@ -36,6 +36,7 @@ def worker(num_devices: int, args) -> dict:
     import jax
     from flax import nnx
 
+    from bdia_jax import training
     from experiments.common import memory, sharding, trainer
     from experiments.common import train_state as ts
 
@@ -65,16 +66,16 @@ def worker(num_devices: int, args) -> dict:
                 task, config, config.methods[name].to_dict(), None)
             model_cfg = dataclasses.replace(model_cfg, **data_fields)
             optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-            graphdef, state = ts.create_train_state(model_class(model_cfg, rngs=nnx.Rngs(0)),
-                                                    optimizer, jax.random.PRNGKey(0))
+            graphdef, state = training.init(model_class(model_cfg, rngs=nnx.Rngs(0)),
+                                            optimizer, jax.random.PRNGKey(0))
             shardings = sharding.train_state_shardings(state, mesh)
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                 shardings)
             compiled = ts.compile_train_step(
-                ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                                   schedule=schedule,
-                                   gather_params=sharding.gather_sharding(mesh)),
+                training.make_train_step(graphdef, task.loss_fn(config), optimizer,
+                                         schedule=schedule,
+                                         gather_params=sharding.gather_sharding(mesh)),
                 abstract, batch, state_sharding=shardings, batch_sharding=batch_sharding,
                 metrics_sharding=sharding.replicated_sharding(mesh))
             out["results"][f"{layout}/{name}"] = {
@@ -93,8 +94,8 @@ def main(argv=None):
     parser.add_argument("--models", default="standard,bdia",
                         help="entries of the config's methods, e.g. standard,bdia")
     parser.add_argument("--layouts", default="dp,fsdp", help="dp and/or fsdp")
-    parser.add_argument("--workdir", default="runs/train_step_memory", help="output folder")
-    args, rows = measure("experiments.train_step_memory", parser, worker,
+    parser.add_argument("--out_dir", default="runs/train_step_memory", help="output folder")
+    args, rows = measure("benchmarks.train_step_memory", parser, worker,
                          ("experiment", "preset", "batch", "models", "layouts"), argv)
     if rows is None:  # a worker
         return None
@@ -111,8 +112,8 @@ def main(argv=None):
             cells.append(f"{m['argument_bytes'] / 2**20:.2f} / {m['temp_bytes'] / 2**20:.2f} / "
                          f"{m['peak_estimate_bytes'] / 2**20:.2f}")
         print(f"| {key} | " + " | ".join(cells) + " |")
-    os.makedirs(args.workdir, exist_ok=True)
-    path = os.path.join(args.workdir, "train_step_memory.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "train_step_memory.json")
     with open(path, "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=2)
     print(f"wrote {path}")

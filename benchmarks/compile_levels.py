@@ -2,11 +2,11 @@
 XLA (``--xla_backend_optimization_level``), each level in its own process (XLA reads its
 flags once): the measurement behind the test suite's -O1 (tests/conftest.py).
 
-    python -m experiments.compile_levels            # levels default, 2, 1, 0
-    python -m experiments.compile_levels --levels 1,0 --extra_flags=--xla_cpu_use_fusion_emitters=false
+    python -m benchmarks.compile_levels            # levels default, 2, 1, 0
+    python -m benchmarks.compile_levels --levels 1,0 --extra_flags=--xla_cpu_use_fusion_emitters=false
 
-Per level: the seconds to compile device_check's small ViT train step (BDIA, reversible,
-recompute="shared"), twice; its reversal probe (0.0: exact); and the round trip of the
+Per level: the seconds to compile the tiny ViT's train step (``benchmarks.registry``: the
+library's step, BDIA with the experiments' settings, batch 8, dropout 0.1), twice; its reversal probe (0.0: exact); and the round trip of the
 engine's separately compiled forward (``bdia_forward``) against ``bdia_all_states`` on
 tests/test_stack_reversal.py's large-scale tanh stack (bit-equal or not).
 """
@@ -29,18 +29,24 @@ def measure() -> dict:
     import jax
     import numpy as np
 
-    import bdia_jax
-    from bdia_jax.testing import init_mlp, make_tanh_block
-    from experiments import device_check
+    from flax import nnx
 
-    spec = device_check.exactness_specs(["vit/shared/float32"])["vit/shared/float32"]
+    import bdia_jax
+    from bdia_jax.models import ViT, vit_config
+    from bdia_jax.testing import init_mlp, make_tanh_block
+    from benchmarks import registry
+
+    config = vit_config("tiny", dropout=0.1, attention_dropout=0.1,
+                        **registry.METHODS["bdia"][1])
     compile_s, probe = [], None
     for _ in range(2):
-        low, args, _ = device_check.lowered_step(spec, device_check.PRESETS["small"], 8)
+        step, state = registry.train_step(ViT(config, rngs=nnx.Rngs(0)), registry.vit_loss,
+                                          donate=False)
+        batch = registry.make_batch("vit", config, 8)
         start = time.perf_counter()
-        compiled = low.compile()
+        compiled = step.lower(state, batch).compile()
         compile_s.append(time.perf_counter() - start)
-        probe = float(compiled(*args)[3])
+        probe = float(compiled(state, batch)[1]["reversal_error"])
 
     depth, gamma = 8, 0.5
     update = bdia_jax.BDIA(gamma=gamma, frac_bits=9)
@@ -75,7 +81,7 @@ def main(argv=None) -> dict:
             flags += f" --xla_backend_optimization_level={level}"
         flags += f" {args.extra_flags}"
         env["XLA_FLAGS"] = flags.strip()
-        out = subprocess.run([sys.executable, "-m", "experiments.compile_levels", "--worker"],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.compile_levels", "--worker"],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
         results[level] = json.loads(out.stdout.strip().splitlines()[-1])
     print("| level | compile (s), 1st / 2nd | probe | forward programs differ in |")

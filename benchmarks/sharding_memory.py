@@ -1,7 +1,7 @@
 """Per-device compiled memory of the gradient step at 1, 2, 4, 8 devices (DP and FSDP).
 
-    python -m experiments.sharding_memory                  # forced CPU host devices
-    python -m experiments.sharding_memory --devices 1,2,4,8 --depth 24 --batch 32
+    python -m benchmarks.sharding_memory                  # forced CPU host devices
+    python -m benchmarks.sharding_memory --devices 1,2,4,8 --depth 24 --batch 32
 
 Each device count runs in its own process (JAX fixes the device count at start-up; on CPU
 the devices are forced with ``--xla_force_host_platform_device_count``). The global batch is
@@ -21,8 +21,8 @@ import argparse
 import json
 import os
 
-from experiments.common.host_devices import host_devices, measure
-from experiments.common.memory import add_stack_size_args
+from benchmarks.host_devices import host_devices, measure
+from benchmarks.registry import STACK_METHODS, add_stack_size_args
 
 
 def worker(num_devices: int, args) -> dict:
@@ -39,8 +39,8 @@ def worker(num_devices: int, args) -> dict:
     params = init_attn_mlp(jax.random.PRNGKey(1), args.depth, args.dim, args.hidden)
     x = jax.random.normal(jax.random.PRNGKey(2), (args.batch, args.seq, args.dim))
     key = jax.random.PRNGKey(0)
-    methods = {"standard": ("standard", "autodiff"), "bdia_remat": ("bdia", "remat"),
-               "bdia_reversible": ("bdia", "reversible")}
+    methods = {name: STACK_METHODS[name][1:3]
+               for name in ("standard", "bdia_remat", "bdia_reversible")}
     out = {"devices": num_devices, "results": {}}
     for layout in ("dp", "fsdp"):
         # The trainer's layouts (experiments.common.sharding): the batch over every device;
@@ -76,8 +76,8 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=24, help="blocks")
     parser.add_argument("--batch", type=int, default=32, help="global batch (divisible)")
     add_stack_size_args(parser)
-    parser.add_argument("--workdir", default="runs/sharding_memory", help="output folder")
-    args, rows = measure("experiments.sharding_memory", parser, worker,
+    parser.add_argument("--out_dir", default="runs/sharding_memory", help="output folder")
+    args, rows = measure("benchmarks.sharding_memory", parser, worker,
                          ("depth", "batch", "seq", "dim", "hidden", "heads"), argv)
     if rows is None:  # a worker
         return None
@@ -94,10 +94,10 @@ def main(argv=None):
     losses = {k: [r["results"][k]["loss"] for r in rows] for k in keys}
     print("max reversal error over device counts:", errors)
     print("loss per device count:", losses)
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "sharding_memory.json"), "w") as f:
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "sharding_memory.json"), "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=2)
-    print(f"wrote {args.workdir}/sharding_memory.json")
+    print(f"wrote {args.out_dir}/sharding_memory.json")
     return rows
 
 

@@ -1,6 +1,6 @@
 """Length-bucketed translation batches with padding masks (pure numpy).
 
-Sequences (ids from ``experiments.text.tokenizer``; PAD_ID = 0):
+Sequences (ids from ``experiments.data.text.tokenizer``; PAD_ID = 0):
   src     = pieces(source) + [EOS]
   tgt_in  = [BOS] + pieces(target)      (decoder input, teacher forcing)
   tgt_out = pieces(target) + [EOS]      (what the decoder predicts at each position)
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from experiments.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from experiments.data.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)

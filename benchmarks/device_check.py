@@ -1,8 +1,8 @@
 """The accelerator check: exactness, Table 1's memory, step time and the largest batch, in
 one command.
 
-    python -m experiments.device_check                   # on a GPU/TPU: under 4 minutes
-    python -m experiments.device_check --small           # CPU, reduced sizes (the test)
+    python -m benchmarks.device_check                   # on a GPU/TPU: under 4 minutes
+    python -m benchmarks.device_check --small           # CPU, reduced sizes (the test)
 
 Writes ``device_check.json`` and ``device_check.md`` to ``--out_dir`` (rewritten after every
 section, so a run cut short keeps what it found). Sections, in this order:
@@ -23,10 +23,10 @@ section, so a run cut short keeps what it found). Sections, in this order:
   BDIA-ViT (reversible) and RevViT (reversible), beside the paper's figures. Where the
   backend has no ``memory_stats()`` (CPU) the compiled peak estimate is the figure, taken in
   this process.
-* ``step_time``: BDIA reversible (``recompute="shared"``, ``max_batch.METHODS``), standard
+* ``step_time``: BDIA reversible (``recompute="shared"``, ``registry.METHODS``), standard
   per-block remat and standard autodiff ViT train steps, interleaved round-robin in one process; median seconds per step and the ratio to
   remat.
-* ``max_batch``: ``experiments.max_batch`` (GPT-2 medium size, compile-only search) with the
+* ``max_batch``: ``benchmarks.max_batch`` (GPT-2 medium size, compile-only search) with the
   budget = the device's ``memory_stats()["bytes_limit"]``; ``--small``: its small preset.
 
 Every section and every case runs in its own try/except (the error goes into the JSON and
@@ -51,22 +51,11 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from bdia_jax.models import (
-    GPT,
-    RevViT,
-    Seq2SeqTransformer,
-    ViT,
-    gpt_config,
-    revvit_config,
-    seq2seq_config,
-    vit_config,
-)
-from experiments import max_batch
+from benchmarks import max_batch, registry
+from benchmarks.registry import METHODS, MODEL_KINDS
 from experiments.common.memory import compiled_memory, device_memory
-from experiments.common.train_step import adamw, make_train_step, split_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("exactness", "memory", "step_time", "max_batch")
@@ -75,8 +64,8 @@ MIB = 2**20
 # Table 1 of the paper (CIFAR-10, batch 128), "MB" as printed there.
 PAPER_MEMORY_MB = {"vit": 1570.6, "bdia_vit": 693.4, "revvit": 572.7}
 MEMORY_MODELS = {  # Table 1's rows: (label, model kind, flat method keywords)
-    "vit": ("ViT (standard, autodiff)", "vit", dict(update="standard", backprop="autodiff")),
-    "bdia_vit": ("BDIA-ViT (reversible)", "vit", dict(update="bdia", backprop="reversible")),
+    "vit": ("ViT (standard, autodiff)", "vit", METHODS["autodiff"][1]),
+    "bdia_vit": ("BDIA-ViT (reversible)", "vit", METHODS["bdia"][1]),
     "revvit": ("RevViT (reversible)", "revvit", dict(backprop="reversible")),
 }
 
@@ -92,8 +81,8 @@ PRESETS = {
         memory_batch=128, memory_steps=2,
         timing=dict(batch=128, rounds=5, steps=5),
         exactness_cases=None,  # all
-        # The README's headline: the head and loss in 32-position chunks.
-        max_batch_argv=["--loss_chunk", "32"],
+        # The README's headline: GPT-2 medium, the head and loss in 32-position chunks.
+        max_batch=dict(size=max_batch.size_of(), loss_chunk=32),
         max_batch_methods=("bdia", "remat", "autodiff"),  # headline first
     ),
     "small": dict(
@@ -110,52 +99,14 @@ PRESETS = {
                          "seq2seq/separate/float32", "revvit/reversible/float32"),
         # A budget that holds batch 2, not 3: the search compiles batches 1, 2 and 3 only
         # (a compile per batch). tests/test_max_batch.py compiles the same programs.
-        max_batch_argv=["--small", "--depth", "2", "--context", "32", "--budget_gib",
-                        "0.0024"],
+        max_batch=dict(size=max_batch.size_of(small=True, depth=2, context=32),
+                       loss_chunk=0, budgets_gib=(0.0024,)),
         max_batch_methods=("bdia",),
     ),
 }
 
 
 # ------------------------------------------------------------------------------ models
-
-
-def vit_loss(model, batch, key):
-    logits, _ = model(batch["images"], key=key, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-
-def seq2seq_loss(model, batch, key):
-    logits, _ = model(batch["src"], batch["tgt"][:, :-1], key=key, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["tgt"][:, 1:]).mean()
-
-
-def make_batch(kind: str, config, batch: int, lengths: tuple[int, int]):
-    """Random inputs of the training shape: ViT/RevViT {"images" [b, H, W, C] float32,
-    "labels" [b] int32}; GPT tokens [b, max_len+1] int32; encoder-decoder {"src" [b, S]
-    int32 with padded tails, "tgt" [b, T+1] int32 starting with BOS}."""
-    k1, k2 = jax.random.split(jax.random.key(1))
-    if kind in ("vit", "revvit"):
-        size = (batch, config.image_size, config.image_size, config.channels)
-        return {"images": jax.random.normal(k1, size, jnp.float32),
-                "labels": jax.random.randint(k2, (batch,), 0, config.num_classes, jnp.int32)}
-    if kind == "gpt":
-        return jax.random.randint(k1, (batch, config.max_len + 1), 0, config.vocab_size,
-                                  jnp.int32)
-    src_len, tgt_len = lengths
-    src = jax.random.randint(k1, (batch, src_len), 4, config.src_vocab_size, jnp.int32)
-    real = jnp.arange(src_len)[None] < src_len - jnp.arange(batch)[:, None] % (src_len // 2)
-    src = jnp.where(real, src, config.pad_id)
-    tgt = jax.random.randint(k2, (batch, tgt_len + 1), 4, config.tgt_vocab_size, jnp.int32)
-    return {"src": src, "tgt": tgt.at[:, 0].set(config.bos_id)}
-
-
-MODEL_KINDS = {  # kind: (model class, config factory, loss_fn(model, batch, key))
-    "vit": (ViT, vit_config, vit_loss),
-    "revvit": (RevViT, revvit_config, vit_loss),
-    "gpt": (GPT, gpt_config, max_batch.gpt_loss),
-    "seq2seq": (Seq2SeqTransformer, seq2seq_config, seq2seq_loss),
-}
 
 
 def build(spec: dict, preset: dict, batch: int):
@@ -165,18 +116,16 @@ def build(spec: dict, preset: dict, batch: int):
     name, overrides = preset["models"][spec["model"]]
     config = factory(name, **overrides, **spec["method"], compute_dtype=spec["dtype"])
     model = cls(config, rngs=nnx.Rngs(0))
-    return model, loss_fn, make_batch(spec["model"], config, batch, preset["seq2seq_lengths"])
+    inputs = registry.make_batch(spec["model"], config, batch, preset["seq2seq_lengths"])
+    return model, loss_fn, inputs
 
 
 def lowered_step(spec: dict, preset: dict, batch: int, donate: bool = False):
-    """``(lowered train step, its arguments, model)``: AdamW, the reversal probe read."""
+    """``(lowered train step, its arguments (state, batch), model)``: the library's train
+    step (``bdia_jax.training``) with AdamW; its metrics hold the reversal error."""
     model, loss_fn, inputs = build(spec, preset, batch)
-    graphdef, params, probes = split_model(model)
-    optimizer = adamw()
-    opt_state = optimizer.init(params)
-    step = jax.jit(make_train_step(graphdef, optimizer, loss_fn),
-                   donate_argnums=(0, 2) if donate else ())
-    args = (params, probes, opt_state, inputs, jax.random.key(2))
+    step, state = registry.train_step(model, loss_fn, donate=donate)
+    args = (state, inputs)
     return step.lower(*args), args, model
 
 
@@ -243,7 +192,7 @@ def run_worker(kind: str, spec: dict, preset_name: str, timeout: float,
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra_xla_flags}".strip()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        command = [sys.executable, "-m", "experiments.device_check", "--worker", kind,
+        command = [sys.executable, "-m", "benchmarks.device_check", "--worker", kind,
                    "--worker_spec", json.dumps(spec), "--worker_out", out]
         if preset_name == "small":
             command.append("--small")
@@ -300,7 +249,7 @@ def exactness_specs(names=None) -> dict:
             for model in ("vit", "gpt", "seq2seq"):
                 specs[f"{model}/{recompute}/{dtype}"] = {
                     "model": model, "dtype": dtype,
-                    "method": dict(update="bdia", backprop="reversible", recompute=recompute)}
+                    "method": {**METHODS["bdia"][1], "recompute": recompute}}
         specs[f"revvit/reversible/{dtype}"] = {"model": "revvit", "dtype": dtype,
                                                "method": dict(backprop="reversible")}
     return specs if names is None else {name: specs[name] for name in names}
@@ -319,8 +268,8 @@ def probe_record(spec: dict, probe: float, loss: float) -> dict:
 
 def exactness_worker(spec: dict, preset: dict) -> dict:
     low, args, _ = lowered_step(spec, preset, preset["probe_batch"])
-    _, _, loss, probe = timed_compile(low)[0](*args)
-    return probe_record(spec, float(probe), float(loss))
+    _, metrics = timed_compile(low)[0](*args)
+    return probe_record(spec, float(metrics["reversal_error"]), float(metrics["loss"]))
 
 
 def exactness(args, preset: dict, budget: TimeBudget) -> dict:
@@ -341,8 +290,9 @@ def exactness(args, preset: dict, budget: TimeBudget) -> dict:
         try:
             compiled, compile_s = future.result(timeout=max(budget.left(), 1.0))
             start = time.perf_counter()
-            _, _, loss, probe = compiled(*inputs[name])
-            cases[name] = probe_record(specs[name], float(probe), float(loss))
+            _, metrics = compiled(*inputs[name])
+            cases[name] = probe_record(specs[name], float(metrics["reversal_error"]),
+                                       float(metrics["loss"]))
             cases[name].update(build_and_lower_s=lower_s[name], compile_s=compile_s,
                                run_s=time.perf_counter() - start)
         except concurrent.futures.TimeoutError:
@@ -369,16 +319,16 @@ def exactness(args, preset: dict, budget: TimeBudget) -> dict:
 def memory_worker(spec: dict, preset: dict) -> dict:
     low, args, model = lowered_step(spec, preset, preset["memory_batch"], donate=True)
     compiled = low.compile()
-    params, probes, opt_state, inputs, key = args
-    record = {"param_count": sum(int(x.size) for x in jax.tree_util.tree_leaves(params)),
-              "param_bytes": tree_bytes(params), "opt_state_bytes": tree_bytes(opt_state),
+    state, inputs = args
+    record = {"param_count": sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params)),
+              "param_bytes": tree_bytes(state.params),
+              "opt_state_bytes": tree_bytes(state.opt_state),
               "batch_bytes": tree_bytes(inputs), "compiled": compiled_memory(compiled),
               "config": repr(model.config)}
-    for i in range(preset["memory_steps"]):
-        params, opt_state, loss, probe = compiled(params, probes, opt_state, inputs,
-                                                  jax.random.fold_in(key, i))
-    jax.block_until_ready((params, opt_state, loss))
-    record.update(loss=float(loss), reversal_error=float(probe),
+    for _ in range(preset["memory_steps"]):
+        state, metrics = compiled(state, inputs)
+    jax.block_until_ready((state, metrics))
+    record.update(loss=float(metrics["loss"]), reversal_error=float(metrics["reversal_error"]),
                   device_memory=device_memory())
     return record
 
@@ -427,7 +377,7 @@ def memory(args, preset: dict, budget: TimeBudget) -> dict:
 def step_time(args, preset: dict, budget: TimeBudget) -> dict:
     timing = preset["timing"]
     lowered, state, out = {}, {}, {"batch": timing["batch"], "methods": {}}
-    for method, (label, keywords) in max_batch.METHODS.items():
+    for method, (label, keywords) in METHODS.items():
         spec = {"model": "vit", "dtype": args.timing_dtype, "method": dict(keywords)}
         try:
             lowered[method], state[method], _ = lowered_step(spec, preset, timing["batch"],
@@ -440,10 +390,10 @@ def step_time(args, preset: dict, budget: TimeBudget) -> dict:
         try:
             compiled[method], out["methods"][method]["compile_s"] = future.result(
                 timeout=max(budget.left(), 1.0))
-            params, probes, opt_state, inputs, key = state[method]
-            params, opt_state, loss, _ = compiled[method](*state[method])  # warm-up
-            jax.block_until_ready(loss)
-            state[method] = [params, probes, opt_state, inputs, key]
+            train_state, inputs = state[method]
+            train_state, metrics = compiled[method](train_state, inputs)  # warm-up
+            jax.block_until_ready(metrics)
+            state[method] = (train_state, inputs)
         except Exception as exc:  # noqa: BLE001
             out["methods"][method] = error_record(exc)
             compiled.pop(method, None)
@@ -453,14 +403,13 @@ def step_time(args, preset: dict, budget: TimeBudget) -> dict:
         if budget.spent():
             break
         for method in order[r % len(order):] + order[:r % len(order)]:  # rotate each round
-            params, probes, opt_state, inputs, key = state[method]
+            train_state, inputs = state[method]
             start = time.perf_counter()
             for _ in range(timing["steps"]):
-                params, opt_state, loss, _ = compiled[method](params, probes, opt_state,
-                                                              inputs, key)
-            jax.block_until_ready((params, opt_state, loss))
+                train_state, metrics = compiled[method](train_state, inputs)
+            jax.block_until_ready((train_state, metrics))
             seconds[method].append((time.perf_counter() - start) / timing["steps"])
-            state[method] = [params, probes, opt_state, inputs, key]
+            state[method] = (train_state, inputs)
     for method, values in seconds.items():
         if values:
             out["methods"][method].update(median_s=statistics.median(values),
@@ -475,18 +424,16 @@ def step_time(args, preset: dict, budget: TimeBudget) -> dict:
 
 
 def largest_batch(args, preset: dict, budget: TimeBudget) -> dict:
+    settings = dict(preset["max_batch"])
     device = device_memory()
-    argv = list(preset["max_batch_argv"])
     if args.small:
         source = "the small preset's budget"
     elif device and device.get("bytes_limit"):
-        budget_gib = device["bytes_limit"] / 2**30
-        argv += ["--budget_gib", f"{budget_gib:.2f}"]
+        settings["budgets_gib"] = (round(device["bytes_limit"] / 2**30, 2),)
         source = "memory_stats() bytes_limit"
     else:
         raise RuntimeError("this device reports no memory_stats()['bytes_limit']; run "
-                           "experiments.max_batch with --budget_gib instead.")
-    argv += ["--attention", args.max_batch_attention]
+                           "benchmarks.max_batch with --budget_gib instead.")
     merged = {"budget_source": source, "searches": {}, "table": {}, "skipped_methods": []}
     methods, last_search_s = [], 0.0
     for method in preset["max_batch_methods"]:
@@ -496,7 +443,9 @@ def largest_batch(args, preset: dict, budget: TimeBudget) -> dict:
             continue
         start = time.monotonic()
         try:
-            found = max_batch.run(max_batch.parse_args(argv + ["--methods", method]))
+            found = max_batch.run(settings["budgets_gib"], settings["size"], methods=(method,),
+                                  attention=args.max_batch_attention.split(","),
+                                  loss_chunk=settings["loss_chunk"])
         except Exception as exc:  # noqa: BLE001
             merged.setdefault("errors", {})[method] = error_record(exc)
             continue
@@ -507,8 +456,8 @@ def largest_batch(args, preset: dict, budget: TimeBudget) -> dict:
         merged["table"].update(found["table"])
         merged.update(config=found["config"], backend=found["backend"])
     if methods:
-        budgets = [float(b) for b in merged["config"]["budget_gib"].split(",")]
-        merged["markdown"] = max_batch.markdown(merged, budgets, methods)
+        merged["markdown"] = max_batch.markdown(merged, merged["config"]["budgets_gib"],
+                                                methods)
     return merged
 
 
@@ -592,7 +541,7 @@ def markdown(results: dict) -> str:
                          " |")
         lines.append("")
     section = results.get("max_batch", {})
-    lines += ["## Largest batch (compile-only, experiments.max_batch)", ""]
+    lines += ["## Largest batch (compile-only, benchmarks.max_batch)", ""]
     if status(section):
         lines += [status(section), ""]
     else:
@@ -675,7 +624,7 @@ def main(argv=None) -> dict:
     start = time.monotonic()
     budget = TimeBudget(args.time_budget_s)
     results = {"preset": args.preset, "time_budget_s": args.time_budget_s,
-               "command": "python -m experiments.device_check " + " ".join(argv or sys.argv[1:])}
+               "command": "python -m benchmarks.device_check " + " ".join(argv or sys.argv[1:])}
     try:
         results["environment"] = environment()
     except Exception as exc:  # noqa: BLE001

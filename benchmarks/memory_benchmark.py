@@ -1,8 +1,8 @@
 """Memory and speed of the gradient methods, side by side in one run.
 
-    python -m experiments.memory_benchmark                      # CPU-sized defaults
-    python -m experiments.memory_benchmark --depths 6,12,24,48,96 --batches 8,16 \
-        --seq 65 --dim 512 --hidden 512 --heads 8 --workdir runs/memory_benchmark
+    python -m benchmarks.memory_benchmark                      # CPU-sized defaults
+    python -m benchmarks.memory_benchmark --depths 6,12,24,48,96 --batches 8,16 \
+        --seq 65 --dim 512 --hidden 512 --heads 8 --out_dir runs/memory_benchmark
 
 For every method and every (depth, batch) it compiles the full value-and-grad step of a pre-LN
 attention+MLP stack and reads the compiled program's memory (``memory_analysis()``: arguments
@@ -12,7 +12,7 @@ sample (seq·dim): parameters and their gradients grow with depth but not with b
 drop out. The step is then timed,
 all methods interleaved round by round so that machine noise hits them alike.
 
-Writes ``memory_benchmark.json`` and ``memory_vs_depth.png`` to ``--workdir`` and prints a
+Writes ``memory_benchmark.json`` and ``memory_vs_depth.png`` to ``--out_dir`` and prints a
 markdown table (the README's table comes from this command).
 """
 
@@ -32,19 +32,10 @@ import numpy as np
 import bdia_jax
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 from experiments.common import plots
-from experiments.common.memory import add_stack_size_args, step_memory
+from benchmarks.registry import STACK_METHODS, add_stack_size_args
+from experiments.common.memory import step_memory
 
-# Each method: (label, stack kind, backprop, recompute of the reversible backward pass).
-METHODS = {
-    "standard": ("conventional transformer, autodiff", "standard", "autodiff", None),
-    "standard_remat": ("conventional transformer, per-block remat", "standard", "remat", None),
-    "bdia_autodiff": ("BDIA, autodiff (oracle)", "bdia", "autodiff", None),
-    "bdia_remat": ("BDIA, per-block remat", "bdia", "remat", None),
-    "bdia_reversible": ("BDIA, reversible, recompute=separate", "bdia", "reversible",
-                        "separate"),
-    "bdia_reversible_shared": ("BDIA, reversible, recompute=shared", "bdia", "reversible",
-                               "shared"),
-}
+METHODS = STACK_METHODS  # name: (label, stack kind, backprop, recompute)
 
 
 def make_step(kind: str, backprop: str, block, gamma: float, frac_bits: int,
@@ -98,7 +89,7 @@ def main(argv=None) -> dict:
                         help="LayerNorm statistics of the benchmark block: 'stable' "
                              "(bdia_jax.stable tree sums, needed for recompute=shared) or "
                              "'jnp' (jnp.mean; recompute=shared is then inexact on XLA:CPU)")
-    parser.add_argument("--workdir", default="runs/memory_benchmark", help="output folder")
+    parser.add_argument("--out_dir", default="runs/memory_benchmark", help="output folder")
     args = parser.parse_args(argv)
 
     depths = [int(d) for d in args.depths.split(",")]
@@ -109,7 +100,7 @@ def main(argv=None) -> dict:
         parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     if len(batches) < 2 or len(depths) < 2:
         parser.error("--depths and --batches need at least two values each (slopes)")
-    os.makedirs(args.workdir, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
 
     block = make_attn_mlp_block(heads=args.heads, stable_stats=args.layer_norm == "stable")
     key = jax.random.PRNGKey(0)
@@ -196,10 +187,10 @@ def main(argv=None) -> dict:
         results["methods"][method]["time_vs_bdia_remat"] = (
             step_time / reference if reference else None)
 
-    with open(os.path.join(args.workdir, "memory_benchmark.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "memory_benchmark.json"), "w") as f:
         json.dump(results, f, indent=2)
-    _plot(results, depths, batches[-1], os.path.join(args.workdir, "memory_vs_depth.png"))
-    print(f"\nwrote {args.workdir}/memory_benchmark.json and memory_vs_depth.png")
+    _plot(results, depths, batches[-1], os.path.join(args.out_dir, "memory_vs_depth.png"))
+    print(f"\nwrote {args.out_dir}/memory_benchmark.json and memory_vs_depth.png")
     return results
 
 

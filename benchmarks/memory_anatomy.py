@@ -1,10 +1,10 @@
 """Where the compiled memory of the BDIA-ViT train step goes, beside its analytic floor.
 
-    python -m experiments.memory_anatomy                  # paper size: depth 6, width 512, batch 128
-    python -m experiments.memory_anatomy --depth 24       # the same width, 24 blocks
-    python -m experiments.memory_anatomy --small          # seconds (the test)
+    python -m benchmarks.memory_anatomy                  # paper size: depth 6, width 512, batch 128
+    python -m benchmarks.memory_anatomy --depth 24       # the same width, 24 blocks
+    python -m benchmarks.memory_anatomy --small          # seconds (the test)
 
-The step is the one ``experiments.train_step_memory`` compiles: vit_cifar's loss (augmentation,
+The step is the one ``benchmarks.train_step_memory`` compiles: vit_cifar's loss (augmentation,
 label smoothing) and AdamW update, one device, the state donated. For every variant it
 compiles the step on abstract inputs with XLA's dumps on and reads the buffers live at the
 peak from the buffer assignment's live-range report (``*-live-range.txt``, "Live ranges at N
@@ -19,7 +19,7 @@ block's VJP compiled alone at the same batch).
 
 Variants (``--variants``): ``trained`` (the paper's dropout 0.1, JAX's default threefry keys),
 ``no_dropout`` (dropout 0), ``rbg`` (dropout 0.1 with ``jax_default_prng_impl="rbg"``: XLA's
-RngBitGenerator instead of threefry). Writes ``--out`` (JSON) and prints markdown tables.
+RngBitGenerator instead of threefry). Writes ``memory_anatomy.json`` to ``--out_dir`` and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def compile_step(args, update: str, dropout: float):
     import jax.numpy as jnp
     from flax import nnx
 
+    from bdia_jax import training
     from experiments import vit_cifar
     from experiments.common import train_state as ts
     from experiments.common import trainer
@@ -112,14 +113,14 @@ def compile_step(args, update: str, dropout: float):
     vit_cfg, model_class = trainer.build_model_config(
         task, config, config.methods[update].to_dict(), None)
     optimizer, schedule = ts.make_optimizer(config.optim, 1000, 100)
-    graphdef = ts.split_model(nnx.eval_shape(lambda: model_class(vit_cfg, rngs=nnx.Rngs(0))))[0]
-    state = jax.eval_shape(lambda: ts.create_train_state(
+    graphdef = training.split(nnx.eval_shape(lambda: model_class(vit_cfg, rngs=nnx.Rngs(0))))[0]
+    state = jax.eval_shape(lambda: training.init(
         model_class(vit_cfg, rngs=nnx.Rngs(0)), optimizer, jax.random.PRNGKey(0))[1])
     size = config.model.image_size
     batch = {"image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.uint8),
              "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
-    step = ts.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                              schedule=schedule)
+    step = training.make_train_step(graphdef, task.loss_fn(config), optimizer,
+                                    schedule=schedule)
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     return compiled, state, config
 
@@ -161,7 +162,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=",".join(VARIANTS))
     parser.add_argument("--models", default="bdia,standard", help="bdia and/or standard")
     parser.add_argument("--top", type=int, default=12, help="largest op_name groups listed")
-    parser.add_argument("--out", default="runs/memory_anatomy/memory_anatomy.json")
+    parser.add_argument("--out_dir", default="runs/memory_anatomy",
+                        help="output folder (memory_anatomy.json)")
     parser.add_argument("--keep_dump", action="store_true", help="keep XLA's dump folder")
     args = parser.parse_args(argv)
     if args.small:
@@ -220,14 +222,15 @@ def main(argv=None) -> dict:
     results["floor_bytes"] = floor
     results["markdown"] = markdown(results, floor)
     print("\n" + results["markdown"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "memory_anatomy.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     if args.keep_dump:
         print(f"XLA dumps in {dump_dir}")
     else:
         shutil.rmtree(dump_dir, ignore_errors=True)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
     return results
 
 

@@ -3,7 +3,7 @@
 XLA fixes the number of host (CPU) devices when its backend starts, so a benchmark that
 compares 1, 2, 4 and 8 devices starts one worker process per count. ``fan_out`` does that
 from the parent; the worker calls ``host_devices`` before it touches JAX. Used by
-``experiments.sharding_memory`` and ``experiments.train_step_memory``.
+``benchmarks.sharding_memory`` and ``benchmarks.train_step_memory``.
 """
 
 from __future__ import annotations

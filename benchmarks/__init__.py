@@ -1,0 +1,1 @@
+"""Measurement programs, each run as ``python -m benchmarks.<name>`` (see docs/architecture.md)."""
