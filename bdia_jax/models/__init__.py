@@ -5,6 +5,8 @@ Reversible(...)``) are switches (``bdia_jax.methods``, re-exported here).
 * ``layers``:  ``BlockConfig`` (the block settings every config shares), attention (GQA,
   rotary positions, q/k norm), MLPs (GELU, SwiGLU), LayerNorm/RMSNorm, encoder/decoder
   residual branches, KV caches.
+* ``lora``:    ``LoRA`` (the ``BlockConfig.lora`` option: low-rank adapters), ``LoRALinear``,
+  ``merge_lora``, ``with_lora``.
 * ``residual_stack``: ``ResidualStack`` (depth-stacked parameters → ``bdia_jax.apply_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
 * ``revvit``:  ``RevViT`` / ``RevViTConfig`` / ``revvit_config`` (two-stream reversible ViT).
@@ -49,6 +51,7 @@ from bdia_jax.models.layers import (
     dot_product_attention,
     padding_mask,
 )
+from bdia_jax.models.lora import LORA_TARGETS, LoRA, LoRALinear, merge_lora, with_lora
 from bdia_jax.models.residual_stack import ResidualStack, stats_to_aux
 from bdia_jax.models.revvit import RevBlock, RevViT, RevViTConfig, TwoStreamStack, revvit_config
 from bdia_jax.models.seq2seq import (
@@ -72,6 +75,11 @@ __all__ = [
     "decoder_config",
     "Autodiff",
     "LayerNorm",
+    "LORA_TARGETS",
+    "LoRA",
+    "LoRALinear",
+    "merge_lora",
+    "with_lora",
     "Remat",
     "Reversible",
     "StackMethod",
