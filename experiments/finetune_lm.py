@@ -98,13 +98,15 @@ def lm_tokenizer(checkpoint) -> e2e.GPT2BPE:
 # --------------------------------------------------------------------------- the data
 def write_tiny_lm_setup(root, *, max_len: int = 128) -> tuple[pathlib.Path, pathlib.Path]:
     """An offline stand-in under ``root``: ``root/llama`` (a random 2-block Llama-family
-    checkpoint written by ``pretrained.save``, GQA and a tied head, with the tiny BPE of
+    checkpoint of context 2·max_len written by ``pretrained.save``, GQA and a tied head, with
+    the tiny BPE of
     ``e2e.write_tiny_setup``) and ``root/e2e`` (tiny E2E CSVs). Returns (checkpoint folder,
     data folder)."""
     root = pathlib.Path(root)
     gpt2_folder, data = e2e.write_tiny_setup(root / "gpt2", max_len=max_len)
     tokenizer = e2e.load_gpt2_tokenizer(gpt2_folder)
-    config = DecoderConfig(vocab_size=tokenizer.vocab_size, max_len=max_len, width=32,
+    # Twice the rows' context, as a rope checkpoint's own context exceeds E2E rows.
+    config = DecoderConfig(vocab_size=tokenizer.vocab_size, max_len=2 * max_len, width=32,
                            depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64, norm="rmsnorm",
                            position="rope", mlp="swiglu", bias="none", layer_norm_eps=1e-5,
                            dropout=0.0, attention_dropout=0.0)
@@ -190,9 +192,11 @@ def read_splits(config, data_dir) -> dict[str, e2e.E2ESplit]:
 
 @dataclasses.dataclass(frozen=True)
 class LMData(gpt2.FinetuneData):
-    """``FinetuneData`` plus the encoded test rows (the test loss)."""
+    """``FinetuneData`` plus the encoded test rows (the test loss) and the checkpoint's own
+    context (a rope model trains at data.max_len; its export keeps the checkpoint's)."""
 
     test: e2e.EncodedExamples = None
+    checkpoint_max_len: int = 0
 
 
 def load_lm_data(config, workdir: str) -> LMData:
@@ -222,8 +226,9 @@ def load_lm_data(config, workdir: str) -> LMData:
                                 f"needs 2 to {max_len - 1} (--config.data.max_len).")
     # Decoding and the model's context stop at data.max_len (a rope model's own context is
     # far longer than an E2E row).
+    checkpoint_max_len = arch["max_len"]
     arch = {**arch, "max_len": max_len} if arch["position"] == "rope" else arch
-    return LMData(
+    return LMData(checkpoint_max_len=checkpoint_max_len,
         checkpoint=str(checkpoint), architecture=arch, tokenizer=tokenizer,
         train=e2e.encode_examples(tokenizer, splits["train"], max_len),
         validation=e2e.encode_examples(tokenizer, splits["validation"], max_len),
@@ -308,6 +313,10 @@ def export_hf(run, state) -> str:
     model = training.merge(run.graphdef, state)
     if model.config.lora is not None:
         model = merge_lora(model)
+    if model.config.max_len != run.data.checkpoint_max_len:  # rope: the tables only
+        config = dataclasses.replace(model.config, max_len=run.data.checkpoint_max_len)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
+        model = nnx.merge(graphdef, nnx.state(model))
     folder = os.path.join(run.workdir, run.name, "hf")
     eos = run.data.tokenizer.eos_id
     pretrained.save(model, folder, dtype=run.config.eval.export_dtype, bos_token_id=eos,

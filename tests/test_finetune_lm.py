@@ -61,7 +61,7 @@ def test_lora_bdia_fine_tunes_and_exports_a_loadable_hf_folder(tmp_path):
     assert r["hf_folder"] == str(folder)
     base = pretrained.load(workdir / "tiny_setup" / "llama")
     tuned = pretrained.load(folder)
-    assert tuned.config == base.config and tuned.config.lora is None
+    assert tuned.config == base.config and tuned.config.lora is None  # max_len: the checkpoint's 256, not the rows' 128
     frozen = nnx.Not(nnx.Any(*(nnx.PathContains(name) for name in (
         "query", "key", "value", "out", "gate", "up", "down"))))
     assert_bits_equal(nnx.state(tuned, nnx.All(nnx.Param, frozen)),
