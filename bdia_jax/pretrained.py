@@ -49,7 +49,8 @@ from flax import nnx
 from bdia_jax.formats import load_tokenizer as load_tokenizer  # re-export
 from bdia_jax.formats import read_checkpoint, write_hf_folder
 from bdia_jax.methods import METHOD_KEYWORDS, UPDATE_FIELDS, BACKPROP_FIELDS, Standard, parse_method
-from bdia_jax.models import DecoderConfig, DecoderLM, ReversalProbe
+from bdia_jax.models import DecoderConfig, DecoderLM, ReversalProbe, with_lora
+from bdia_jax.models.lora import PEFT_NAMES
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -480,7 +481,9 @@ def load(path, **overrides) -> DecoderLM:
       **overrides: see ``config_from_hf``: the method (no ``update``: Standard(), the
         checkpoint's own network at inference, off the grid) and the config fields the
         checkpoint does not fix, e.g. ``param_dtype="bfloat16"`` (default float32: the
-        checkpoint's values exactly, whatever its dtype), ``attention="chunked"``.
+        checkpoint's values exactly, whatever its dtype), ``attention="chunked"``,
+        ``lora=LoRA(...)`` (fresh adapters drawn from seed 0; ``models.with_lora`` on a
+        loaded model picks the seed).
 
     Returns:
       the model; ``model(tokens, train=False)`` computes the checkpoint's logits.
@@ -491,6 +494,9 @@ def load(path, **overrides) -> DecoderLM:
     """
     checkpoint = read_checkpoint(path)
     config = config_from_hf(checkpoint.config, source=checkpoint.source, **overrides)
+    if config.lora is not None:  # the checkpoint's weights, plus fresh adapters (seed 0)
+        base = load(path, **{**overrides, "lora": None})
+        return with_lora(base, config.lora, rngs=nnx.Rngs(0))
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params_flat = dict(nnx.to_flat_state(params))
@@ -527,6 +533,9 @@ def save(model: DecoderLM, path, *, dtype: str | None = None, bos_token_id: int 
         raise TypeError(f"save writes a bdia_jax.models.DecoderLM, got "
                         f"{type(model).__name__}.")
     config = model.config
+    if config.lora is not None:
+        raise ValueError("save writes a model without adapters: save(merge_lora(model), ...) "
+                         "(or save_peft_adapter for the adapters alone).")
     dtype = config.param_dtype if dtype is None else dtype
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {_SAVE_DTYPES} or None, got {dtype!r}.")
@@ -541,6 +550,53 @@ def save(model: DecoderLM, path, *, dtype: str | None = None, bos_token_id: int 
               for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors = params_to_hf(params, config)
     write_hf_folder(path, hf, tensors)
+
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_MODULES = {("attn", "query"): "self_attn.q_proj", ("attn", "key"): "self_attn.k_proj",
+                 ("attn", "value"): "self_attn.v_proj", ("attn", "out"): "self_attn.o_proj",
+                 ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj",
+                 ("mlp", "down"): "mlp.down_proj"}
+
+
+def save_peft_adapter(model: DecoderLM, path, *, base_model_name_or_path: str | None = None
+                      ) -> None:
+    """Write a LoRA model's adapters in PEFT's layout: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` (float32) with PEFT's names
+    ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ([rank, in]) and
+    ``...lora_B.weight`` ([out, rank]), which ``peft.PeftModel.from_pretrained`` puts on the
+    base model (``save(merge_lora(model)...)`` before training, or the checkpoint it was
+    loaded from). Llama family only: GPT-2 fuses q, k, v in one ``c_attn``."""
+    import safetensors.numpy
+
+    if not isinstance(model, DecoderLM) or model.config.lora is None:
+        raise ValueError("save_peft_adapter needs a DecoderLM with adapters (config.lora set).")
+    config, lora = model.config, model.config.lora
+    if config.position == "learned":
+        raise ValueError("save_peft_adapter writes Llama-family adapters; GPT-2 fuses q, k, v "
+                         "in c_attn: save(merge_lora(model), ...) instead.")
+    tensors = {}
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        assert p[:2] == ("stack", "blocks"), p  # adapters live in the blocks only
+        module, leaf = _PEFT_MODULES[p[2:-1]], {"lora_a": "lora_A", "lora_b": "lora_B"}[p[-1]]
+        value = np.asarray(v.get_value(), np.float32)
+        for i in range(config.depth):
+            name = f"base_model.model.model.layers.{i}.{module}.{leaf}.weight"
+            tensors[name] = np.ascontiguousarray(value[i].T)
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+        "target_modules": sorted(PEFT_NAMES[t] for t in lora.targets), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "modules_to_save": None, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PEFT_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    safetensors.numpy.save_file(tensors, str(folder / PEFT_WEIGHTS_FILE),
+                                metadata={"format": "pt"})
 
 
 # ---- the GPT-2 names (thin aliases)

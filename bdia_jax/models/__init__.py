@@ -5,6 +5,8 @@ Reversible(...)``) are switches (import them from ``bdia_jax``).
 * ``layers``:  ``BlockConfig`` (the block settings every config shares), attention (GQA,
   rotary positions, q/k norm), MLPs (GELU, SwiGLU), LayerNorm/RMSNorm, encoder/decoder
   residual branches, KV caches.
+* ``lora``:    ``LoRA`` (the ``BlockConfig.lora`` option: low-rank adapters), ``LoRALinear``,
+  ``merge_lora``, ``with_lora``.
 * ``residual_stack``: ``ResidualStack`` (depth-stacked parameters → ``bdia_jax.apply_stack``).
 * ``vit``:     ``ViT`` / ``ViTConfig`` / ``vit_config``.
 * ``revvit``:  ``RevViT`` / ``RevViTConfig`` / ``revvit_config`` (two-stream reversible ViT).
@@ -40,6 +42,7 @@ from bdia_jax.models.layers import (
     dot_product_attention,
     padding_mask,
 )
+from bdia_jax.models.lora import LORA_TARGETS, LoRA, LoRALinear, merge_lora, with_lora
 from bdia_jax.models.residual_stack import ResidualStack, stats_to_aux
 from bdia_jax.models.revvit import RevBlock, RevViT, RevViTConfig, TwoStreamStack, revvit_config
 from bdia_jax.models.seq2seq import (
@@ -61,6 +64,11 @@ __all__ = [
     "Rope",
     "decoder_config",
     "LayerNorm",
+    "LORA_TARGETS",
+    "LoRA",
+    "LoRALinear",
+    "merge_lora",
+    "with_lora",
     "SEQ2SEQ_VARIANTS",
     "DecodeState",
     "Seq2SeqConfig",

@@ -116,6 +116,9 @@ class DecoderConfig(BlockConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         param_dtype_of(self.param_dtype)
+        if self.lora is not None and "gate" in self.lora.targets and self.mlp != "swiglu":
+            raise ValueError("LoRA target 'gate' needs mlp='swiglu'; a GELU MLP has 'up' (fc1) "
+                             "and 'down' (fc2).")
         super().__post_init__()  # the block settings (width, heads, ...) and the method
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "

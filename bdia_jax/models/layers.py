@@ -42,6 +42,9 @@ from bdia_jax import stable
 from bdia_jax.methods import StackMethod
 from bdia_jax.models.attention import attend, check_attention, check_chunk_size, repeat_kv
 from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
+from bdia_jax.models.lora import LORA_TARGETS, LoRA, lora_key
+from bdia_jax.models.lora import apply as lora_apply
+from bdia_jax.models.lora import linear as lora_linear
 from bdia_jax.ops import dropout as dropout  # re-export
 from bdia_jax.ops import position_blocks
 
@@ -155,6 +158,9 @@ class BlockConfig(StackMethod):
     # MLP over blocks of chunk_size positions (a recomputing custom VJP: one block's
     # [chunk, mlp_dim] activations at a time); None: chunked iff attention == "chunked".
     chunk_mlp: bool | None = None
+    # Low-rank adapters on the chosen projections of every block (bdia_jax.models.LoRA), or
+    # None: none. Train only them with bdia_jax.training's trainable=nnx.LoRAParam.
+    lora: LoRA | None = None
 
     def __post_init__(self):
         for name in ("width", "num_heads", "mlp_dim"):
@@ -168,6 +174,10 @@ class BlockConfig(StackMethod):
         if self.chunk_mlp not in (None, True, False):
             raise ValueError(f"chunk_mlp must be True, False or None (chunked iff "
                              f"attention='chunked'), got {self.chunk_mlp!r}.")
+        if self.lora is not None and not isinstance(self.lora, LoRA):
+            raise ValueError(f"lora must be a bdia_jax.models.LoRA or None, got "
+                             f"{type(self.lora).__name__}.")
+        check_lora_chunks(self.lora, self.mlp_chunk_size)
         super().__post_init__()
 
     def _check_heads(self):
@@ -181,6 +191,15 @@ class BlockConfig(StackMethod):
         """Positions per block of the MLP, or None for the whole sequence at once."""
         chunked = self.attention == "chunked" if self.chunk_mlp is None else self.chunk_mlp
         return self.chunk_size if chunked else None
+
+
+def check_lora_chunks(lora: LoRA | None, mlp_chunk_size: int | None) -> None:
+    """LoRA dropout on an MLP projection needs the whole-sequence MLP (its masks are drawn
+    per call, which the position-blocked MLP would repeat on every block)."""
+    if lora is not None and lora.dropout and mlp_chunk_size is not None \
+            and set(lora.targets) & {"gate", "up", "down"}:
+        raise ValueError("LoRA dropout on MLP targets needs chunk_mlp=False (the MLP over "
+                         "position blocks would repeat its masks); or set LoRA dropout=0.0.")
 
 
 ROPE_SCALINGS = ("default", "llama3", "linear")
@@ -268,7 +287,7 @@ class MultiHeadAttention(nnx.Module):
                  qkv_bias: bool = True, out_bias: bool = True, qk_norm_eps: float | None = None,
                  rope: Rope | None = None, attention_dropout: float = 0.0,
                  compute_dtype="float32", param_dtype="float32", attention: str = "xla",
-                 chunk_size: int = 128, rngs: nnx.Rngs):
+                 chunk_size: int = 128, lora: LoRA | None = None, rngs: nnx.Rngs):
         if head_dim is None and width % num_heads:
             raise ValueError(
                 f"width ({width}) must be divisible by num_heads ({num_heads}); "
@@ -291,15 +310,15 @@ class MultiHeadAttention(nnx.Module):
         self.rope = rope
         p_dtype = param_dtype_of(param_dtype)
 
-        def linear(n_in, n_out, bias):
-            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=p_dtype,
-                              rngs=rngs)
+        def linear(n_in, n_out, bias, target):
+            return lora_linear(n_in, n_out, target=target, lora=lora, use_bias=bias,
+                               dtype=dtype, param_dtype=p_dtype, rngs=rngs)
 
         q_width, kv_out = num_heads * self.head_dim, num_kv_heads * self.head_dim
-        self.query = linear(width, q_width, qkv_bias)
-        self.key = linear(kv_width, kv_out, qkv_bias)
-        self.value = linear(kv_width, kv_out, qkv_bias)
-        self.out = linear(q_width, width, out_bias)
+        self.query = linear(width, q_width, qkv_bias, "q")
+        self.key = linear(kv_width, kv_out, qkv_bias, "k")
+        self.value = linear(kv_width, kv_out, qkv_bias, "v")
+        self.out = linear(q_width, width, out_bias, "o")
         if qk_norm_eps is not None:
             self.query_norm = RMSNorm(self.head_dim, epsilon=qk_norm_eps,
                                       param_dtype=p_dtype, rngs=rngs)
@@ -320,17 +339,19 @@ class MultiHeadAttention(nnx.Module):
             y = self.rope(y, start)
         return y
 
-    def project_kv(self, y: jax.Array, start=0) -> KVCache:
+    def project_kv(self, y: jax.Array, start=0, lora_key=None) -> KVCache:
         """y: [batch, k_len, kv_width] at positions start … → KVCache of
-        [batch, num_kv_heads, k_len, head_dim] (keys normed and rotated)."""
-        k = self._heads(self.key(y), self.num_kv_heads)
+        [batch, num_kv_heads, k_len, head_dim] (keys normed and rotated). ``lora_key``: the
+        block's LoRA dropout key or None."""
+        k = self._heads(lora_apply(self.key, y, lora_key), self.num_kv_heads)
         k = self._position(k, self.key_norm if self.qk_norm else None, start)
-        return KVCache(k, self._heads(self.value(y), self.num_kv_heads))
+        return KVCache(k, self._heads(lora_apply(self.value, y, lora_key), self.num_kv_heads))
 
-    def attend(self, x: jax.Array, kv: KVCache, mask, key=None, start=0) -> jax.Array:
+    def attend(self, x: jax.Array, kv: KVCache, mask, key=None, start=0,
+               lora_key=None) -> jax.Array:
         """Queries from x: [batch, q_len, width] at positions start … against kv →
         [batch, q_len, width] float32."""
-        q = self._heads(self.query(x), self.num_heads)
+        q = self._heads(lora_apply(self.query, x, lora_key), self.num_heads)
         q = self._position(q, self.query_norm if self.qk_norm else None, start)
         groups = self.num_heads // self.num_kv_heads
         o = attend(q, repeat_kv(kv.key, groups), repeat_kv(kv.value, groups), mask,
@@ -338,15 +359,16 @@ class MultiHeadAttention(nnx.Module):
                    dropout_rate=self.attention_dropout, key=key)
         b, _, t, _ = o.shape
         o = o.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
-        return self.out(o).astype(jnp.float32)
+        return lora_apply(self.out, o, lora_key).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, kv_input: jax.Array | None = None, mask=None,
-                 key=None) -> jax.Array:
+                 key=None, lora_key=None) -> jax.Array:
         """x: [batch, q_len, width]; kv_input: [batch, k_len, kv_width] or None (self-attn).
 
         Returns [batch, q_len, width] float32.
         """
-        return self.attend(x, self.project_kv(x if kv_input is None else kv_input), mask, key)
+        kv = self.project_kv(x if kv_input is None else kv_input, lora_key=lora_key)
+        return self.attend(x, kv, mask, key, lora_key=lora_key)
 
     def attend_cached(self, x: jax.Array, cache: KVCache, pos, mask=None):
         """Causal self-attention of a chunk x: [batch, t, width] at positions pos … pos+t-1.
@@ -378,11 +400,12 @@ class _PositionwiseMLP(nnx.Module):
     activations live at a time, in the forward and in the backward pass. Each row goes
     through the same ops either way; the backward pass runs each block's forward once more."""
 
-    def __call__(self, y: jax.Array) -> jax.Array:
-        """y: [..., len, width] → [..., len, width] float32."""
+    def __call__(self, y: jax.Array, lora_key=None) -> jax.Array:
+        """y: [..., len, width] → [..., len, width] float32; ``lora_key``: the block's LoRA
+        dropout key or None (whole-sequence MLP only, see ``check_lora_chunks``)."""
         chunk = self.chunk_size
         if chunk is None or y.ndim < 2 or y.shape[-2] <= chunk:
-            return self._dense(y)
+            return self._dense(y, lora_key)
         graphdef, state = nnx.split(self)
 
         def dense(state, y_c):
@@ -401,18 +424,21 @@ class MLP(_PositionwiseMLP):
 
     def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
                  param_dtype="float32", approximate_gelu: bool = True, use_bias: bool = True,
-                 chunk_size: int | None = None, rngs: nnx.Rngs):
+                 chunk_size: int | None = None, lora: LoRA | None = None, rngs: nnx.Rngs):
         dtype, p_dtype = canonical_dtype(compute_dtype), param_dtype_of(param_dtype)
         self.approximate_gelu = approximate_gelu
         self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size)
-        self.fc1 = nnx.Linear(width, mlp_dim, use_bias=use_bias, dtype=dtype,
-                              param_dtype=p_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_dim, width, use_bias=use_bias, dtype=dtype,
-                              param_dtype=p_dtype, rngs=rngs)
+        if lora is not None and "gate" in lora.targets:
+            raise ValueError("LoRA target 'gate' needs a gated MLP (mlp='swiglu'); a GELU MLP "
+                             "has 'up' (fc1) and 'down' (fc2).")
+        check_lora_chunks(lora, self.chunk_size)
+        options = dict(use_bias=use_bias, dtype=dtype, param_dtype=p_dtype, lora=lora, rngs=rngs)
+        self.fc1 = lora_linear(width, mlp_dim, target="up", **options)
+        self.fc2 = lora_linear(mlp_dim, width, target="down", **options)
 
-    def _dense(self, y: jax.Array) -> jax.Array:
-        hidden = jax.nn.gelu(self.fc1(y), approximate=self.approximate_gelu)
-        return self.fc2(hidden).astype(jnp.float32)
+    def _dense(self, y: jax.Array, lora_key=None) -> jax.Array:
+        hidden = jax.nn.gelu(lora_apply(self.fc1, y, lora_key), approximate=self.approximate_gelu)
+        return lora_apply(self.fc2, hidden, lora_key).astype(jnp.float32)
 
 
 class GatedMLP(_PositionwiseMLP):
@@ -422,20 +448,22 @@ class GatedMLP(_PositionwiseMLP):
 
     def __init__(self, width: int, mlp_dim: int, *, compute_dtype="float32",
                  param_dtype="float32", use_bias: bool = False,
-                 chunk_size: int | None = None, rngs: nnx.Rngs):
+                 chunk_size: int | None = None, lora: LoRA | None = None, rngs: nnx.Rngs):
         dtype, p_dtype = canonical_dtype(compute_dtype), param_dtype_of(param_dtype)
         self.chunk_size = None if chunk_size is None else check_chunk_size(chunk_size)
+        check_lora_chunks(lora, self.chunk_size)
 
-        def linear(n_in, n_out):
-            return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype,
-                              param_dtype=p_dtype, rngs=rngs)
+        def linear(n_in, n_out, target):
+            return lora_linear(n_in, n_out, target=target, lora=lora, use_bias=use_bias,
+                               dtype=dtype, param_dtype=p_dtype, rngs=rngs)
 
-        self.gate = linear(width, mlp_dim)
-        self.up = linear(width, mlp_dim)
-        self.down = linear(mlp_dim, width)
+        self.gate = linear(width, mlp_dim, "gate")
+        self.up = linear(width, mlp_dim, "up")
+        self.down = linear(mlp_dim, width, "down")
 
-    def _dense(self, y: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(y)) * self.up(y)).astype(jnp.float32)
+    def _dense(self, y: jax.Array, lora_key=None) -> jax.Array:
+        gated = jax.nn.silu(lora_apply(self.gate, y, lora_key)) * lora_apply(self.up, y, lora_key)
+        return lora_apply(self.down, gated, lora_key).astype(jnp.float32)
 
 
 class LayerNorm(nnx.Module):
@@ -505,12 +533,13 @@ class EncoderBlock(nnx.Module):
                  norm: str = "layernorm", mlp: str = "gelu", bias: str = "all",
                  num_kv_heads: int | None = None, head_dim: int | None = None,
                  qk_norm: bool = False, rope: Rope | None = None, param_dtype="float32",
-                 rngs: nnx.Rngs):
+                 lora: LoRA | None = None, rngs: nnx.Rngs):
         if norm not in NORMS or mlp not in MLPS or bias not in BIASES:
             raise ValueError(f"norm must be one of {NORMS}, mlp one of {MLPS}, bias one of "
                              f"{BIASES}; got {norm!r}, {mlp!r}, {bias!r}.")
         self.causal = causal
         self.dropout = dropout
+        self.lora = lora
         norm_cls = LayerNorm if norm == "layernorm" else RMSNorm
         self.ln1 = norm_cls(width, epsilon=layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.attn = MultiHeadAttention(
@@ -518,16 +547,17 @@ class EncoderBlock(nnx.Module):
             qkv_bias=bias != "none", out_bias=bias == "all",
             qk_norm_eps=layer_norm_eps if qk_norm else None, rope=rope,
             attention_dropout=attention_dropout, compute_dtype=compute_dtype,
-            param_dtype=param_dtype, attention=attention, chunk_size=chunk_size, rngs=rngs)
+            param_dtype=param_dtype, attention=attention, chunk_size=chunk_size, lora=lora,
+            rngs=rngs)
         self.ln2 = norm_cls(width, epsilon=layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         if mlp == "gelu":
             self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, param_dtype=param_dtype,
                            approximate_gelu=approximate_gelu, use_bias=bias == "all",
-                           chunk_size=mlp_chunk_size, rngs=rngs)
+                           chunk_size=mlp_chunk_size, lora=lora, rngs=rngs)
         else:
             self.mlp = GatedMLP(width, mlp_dim, compute_dtype=compute_dtype,
                                 param_dtype=param_dtype, use_bias=bias == "all",
-                                chunk_size=mlp_chunk_size, rngs=rngs)
+                                chunk_size=mlp_chunk_size, lora=lora, rngs=rngs)
 
     @classmethod
     def from_config(cls, config: BlockConfig, *, causal: bool = False, rngs: nnx.Rngs,
@@ -537,7 +567,7 @@ class EncoderBlock(nnx.Module):
         return cls(c.width, c.num_heads, c.mlp_dim, causal=causal, dropout=c.dropout,
                    attention_dropout=c.attention_dropout, compute_dtype=c.compute_dtype,
                    attention=c.attention, chunk_size=c.chunk_size,
-                   mlp_chunk_size=c.mlp_chunk_size, rngs=rngs, **options)
+                   mlp_chunk_size=c.mlp_chunk_size, lora=c.lora, rngs=rngs, **options)
 
     def _mask(self, x, context):
         causal = causal_mask(x.shape[1], x.shape[1]) if self.causal else None
@@ -546,9 +576,10 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x: jax.Array, context=None, key=None) -> jax.Array:
         """x: [batch, len, width] float32 → h: [batch, len, width] float32."""
         k_attn, k_a, k_m = split_key(key, 3)
-        a = dropout(self.attn(self.ln1(x), mask=self._mask(x, context), key=k_attn),
-                    self.dropout, k_a)
-        m = dropout(self.mlp(self.ln2(x + a)), self.dropout, k_m)
+        k_lora = lora_key(key, self.lora)
+        a = dropout(self.attn(self.ln1(x), mask=self._mask(x, context), key=k_attn,
+                              lora_key=k_lora), self.dropout, k_a)
+        m = dropout(self.mlp(self.ln2(x + a), k_lora), self.dropout, k_m)
         return (a + m).astype(x.dtype)
 
     # ---- KV-cache decoding (inference, causal blocks only)
@@ -593,21 +624,23 @@ class DecoderBlock(nnx.Module):
                  enc_width: int | None = None, dropout: float = 0.0,
                  attention_dropout: float = 0.0, compute_dtype="float32",
                  attention: str = "xla", chunk_size: int = 128,
-                 mlp_chunk_size: int | None = None, rngs: nnx.Rngs):
+                 mlp_chunk_size: int | None = None, lora: LoRA | None = None,
+                 rngs: nnx.Rngs):
         self.dropout = dropout
+        self.lora = lora
         self.ln1 = LayerNorm(width, rngs=rngs)
         self.self_attn = MultiHeadAttention(width, num_heads,
                                             attention_dropout=attention_dropout,
                                             compute_dtype=compute_dtype, attention=attention,
-                                            chunk_size=chunk_size, rngs=rngs)
+                                            chunk_size=chunk_size, lora=lora, rngs=rngs)
         self.ln2 = LayerNorm(width, rngs=rngs)
         self.cross_attn = MultiHeadAttention(width, num_heads, kv_width=enc_width,
                                              attention_dropout=attention_dropout,
                                              compute_dtype=compute_dtype, attention=attention,
-                                             chunk_size=chunk_size, rngs=rngs)
+                                             chunk_size=chunk_size, lora=lora, rngs=rngs)
         self.ln3 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype,
-                       chunk_size=mlp_chunk_size, rngs=rngs)
+                       chunk_size=mlp_chunk_size, lora=lora, rngs=rngs)
 
     @staticmethod
     def _unpack(context):
@@ -622,13 +655,15 @@ class DecoderBlock(nnx.Module):
         """x: [batch, tgt_len, width] float32 → h: [batch, tgt_len, width] float32."""
         enc_out, src_mask = self._unpack(context)
         k_sa, k_a, k_ca, k_c, k_m = split_key(key, 5)
+        k_self = lora_key(key, self.lora)  # the cross-attention's masks fold in once more
+        k_cross = None if k_self is None else jax.random.fold_in(k_self, len(LORA_TARGETS))
         t = x.shape[1]
-        a = dropout(self.self_attn(self.ln1(x), mask=causal_mask(t, t), key=k_sa),
-                    self.dropout, k_a)
+        a = dropout(self.self_attn(self.ln1(x), mask=causal_mask(t, t), key=k_sa,
+                                   lora_key=k_self), self.dropout, k_a)
         y = x + a
-        c = dropout(self.cross_attn(self.ln2(y), enc_out, mask=key_mask(src_mask), key=k_ca),
-                    self.dropout, k_c)
-        m = dropout(self.mlp(self.ln3(y + c)), self.dropout, k_m)
+        c = dropout(self.cross_attn(self.ln2(y), enc_out, mask=key_mask(src_mask), key=k_ca,
+                                    lora_key=k_cross), self.dropout, k_c)
+        m = dropout(self.mlp(self.ln3(y + c), k_self), self.dropout, k_m)
         return (a + c + m).astype(x.dtype)
 
     # ---- KV-cache decoding

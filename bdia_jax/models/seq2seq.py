@@ -133,7 +133,7 @@ class Seq2SeqTransformer(nnx.Module):
                                 attention_dropout=c.attention_dropout,
                                 compute_dtype=c.compute_dtype, attention=c.attention,
                                 chunk_size=c.chunk_size, mlp_chunk_size=c.mlp_chunk_size,
-                                rngs=block_rngs)
+                                lora=c.lora, rngs=block_rngs)
 
         settings = dict(update=c.update, backprop=c.backprop)
         self.encoder = ResidualStack(make_encoder_block, c.encoder_depth, rngs=rngs, **settings)

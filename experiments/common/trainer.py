@@ -144,6 +144,13 @@ def _architecture(task: Task, method: Mapping[str, Any]) -> Architecture | None:
     return task.architectures[name]
 
 
+def split_method(task: Task, method: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(model fields, method keywords) of a ``config.methods`` entry: its keys named in
+    ``task.method_model_fields`` (e.g. a per-method dropout) override ``config.model``."""
+    own = {k: v for k, v in method.items() if k in task.method_model_fields}
+    return own, {k: v for k, v in method.items() if k not in own}
+
+
 def build_model_config(task: Task, config, method: Mapping[str, Any], data):
     """(model config, model class) of one ``config.methods`` entry (``data`` None while
     validating). An architecture entry gets the ``config.model`` fields its config class
@@ -151,7 +158,8 @@ def build_model_config(task: Task, config, method: Mapping[str, Any], data):
     arch = _architecture(task, method)
     model_fields = {**config.model, **task.model_fields(config, data)}
     if arch is None:
-        return (task.config_class(**model_fields, **method_fields(method)),
+        own, method = split_method(task, method)
+        return (task.config_class(**{**model_fields, **own}, **method_fields(method)),
                 task.model_class)
     own = {f.name for f in dataclasses.fields(arch.config_class)}
     defaults = {f.name: f.default for f in dataclasses.fields(task.config_class)}
@@ -217,6 +225,8 @@ class Task:
       [0, 1) (validated here; ``validate`` checks the rest).
     best: (eval metric, "max" | "min", result key) of the best evaluation.
     final: result key → eval metric of the last evaluation.
+    method_model_fields: keys a ``config.methods`` entry may hold besides the method, which
+      override ``config.model`` for that model (``split_method``).
     summary_keys: training metrics of the per-epoch line.
     throughput: (result key, what an example is): examples per second of training.
     table: rows (label, result key, format) at the top of the side-by-side table.
@@ -238,6 +248,7 @@ class Task:
     fraction_fields: tuple[str, ...] = ()
     best = ("accuracy", "max", "accuracy_best")
     final: Mapping[str, str] = {}
+    method_model_fields: tuple[str, ...] = ()
     summary_keys: tuple[str, ...] = ("loss",)
     throughput = ("examples_per_s", "examples")
     table: tuple[tuple[str, str, str], ...] = ()
@@ -248,6 +259,11 @@ class Task:
     def validate(self, config, checks: config_lib.Checks, mesh) -> None:
         """Append problems with the task's own fields (model, data, eval, its train
         fields) to ``checks``."""
+
+    def trainable(self, model_config) -> nnx.filterlib.Filter:
+        """The parameters the model trains (``bdia_jax.training``'s ``trainable=``)."""
+        del model_config
+        return nnx.Param
 
     def load_data(self, config, workdir: str, mesh):
         raise NotImplementedError
@@ -394,7 +410,7 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
         method = config.methods[name].to_dict()
         try:
             _architecture(task, method)
-            methods[name] = method_fields(method)
+            methods[name] = method_fields(split_method(task, method)[1])
         except (TypeError, ValueError) as error:
             checks.require(False, f"methods.{name}", str(error).splitlines()[0])
     before = len(checks.problems)
@@ -500,7 +516,8 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     num_steps = num_epochs * spe
     optimizer, schedule = ts.make_optimizer(config.optim, num_steps, spe)
     base_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    graphdef, state = training.init(model, optimizer, base_key)
+    trainable = task.trainable(model_config)
+    graphdef, state = training.init(model, optimizer, base_key, trainable=trainable)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     del model
     # Parameters and optimizer state: replicated, or FSDP-sharded when mesh.fsdp > 1.
@@ -531,7 +548,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     get_batch = task.batch_fn(run)
     compile_start = time.perf_counter()
     train_step = training.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                                          schedule=schedule,
+                                          trainable=trainable, schedule=schedule,
                                           stop_on_nonfinite=t.on_nonfinite == "stop",
                                           gather_params=run.gather)
     step_fn, measured = _compile_per_shape(train_step, state, state_sharding,

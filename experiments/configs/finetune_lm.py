@@ -1,0 +1,145 @@
+"""Configs of ``python -m experiments.finetune_lm`` (fine-tune a pretrained decoder LM,
+GPT-2 or Llama family, from a Hugging Face folder or a GGUF file, on E2E NLG; five methods
+side by side from the same checkpoint, data order and seeds).
+
+Select a preset with ``--config=experiments/configs/finetune_lm.py:<preset>`` and override any
+field on the command line. Presets:
+
+* ``quick`` (the default): offline. With ``model.checkpoint`` / ``data.dir`` empty, the run
+  writes a tiny random Llama-family checkpoint (``pretrained.save``) with a tiny BPE and tiny
+  E2E-format CSVs into ``<workdir>/tiny_setup`` and fine-tunes it with all five methods;
+  seconds to minutes on a CPU. It exercises every path, not the numbers.
+* ``smollm2_e2e``: SmolLM2-135M-Instruct from ``../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf``
+  on ``../shared/data/e2e``: devset.csv split by mr into training and validation parts
+  (``data.split="devset_by_mr"``: the official trainset.csv is not available offline),
+  BLEU on testset_w_refs.csv with all references per mr. The regime (rows, context, batch,
+  steps) is sized for a CPU from a measured step time (docs/results.md).
+
+The five methods (``config.methods``; ``models`` lists the ones a "compare" run trains):
+``standard`` (full fine-tuning, no dropout), ``dropout`` (full fine-tuning with dropout
+``methods.dropout.dropout``), ``bdia`` (full fine-tuning, BDIA γ = ±0.5 on the 2**-9 grid,
+reversible with recompute="shared"), ``lora`` (adapters only, standard update) and
+``lora_bdia`` (adapters only, BDIA). A method entry may set the model fields dropout,
+attention_dropout and lora_* besides the method keywords.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import common
+
+PRESETS = ("quick", "smollm2_e2e")
+SHARED = "../shared"  # the read-only data and model folder beside the project (not copied)
+BDIA = dict(update="bdia", gamma=0.5, frac_bits=9, quantize_at_inference=True,
+            backprop="reversible", recompute="shared")
+LORA = dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+            lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = common.base_config()  # preset, seed, mode, models, methods, mesh, distributed
+    c.methods = ml_collections.ConfigDict()
+    c.methods.standard = dict(update="standard", backprop="autodiff")
+    # Dropout as the usual regularizer: the rate is chosen on the validation split (a
+    # sweep of this field; docs/results.md says which won).
+    c.methods.dropout = dict(update="standard", backprop="autodiff", dropout=0.1,
+                             attention_dropout=0.0)
+    c.methods.bdia = dict(BDIA)
+    c.methods.lora = dict(update="standard", backprop="autodiff", **LORA)
+    c.methods.lora_bdia = dict(BDIA, **LORA)
+    c.models = ("standard", "dropout", "bdia", "lora", "lora_bdia")
+
+    # --- the pretrained model; its architecture comes from the checkpoint.
+    c.model = ml_collections.ConfigDict()
+    # A Hugging Face folder (config.json + safetensors, tokenizer files; gpt2, llama, qwen2,
+    # qwen3, mistral) or a .gguf file of architecture llama. "": the tiny stand-in.
+    c.model.checkpoint = ""
+    c.model.dropout = 0.0  # embedding and residual dropout (a method entry may override)
+    c.model.attention_dropout = 0.0  # dropout on attention probabilities (idem)
+    c.model.compute_dtype = "float32"  # matmul dtype: "float32", or "bfloat16" on TPU/GPU
+    c.model.attention = "xla"  # softmax attention: "xla" | "chunked" | "cudnn" (GPU)
+    # LoRA (bdia_jax.models.LoRA) for the methods that set lora_rank > 0: rank (0: none),
+    # alpha (update scale alpha / rank), dropout on the adapters' input, and the projections.
+    c.model.lora_rank = 0
+    c.model.lora_alpha = 16.0
+    c.model.lora_dropout = 0.0
+    c.model.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+
+    # --- data: E2E NLG CSVs with "mr" and "ref" columns
+    c.data = ml_collections.ConfigDict()
+    # Folder of the CSVs. "": the tiny stand-in.
+    c.data.dir = ""
+    # With model.checkpoint or data.dir empty, write the tiny offline stand-in into
+    # <workdir>/tiny_setup and use it for what is empty; False: an empty path is an error.
+    c.data.tiny_standin = True
+    # "devset_by_mr": training and validation rows from devset.csv, split by mr (no mr on
+    # both sides), test = testset_w_refs.csv; "official": trainset.csv / devset.csv / test.
+    c.data.split = "devset_by_mr"
+    c.data.validation_fraction = 0.2  # devset_by_mr: the share of mrs held out
+    c.data.split_seed = 0  # devset_by_mr: the permutation of the mrs (fixed across seeds)
+    c.data.max_train_rows = 0  # use at most this many training rows, in file order (0: all)
+    c.data.max_validation_rows = 0  # at most this many validation rows (0: all)
+    c.data.max_test_rows = 0  # at most this many test rows for the test loss (0: all)
+    # Tokens per example row ("mr → ref<eos>" less one for the shift); a longer example is
+    # an error naming it.
+    c.data.max_len = 128
+
+    # --- optimisation: AdamW, linear warmup then decay to 0 (common.add_optim)
+    common.add_optim(c, learning_rate=1e-4, warmup_epochs=0.1, end_learning_rate_factor=0.0,
+                     weight_decay=0.01, grad_clip_norm=1.0)
+
+    common.add_train(c)
+    c.train.num_epochs = 3  # passes over the training rows
+    c.train.batch_size = 8  # rows per step
+    c.train.eval_every_epochs = 1  # validation loss every N epochs
+    c.train.label_smoothing = 0.0  # ε of the training cross-entropy
+
+    # --- evaluation at E[γ] = 0 (the pretrained architecture), KV-cached decoding
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16  # rows per validation-loss batch
+    c.eval.bleu_split = "test"  # the split decoded for BLEU: "validation" | "test"
+    c.eval.bleu_max_mrs = 0  # decode at most this many distinct mrs (0: all)
+    c.eval.decode_batch_size = 16  # mrs decoded together (beam search: x beam_size rows)
+    c.eval.max_new_tokens = 64  # longest decode (tokens)
+    c.eval.beam_size = 4  # beams of the beam-search decode
+    c.eval.length_penalty = 0.9  # α of the GNMT length penalty of finished beams
+    c.eval.num_samples = 3  # decodes of the first mrs printed and kept per method
+    # Write each fine-tuned model as a Hugging Face folder <workdir>/<model>/hf (LoRA
+    # merged) with the checkpoint's tokenizer files beside it.
+    c.eval.export_hf = True
+    c.eval.export_dtype = "float32"  # the folder's weights: "float32" | "bfloat16" | "float16"
+    return c
+
+
+def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
+    """The config of ``preset`` ("quick" or "smollm2_e2e")."""
+    c = common.preset_config("finetune_lm", preset, PRESETS, _base)
+    if c.preset == "quick":
+        # The tiny stand-in: a few steps of a 2-block Llama of width 32 on 4 mrs.
+        c.optim.update(learning_rate=3e-3, warmup_epochs=0.5)
+        c.train.update(num_epochs=2, batch_size=2, log_every_steps=2,
+                       checkpoint_every_steps=100)
+        c.eval.update(batch_size=2, decode_batch_size=2, max_new_tokens=12, beam_size=2,
+                      bleu_max_mrs=2)
+    elif c.preset == "smollm2_e2e":
+        c.model.checkpoint = f"{SHARED}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        c.data.dir = f"{SHARED}/data/e2e"
+        c.data.tiny_standin = False
+        # A CPU regime (docs/results.md: one step timed at this size): the longest E2E pair
+        # (dev and test) is 141 SmolLM2 tokens; a few hundred training rows.
+        c.data.max_len = 144
+        c.data.max_train_rows = 256
+        c.data.max_validation_rows = 128
+        c.data.max_test_rows = 512
+        c.train.update(num_epochs=2, batch_size=8, log_every_steps=4,
+                       checkpoint_every_steps=8)
+        c.optim.learning_rate = 1e-4  # full fine-tuning of a 135M model (guess)
+        # SmolLM2's residual stream reaches ~48k (measured: docs/results.md), beyond the
+        # 2**24 · 2**-9 = 32768 exact range of frac_bits 9: every step overflowed and was
+        # held. frac_bits 7 gives 131072.
+        c.methods.bdia.frac_bits = 7
+        c.methods.lora_bdia.frac_bits = 7
+        c.eval.update(batch_size=16, decode_batch_size=16, bleu_max_mrs=100,
+                      max_new_tokens=48, beam_size=4)
+    return c

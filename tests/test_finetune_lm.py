@@ -1,0 +1,102 @@
+"""``experiments.finetune_lm``: a pretrained Llama-family LM fine-tuned on E2E NLG (the tiny
+offline stand-in, CPU): the devset split by mr, LoRA + BDIA training only the adapters with
+exact reversal, and the exported Hugging Face folder."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bdia_jax import formats, pretrained
+from bdia_jax.models import LoRA
+from bdia_jax.testing import assert_bits_equal
+from experiments import finetune_lm as ft
+from experiments.common.trainer import build_model_config
+from experiments.configs.finetune_lm import get_config
+from experiments.data.text import e2e
+
+
+def quick_config(*models, **eval_fields):
+    c = get_config("quick")
+    c.models = models
+    c.train.update(num_epochs=1, progress="off")
+    c.eval.update(beam_size=1, bleu_max_mrs=1, decode_batch_size=1, max_new_tokens=4,
+                  **eval_fields)
+    return c
+
+
+def test_devset_split_by_mr_keeps_every_mr_on_one_side(tmp_path):
+    _, data_dir = e2e.write_tiny_setup(tmp_path)
+    dev = e2e.read_e2e(data_dir, "validation")
+    train, validation = ft.split_by_mr(dev, 0.25, seed=0)
+    assert len(train) + len(validation) == len(dev)
+    assert not set(train.mrs) & set(validation.mrs)
+    assert len(set(validation.mrs)) == 1  # round(0.25 · 4 mrs)
+    assert ft.split_by_mr(dev, 0.25, seed=0) == (train, validation)  # seeded
+    with pytest.raises(e2e.TextDataError, match="validation_fraction"):
+        ft.split_by_mr(dev, 0.9, seed=0)
+
+
+@pytest.mark.slow  # one whole run: train step, evaluation, two decoders and the export compile
+def test_lora_bdia_fine_tunes_and_exports_a_loadable_hf_folder(tmp_path):
+    """The quick preset's LoRA+BDIA model, one epoch: reversal error exactly 0, only the
+    adapters trained (the exported folder holds the checkpoint's norms and embedding bit for
+    bit, and merged kernels that differ from it), pretrained.load reads the folder, and its
+    tokenizer files load."""
+    workdir = tmp_path / "run"
+    summary = ft.train_and_evaluate(quick_config("lora_bdia"), str(workdir))
+    r = summary["models"]["lora_bdia"]
+    assert r["name"] == "LoRA+BDIA" and r["reversal_error_max"] == 0.0
+    assert r["reversal_exact"] is True
+    assert np.isfinite(r["val_loss_best"]) and np.isfinite(r["test_loss"])
+    assert r["val_perplexity_final"] == pytest.approx(math.exp(r["val_loss_final"]))
+    assert 0.0 <= r["bleu_greedy"] <= 100.0
+    assert len(r["samples"]) == 1 and r["samples"][0]["mr"] == e2e.TINY_MRS[0]
+    assert summary["data"]["test_pairs"] > 0
+    folder = workdir / "lora_bdia" / "hf"
+    assert r["hf_folder"] == str(folder)
+    base = pretrained.load(workdir / "tiny_setup" / "llama")
+    tuned = pretrained.load(folder)
+    assert tuned.config == base.config and tuned.config.lora is None  # max_len: the checkpoint's 256, not the rows' 128
+    frozen = nnx.Not(nnx.Any(*(nnx.PathContains(name) for name in (
+        "query", "key", "value", "out", "gate", "up", "down"))))
+    assert_bits_equal(nnx.state(tuned, nnx.All(nnx.Param, frozen)),
+                      nnx.state(base, nnx.All(nnx.Param, frozen)))
+    q_tuned = tuned.stack.blocks.attn.query.kernel.get_value()
+    q_base = base.stack.blocks.attn.query.kernel.get_value()
+    assert not np.array_equal(np.asarray(q_tuned), np.asarray(q_base))
+    tokenizer = formats.load_tokenizer(folder)
+    assert tokenizer.token_to_id(e2e.END_OF_TEXT) is not None
+
+
+def test_models_get_their_method_fields(tmp_path):
+    """A method entry's model fields (dropout, lora_*) reach only its model; LoRA models
+    train the adapters only."""
+    c = get_config("quick")
+    checkpoint, data_dir = ft.write_tiny_lm_setup(tmp_path)
+    c.model.checkpoint, c.data.dir = str(checkpoint), str(data_dir)
+    data = ft.load_lm_data(c, str(tmp_path))
+    configs = {}
+    for name in c.models:
+        configs[name], _ = build_model_config(ft.TASK, c, c.methods[name].to_dict(), data)
+    assert configs["standard"].dropout == 0.0 and configs["dropout"].dropout == 0.1
+    assert configs["standard"].lora is None and configs["bdia"].lora is None
+    assert configs["lora"].lora == LoRA(rank=8, alpha=16.0,
+                                        targets=("q", "k", "v", "o", "gate", "up", "down"))
+    assert ft.TASK.trainable(configs["lora_bdia"]) is nnx.LoRAParam
+    assert ft.TASK.trainable(configs["bdia"]) is nnx.Param
+    model = ft.load_pretrained_lm(configs["lora_bdia"], rngs=nnx.Rngs(0))
+    base = ft.load_pretrained_lm(configs["bdia"])  # the same method, no adapters
+    tokens = jax.numpy.asarray(data.train.inputs[:2])
+    assert_bits_equal(model(tokens)[0], base(tokens)[0])  # fresh adapters: B = 0
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    c = quick_config("standard")
+    c.model.checkpoint = str(tmp_path / "nowhere.gguf")
+    with pytest.raises(FileNotFoundError, match="model.checkpoint"):
+        ft.load_lm_data(c, str(tmp_path))
