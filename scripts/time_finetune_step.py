@@ -10,7 +10,7 @@ two timed steps after one warm-up, compile time, compiled temp/argument bytes, a
 step's reversal error, overflow flag, stream max |x| and whether the update was held.
 """
 import sys, time
-import jax, jax.numpy as jnp, numpy as np, optax
+import jax, jax.numpy as jnp, optax
 from flax import nnx
 from bdia_jax import pretrained, training
 from bdia_jax.models import LoRA, with_lora

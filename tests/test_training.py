@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from bdia_jax import training
-from bdia_jax.models import BDIA, ResidualStack, ReversalProbe, Reversible
+from bdia_jax import BDIA, Reversible
+from bdia_jax.models import ResidualStack, ReversalProbe
 
 
 class Block(nnx.Module):
