@@ -28,7 +28,6 @@ def measure() -> dict:
     """This process's figures (under whatever XLA_FLAGS it was started with)."""
     import jax
     import numpy as np
-
     from flax import nnx
 
     import bdia_jax

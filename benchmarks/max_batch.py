@@ -35,10 +35,8 @@ import functools
 import json
 import os
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from bdia_jax.chunked_loss import chunk_problem
@@ -46,7 +44,6 @@ from bdia_jax.models import GPT, gpt_config
 from bdia_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from benchmarks import registry
 from benchmarks.registry import METHODS
-from experiments.common.memory import compiled_memory
 
 GPT2_MEDIUM = dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, context=1024,
                    vocab=50257)
@@ -72,15 +69,7 @@ def abstract_step(config, loss_chunk: int = 0):
 
 def peak_bytes(compiled_step, batch: int, context: int) -> tuple[int, float]:
     """(compiled peak estimate in bytes, compile seconds) at ``batch``."""
-    step, state = compiled_step
-    tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
-    start = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled_memory(compiled)
-    if memory is None:
-        raise RuntimeError("this backend gives no compiled memory_analysis(); run on CPU, "
-                           "GPU or TPU with a jaxlib that reports it.")
+    memory, seconds = registry.compiled_token_step_memory(*compiled_step, batch, context)
     return memory["peak_estimate_bytes"], seconds
 
 

@@ -217,13 +217,7 @@ def measure(shape, mode, method, batch, context, opts) -> dict:
     config = model_config(shape, method, context, opts["compute_dtype"],
                           opts["attention_chunk"])
     step, state = abstract_step(config, mode, opts["loss_chunk"])
-    tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
-    start = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled_memory(compiled)
-    if memory is None:
-        raise RuntimeError("this backend gives no compiled memory_analysis(); run on CPU.")
+    memory, seconds = registry.compiled_token_step_memory(step, state, batch, context)
     memory.update(compile_seconds=round(seconds, 2), param_bytes=tree_bytes(state.params),
                   frozen_bytes=tree_bytes(state.rest), opt_state_bytes=tree_bytes(state.opt_state))
     return memory

@@ -31,8 +31,8 @@ import numpy as np
 
 import bdia_jax
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
-from experiments.common import plots
 from benchmarks.registry import STACK_METHODS, add_stack_size_args
+from experiments.common import plots
 from experiments.common.memory import step_memory
 
 METHODS = STACK_METHODS  # name: (label, stack kind, backprop, recompute)

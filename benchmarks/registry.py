@@ -9,6 +9,8 @@ The method settings are the experiments' own: ``experiments/configs/common.py``'
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,6 +27,7 @@ from bdia_jax.models import (
     seq2seq_config,
     vit_config,
 )
+from experiments.common.memory import compiled_memory
 from experiments.configs.common import base_config
 
 
@@ -157,3 +160,17 @@ def abstract_train_step(make_model, loss_fn):
     state = jax.eval_shape(lambda: training.init(make_model(), opt, jax.random.PRNGKey(2))[1])
     step = training.make_train_step(graphdef, loss_fn, opt)
     return jax.jit(step, donate_argnums=0), state
+
+
+def compiled_token_step_memory(step, state, batch: int, context: int) -> tuple[dict, float]:
+    """(``compiled_memory`` dict, compile seconds) of a token-LM train step on an abstract
+    [batch, context + 1] int32 batch: nothing runs, nothing is allocated."""
+    tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
+    start = time.perf_counter()
+    compiled = step.lower(state, tokens).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+    if memory is None:
+        raise RuntimeError("this backend gives no compiled memory_analysis(); run on CPU, "
+                           "GPU or TPU with a jaxlib that reports it.")
+    return memory, seconds
