@@ -48,7 +48,7 @@ def test_small_run_answers_every_section(tmp_path):
     assert methods["remat"]["over_remat"] == 1.0
     assert all(m["median_s"] > 0 for m in methods.values())
 
-    assert saved["max_batch"]["table"]["bdia"]["0.0024"]["batch"] >= 1
+    assert saved["max_batch"]["table"]["bdia"]["0.001"]["batch"] >= 1
 
     table = (tmp_path / "device_check.md").read_text()
     for heading in ("## Exactness", "## Table 1's memory column", "## Step time",

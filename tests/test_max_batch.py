@@ -34,15 +34,18 @@ def test_largest_batch_is_the_last_that_fits(curve, budget, ceiling):
 
 @pytest.mark.slow
 def test_small_run_writes_the_table(tmp_path):
-    # A budget that holds batch 2, not 3: a compile per batch searched, three per method.
-    results = max_batch.main(["--small", "--depth", "2", "--context", "32",
-                              "--budget_gib", "0.0024", "--methods", "remat,bdia",
+    # A budget that holds BDIA's batch 2, not 3, and remat's batch 1, not 2: a compile per
+    # batch searched, five in all (benchmarks.device_check --small searches the same BDIA one).
+    results = max_batch.main(["--small", "--budget_gib", "0.001", "--methods", "remat,bdia",
                               "--attention", "chunked", "--out_dir", str(tmp_path)])
     assert json.loads((tmp_path / "max_batch.json").read_text())["table"] == results["table"]
     assert "| BDIA, reversible |" in (tmp_path / "max_batch.md").read_text()
     for method in ("remat", "bdia"):
         search = results["searches"][f"{method}/chunked"]
-        found = search["max_batch"]["0.0024"]
+        found = search["max_batch"]["0.001"]
         assert found >= 1, method  # the budget holds batch 1 of this model
         peaks = {int(b): p for b, p in search["peak_bytes"].items()}
-        assert peaks[found] <= 0.0024 * 2**30 < peaks[found + 1]  # compiled, not guessed
+        assert peaks[found] <= 0.001 * 2**30 < peaks[found + 1]  # compiled, not guessed
+        # Bracketed in a few compiles: a peak that stays flat over small batches (parameters
+        # dominating) sends the secant guesses to batches in the hundreds, a minute each here.
+        assert len(peaks) <= 3, peaks
