@@ -267,10 +267,11 @@ if EOS_ID is None:
                      "every training text here: set EOS_ID to the checkpoint's end token.")
 
 c = model.config
-count = lambda f: sum(x.size for x in jax.tree.leaves(nnx.state(model, f)))
+n_params, n_trained = (sum(x.size for x in jax.tree.leaves(nnx.state(model, f)))
+                       for f in (nnx.Param, TRAINABLE))
 print(f"{c.depth} blocks, width {c.width}, {c.num_heads} query / {c.kv_heads} key-value heads, "
       f"MLP {c.mlp_dim}, vocabulary {c.vocab_size}, context {c.max_len}; "
-      f"{count(nnx.Param) / 1e6:.1f}M parameters, {count(TRAINABLE) / 1e6:.2f}M trained; "
+      f"{n_params / 1e6:.1f}M parameters, {n_trained / 1e6:.2f}M trained; "
       f"update {c.update}, backprop {c.backprop} ({time.perf_counter() - start:.0f}s)")
 ''')
 
@@ -314,7 +315,9 @@ def read_e2e() -> tuple[list[tuple[str, str]], str]:
         try:
             with urllib.request.urlopen(E2E_URL, timeout=30) as response:
                 archive = zipfile.ZipFile(io.BytesIO(response.read()))
-            name = next(n for n in archive.namelist() if n.endswith("trainset.csv"))
+            name = next((n for n in archive.namelist() if n.endswith("trainset.csv")), None)
+            if name is None:
+                raise ValueError(f"{E2E_URL} holds no trainset.csv: {archive.namelist()}")
             text = io.TextIOWrapper(archive.open(name), encoding="utf-8", newline="")
             return [(r["mr"], r["ref"]) for r in csv.DictReader(text)], f"{E2E_URL}:{name}"
         except OSError as err:
@@ -512,6 +515,21 @@ if EOS_ID in new:
 print(f"prompt:       {held_out_mr} →")
 print(f"continuation: {tokenizer.decode(new)!r}  ({len(new)} tokens, greedy, "
       f"{time.perf_counter() - start:.0f}s)")
+''')
+
+code('''
+# The same folder in Hugging Face transformers (when installed, as on Colab; not in smoke runs).
+if not SMOKE and importlib.util.find_spec("transformers") and importlib.util.find_spec("torch"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(EXPORT_DIR)
+    hf_model = AutoModelForCausalLM.from_pretrained(EXPORT_DIR)  # float32, as saved
+    ids = torch.tensor([prompt])
+    hf_out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=SIZES["new_tokens"], pad_token_id=EOS_ID)
+    hf_text = hf_tokenizer.decode(hf_out[0, len(prompt):], skip_special_tokens=True)
+    print(f"transformers: {hf_text!r}")
 ''')
 
 md("""
