@@ -372,7 +372,9 @@ jittable step. A reversal probe is a zero added to each reversible stack's rebui
 backward pass; its gradient, reported as `reversal_error`, is the sum of the differences
 between the rebuilt and the forward states: **exactly 0.0 when every state was rebuilt bit for
 bit**. A step whose stream left the grid's exact range (`overflow`) or went non-finite is not
-applied.
+applied. The training loss is the BDIA network's, under random γ = ±0.5 (every block also
+averages in its previous state), so it starts well above the checkpoint's own loss; the network
+that is exported and generates below is the γ = 0 one (E[γ] = 0), the checkpoint's architecture.
 
 Each method is compiled once, at the training shape, from the model's *shapes* only, and
 `memory_analysis()` reads what XLA allocates: the arguments (weights, optimizer state, batch)

@@ -120,7 +120,9 @@ def test_finetune_notebook_runs_offline_on_the_gguf(tmp_path, monkeypatch):
     assert "30 blocks, width 576" in outputs
     # The notebook asserts every step's error is 0.0; check both steps were printed as such.
     assert outputs.count("reversal error (probe gradient): 0.0 ") == 2
-    assert "standard backprop" in outputs and "BDIA, reversible" in outputs
+    # 30 blocks' activations: the reversible step's temporaries are below standard backprop's.
+    (row,) = [x for x in outputs.splitlines() if x.startswith("BDIA, reversible ")]
+    assert float(row.split()[-1].rstrip("x")) < 1.0, row
     assert "every weight equal to the trained one, bit for bit" in outputs
     (export,) = (tmp_path / "runs").glob("finetuned-hf-*")
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
