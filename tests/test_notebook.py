@@ -95,10 +95,10 @@ def test_finetune_notebook_is_generated_and_has_no_outputs():
             assert cell.outputs == [] and cell.execution_count is None, cell.id
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # loads the 135M-parameter GGUF, compiles two 30-block train steps
 @pytest.mark.skipif(not os.path.isfile(SHARED_GGUF), reason=f"no offline GGUF ({SHARED_GGUF})")
 def test_finetune_notebook_runs_offline_on_the_gguf(tmp_path, monkeypatch):
-    """Smoke sizes: the real 30-block SmolLM2 at batch 2 x 32 tokens, 2 LoRA + BDIA steps."""
+    """Smoke sizes: the real 30-block SmolLM2 at batch 2 x 64 tokens, 2 LoRA + BDIA steps."""
     import re
 
     from nbclient import NotebookClient
