@@ -164,9 +164,14 @@ def with_lora(model: nnx.Module, lora: LoRA, *, rngs: nnx.Rngs) -> nnx.Module:
         raise ValueError("with_lora needs a model without adapters; merge_lora(model) first.")
     if not isinstance(lora, LoRA):
         raise TypeError(f"lora must be a bdia_jax.models.LoRA, got {type(lora).__name__}.")
-    new = type(model)(dataclasses.replace(config, lora=lora), rngs=rngs)
-    graphdef, state = nnx.split(new)
+    lora_config = dataclasses.replace(config, lora=lora)
+    # Under jit, returning only the adapters lets XLA drop the base weights' random init (most
+    # of an eager construction's time); the adapters' draws are the same bits as eagerly.
+    adapters = nnx.jit(lambda r: nnx.state(type(model)(lora_config, rngs=r), nnx.LoRAParam))(
+        rngs)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(lora_config,
+                                                                   rngs=nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    values = [(p, v if isinstance(v, nnx.LoRAParam) else v.replace(flat[p].get_value()))
-              for p, v in nnx.to_flat_state(state)]
+    flat.update(nnx.to_flat_state(adapters))
+    values = [(p, v.replace(flat[p].get_value())) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(values))
