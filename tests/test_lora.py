@@ -67,6 +67,9 @@ def test_fresh_adapters_change_no_bit():
     assert blocks.mlp.down.lora_b.get_value().shape == (2, 4, 32)
     assert_bits_equal(lm(tokens())[0], m(tokens())[0])
     assert_bits_equal(nnx.state(merge_lora(lm)), nnx.state(m))  # B = 0: merging is a copy
+    # The adapters (drawn under jit) are the bits an eager construction with the same Rngs draws.
+    eager = base_model(seed=1, lora=LoRA(rank=4, targets=ALL))
+    assert_bits_equal(nnx.state(lm, nnx.LoRAParam), nnx.state(eager, nnx.LoRAParam))
     only_q = nnx.eval_shape(lambda: base_model(lora=LoRA(rank=2, targets=("q",)))).stack.blocks
     assert isinstance(only_q.attn.query, LoRALinear)
     assert not isinstance(only_q.attn.key, LoRALinear)
