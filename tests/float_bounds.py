@@ -118,3 +118,34 @@ def transformer_chain(*, width: int, mlp_dim: int, seq: int, depth: int, heads: 
     if cross_seq:
         block += width + ELEMENTWISE_ULPS + attention - 2 * seq + 2 * cross_seq
     return depth * block + 2 * width + ELEMENTWISE_ULPS
+
+
+def gradient_chain(forward_chain: int, *, positions: int) -> int:
+    """The rounding chain that ends in one gradient entry: the forward's (the activations the
+    backward reads, recomputed or stored: ``forward_chain``), the backward's (the same
+    contractions transposed, each summing over its matrix's other side, and the softmax's and
+    layer norms' sums again: ``forward_chain`` covers it, since transposing swaps the two
+    sides of every matrix in the chain and the chain counts both) and the sum over the
+    ``positions`` (batch × sequence) that turns per-position products into a weight's
+    gradient."""
+    return 2 * forward_chain + positions
+
+
+def gradient_rtol(chain: int, *, u: float = U) -> float:
+    """rtol, of each leaf's scale (``grad_utils.assert_grads_close``), for two evaluations of
+    one gradient that round differently (another fusion, summation order or ISA).
+
+    First order: backpropagation is linear in the cotangent, so a rounding error made anywhere
+    reaches a leaf through the same Jacobians that carry the cotangent there, and relative to
+    the leaf's scale (its largest entry) each of the ``chain`` roundings on the way adds at
+    most u. Each evaluation is within chain u of exact arithmetic: two within 2 chain u.
+    u: the unit roundoff of the dtype both evaluate in (2**-53 for float64)."""
+    return 2 * chain * u
+
+
+def model_grad_rtol(forward_chain: int, *, positions: int) -> float:
+    """``gradient_rtol`` for a model's parameter gradients under tests/models_utils.py's loss
+    (mean of an elementwise function of the outputs, so one more elementwise op): the
+    forward's ``forward_chain`` (``transformer_chain`` of its stacks), its transpose, and the
+    sum over the ``positions`` (batch × sequence; an embedding's gradient sums over them too)."""
+    return gradient_rtol(gradient_chain(forward_chain + ELEMENTWISE_ULPS, positions=positions))

@@ -4,12 +4,13 @@ import jax
 import numpy as np
 
 
-def assert_grads_close(actual, expected, rtol=1e-5):
+def assert_grads_close(actual, expected, *, rtol):
     """Per leaf: |actual - expected| <= rtol * max|expected|, elementwise.
 
     Why the leaf scale and not each element: two equally valid float32 reduction orders
-    (even JAX's own "remat" vs "autodiff") differ by ~1e-7 of a gradient's scale, which is a
-    large *relative* error only on entries that are ~0 by cancellation. rtol stays 1e-5.
+    (even JAX's own "remat" vs "autodiff") differ by a few ulps of a gradient's scale, which
+    is a large *relative* error only on entries that are ~0 by cancellation. rtol has no
+    default: derive it from the computation (``float_bounds.gradient_rtol``).
     """
     leaves_a, tree_a = jax.tree_util.tree_flatten(actual)
     leaves_e, tree_e = jax.tree_util.tree_flatten(expected)
@@ -21,7 +22,8 @@ def assert_grads_close(actual, expected, rtol=1e-5):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         assert np.all(np.isfinite(a)) and np.all(np.isfinite(e)), path
         scale = max(float(np.max(np.abs(e))) if e.size else 0.0, 1e-30)
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale, err_msg=path)
+        # rtol=0: the bound is the leaf's scale alone, as derived (float_bounds.gradient_rtol).
+        np.testing.assert_allclose(a, e, rtol=0, atol=rtol * scale, err_msg=path)
 
 
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
@@ -66,3 +68,17 @@ def bdia_rounding_bound(weights, x, gammas, *, ulps_per_step=4, block_ulps=16):
         d_prev, d_cur = d_cur, d_next
         x_prev, x_cur = x_cur, sk * x_prev + (1 - sk) * x_cur + (1 + sk) * h
     return 2.0 * d_cur
+
+
+def assert_bound_catches(actual, expected, *, rtol, perturbation=1e-3):
+    """The comparison can fail: ``actual`` scaled by 1 + ``perturbation`` (a wrong γ, a
+    missing term or a scale error of that size would do at least as much to some entry) is
+    rejected by ``assert_grads_close`` at the same ``rtol``."""
+    scaled = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) * (1 + perturbation),
+                                    actual)
+    try:
+        assert_grads_close(scaled, expected, rtol=rtol)
+    except AssertionError:
+        return
+    raise AssertionError(f"rtol {rtol:.3g} also accepts the gradients scaled by "
+                         f"1 + {perturbation:g}: the comparison cannot fail")

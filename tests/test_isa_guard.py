@@ -4,7 +4,9 @@ on an AVX-512 machine, where a tolerance tuned there (rtol 1e-6 in
 test_any_gamma_trains_without_an_inverse) passed while the same test failed on AVX2.
 ``--xla_cpu_max_isa=AVX2`` makes an AVX-512 machine emit the AVX2 machine's code, so this
 subprocess reproduces that failure here. The selection is the cheapest few tests whose
-bounds cover each kind of rounding (tests/float_bounds.py); the whole suite under
+bounds cover each kind of rounding (tests/float_bounds.py); the first also checks the
+gradient bound with the least headroom (float_bounds.gradient_rtol on the unquantized BDIA
+recurrence, where the forward states themselves round apart); the whole suite under
 ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (and ``SSE4_2``) is the full check."""
 
 import subprocess

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from float_bounds import assert_within, network_bound, transformer_chain
+from float_bounds import assert_within, model_grad_rtol, network_bound, transformer_chain
 from models_utils import (
     assert_all_params_get_gradients,
     assert_model_grads_close,
@@ -83,7 +83,9 @@ def test_gpt_reversible_gradients_equal_autodiff_with_dropout():
     logits_a, aux_a, g_a, _ = out["autodiff"]
     chex.assert_trees_all_equal(logits_r, logits_a)
     chex.assert_trees_all_equal(aux_r, aux_a)
-    assert_model_grads_close(g_r, g_a)
+    # "tiny" at depth 3 on 2 sequences of 8 tokens.
+    assert_model_grads_close(g_r, g_a, rtol=model_grad_rtol(
+        transformer_chain(width=32, mlp_dim=64, seq=8, depth=3, heads=2), positions=2 * 8))
     assert probe_total(probes_r) == 0.0
     assert_all_params_get_gradients(g_r)
     # Dropout is active: another key changes the training forward (the key is traced: the

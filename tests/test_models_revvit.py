@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from grad_utils import assert_grads_close
+from float_bounds import ELEMENTWISE_ULPS, U, gradient_chain, gradient_rtol
+from grad_utils import assert_bound_catches, assert_grads_close
 from models_utils import count_params, is_key_bias, probe_total, train_grads
 
 from bdia_jax import Autodiff, Remat, Reversible, revnet
@@ -48,6 +49,27 @@ def toy(dtype=jnp.float32):
               "bg": rng.normal(size=(DEPTH, WIDTH))}
     x1, x2 = rng.normal(size=(2, 4, WIDTH))
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), (params, x1, x2))
+
+
+def rebuild_grad_rtol(params, probe, u=U) -> float:
+    """rtol (of each leaf's scale) between the reversible and the autodiff gradients of
+    ``engine_grads``: the two round differently, and the reversible one evaluates each
+    sub-block's VJP at rebuilt inputs that are off by up to the probe's reversal error E (the
+    largest |rebuilt - forward|, at the inputs, where the rebuild ends).
+
+    Rounding: per sub-block a WIDTH contraction, its nonlinearity, dropout and bias, and the
+    stream's add (its inverse's subtraction), over 2 DEPTH sub-blocks, forward and transposed,
+    and the sum over the 4 rows (``float_bounds.gradient_rtol``). The rebuild: in a sub-block's
+    gradient terms x^T (c * φ'(x W)) (activations O(1), the chain's convention) an input error
+    e moves x by e and φ'(x W) by at most |φ''| |e W| <= E max_k ||W_k||_1 (|tanh''|, |sin''| <=
+    1), each a relative change of the leaf's terms; the 2 DEPTH sub-blocks' changes add up
+    along the cotangent: 2 DEPTH E (1 + max ||W||_1) (||.||_1 the largest column sum).
+    u: the unit roundoff of the dtype (2**-53 in float64)."""
+    chain = 2 * DEPTH * (WIDTH + ELEMENTWISE_ULPS + 3)
+    column_sums = max(float(np.max(np.sum(np.abs(np.asarray(params[w], np.float64)), -2)))
+                      for w in ("wf", "wg"))
+    return (gradient_rtol(gradient_chain(chain, positions=4), u=u)
+            + 2 * DEPTH * float(probe) * (1 + column_sums))
 
 
 def engine_grads(params, x1, x2, backprop, key=jax.random.key(7)):
@@ -105,9 +127,13 @@ def test_engine_reversible_grads_match_autodiff_and_report_the_error():
     assert float(probe_auto) == 0.0  # nothing is rebuilt under autodiff
     for method in (SHARED, Reversible(recompute="separate")):
         *rev, probe = engine_grads(params, x1, x2, method)
-        assert_grads_close(rev, auto, rtol=1e-4)
         # The probe's gradient is the rebuild error of the input streams: > 0, small.
         assert np.isfinite(float(probe)) and 0.0 < float(probe) < 1e-4, (method, probe)
+        rtol = rebuild_grad_rtol(params, probe)
+        assert_grads_close(rev, auto, rtol=rtol)
+        # A 1% error in any gradient is caught (the bound carries the float32 rebuild's
+        # error, so a finer one is the float64 test's to catch).
+        assert_bound_catches(rev, auto, rtol=rtol, perturbation=1e-2)
 
 
 def test_engine_remat_is_autodiff_with_each_block_recomputed():
@@ -135,8 +161,10 @@ def test_engine_reversible_grads_match_autodiff_tightly_in_float64():
         params, x1, x2 = toy(jnp.float64)
         *rev, probe = engine_grads(params, x1, x2, SHARED)
         *auto, _ = engine_grads(params, x1, x2, Autodiff())
-        assert_grads_close(rev, auto, rtol=1e-10)
         assert float(probe) < 1e-10
+        rtol = rebuild_grad_rtol(params, probe, u=2.0**-53)
+        assert_grads_close(rev, auto, rtol=rtol)
+        assert_bound_catches(rev, auto, rtol=rtol, perturbation=1e-9)
 
 
 def test_engine_outputs_equal_the_plain_forward():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from float_bounds import assert_within, network_bound, transformer_chain
+from float_bounds import assert_within, model_grad_rtol, network_bound, transformer_chain
 from grad_utils import bdia_rounding_bound
 from models_utils import (
     assert_all_params_get_gradients,
@@ -177,7 +177,9 @@ def test_vit_reversible_gradients_equal_autodiff_with_dropout():
     logits_a, aux_a, g_a, _ = results["autodiff"]
     chex.assert_trees_all_equal(logits_r, logits_a)  # same forward, bit for bit
     chex.assert_trees_all_equal(aux_r, aux_a)
-    assert_model_grads_close(g_r, g_a)
+    # "tiny" at depth 3 on 3 images of 16 patches and a class token.
+    assert_model_grads_close(g_r, g_a, rtol=model_grad_rtol(
+        transformer_chain(width=32, mlp_dim=64, seq=17, depth=3, heads=2), positions=3 * 17))
     assert probe_total(probe_r) == 0.0  # reversal was bit-exact
     # Dropout is active: a different key changes the outputs (the key is traced: the same
     # compiled reversible program).
@@ -206,7 +208,8 @@ def test_standard_vit_trains_by_autodiff_and_matches_remat():
     chain = transformer_chain(width=32, mlp_dim=64, seq=17, depth=2, heads=2)  # "tiny"
     assert_within(out["remat"][0], out["autodiff"][0],
                   network_bound(out["autodiff"][0], chain=chain), "remat logits")
-    assert_model_grads_close(out["remat"][2], out["autodiff"][2])
+    assert_model_grads_close(out["remat"][2], out["autodiff"][2],
+                             rtol=model_grad_rtol(chain, positions=3 * 17))
     assert not bool(out["autodiff"][1]["overflow"])
 
 
