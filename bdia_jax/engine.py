@@ -3,10 +3,10 @@
 Public entry points:
   * ``apply_stack``     – the one way to run a stack: ``update`` (``Standard`` | ``BDIA``)
                           and ``backprop`` (``Autodiff`` | ``Remat`` | ``Reversible``) objects
-                          from ``bdia_jax.methods``; returns ``(x_K, StackStats)``. It
-                          describes the pass (``_TrainPass`` / ``_InferencePass``, a
-                          ``methods.StackPass``) and calls ``backprop.run`` on it: the method
-                          chooses stored activations, per-block remat or the custom VJP.
+                          from ``bdia_jax.methods``; returns ``(x_K, StackStats)``. The
+                          update picks the pass (``update.stack_pass``: ``_TrainPass`` or
+                          ``_InferencePass``, a ``methods.StackPass``) and ``backprop.run``
+                          runs it: stored activations, per-block remat or the custom VJP.
   * ``bdia_forward`` / ``bdia_invert`` – the forward/inverse pair behind the reversible
                           custom VJP (``bdia_all_states`` is their step-by-step reference),
                           exposed for tests, debugging and verification.
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdia_jax import fixed_point
-from bdia_jax.methods import BDIA, Backprop, Reversible, Standard, Update, check_method
+from bdia_jax.methods import BDIA, Backprop, Reversible, Update, check_method
 from bdia_jax.step import (
     bdia_combine,
     bdia_uncombine,
@@ -689,31 +689,52 @@ def apply_stack(
             f"backprop=Reversible(reversal_probe=True), got train={train}, "
             f"backprop={backprop!r}: nothing is rebuilt here, so drop reversal_probe."
         )
-    if isinstance(update, Standard) and gammas is not None:
+    if gammas is not None and not update.has_gamma:
         raise ValueError("gammas apply only to update=BDIA(...); drop them for Standard().")
+    kernel = _Kernel(block_fn, params, x, context, key, gammas, reversal_probe, depth, batch)
+    return backprop.run(update.stack_pass(kernel, train))
 
-    if isinstance(update, Standard) or not train:
-        inference_grid = (isinstance(update, BDIA) and update.quantize_at_inference
-                          and update.frac_bits is not None)
-        spec = _spec(depth, x.dtype, update.frac_bits if inference_grid else None, None)
-        block_keys, _ = _keys_and_gammas(key, None, depth, batch, 0.0, x.dtype, False)
+
+class _Kernel(NamedTuple):
+    """``apply_stack``'s arguments as the passes an update picks from
+    (``methods.StackKernel``)."""
+
+    block_fn: BlockFn
+    params: Any
+    x: jax.Array
+    context: Any
+    key: jax.Array | None
+    gammas: jax.Array | None
+    reversal_probe: jax.Array | None
+    depth: int
+    batch: int
+
+    def inference(self, frac_bits: int | None) -> _InferencePass:
+        x = self.x
+        spec = _spec(self.depth, x.dtype, frac_bits, None)
+        block_keys, _ = _keys_and_gammas(self.key, None, self.depth, self.batch, 0.0, x.dtype,
+                                         False)
+        gammas = self.gammas
         if gammas is not None:
-            gammas = _check_gammas(gammas, depth, batch, train=False).astype(x.dtype)
-        _check_block_output(block_fn, params, x, context, block_keys)
-        return backprop.run(_InferencePass(block_fn, spec, params, x, context, block_keys,
-                                           gammas))
+            gammas = _check_gammas(gammas, self.depth, self.batch, train=False).astype(x.dtype)
+        _check_block_output(self.block_fn, self.params, x, self.context, block_keys)
+        return _InferencePass(self.block_fn, spec, self.params, x, self.context, block_keys,
+                              gammas)
 
-    spec = _spec(depth, x.dtype, update.frac_bits, update.side_bits)
-    block_keys, gammas = _keys_and_gammas(key, gammas, depth, batch, update.gamma, x.dtype,
-                                          True)
-    gammas = _check_gammas(gammas, depth, batch, train=True).astype(x.dtype)
-    if spec.side_bits is not None:
-        _check_train_gammas_values(gammas, update.gamma)
-    _check_block_output(block_fn, params, x, context, block_keys)
-    x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
-    probe = None if reversal_probe is None else jnp.asarray(reversal_probe, x.dtype)
-    return backprop.run(_TrainPass(block_fn, spec, params, x0, context, block_keys, gammas,
-                                   probe))
+    def training(self, update: BDIA) -> _TrainPass:
+        x = self.x
+        spec = _spec(self.depth, x.dtype, update.frac_bits, update.side_bits)
+        block_keys, gammas = _keys_and_gammas(self.key, self.gammas, self.depth, self.batch,
+                                              update.gamma, x.dtype, True)
+        gammas = _check_gammas(gammas, self.depth, self.batch, train=True).astype(x.dtype)
+        if spec.side_bits is not None:
+            _check_train_gammas_values(gammas, update.gamma)
+        _check_block_output(self.block_fn, self.params, x, self.context, block_keys)
+        x0 = x if spec.frac_bits is None else fixed_point.quantize_ste(x, spec.frac_bits)
+        probe = None if self.reversal_probe is None else jnp.asarray(self.reversal_probe,
+                                                                      x.dtype)
+        return _TrainPass(self.block_fn, spec, self.params, x0, self.context, block_keys,
+                          gammas, probe)
 
 
 def prepare_keys_and_gammas(key, depth: int, batch: int, gamma: float = 0.5,

@@ -4,12 +4,17 @@ Two frozen dataclasses describe the update (``Standard`` or ``BDIA``) and three 
 method (``Autodiff``, ``Remat`` or ``Reversible``). Each checks its own fields once, in
 ``__post_init__``; ``check_method`` is the one check of a pair.
 
-A gradient method carries its behaviour (diffrax's adjoints are the model): a stack kernel
-(``bdia_jax.engine.apply_stack``, ``bdia_jax.revnet.revnet_stack``) describes one pass as a
-``StackPass`` and calls ``backprop.run(stack_pass)``. ``Autodiff`` lets JAX differentiate the
-stored activations, ``Remat`` wraps each block's call in ``jax.checkpoint``, ``Reversible``
-runs the kernel's custom VJP, which gets each block's output and VJP from
-``Reversible.output_and_vjp``. A new gradient method is one ``Backprop`` subclass.
+Both carry their behaviour (diffrax's solvers and adjoints are the model). An update picks
+the pass a stack kernel runs (``Update.stack_pass``: BDIA's training update, or the
+inference update on its grid) and says what its callers need (``has_gamma``: a γ draw that
+needs a key, an inference-γ sweep; ``inference_frac_bits``). A gradient method runs that
+pass: a stack kernel (``bdia_jax.engine.apply_stack``, ``bdia_jax.revnet.revnet_stack``)
+describes one pass as a ``StackPass`` and calls ``backprop.run(stack_pass)``. ``Autodiff``
+lets JAX differentiate the stored activations, ``Remat`` wraps each block's call in
+``jax.checkpoint``, ``Reversible`` runs the kernel's custom VJP, which gets each block's
+output and VJP from ``Reversible.output_and_vjp``. A new gradient method is one ``Backprop``
+subclass; a new update is one ``Update`` subclass (plus, for a new kind of pass, a method
+of the kernel's ``StackKernel``).
 
 Strings become objects in one place, ``parse_method`` (the config boundary: the experiments'
 ``config.methods`` entries, ``load_gpt2``'s overrides, the models' ``*_config(name, ...)``).
@@ -36,13 +41,51 @@ RECOMPUTE_MODES = ("separate", "shared")
 MAX_SIDE_BITS = 8  # side bits are packed from uint8 values: |γ| >= 2**-8
 
 
-@dataclasses.dataclass(frozen=True)
-class Standard:
-    """The conventional residual update x_{k+1} = x_k + h_k(x_k), unquantized."""
+class StackKernel(Protocol):
+    """The passes a stack kernel (``bdia_jax.engine.apply_stack``) offers an update, which
+    picks one in ``Update.stack_pass``; a gradient method then runs it (``Backprop.run``)."""
+
+    def inference(self, frac_bits: int | None) -> StackPass:
+        """x_{k+1} = x_k + h_k(x_k) (γ = 0, or the kernel's explicit inference γ), on the
+        grid δ = 2**-frac_bits (x_0 = Q(x), each h quantized) or unquantized (None)."""
+
+    def training(self, update: BDIA) -> StackPass:
+        """The BDIA training update of ``update``, γ = ±gamma per sample and block."""
+
+
+class Update(abc.ABC):
+    """A residual update rule: ``stack_pass`` picks the pass a stack kernel runs.
+
+    has_gamma: the update has a γ term, so a training pass draws ±γ per sample and block
+    (it needs a PRNG key) and an inference pass takes an explicit γ (the inference-γ sweep).
+    """
+
+    has_gamma: bool = False
+
+    @abc.abstractmethod
+    def stack_pass(self, kernel: StackKernel, train: bool) -> StackPass:
+        """The pass of ``kernel`` that this update runs in training (``train``) or inference."""
+
+    @property
+    def inference_frac_bits(self) -> int | None:
+        """l of the grid δ = 2**-l on which inference keeps the stream; None: unquantized."""
+        return None
+
+    def check_stream_dtype(self, dtype) -> None:  # noqa: B027 (a hook: Standard has no grid)
+        """Raise a one-line ValueError if the update's grid does not fit a ``dtype`` stream."""
 
 
 @dataclasses.dataclass(frozen=True)
-class BDIA:
+class Standard(Update):
+    """The conventional residual update x_{k+1} = x_k + h_k(x_k), unquantized: the same
+    pass in training and inference."""
+
+    def stack_pass(self, kernel: StackKernel, train: bool) -> StackPass:
+        return kernel.inference(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BDIA(Update):
     """The BDIA update x_{k+1} = γ x_{k-1} + (1-γ) x_k + (1+γ) h_k(x_k), γ = ±gamma drawn
     per sample and block in training (x_1 = x_0 + h_0(x_0)); γ = 0 at inference.
 
@@ -92,6 +135,19 @@ class BDIA:
                 f"quantize_at_inference must be True or False, got "
                 f"{self.quantize_at_inference!r}."
             )
+
+    has_gamma = True
+
+    def stack_pass(self, kernel: StackKernel, train: bool) -> StackPass:
+        return kernel.training(self) if train else kernel.inference(self.inference_frac_bits)
+
+    @property
+    def inference_frac_bits(self) -> int | None:
+        return self.frac_bits if self.quantize_at_inference else None
+
+    def check_stream_dtype(self, dtype) -> None:
+        if self.frac_bits is not None:
+            fixed_point.check_frac_bits(self.frac_bits, dtype)
 
     @property
     def side_bits(self) -> int | None:
@@ -227,14 +283,13 @@ class Reversible(Backprop):
             )
 
 
-Update = Standard | BDIA
 UPDATES = {"standard": Standard, "bdia": BDIA}
 BACKPROPS = {"autodiff": Autodiff, "remat": Remat, "reversible": Reversible}
 
 
 def check_method(update: Update, backprop: Backprop) -> None:
     """The one check of an (update, backprop) pair; raises a one-line ValueError."""
-    if not isinstance(update, (Standard, BDIA)):
+    if not isinstance(update, Update):
         raise ValueError(
             f"update must be bdia_jax.Standard() or bdia_jax.BDIA(...), got {update!r}; "
             "bdia_jax.parse_method(update='bdia', ...) builds one from strings."
@@ -342,6 +397,5 @@ class StackMethod:
         if self.backprop is None:
             object.__setattr__(self, "backprop", default_backprop(self.update))
         check_method(self.update, self.backprop)
-        if isinstance(self.update, BDIA) and self.update.frac_bits is not None:
-            fixed_point.check_frac_bits(self.update.frac_bits, jnp.float32)
+        self.update.check_stream_dtype(jnp.float32)
 

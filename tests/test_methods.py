@@ -171,6 +171,32 @@ def test_the_engine_runs_the_method_it_is_given():
     assert _Recorded.passes == ["_TrainPass", "_InferencePass"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _AlwaysOnGrid(bdia_jax.methods.Update):
+    """A new update is one Update subclass: here the inference pass on BDIA's grid, always."""
+
+    def stack_pass(self, kernel, train):
+        return kernel.inference(9)
+
+
+def test_the_update_picks_the_pass():
+    """apply_stack runs the pass ``update.stack_pass`` picks (no switch on the update's type);
+    the models read has_gamma / inference_frac_bits instead of the type."""
+    block, params = make_tanh_block(), init_mlp(jax.random.PRNGKey(1), 3, 8)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 8))
+
+    def run(update, train):
+        return bdia_jax.apply_stack(block, params, x, update=update, backprop=Autodiff(),
+                                    key=jax.random.PRNGKey(3), train=train)
+
+    bdia_jax.testing.assert_bits_equal(run(_AlwaysOnGrid(), True), run(BDIA(), False))
+    bdia_jax.testing.assert_bits_equal(run(Standard(), True), run(Standard(), False))
+    assert (BDIA().has_gamma, Standard().has_gamma, _AlwaysOnGrid().has_gamma) == (True, False, False)
+    assert BDIA(frac_bits=7).inference_frac_bits == 7 and Standard().inference_frac_bits is None
+    assert BDIA(quantize_at_inference=False).inference_frac_bits is None
+    assert BDIA(frac_bits=None).inference_frac_bits is None
+
+
 def test_top_level_api_and_deprecated_aliases():
     assert sorted(bdia_jax.__all__) == sorted(
         ["apply_stack", "StackStats", "Standard", "BDIA", "Autodiff", "Remat", "Reversible",

@@ -4,6 +4,8 @@ inverse round trips, config errors, shapes, and a few training steps."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,16 @@ from grad_utils import assert_bound_catches, assert_grads_close
 from models_utils import count_params, is_key_bias, probe_total, train_grads
 
 from bdia_jax import Autodiff, Remat, Reversible, revnet
-from bdia_jax.models import ReversalProbe, RevViT, RevViTConfig, ViT, revvit_config, vit_config
+from bdia_jax.models import (
+    LoRA,
+    ReversalProbe,
+    RevViT,
+    RevViTConfig,
+    ViT,
+    revvit_config,
+    vit_config,
+)
+from bdia_jax.models.layers import BlockSettings
 
 DEPTH, WIDTH = 6, 16
 # RevViT's default: each sub-block's output from its VJP, as the authors' code.
@@ -374,3 +385,15 @@ def test_revvit_trains_and_reads_the_probe_like_the_trainer():
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(np.isfinite(e) and 0.0 <= e < 1e-3 for e in errors), errors
     assert max(errors) > 0.0, errors
+
+
+def test_revvit_config_shares_the_block_settings():
+    """RevViTConfig declares no block field of its own: width … lora come from
+    BlockSettings (validated there), and LoRA, which RevBlock does not wire, is refused."""
+    assert issubclass(RevViTConfig, BlockSettings)
+    fields = {f.name for f in dataclasses.fields(RevViTConfig)}
+    assert {f.name for f in dataclasses.fields(BlockSettings)} <= fields
+    with pytest.raises(ValueError, match="attention must be one of"):
+        RevViTConfig(attention="nope")
+    with pytest.raises(ValueError, match="RevViT has no LoRA option"):
+        RevViTConfig(lora=LoRA(rank=2))

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.methods import BDIA
 from bdia_jax.models.layers import (
     BIASES,
     MLPS,
@@ -316,7 +315,7 @@ class DecoderLM(nnx.Module):
         """
         c = self.config
         self._check_tokens(tokens)
-        if train and key is None and (isinstance(c.update, BDIA) or c.dropout
+        if train and key is None and (c.update.has_gamma or c.dropout
                                       or c.attention_dropout):
             raise ValueError(
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "

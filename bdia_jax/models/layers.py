@@ -139,11 +139,11 @@ def param_dtype_of(dtype) -> jnp.dtype:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockConfig(StackMethod):
+class BlockSettings:
     """The block settings every transformer config shares (``ViTConfig``,
-    ``Seq2SeqConfig``, ``DecoderConfig``), declared and validated here once; each config
-    re-declares the fields whose defaults differ. The training method is the keyword-only
-    ``update`` / ``backprop`` pair of ``StackMethod``."""
+    ``Seq2SeqConfig``, ``DecoderConfig`` through ``BlockConfig``; ``RevViTConfig``, which
+    has its own update), declared and validated here once; each config re-declares the
+    fields whose defaults differ."""
 
     width: int = 512  # residual stream (embedding) dimension
     num_heads: int = 8  # attention (query) heads; width must be divisible by it
@@ -178,7 +178,8 @@ class BlockConfig(StackMethod):
             raise ValueError(f"lora must be a bdia_jax.models.LoRA or None, got "
                              f"{type(self.lora).__name__}.")
         check_lora_chunks(self.lora, self.mlp_chunk_size)
-        super().__post_init__()
+        if hasattr(super(), "__post_init__"):  # BlockConfig: StackMethod's pair check
+            super().__post_init__()
 
     def _check_heads(self):
         if self.width % self.num_heads:
@@ -191,6 +192,13 @@ class BlockConfig(StackMethod):
         """Positions per block of the MLP, or None for the whole sequence at once."""
         chunked = self.attention == "chunked" if self.chunk_mlp is None else self.chunk_mlp
         return self.chunk_size if chunked else None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig(BlockSettings, StackMethod):
+    """``BlockSettings`` with the training method: the keyword-only ``update`` /
+    ``backprop`` pair of ``StackMethod`` (``ViTConfig``, ``Seq2SeqConfig``,
+    ``DecoderConfig``)."""
 
 
 def check_lora_chunks(lora: LoRA | None, mlp_chunk_size: int | None) -> None:

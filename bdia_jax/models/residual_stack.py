@@ -147,12 +147,12 @@ class ResidualStack(nnx.Module):
           (x_K [batch, ...] float32, StackStats).
         """
         graphdef, params = self._block_graph()
-        if inference_gamma is not None and (train or not isinstance(self.update, BDIA)):
+        if inference_gamma is not None and (train or not self.update.has_gamma):
             raise ValueError(
                 "inference_gamma applies only to update=BDIA(...) at train=False; drop it or "
                 "switch the model to update=BDIA()."
             )
-        if train and isinstance(self.update, BDIA) and key is None:
+        if train and self.update.has_gamma and key is None:
             raise ValueError(
                 "update=BDIA(...) with train=True needs a PRNG `key` (it draws the random "
                 "γ signs and the dropout masks): pass key=jax.random.key(step)."
@@ -170,8 +170,7 @@ class ResidualStack(nnx.Module):
     @property
     def quantized_inference(self) -> bool:
         """Whether inference keeps the stream on the fixed-point grid."""
-        return (isinstance(self.update, BDIA) and self.update.quantize_at_inference
-                and self.update.frac_bits is not None)
+        return self.update.inference_frac_bits is not None
 
     def map_blocks(self, fn: Callable[[nnx.Module], Any]):
         """Apply ``fn(block)`` to every block; outputs stacked on a leading [depth] axis.
@@ -197,7 +196,7 @@ class ResidualStack(nnx.Module):
           (x_K [batch, t, width], updated cache).
         """
         graphdef, params = self._block_graph()
-        frac_bits = self.update.frac_bits if self.quantized_inference else None
+        frac_bits = self.update.inference_frac_bits
         if frac_bits is not None:
             x = fixed_point.quantize(x, frac_bits)
 

@@ -39,13 +39,12 @@ from flax import nnx
 
 from bdia_jax import revnet
 from bdia_jax.methods import Autodiff, Backprop, Reversible, parse_method
-from bdia_jax.models.attention import dropout_threshold
 from bdia_jax.models.layers import (
     MLP,
+    BlockSettings,
     LayerNorm,
     MultiHeadAttention,
     ReversalProbe,
-    canonical_dtype,
     dropout,
     split_key,
 )
@@ -55,16 +54,17 @@ KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docs
 
 
 @dataclasses.dataclass(frozen=True)
-class RevViTConfig:
-    """RevViT settings. Architecture fields and defaults as ``ViTConfig`` (the paper's
-    CIFAR-10 size), but mean pooling by default (the authors' RevViT has no class token)."""
+class RevViTConfig(BlockSettings):
+    """RevViT settings: the shared block fields of ``BlockSettings`` (width: of EACH stream)
+    and the image fields of ``ViTConfig``, with the defaults of the paper's CIFAR-10 size,
+    but mean pooling by default (the authors' RevViT has no class token). ``lora`` is not
+    supported (None)."""
 
     image_size: int = 32  # input height = width, pixels
     patch_size: int = 4  # square patches; image_size must be a multiple
     num_classes: int = 10  # classifier outputs
     width: int = 512  # width of EACH stream (the embedding dimension)
     depth: int = 6  # number of reversible blocks K (one attention + one MLP each)
-    num_heads: int = 8  # attention heads; width must be divisible by it
     mlp_dim: int = 512  # hidden size of each block's MLP
     dropout: float = 0.1  # embedding dropout and residual dropout on F(x), G(y)
     attention_dropout: float = 0.1  # dropout on attention probabilities
@@ -74,16 +74,16 @@ class RevViTConfig:
     # inexact in floating point, measured by the probe), each sub-block's output from its
     # VJP ("shared", as the authors' code); Autodiff(): stored activations; Remat().
     backprop: Backprop = Reversible(recompute="shared")
-    compute_dtype: str = "float32"  # matmul dtype ("bfloat16" on accelerators)
 
     def __post_init__(self):
+        super().__post_init__()
         check_image_fields(self)
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {self.depth!r}.")
-        dropout_threshold(self.dropout, "dropout")
-        dropout_threshold(self.attention_dropout, "attention_dropout")
+        if self.lora is not None:
+            raise ValueError("RevViT has no LoRA option: set lora=None (LoRA trains ViT, "
+                             "Seq2Seq and DecoderLM blocks).")
         revnet.check_backprop(self.backprop)
-        canonical_dtype(self.compute_dtype)
 
     @property
     def num_patches(self) -> int:
@@ -124,13 +124,17 @@ class RevBlock(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, compute_dtype="float32", rngs: nnx.Rngs):
+                 attention_dropout: float = 0.0, compute_dtype="float32",
+                 attention: str = "xla", chunk_size: int = 128,
+                 mlp_chunk_size: int | None = None, rngs: nnx.Rngs):
         self.dropout = dropout
         self.ln1 = LayerNorm(width, rngs=rngs)
         self.attn = MultiHeadAttention(width, num_heads, attention_dropout=attention_dropout,
-                                       compute_dtype=compute_dtype, rngs=rngs)
+                                       compute_dtype=compute_dtype, attention=attention,
+                                       chunk_size=chunk_size, rngs=rngs)
         self.ln2 = LayerNorm(width, rngs=rngs)
-        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, chunk_size=mlp_chunk_size,
+                       rngs=rngs)
 
     def attention_branch(self, x: jax.Array, key=None) -> jax.Array:
         """F(x) = Dropout(Attn(LN1(x))): [batch, len, width] float32 → same."""
@@ -221,7 +225,9 @@ class RevViT(PatchTokens, nnx.Module):
         def make_block(block_rngs):
             return RevBlock(c.width, c.num_heads, c.mlp_dim, dropout=c.dropout,
                             attention_dropout=c.attention_dropout,
-                            compute_dtype=c.compute_dtype, rngs=block_rngs)
+                            compute_dtype=c.compute_dtype, attention=c.attention,
+                            chunk_size=c.chunk_size, mlp_chunk_size=c.mlp_chunk_size,
+                            rngs=block_rngs)
 
         self.stack = TwoStreamStack(make_block, c.depth, backprop=c.backprop, rngs=rngs)
         # The fused streams are 2·width wide (concatenation, as the authors' default).

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.methods import BDIA
 from bdia_jax.models import decoding
 from bdia_jax.models.layers import (
     BlockConfig,
@@ -229,7 +228,7 @@ class Seq2SeqTransformer(nnx.Module):
           "nonfinite"} over both stacks.
         """
         c = self.config
-        if train and key is None and (isinstance(c.update, BDIA) or c.dropout
+        if train and key is None and (c.update.has_gamma or c.dropout
                                       or c.attention_dropout):
             raise ValueError(
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "

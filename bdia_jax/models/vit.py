@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.methods import BDIA
 from bdia_jax.models.layers import BlockConfig, EncoderBlock, LayerNorm, dropout
 from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
@@ -157,7 +156,7 @@ class ViT(PatchTokens, nnx.Module):
           scalars from the stack.
         """
         c = self.config
-        if train and key is None and (isinstance(c.update, BDIA) or c.dropout
+        if train and key is None and (c.update.has_gamma or c.dropout
                                       or c.attention_dropout):
             raise ValueError(
                 "train=True needs a PRNG `key` (BDIA γ draw / dropout masks): pass "
