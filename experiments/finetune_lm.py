@@ -258,20 +258,24 @@ class FinetuneLM(gpt2.FinetuneGPT2):
     presets = PRESETS
     config_class = staticmethod(lm_config)
     model_class = staticmethod(load_pretrained_lm)
-    display_names = {"standard": "standard", "dropout": "standard+dropout", "bdia": "BDIA",
-                     "lora": "LoRA", "lora_bdia": "LoRA+BDIA"}
+    display_names = {"standard": "standard", "dropout": "standard+dropout0.1", "bdia": "BDIA",
+                     "lora": "LoRA", "lora_bdia": "LoRA+BDIA",
+                     "dropout_05": "standard+dropout0.05", "dropout_20": "standard+dropout0.2"}
     method_model_fields = ("dropout", "attention_dropout", *LORA_FIELDS)
+    method_optim_fields = ("learning_rate",)
     resumable = (*gpt2.FinetuneGPT2.resumable, "eval.num_samples", "eval.export_hf",
                  "eval.export_dtype")
     data_dir_help = "E2E NLG folder (devset.csv, testset_w_refs.csv[, trainset.csv])."
     int_fields = {**gpt2.FinetuneGPT2.int_fields, "data.max_train_rows": 0,
                   "data.max_validation_rows": 0, "data.max_test_rows": 0,
-                  "data.split_seed": 0, "eval.num_samples": 0, "model.lora_rank": 0}
+                  "data.split_seed": 0, "eval.num_samples": 0, "eval.prompt_tokens": 1,
+                  "model.lora_rank": 0}
     table = (*gpt2.FinetuneGPT2.table, ("test loss", "test_loss", "{:.4f}"))
     plot_title = "Fine-tuning a pretrained LM on E2E NLG: full, dropout, BDIA, LoRA, LoRA+BDIA"
 
     def validate(self, config, checks, mesh):
         super().validate(config, checks, mesh)
+        checks.one_of(config.data.format, ("e2e",), "data.format")
         checks.one_of(config.data.split, ("devset_by_mr", "official"), "data.split")
         checks.fraction(config.data.validation_fraction, "data.validation_fraction")
         checks.one_of(config.eval.export_hf, (True, False), "eval.export_hf")

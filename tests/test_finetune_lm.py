@@ -15,6 +15,7 @@ from bdia_jax import formats, pretrained
 from bdia_jax.models import LoRA
 from bdia_jax.testing import assert_bits_equal
 from experiments import finetune_lm as ft
+from experiments.common import metrics
 from experiments.common.trainer import build_model_config
 from experiments.configs.finetune_lm import get_config
 from experiments.data.text import e2e
@@ -57,6 +58,11 @@ def test_lora_bdia_fine_tunes_and_exports_a_loadable_hf_folder(tmp_path):
     assert 0.0 <= r["bleu_greedy"] <= 100.0
     assert len(r["samples"]) == 1 and r["samples"][0]["mr"] == e2e.TINY_MRS[0]
     assert summary["data"]["test_pairs"] > 0
+    # The entry's own learning rate (the quick preset's 10x for LoRA) drove its schedule.
+    rates = [rec["learning_rate"] for rec in metrics.read_records(
+        str(workdir / "metrics.jsonl"), model="LoRA+BDIA", kind="train")]
+    peak = get_config("quick").methods.lora_bdia.learning_rate
+    assert rates and max(rates) <= peak and max(rates) > get_config("quick").optim.learning_rate
     folder = workdir / "lora_bdia" / "hf"
     assert r["hf_folder"] == str(folder)
     base = pretrained.load(workdir / "tiny_setup" / "llama")
@@ -100,3 +106,25 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     c.model.checkpoint = str(tmp_path / "nowhere.gguf")
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
         ft.load_lm_data(c, str(tmp_path))
+
+
+def test_a_method_entry_sets_its_own_learning_rate_validated_under_its_name():
+    """LoRA's own learning_rate overrides config.optim's for its model only; a bad one is
+    one line naming the entry's field."""
+    from experiments.common import sharding, trainer
+    from experiments.configs import finetune_lm as presets
+
+    c = get_config("smollm2_e2e")
+    assert c.optim.learning_rate == presets.FULL_LR
+    lora = trainer.method_optim(ft.TASK, c, c.methods.lora.to_dict())
+    assert lora.learning_rate == presets.LORA_LR == 10 * presets.FULL_LR
+    assert lora.weight_decay == c.optim.weight_decay
+    assert trainer.method_optim(ft.TASK, c, c.methods.bdia.to_dict()) == c.optim
+    assert trainer.split_method(ft.TASK, c.methods.lora.to_dict())[1].keys() == {
+        "update", "backprop"}
+    assert {c.methods[n].dropout for n in presets.DROPOUT_RATES} == {0.05, 0.1, 0.2}
+    c.methods.lora.learning_rate = -1.0
+    with pytest.raises(ValueError) as error:
+        ft.validate_config(c, sharding.mesh_from_config(c))
+    problems = str(error.value).splitlines()[1:]
+    assert problems == ["  --config.methods.lora.learning_rate: must be a number > 0, got -1.0"]
