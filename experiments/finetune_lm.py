@@ -36,7 +36,7 @@ from experiments import finetune_gpt2 as gpt2
 from experiments.common import trainer
 from experiments.common.loop import log
 from experiments.configs.finetune_lm import PRESETS
-from experiments.data.text import e2e
+from experiments.data.text import e2e, lm_text
 from experiments.data.text.losses import lm_nll_sums
 from experiments.data.text.parallel import TextDataError
 
@@ -146,6 +146,41 @@ def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
     return checkpoint, pathlib.Path(data_dir)
 
 
+def resolve_checkpoint(config, workdir: str) -> pathlib.Path:
+    """The configured checkpoint, or the tiny stand-in's when it is empty and
+    ``data.tiny_standin`` (format "text": the data comes from data.text)."""
+    checkpoint = config.model.checkpoint
+    if not checkpoint:
+        if not config.data.tiny_standin:
+            raise FileNotFoundError(f"--config.model.checkpoint is empty: {CHECKPOINT_HELP}")
+        root = pathlib.Path(workdir) / "tiny_setup"
+        if not (root / "llama" / pretrained.CONFIG_FILE).is_file():
+            write_tiny_lm_setup(root, max_len=max(config.data.max_len, 128))
+        log(f"no model.checkpoint: using the tiny offline stand-in (random Llama-family "
+            f"model, tiny BPE) in {root / 'llama'}")
+        checkpoint = str(root / "llama")
+    checkpoint = pathlib.Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint {checkpoint}: {CHECKPOINT_HELP}.")
+    return checkpoint
+
+
+def text_source(config, workdir: str) -> str:
+    """format "text": ``data.text``, or the tiny stand-in's text file (written into
+    <workdir>/tiny_setup) when it is empty and ``data.tiny_standin``."""
+    if config.data.text:
+        return config.data.text
+    if not config.data.tiny_standin:
+        raise FileNotFoundError("--config.data.text is empty: pass --config.data.text="
+                                "tfds:tiny_shakespeare or a UTF-8 text file.")
+    path = pathlib.Path(workdir) / "tiny_setup" / "text.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lm_text.write_tiny_text(path)
+    log(f"no data.text: using the tiny offline stand-in's text {path}")
+    return str(path)
+
+
 def _subset(split: e2e.E2ESplit, rows) -> e2e.E2ESplit:
     return e2e.E2ESplit([split.mrs[i] for i in rows], [split.refs[i] for i in rows],
                         split.source)
@@ -199,18 +234,55 @@ class LMData(gpt2.FinetuneData):
     checkpoint_max_len: int = 0
 
 
-def load_lm_data(config, workdir: str) -> LMData:
-    checkpoint, data_dir = resolve_paths(config, workdir)
+def _checkpoint_and_tokenizer(checkpoint, max_len: int) -> tuple[dict, e2e.GPT2BPE]:
     arch = architecture(checkpoint)
     tokenizer = lm_tokenizer(checkpoint)
     if tokenizer.vocab_size > arch["vocab_size"]:
         raise TextDataError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens do not fit "
                             f"the checkpoint's vocab_size={arch['vocab_size']}; use the "
                             f"checkpoint's own tokenizer.")
-    max_len = config.data.max_len
     if max_len > arch["max_len"]:
         raise TextDataError(f"--config.data.max_len={max_len} exceeds the checkpoint's "
                             f"context of {arch['max_len']} positions; lower it.")
+    return arch, tokenizer
+
+
+def _context(arch: dict, max_len: int) -> dict:
+    # Decoding and the model's context stop at data.max_len (a rope model's own context is
+    # far longer than a row).
+    return {**arch, "max_len": max_len} if arch["position"] == "rope" else arch
+
+
+def load_text_data(config, workdir: str) -> LMData:
+    """format "text": rows of data.text's splits (``lm_text``); the samples continue the
+    first eval.prompt_tokens tokens of the first eval.num_samples test rows (no BLEU)."""
+    d, e = config.data, config.eval
+    checkpoint = resolve_checkpoint(config, workdir)
+    arch, tokenizer = _checkpoint_and_tokenizer(checkpoint, d.max_len)
+    source = text_source(config, workdir)
+    texts = lm_text.read_text_splits(source, tfds_data_dir=d.dir or None)
+    limits = {"train": d.max_train_rows, "validation": d.max_validation_rows,
+              "test": d.max_test_rows}
+    rows = {s: lm_text.encode_text_rows(tokenizer, texts[s], d.max_len, limit=limits[s],
+                                        source=f"{source}[{s}]") for s in lm_text.SPLITS}
+    if len(rows["train"].inputs) < config.train.batch_size:
+        raise TextDataError(f"{source}[train]: {len(rows['train'].inputs)} rows are fewer "
+                            f"than one batch (--config.train.batch_size="
+                            f"{config.train.batch_size}).")
+    prompts = [row[:e.prompt_tokens].tolist() for row in rows["test"].inputs[:e.num_samples]]
+    return LMData(
+        checkpoint_max_len=arch["max_len"], checkpoint=str(checkpoint),
+        architecture=_context(arch, d.max_len), tokenizer=tokenizer, train=rows["train"],
+        validation=rows["validation"], bleu_split="test", bleu_mrs=[], bleu_prompts=prompts,
+        bleu_refs=[], source=source, test=rows["test"])
+
+
+def load_lm_data(config, workdir: str) -> LMData:
+    if config.data.format == "text":
+        return load_text_data(config, workdir)
+    checkpoint, data_dir = resolve_paths(config, workdir)
+    max_len = config.data.max_len
+    arch, tokenizer = _checkpoint_and_tokenizer(checkpoint, max_len)
     splits = read_splits(config, data_dir)
     if len(splits["train"]) < config.train.batch_size:
         raise TextDataError(f"{splits['train'].source}: {len(splits['train'])} training rows "
@@ -224,12 +296,8 @@ def load_lm_data(config, workdir: str) -> LMData:
         if not 2 <= len(prompt) < max_len:
             raise TextDataError(f"the prompt of mr {mr!r} has {len(prompt)} tokens; decoding "
                                 f"needs 2 to {max_len - 1} (--config.data.max_len).")
-    # Decoding and the model's context stop at data.max_len (a rope model's own context is
-    # far longer than an E2E row).
-    checkpoint_max_len = arch["max_len"]
-    arch = {**arch, "max_len": max_len} if arch["position"] == "rope" else arch
-    return LMData(checkpoint_max_len=checkpoint_max_len,
-        checkpoint=str(checkpoint), architecture=arch, tokenizer=tokenizer,
+    return LMData(checkpoint_max_len=arch["max_len"],
+        checkpoint=str(checkpoint), architecture=_context(arch, max_len), tokenizer=tokenizer,
         train=e2e.encode_examples(tokenizer, splits["train"], max_len),
         validation=e2e.encode_examples(tokenizer, splits["validation"], max_len),
         bleu_split=config.eval.bleu_split, bleu_mrs=mrs, bleu_prompts=prompts, bleu_refs=refs,
@@ -271,11 +339,15 @@ class FinetuneLM(gpt2.FinetuneGPT2):
                   "data.split_seed": 0, "eval.num_samples": 0, "eval.prompt_tokens": 1,
                   "model.lora_rank": 0}
     table = (*gpt2.FinetuneGPT2.table, ("test loss", "test_loss", "{:.4f}"))
-    plot_title = "Fine-tuning a pretrained LM on E2E NLG: full, dropout, BDIA, LoRA, LoRA+BDIA"
+    plot_title = "Fine-tuning a pretrained LM: full, dropout, BDIA, LoRA, LoRA+BDIA"
 
     def validate(self, config, checks, mesh):
         super().validate(config, checks, mesh)
-        checks.one_of(config.data.format, ("e2e",), "data.format")
+        checks.one_of(config.data.format, ("e2e", "text"), "data.format")
+        if config.data.format == "text":
+            checks.require(config.eval.prompt_tokens < config.data.max_len, "eval.prompt_tokens",
+                           f"must be below data.max_len={config.data.max_len} (a sample "
+                           f"continues it), got {config.eval.prompt_tokens}")
         checks.one_of(config.data.split, ("devset_by_mr", "official"), "data.split")
         checks.fraction(config.data.validation_fraction, "data.validation_fraction")
         checks.one_of(config.eval.export_hf, (True, False), "eval.export_hf")
@@ -293,17 +365,28 @@ class FinetuneLM(gpt2.FinetuneGPT2):
             return dict(_VALIDATION_ARCHITECTURE)
         return {**data.architecture, "folder": data.checkpoint}
 
+    def write_files(self, config, workdir, results):
+        return [] if config.data.format == "text" else super().write_files(
+            config, workdir, results)
+
     def trainable(self, model_config):
         return nnx.LoRAParam if model_config.lora is not None else nnx.Param
 
     def report(self, run, state):
-        """BLEU of greedy and beam decodes, the test loss, a few samples, and the
-        fine-tuned model as a Hugging Face folder."""
-        out = super().report(run, state)
+        """E2E: BLEU of greedy and beam decodes; text: greedy continuations of test rows'
+        beginnings. Then the test loss, a few samples, and the fine-tuned model as a
+        Hugging Face folder."""
         data, e = run.data, run.config.eval
+        if run.config.data.format == "text":
+            out = {"samples": [
+                {"prompt": data.tokenizer.decode(p), "greedy": g} for p, g in zip(
+                    data.bleu_prompts, gpt2.decode_all(run, state, beam_size=0)
+                    if data.bleu_prompts else [])]}
+        else:
+            out = super().report(run, state)
+            out["samples"] = [{"mr": mr, "greedy": g, "beam": b} for mr, g, b in zip(
+                data.bleu_mrs, out["decodes_greedy"], out["decodes_beam"])][:e.num_samples]
         out["test_loss"] = example_loss(run, state, data.test)
-        out["samples"] = [{"mr": mr, "greedy": g, "beam": b} for mr, g, b in zip(
-            data.bleu_mrs, out["decodes_greedy"], out["decodes_beam"])][:e.num_samples]
         log(f"[{run.display}] test loss {out['test_loss']:.4f}; samples: "
             + " | ".join(s["greedy"] for s in out["samples"]))
         if e.export_hf:

@@ -15,7 +15,7 @@ from bdia_jax import formats, pretrained
 from bdia_jax.models import LoRA
 from bdia_jax.testing import assert_bits_equal
 from experiments import finetune_lm as ft
-from experiments.common import metrics
+from experiments.common import metrics, sharding
 from experiments.common.trainer import build_model_config
 from experiments.configs.finetune_lm import get_config
 from experiments.data.text import e2e
@@ -128,3 +128,54 @@ def test_a_method_entry_sets_its_own_learning_rate_validated_under_its_name():
         ft.validate_config(c, sharding.mesh_from_config(c))
     problems = str(error.value).splitlines()[1:]
     assert problems == ["  --config.methods.lora.learning_rate: must be a number > 0, got -1.0"]
+
+
+def test_text_rows_are_consecutive_tokens_with_every_target_counted(tmp_path):
+    """format "text": a file splits 80/10/10 by characters; a split becomes rows of
+    max_len + 1 consecutive tokens, the last short piece dropped, at most ``limit``."""
+    from experiments.data.text import lm_text
+
+    lm_text.write_tiny_text(tmp_path / "text.txt")
+    text = (tmp_path / "text.txt").read_text()
+    tokenizer = e2e.train_tiny_gpt2_tokenizer([text], tmp_path / "bpe")
+    splits = lm_text.read_text_splits(str(tmp_path / "text.txt"))
+    assert "".join(splits[s] for s in lm_text.SPLITS) == text
+    assert len(splits["train"]) == int(0.8 * len(text))
+    ids = tokenizer.encode(splits["train"])
+    rows = lm_text.encode_text_rows(tokenizer, splits["train"], 16)
+    n = len(ids) // 17
+    assert rows.inputs.shape == (n, 16) and rows.mask.all()
+    np.testing.assert_array_equal(rows.inputs[1], ids[17:33])
+    np.testing.assert_array_equal(rows.targets[1], ids[18:34])
+    assert len(lm_text.encode_text_rows(tokenizer, splits["train"], 16, limit=2).inputs) == 2
+    with pytest.raises(e2e.TextDataError, match="lower --config.data.max_len"):
+        lm_text.encode_text_rows(tokenizer, "To be", 16, source="x")
+
+
+def test_text_format_loads_the_tiny_standin_text_and_prompts(tmp_path):
+    c = get_config("quick")
+    c.data.format = "text"
+    c.eval.update(num_samples=2, prompt_tokens=8)
+    data = ft.load_lm_data(c, str(tmp_path))
+    assert data.source == str(tmp_path / "tiny_setup" / "text.txt")
+    assert data.train.inputs.shape[1] == c.data.max_len and data.train.mask.all()
+    assert len(data.bleu_prompts) == 2 and data.bleu_mrs == [] and data.bleu_refs == []
+    assert data.bleu_prompts[1] == data.test.inputs[1, :8].tolist()
+    c.eval.prompt_tokens = c.data.max_len
+    with pytest.raises(ValueError, match="--config.eval.prompt_tokens: must be below"):
+        ft.validate_config(c, sharding.mesh_from_config(c))
+
+
+@pytest.mark.slow  # one whole run (train step, evaluation, test loss, decoder compile)
+def test_text_format_fine_tunes_bdia_on_the_tiny_standin_text(tmp_path):
+    """data.format="text" end to end: one BDIA step, reversal exactly 0, validation and
+    test loss, greedy samples continuing test rows, no BLEU."""
+    c = quick_config("bdia", num_samples=1, prompt_tokens=4, export_hf=False)
+    c.data.update(format="text", max_train_rows=2)
+    summary = ft.train_and_evaluate(c, str(tmp_path))
+    r = summary["models"]["bdia"]
+    assert r["steps"] == 1 and r["reversal_error_max"] == 0.0
+    assert np.isfinite(r["val_loss_best"]) and np.isfinite(r["test_loss"])
+    assert "bleu_greedy" not in r and len(r["samples"]) == 1
+    data = ft.load_lm_data(c, str(tmp_path))
+    assert r["samples"][0]["prompt"] == data.tokenizer.decode(data.bleu_prompts[0])

@@ -1,6 +1,6 @@
 """Configs of ``python -m experiments.finetune_lm`` (fine-tune a pretrained decoder LM,
-GPT-2 or Llama family, from a Hugging Face folder or a GGUF file, on E2E NLG; five methods
-side by side from the same checkpoint, data order and seeds).
+GPT-2 or Llama family, from a Hugging Face folder or a GGUF file, on E2E NLG or plain text;
+five methods side by side from the same checkpoint, data order and seeds).
 
 Select a preset with ``--config=experiments/configs/finetune_lm.py:<preset>`` and override any
 field on the command line. Presets:
@@ -8,19 +8,28 @@ field on the command line. Presets:
 * ``quick`` (the default): offline. With ``model.checkpoint`` / ``data.dir`` empty, the run
   writes a tiny random Llama-family checkpoint (``pretrained.save``) with a tiny BPE and tiny
   E2E-format CSVs into ``<workdir>/tiny_setup`` and fine-tunes it with all five methods;
-  seconds to minutes on a CPU. It exercises every path, not the numbers.
+  seconds to minutes on a CPU. It exercises every path, not the numbers
+  (``--config.data.format=text``: the same on a tiny text).
 * ``smollm2_e2e``: SmolLM2-135M-Instruct from ``../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf``
   on ``../shared/data/e2e``: devset.csv split by mr into training and validation parts
   (``data.split="devset_by_mr"``: the official trainset.csv is not available offline),
   BLEU on testset_w_refs.csv with all references per mr. The regime (rows, context, batch,
-  steps) is sized for a CPU from a measured step time (docs/results.md).
+  steps) is sized for a CPU from a measured step time (docs/results.md). It also trains
+  the dropout sweep's other two rates.
+* ``smollm2_shakespeare``: the same model on a small slice of tiny_shakespeare (TFDS, in
+  ``../shared/tensorflow_datasets``; ``data.format="text"``), where standard fine-tuning
+  overfits fast: the validation and test loss per token, samples, no BLEU.
 
-The five methods (``config.methods``; ``models`` lists the ones a "compare" run trains):
-``standard`` (full fine-tuning, no dropout), ``dropout`` (full fine-tuning with dropout
-``methods.dropout.dropout``), ``bdia`` (full fine-tuning, BDIA γ = ±0.5 on the 2**-9 grid,
-reversible with recompute="shared"), ``lora`` (adapters only, standard update) and
-``lora_bdia`` (adapters only, BDIA). A method entry may set the model fields dropout,
-attention_dropout and lora_* besides the method keywords.
+The methods (``config.methods``; ``models`` lists the ones a "compare" run trains):
+``standard`` (full fine-tuning, no dropout), ``dropout`` / ``dropout_05`` / ``dropout_20``
+(full fine-tuning with dropout 0.1 / 0.05 / 0.2: the sweep whose best validation loss picks
+the table's rate), ``bdia`` (full fine-tuning, BDIA γ = ±0.5 on the 2**-l grid, reversible
+with recompute="shared"), ``lora`` (adapters only, standard update) and ``lora_bdia``
+(adapters only, BDIA). A method entry may set the model fields dropout, attention_dropout
+and lora_*, and the optim field learning_rate, besides the method keywords.
+
+Changing any field of a preset after a run started in a workdir stops its resume there
+(the run checks the config it was started with): start a new workdir instead.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import ml_collections
 
 from experiments.configs import common
 
-PRESETS = ("quick", "smollm2_e2e")
+PRESETS = ("quick", "smollm2_e2e", "smollm2_shakespeare")
 SHARED = "../shared"  # the read-only data and model folder beside the project (not copied)
 BDIA = dict(update="bdia", gamma=0.5, frac_bits=9, quantize_at_inference=True,
             backprop="reversible", recompute="shared")
@@ -180,4 +189,23 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.methods.lora_bdia.frac_bits = 7
         c.eval.update(batch_size=16, decode_batch_size=16, bleu_max_mrs=100,
                       max_new_tokens=48, beam_size=4)
+    elif c.preset == "smollm2_shakespeare":
+        c.model.checkpoint = f"{SHARED}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        c.data.format = "text"
+        c.data.text = "tfds:tiny_shakespeare"
+        c.data.dir = f"{SHARED}/tensorflow_datasets"
+        c.data.tiny_standin = False
+        # A small slice: the first 32 rows of 129 tokens of the train split (~4k tokens),
+        # seen 8 times, so that standard fine-tuning overfits within the run; a validation
+        # point per epoch on the first 32 validation rows.
+        c.data.max_len = 128
+        c.data.max_train_rows = 32
+        c.data.max_validation_rows = 32
+        c.data.max_test_rows = 64
+        c.train.update(num_epochs=8, batch_size=8, log_every_steps=4,
+                       checkpoint_every_steps=16, keep_checkpoints=1)
+        c.methods.bdia.frac_bits = 7  # as smollm2_e2e: the stream exceeds l = 9's range
+        c.methods.lora_bdia.frac_bits = 7
+        c.eval.update(batch_size=16, decode_batch_size=4, num_samples=3, prompt_tokens=32,
+                      max_new_tokens=48)
     return c
