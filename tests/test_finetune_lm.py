@@ -5,6 +5,7 @@ exact reversal, and the exported Hugging Face folder."""
 from __future__ import annotations
 
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -19,6 +20,8 @@ from experiments.common import metrics, sharding
 from experiments.common.trainer import build_model_config
 from experiments.configs.finetune_lm import get_config
 from experiments.data.text import e2e
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def quick_config(*models, **eval_fields):
@@ -179,3 +182,51 @@ def test_text_format_fine_tunes_bdia_on_the_tiny_standin_text(tmp_path):
     assert "bleu_greedy" not in r and len(r["samples"]) == 1
     data = ft.load_lm_data(c, str(tmp_path))
     assert r["samples"][0]["prompt"] == data.tokenizer.decode(data.bleu_prompts[0])
+
+
+def test_report_aggregates_finished_seeds_and_shows_missing_ones(tmp_path):
+    """scripts/finetune_report.py on a partial workdir: mean ± std over the finished
+    seeds, the dropout sweep's winner as the dropout row, missing methods and seeds shown,
+    the running model's last step, and the curves PNG."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "finetune_report", REPO / "scripts" / "finetune_report.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    c = get_config("smollm2_e2e")
+    (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+
+    def result(test_loss, val_loss, **extra):
+        return {"test_loss": test_loss, "val_loss_best": val_loss, "bleu_greedy": 50.0,
+                "bleu_beam": 52.0, "step_time_s": 2.0, "reversal": None,
+                "memory": {"compiled": {"peak_estimate_bytes": 3 * 2**20}},
+                "samples": [{"mr": "name[x]", "greedy": "x."}], **extra}
+
+    finished = {0: {"standard": result(1.0, 1.5), "dropout_05": result(1.1, 1.4),
+                    "dropout": result(1.1, 1.3), "dropout_20": result(1.2, 1.6),
+                    "bdia": result(0.9, 1.2, reversal="exact", reversal_error_max=0.0)},
+                1: {"standard": result(2.0, 2.5), "dropout": result(1.3, 1.5)}}
+    for seed, models in finished.items():
+        folder = tmp_path / f"seed_{seed}" / "checkpoints"
+        folder.mkdir(parents=True)
+        for name, r in models.items():
+            (folder / f"{name}_result.json").write_text(json.dumps(r))
+        records = [{"model": ft.TASK.display(n), "kind": "eval", "step": 16,
+                    "val_loss": r["val_loss_best"]} for n, r in models.items()]
+        records.append({"model": "LoRA", "kind": "train", "step": 12, "loss": 1.0})
+        (tmp_path / f"seed_{seed}" / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
+    md = rep.report(str(tmp_path), str(tmp_path / "out" / "table"), seeds=[0, 1, 2])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines()
+            if line.startswith("| ") and " seeds" in line}
+    assert rows["standard"][1:4] == ["2/3 seeds", "1.5000 ± 0.7071", "50.00 ± 0.00"]
+    assert rows["standard + dropout 0.1 (sweep winner)"][1:3] == ["2/3 seeds",
+                                                                 "1.2000 ± 0.1414"]
+    assert rows["BDIA"][1:3] == ["1/3 seeds", "0.9000"] and rows["BDIA"][-2] == "0"
+    assert rows["LoRA"][1] == "0/3 seeds, seed 0 at step 12, seed 1 at step 12"
+    assert set(rows["LoRA"][2:-1]) == {rep.MISSING}
+    assert "| `dropout` | 0.1 | 1.3000 **(winner)** |" in md
+    assert (tmp_path / "out" / "table.md").read_text() == md
+    assert (tmp_path / "out" / "table_val.png").stat().st_size > 0
