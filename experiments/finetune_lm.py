@@ -37,7 +37,6 @@ from experiments.common import trainer
 from experiments.common.loop import log
 from experiments.configs.finetune_lm import PRESETS
 from experiments.data.text import e2e, lm_text
-from experiments.data.text.losses import lm_nll_sums
 from experiments.data.text.parallel import TextDataError
 
 CHECKPOINT_HELP = ("pass --config.model.checkpoint=<a Hugging Face folder (config.json, "
@@ -117,26 +116,42 @@ def write_tiny_lm_setup(root, *, max_len: int = 128) -> tuple[pathlib.Path, path
     return folder, data
 
 
+def _tiny_setup(config, workdir: str) -> pathlib.Path:
+    """<workdir>/tiny_setup, written on first use (``write_tiny_lm_setup``)."""
+    root = pathlib.Path(workdir) / "tiny_setup"
+    if not (root / "llama" / pretrained.CONFIG_FILE).is_file():
+        write_tiny_lm_setup(root, max_len=max(config.data.max_len, 128))
+    return root
+
+
+def resolve_checkpoint(config, workdir: str) -> pathlib.Path:
+    """The configured checkpoint, or the tiny stand-in's random Llama when it is empty and
+    ``data.tiny_standin``; a missing one is a one-line FileNotFoundError."""
+    checkpoint = config.model.checkpoint
+    if not checkpoint:
+        if not config.data.tiny_standin:
+            raise FileNotFoundError(f"--config.model.checkpoint is empty: {CHECKPOINT_HELP}")
+        checkpoint = str(_tiny_setup(config, workdir) / "llama")
+        log(f"no model.checkpoint: using the tiny offline stand-in's random Llama-family "
+            f"model and tiny BPE in {checkpoint}")
+    checkpoint = pathlib.Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint {checkpoint}: {CHECKPOINT_HELP}.")
+    return checkpoint
+
+
 def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
     """(checkpoint, E2E folder): the configured ones, or the tiny stand-in's for the empty
     ones when ``data.tiny_standin``; a missing one is a one-line FileNotFoundError."""
     checkpoint, data_dir = config.model.checkpoint, config.data.dir
-    if not checkpoint or not data_dir:
-        if not config.data.tiny_standin:
-            raise FileNotFoundError(
-                f"--config.model.checkpoint is empty: {CHECKPOINT_HELP}" if not checkpoint
-                else f"--config.data.dir is empty: {e2e.E2E_DOWNLOAD.format(dir='a folder')} "
-                     f"and pass --config.data.dir=/path/to/it")
-        root = pathlib.Path(workdir) / "tiny_setup"
-        if not (root / "llama" / pretrained.CONFIG_FILE).is_file():
-            write_tiny_lm_setup(root, max_len=max(config.data.max_len, 128))
-        log(f"no {'model.checkpoint' if not checkpoint else 'data.dir'}: using the tiny "
-            f"offline stand-in (random Llama-family model, tiny BPE, tiny E2E CSVs) in {root}")
-        checkpoint = checkpoint or str(root / "llama")
-        data_dir = data_dir or str(root / "gpt2" / "e2e")
-    checkpoint = pathlib.Path(checkpoint)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint {checkpoint}: {CHECKPOINT_HELP}.")
+    if not data_dir and checkpoint and not config.data.tiny_standin:
+        raise FileNotFoundError(f"--config.data.dir is empty: "
+                                f"{e2e.E2E_DOWNLOAD.format(dir='a folder')} and pass "
+                                f"--config.data.dir=/path/to/it")
+    checkpoint = resolve_checkpoint(config, workdir)
+    if not data_dir:
+        data_dir = str(_tiny_setup(config, workdir) / "gpt2" / "e2e")
+        log(f"no data.dir: using the tiny offline stand-in's E2E CSVs in {data_dir}")
     files = ("devset.csv", "testset_w_refs.csv") if config.data.split == "devset_by_mr" \
         else tuple(e2e.SPLIT_FILES.values())
     for file in files:
@@ -144,25 +159,6 @@ def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
             raise FileNotFoundError(f"no E2E NLG file {pathlib.Path(data_dir) / file}: "
                                     f"{e2e.E2E_DOWNLOAD.format(dir=data_dir)}.")
     return checkpoint, pathlib.Path(data_dir)
-
-
-def resolve_checkpoint(config, workdir: str) -> pathlib.Path:
-    """The configured checkpoint, or the tiny stand-in's when it is empty and
-    ``data.tiny_standin`` (format "text": the data comes from data.text)."""
-    checkpoint = config.model.checkpoint
-    if not checkpoint:
-        if not config.data.tiny_standin:
-            raise FileNotFoundError(f"--config.model.checkpoint is empty: {CHECKPOINT_HELP}")
-        root = pathlib.Path(workdir) / "tiny_setup"
-        if not (root / "llama" / pretrained.CONFIG_FILE).is_file():
-            write_tiny_lm_setup(root, max_len=max(config.data.max_len, 128))
-        log(f"no model.checkpoint: using the tiny offline stand-in (random Llama-family "
-            f"model, tiny BPE) in {root / 'llama'}")
-        checkpoint = str(root / "llama")
-    checkpoint = pathlib.Path(checkpoint)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint {checkpoint}: {CHECKPOINT_HELP}.")
-    return checkpoint
 
 
 def text_source(config, workdir: str) -> str:
@@ -235,15 +231,8 @@ class LMData(gpt2.FinetuneData):
 
 
 def _checkpoint_and_tokenizer(checkpoint, max_len: int) -> tuple[dict, e2e.GPT2BPE]:
-    arch = architecture(checkpoint)
-    tokenizer = lm_tokenizer(checkpoint)
-    if tokenizer.vocab_size > arch["vocab_size"]:
-        raise TextDataError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens do not fit "
-                            f"the checkpoint's vocab_size={arch['vocab_size']}; use the "
-                            f"checkpoint's own tokenizer.")
-    if max_len > arch["max_len"]:
-        raise TextDataError(f"--config.data.max_len={max_len} exceeds the checkpoint's "
-                            f"context of {arch['max_len']} positions; lower it.")
+    arch, tokenizer = architecture(checkpoint), lm_tokenizer(checkpoint)
+    gpt2.check_checkpoint_fits(tokenizer, arch, max_len)
     return arch, tokenizer
 
 
@@ -265,10 +254,8 @@ def load_text_data(config, workdir: str) -> LMData:
               "test": d.max_test_rows}
     rows = {s: lm_text.encode_text_rows(tokenizer, texts[s], d.max_len, limit=limits[s],
                                         source=f"{source}[{s}]") for s in lm_text.SPLITS}
-    if len(rows["train"].inputs) < config.train.batch_size:
-        raise TextDataError(f"{source}[train]: {len(rows['train'].inputs)} rows are fewer "
-                            f"than one batch (--config.train.batch_size="
-                            f"{config.train.batch_size}).")
+    gpt2.check_one_batch(f"{source}[train]", len(rows["train"].inputs),
+                         config.train.batch_size)
     prompts = [row[:e.prompt_tokens].tolist() for row in rows["test"].inputs[:e.num_samples]]
     return LMData(
         checkpoint_max_len=arch["max_len"], checkpoint=str(checkpoint),
@@ -284,18 +271,10 @@ def load_lm_data(config, workdir: str) -> LMData:
     max_len = config.data.max_len
     arch, tokenizer = _checkpoint_and_tokenizer(checkpoint, max_len)
     splits = read_splits(config, data_dir)
-    if len(splits["train"]) < config.train.batch_size:
-        raise TextDataError(f"{splits['train'].source}: {len(splits['train'])} training rows "
-                            f"are fewer than one batch (--config.train.batch_size="
-                            f"{config.train.batch_size}).")
-    mrs, refs = e2e.group_references(splits[config.eval.bleu_split])
-    if config.eval.bleu_max_mrs:
-        mrs, refs = mrs[:config.eval.bleu_max_mrs], refs[:config.eval.bleu_max_mrs]
-    prompts = [e2e.encode_prompt(tokenizer, mr) for mr in mrs]
-    for mr, prompt in zip(mrs, prompts):
-        if not 2 <= len(prompt) < max_len:
-            raise TextDataError(f"the prompt of mr {mr!r} has {len(prompt)} tokens; decoding "
-                                f"needs 2 to {max_len - 1} (--config.data.max_len).")
+    gpt2.check_one_batch(splits["train"].source, len(splits["train"]), config.train.batch_size)
+    # Decoding stops at data.max_len (the model's context here).
+    mrs, refs, prompts = gpt2.bleu_prompts(config, tokenizer, splits[config.eval.bleu_split],
+                                           max_len)
     return LMData(checkpoint_max_len=arch["max_len"],
         checkpoint=str(checkpoint), architecture=_context(arch, max_len), tokenizer=tokenizer,
         train=e2e.encode_examples(tokenizer, splits["train"], max_len),
@@ -305,22 +284,6 @@ def load_lm_data(config, workdir: str) -> LMData:
 
 
 # --------------------------------------------------------------------------- the task
-def example_loss(run, state, examples: e2e.EncodedExamples) -> float:
-    """Mean NLL (nats per reference token) of ``examples`` at E[γ] = 0."""
-    step, size = trainer.model_step(run, lm_nll_sums), run.config.eval.batch_size
-    n = len(examples.inputs)
-
-    def batches():
-        for start in range(0, n, size):
-            index = np.arange(start, start + size) % n  # the last batch wraps around
-            rows = gpt2._rows(examples, index)
-            rows["mask"] = rows["mask"] & (np.arange(start, start + size) < n)[:, None]
-            yield rows
-
-    sums = trainer.sum_over(step, state, batches(), run.mesh)
-    return sums["nll_sum"] / sums["count"]
-
-
 class FinetuneLM(gpt2.FinetuneGPT2):
     name = "finetune_lm"
     presets = PRESETS
@@ -386,7 +349,7 @@ class FinetuneLM(gpt2.FinetuneGPT2):
             out = super().report(run, state)
             out["samples"] = [{"mr": mr, "greedy": g, "beam": b} for mr, g, b in zip(
                 data.bleu_mrs, out["decodes_greedy"], out["decodes_beam"])][:e.num_samples]
-        out["test_loss"] = example_loss(run, state, data.test)
+        out["test_loss"] = gpt2.mean_nll(run, state, data.test)
         log(f"[{run.display}] test loss {out['test_loss']:.4f}; samples: "
             + " | ".join(s["greedy"] for s in out["samples"]))
         if e.export_hf:
