@@ -1,11 +1,15 @@
 """Fine-tune a pretrained decoder LM (GPT-2 or the Llama family, from a Hugging Face folder or a
-GGUF file) on E2E NLG with five methods side by side: standard full fine-tuning, standard +
-dropout, BDIA full fine-tuning (γ = ±0.5, reversible), LoRA, and LoRA + BDIA.
+GGUF file) on E2E NLG or on plain text with five methods side by side: standard full
+fine-tuning, standard + dropout, BDIA full fine-tuning (γ = ±0.5, reversible), LoRA, and
+LoRA + BDIA. A method entry may set its own model fields (dropout, lora_*) and learning rate.
 
     python -m experiments.finetune_lm                      # quick: the tiny offline stand-in
     python -m experiments.finetune_lm --config=experiments/configs/finetune_lm.py:smollm2_e2e
     python -m experiments.finetune_lm --config=experiments/configs/finetune_lm.py:smollm2_e2e \\
         --config.model.checkpoint=/path/to/hub/download/SmolLM2-135M-Instruct
+    python -m experiments.finetune_lm \\
+        --config=experiments/configs/finetune_lm.py:smollm2_shakespeare
+    python scripts/finetune_report.py <workdir> --out docs/<name>     # the table, the curves
 
 Every model of ``config.models`` starts from the same checkpoint (``bdia_jax.pretrained.load``
 with that model's method; LoRA models get adapters from the run's seed,
@@ -14,7 +18,10 @@ on the same rows in the same order: ``mr → ref<eos>`` in the checkpoint's own 
 (``bdia_jax.formats.load_tokenizer``; <eos> = ``<|endoftext|>``), loss on the reference
 tokens and the closing <eos> only. With ``data.split="devset_by_mr"`` the training and
 validation rows come from devset.csv split by mr (no mr on both sides); BLEU (sacreBLEU, all
-references per mr) and the test loss are on testset_w_refs.csv. At the end each model is
+references per mr) and the test loss are on testset_w_refs.csv. With ``data.format="text"``
+the rows are consecutive tokens of ``data.text`` (``tfds:tiny_shakespeare`` or a file;
+``experiments.data.text.lm_text``), every token a target, and the samples continue the
+beginnings of test rows instead of BLEU. At the end each model is
 written as a Hugging Face folder ``<workdir>/<model>/hf`` (adapters merged) with the
 tokenizer files beside it, which ``pretrained.load`` and ``transformers`` read. Other outputs
 as ``experiments.finetune_gpt2`` (metrics.jsonl, summary.json, curves.png, decodes, resumable

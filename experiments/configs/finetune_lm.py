@@ -116,11 +116,13 @@ def _base() -> ml_collections.ConfigDict:
     c.data.split = "devset_by_mr"
     c.data.validation_fraction = 0.2  # devset_by_mr: the share of mrs held out
     c.data.split_seed = 0  # devset_by_mr: the permutation of the mrs (fixed across seeds)
-    c.data.max_train_rows = 0  # use at most this many training rows, in file order (0: all)
-    c.data.max_validation_rows = 0  # at most this many validation rows (0: all)
-    c.data.max_test_rows = 0  # at most this many test rows for the test loss (0: all)
-    # Tokens per example row ("mr → ref<eos>" less one for the shift); a longer example is
-    # an error naming it.
+    # At most this many rows per split (0: all): e2e, drawn by split_seed and kept in file
+    # order; text, the first ones.
+    c.data.max_train_rows = 0
+    c.data.max_validation_rows = 0
+    c.data.max_test_rows = 0  # (the test loss)
+    # Tokens per example row (e2e: "mr → ref<eos>" less one for the shift, a longer example
+    # is an error naming it; text: each row, cut from max_len + 1 tokens).
     c.data.max_len = 128
 
     # --- optimisation: AdamW, linear warmup then decay to 0 (common.add_optim)
