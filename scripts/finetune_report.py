@@ -8,8 +8,9 @@ Reads ``<workdir>/seed_<s>/`` for every seed (or ``<workdir>`` itself, a run wit
 records (``metrics.jsonl``) of every model, finished or still training. Writes:
 
 * ``<out>.md``: per method, mean ± std (sample std, ddof 1) over its finished seeds of the
-  test loss, BLEU (greedy, beam; E2E only), best validation loss, step time, compiled peak
-  memory of the train step, reversal error and overflowed steps; the dropout sweep at the
+  test loss, BLEU (greedy, beam; E2E only), best validation loss, step time, training time,
+  compiled peak memory of the train step, reversal error and overflowed steps; each seed's
+  wall time; the dropout sweep at the
   first seed (which rate won, by its best validation loss); a few samples per method. A
   method or seed not finished is shown as missing ("—", "k/n seeds", its last logged step).
 * ``<out>_val.png``: the validation loss per method against the step (each seed thin, the
@@ -43,6 +44,7 @@ COLUMNS = (  # (header, result → value, format); E2E adds the BLEU columns
     ("test loss", lambda r: r.get("test_loss"), "{:.4f}"),
     ("best val loss", lambda r: r.get("val_loss_best"), "{:.4f}"),
     ("step (s)", lambda r: r.get("step_time_s"), "{:.2f}"),
+    ("training (min)", lambda r: r.get("train_seconds") and r["train_seconds"] / 60, "{:.1f}"),
     ("train-step peak (MB)", lambda r: ((r.get("memory") or {}).get("compiled") or {}).get(
         "peak_estimate_bytes") and r["memory"]["compiled"]["peak_estimate_bytes"] / 2**20,
      "{:.0f}"),
@@ -74,8 +76,10 @@ def read_run(workdir: pathlib.Path, seeds=None) -> dict:
         results = {}
         for path in sorted((folder / "checkpoints").glob("*_result.json")):
             results[path.name[:-len("_result.json")]] = json.loads(path.read_text())
+        summary = folder / "summary.json"  # written when every model of the seed finished
         out["seeds"][seed] = {"results": results, "records": metrics.read_records(
-            str(folder / "metrics.jsonl"))}
+            str(folder / "metrics.jsonl")), "wall_seconds": json.loads(
+                summary.read_text()).get("wall_seconds") if summary.is_file() else None}
     return out
 
 
@@ -155,6 +159,14 @@ def table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def walls(run: dict) -> str:
+    """The wall time of each seed's last complete run of its models (summary.json)."""
+    parts = [f"seed {s}: {d['wall_seconds'] / 3600:.2f} h" for s, d in run["seeds"].items()
+             if d["wall_seconds"] is not None]
+    return ("Wall time of each seed's last complete invocation (training, evaluation, "
+            "export; a resumed one counts only itself): " + ", ".join(parts)) if parts else ""
+
+
 def sweep_table(run: dict) -> str:
     winner, rows, complete, seed = sweep(run)
     if not rows:
@@ -227,7 +239,7 @@ def report(workdir, out, seeds=None) -> str:
         f"`{workdir}`, seeds {sorted(run['seeds'])}: {finished} finished model run(s). "
         f"Cells: mean ± std over the finished seeds (\"seeds\": how many); {MISSING}: none "
         f"finished yet.",
-        table(run), sweep_table(run), samples(run),
+        table(run), walls(run), sweep_table(run), samples(run),
         f"![validation loss]({os.path.basename(out)}_val.png)") if part) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     pathlib.Path(f"{out}.md").write_text(md, encoding="utf-8")
