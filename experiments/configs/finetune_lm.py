@@ -161,8 +161,10 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
     coarser grid."""
     c.model.checkpoint = f"{SHARED}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     c.data.tiny_standin = False
-    # A full fine-tuning checkpoint is ~1.6 GB (weights + AdamW moments): keep one.
-    c.train.update(batch_size=8, log_every_steps=4, checkpoint_every_steps=16,
+    # A train record every step (a step takes many seconds on a CPU: the progress shows in
+    # metrics.jsonl). A full fine-tuning checkpoint is ~1.6 GB (weights + AdamW moments):
+    # keep one.
+    c.train.update(batch_size=8, log_every_steps=1, checkpoint_every_steps=16,
                    keep_checkpoints=1)
     # SmolLM2's residual stream exceeds the exact range 2**24 · 2**-9 of frac_bits 9
     # (docs/results.md: every step overflowed and was held); frac_bits 7: 4x the range.
