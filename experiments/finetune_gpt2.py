@@ -129,32 +129,51 @@ def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
     return folder, pathlib.Path(data_dir)
 
 
-def load_finetune_data(config, workdir: str) -> FinetuneData:
-    folder, data_dir = resolve_paths(config, workdir)
-    arch = architecture(folder)
-    tokenizer = e2e.load_gpt2_tokenizer(folder)
+def check_checkpoint_fits(tokenizer: e2e.GPT2BPE, arch: dict, max_len: int) -> None:
+    """The tokenizer's ids fit the checkpoint's vocabulary and ``data.max_len`` its
+    context; else a one-line TextDataError."""
     if tokenizer.vocab_size > arch["vocab_size"]:
         raise TextDataError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens do not fit "
                             f"the checkpoint's vocab_size={arch['vocab_size']}; use the "
                             f"checkpoint's own tokenizer.")
-    max_len = config.data.max_len
     if max_len > arch["max_len"]:
         raise TextDataError(f"--config.data.max_len={max_len} exceeds the checkpoint's "
                             f"context of {arch['max_len']} positions; lower it.")
-    splits = {s: e2e.read_e2e(data_dir, s) for s in ("train", "validation",
-                                                      config.eval.bleu_split)}
-    if len(splits["train"]) < config.train.batch_size:
-        raise TextDataError(f"{splits['train'].source}: {len(splits['train'])} pairs are "
-                            f"fewer than one batch (--config.train.batch_size="
-                            f"{config.train.batch_size}).")
-    mrs, refs = e2e.group_references(splits[config.eval.bleu_split])
+
+
+def check_one_batch(source: str, rows: int, batch_size: int) -> None:
+    if rows < batch_size:
+        raise TextDataError(f"{source}: {rows} training rows are fewer than one batch "
+                            f"(--config.train.batch_size={batch_size}).")
+
+
+def bleu_prompts(config, tokenizer: e2e.GPT2BPE, split: e2e.E2ESplit, context: int
+                 ) -> tuple[list[str], list[list[str]], list[list[int]]]:
+    """(mrs, their references, their encoded prompts) of ``split``'s first
+    eval.bleu_max_mrs distinct mrs (0: all); a prompt that leaves no room to decode within
+    ``context`` positions is a one-line TextDataError."""
+    mrs, refs = e2e.group_references(split)
     if config.eval.bleu_max_mrs:
         mrs, refs = mrs[:config.eval.bleu_max_mrs], refs[:config.eval.bleu_max_mrs]
     prompts = [e2e.encode_prompt(tokenizer, mr) for mr in mrs]
     for mr, prompt in zip(mrs, prompts):
-        if not 2 <= len(prompt) < arch["max_len"]:
+        if not 2 <= len(prompt) < context:
             raise TextDataError(f"the prompt of mr {mr!r} has {len(prompt)} tokens; decoding "
-                                f"needs 2 to {arch['max_len'] - 1}.")
+                                f"needs 2 to {context - 1}.")
+    return mrs, refs, prompts
+
+
+def load_finetune_data(config, workdir: str) -> FinetuneData:
+    folder, data_dir = resolve_paths(config, workdir)
+    arch = architecture(folder)
+    tokenizer = e2e.load_gpt2_tokenizer(folder)
+    max_len = config.data.max_len
+    check_checkpoint_fits(tokenizer, arch, max_len)
+    splits = {s: e2e.read_e2e(data_dir, s) for s in ("train", "validation",
+                                                      config.eval.bleu_split)}
+    check_one_batch(splits["train"].source, len(splits["train"]), config.train.batch_size)
+    mrs, refs, prompts = bleu_prompts(config, tokenizer, splits[config.eval.bleu_split],
+                                      arch["max_len"])
     return FinetuneData(
         checkpoint=str(folder), architecture=arch, tokenizer=tokenizer,
         train=e2e.encode_examples(tokenizer, splits["train"], max_len),
@@ -244,6 +263,23 @@ def _rows(examples: e2e.EncodedExamples, index) -> dict:
             "mask": examples.mask[index]}
 
 
+def mean_nll(run, state, examples: e2e.EncodedExamples) -> float:
+    """Mean NLL (nats per target token) of ``examples`` at E[γ] = 0, in batches of
+    eval.batch_size rows (the last batch wraps around, its extra rows masked out)."""
+    step, size = trainer.model_step(run, lm_nll_sums), run.config.eval.batch_size
+    n = len(examples.inputs)
+
+    def batches():
+        for start in range(0, n, size):
+            index = np.arange(start, start + size) % n
+            rows = _rows(examples, index)
+            rows["mask"] = rows["mask"] & (np.arange(start, start + size) < n)[:, None]
+            yield rows
+
+    sums = trainer.sum_over(step, state, batches(), run.mesh)
+    return sums["nll_sum"] / sums["count"]
+
+
 # --------------------------------------------------------------------------- the task
 class FinetuneGPT2(trainer.ValLossTask):
     name = "finetune_gpt2"
@@ -324,20 +360,8 @@ class FinetuneGPT2(trainer.ValLossTask):
         return loss_fn
 
     def evaluator(self, run):
-        step, size = trainer.model_step(run, lm_nll_sums), run.config.eval.batch_size
-        val = run.data.validation
-        n = len(val.inputs)
-
-        def batches():
-            for start in range(0, n, size):
-                index = np.arange(start, start + size) % n  # the last batch wraps around
-                rows = _rows(val, index)
-                rows["mask"] = rows["mask"] & (np.arange(start, start + size) < n)[:, None]
-                yield rows
-
         def evaluate(state):
-            sums = trainer.sum_over(step, state, batches(), run.mesh)
-            loss = sums["nll_sum"] / sums["count"]
+            loss = mean_nll(run, state, run.data.validation)
             return {"val_loss": loss, "val_perplexity": float(np.exp(loss))}
 
         return evaluate

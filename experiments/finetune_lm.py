@@ -1,11 +1,15 @@
 """Fine-tune a pretrained decoder LM (GPT-2 or the Llama family, from a Hugging Face folder or a
-GGUF file) on E2E NLG with five methods side by side: standard full fine-tuning, standard +
-dropout, BDIA full fine-tuning (γ = ±0.5, reversible), LoRA, and LoRA + BDIA.
+GGUF file) on E2E NLG or on plain text with five methods side by side: standard full
+fine-tuning, standard + dropout, BDIA full fine-tuning (γ = ±0.5, reversible), LoRA, and
+LoRA + BDIA. A method entry may set its own model fields (dropout, lora_*) and learning rate.
 
     python -m experiments.finetune_lm                      # quick: the tiny offline stand-in
     python -m experiments.finetune_lm --config=experiments/configs/finetune_lm.py:smollm2_e2e
     python -m experiments.finetune_lm --config=experiments/configs/finetune_lm.py:smollm2_e2e \\
         --config.model.checkpoint=/path/to/hub/download/SmolLM2-135M-Instruct
+    python -m experiments.finetune_lm \\
+        --config=experiments/configs/finetune_lm.py:smollm2_shakespeare
+    python scripts/finetune_report.py <workdir> --out docs/<name>     # the table, the curves
 
 Every model of ``config.models`` starts from the same checkpoint (``bdia_jax.pretrained.load``
 with that model's method; LoRA models get adapters from the run's seed,
@@ -14,7 +18,10 @@ on the same rows in the same order: ``mr → ref<eos>`` in the checkpoint's own 
 (``bdia_jax.formats.load_tokenizer``; <eos> = ``<|endoftext|>``), loss on the reference
 tokens and the closing <eos> only. With ``data.split="devset_by_mr"`` the training and
 validation rows come from devset.csv split by mr (no mr on both sides); BLEU (sacreBLEU, all
-references per mr) and the test loss are on testset_w_refs.csv. At the end each model is
+references per mr) and the test loss are on testset_w_refs.csv. With ``data.format="text"``
+the rows are consecutive tokens of ``data.text`` (``tfds:tiny_shakespeare`` or a file;
+``experiments.data.text.lm_text``), every token a target, and the samples continue the
+beginnings of test rows instead of BLEU. At the end each model is
 written as a Hugging Face folder ``<workdir>/<model>/hf`` (adapters merged) with the
 tokenizer files beside it, which ``pretrained.load`` and ``transformers`` read. Other outputs
 as ``experiments.finetune_gpt2`` (metrics.jsonl, summary.json, curves.png, decodes, resumable
@@ -36,8 +43,7 @@ from experiments import finetune_gpt2 as gpt2
 from experiments.common import trainer
 from experiments.common.loop import log
 from experiments.configs.finetune_lm import PRESETS
-from experiments.data.text import e2e
-from experiments.data.text.losses import lm_nll_sums
+from experiments.data.text import e2e, lm_text
 from experiments.data.text.parallel import TextDataError
 
 CHECKPOINT_HELP = ("pass --config.model.checkpoint=<a Hugging Face folder (config.json, "
@@ -117,26 +123,42 @@ def write_tiny_lm_setup(root, *, max_len: int = 128) -> tuple[pathlib.Path, path
     return folder, data
 
 
+def _tiny_setup(config, workdir: str) -> pathlib.Path:
+    """<workdir>/tiny_setup, written on first use (``write_tiny_lm_setup``)."""
+    root = pathlib.Path(workdir) / "tiny_setup"
+    if not (root / "llama" / pretrained.CONFIG_FILE).is_file():
+        write_tiny_lm_setup(root, max_len=max(config.data.max_len, 128))
+    return root
+
+
+def resolve_checkpoint(config, workdir: str) -> pathlib.Path:
+    """The configured checkpoint, or the tiny stand-in's random Llama when it is empty and
+    ``data.tiny_standin``; a missing one is a one-line FileNotFoundError."""
+    checkpoint = config.model.checkpoint
+    if not checkpoint:
+        if not config.data.tiny_standin:
+            raise FileNotFoundError(f"--config.model.checkpoint is empty: {CHECKPOINT_HELP}")
+        checkpoint = str(_tiny_setup(config, workdir) / "llama")
+        log(f"no model.checkpoint: using the tiny offline stand-in's random Llama-family "
+            f"model and tiny BPE in {checkpoint}")
+    checkpoint = pathlib.Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint {checkpoint}: {CHECKPOINT_HELP}.")
+    return checkpoint
+
+
 def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
     """(checkpoint, E2E folder): the configured ones, or the tiny stand-in's for the empty
     ones when ``data.tiny_standin``; a missing one is a one-line FileNotFoundError."""
     checkpoint, data_dir = config.model.checkpoint, config.data.dir
-    if not checkpoint or not data_dir:
-        if not config.data.tiny_standin:
-            raise FileNotFoundError(
-                f"--config.model.checkpoint is empty: {CHECKPOINT_HELP}" if not checkpoint
-                else f"--config.data.dir is empty: {e2e.E2E_DOWNLOAD.format(dir='a folder')} "
-                     f"and pass --config.data.dir=/path/to/it")
-        root = pathlib.Path(workdir) / "tiny_setup"
-        if not (root / "llama" / pretrained.CONFIG_FILE).is_file():
-            write_tiny_lm_setup(root, max_len=max(config.data.max_len, 128))
-        log(f"no {'model.checkpoint' if not checkpoint else 'data.dir'}: using the tiny "
-            f"offline stand-in (random Llama-family model, tiny BPE, tiny E2E CSVs) in {root}")
-        checkpoint = checkpoint or str(root / "llama")
-        data_dir = data_dir or str(root / "gpt2" / "e2e")
-    checkpoint = pathlib.Path(checkpoint)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint {checkpoint}: {CHECKPOINT_HELP}.")
+    if not data_dir and checkpoint and not config.data.tiny_standin:
+        raise FileNotFoundError(f"--config.data.dir is empty: "
+                                f"{e2e.E2E_DOWNLOAD.format(dir='a folder')} and pass "
+                                f"--config.data.dir=/path/to/it")
+    checkpoint = resolve_checkpoint(config, workdir)
+    if not data_dir:
+        data_dir = str(_tiny_setup(config, workdir) / "gpt2" / "e2e")
+        log(f"no data.dir: using the tiny offline stand-in's E2E CSVs in {data_dir}")
     files = ("devset.csv", "testset_w_refs.csv") if config.data.split == "devset_by_mr" \
         else tuple(e2e.SPLIT_FILES.values())
     for file in files:
@@ -144,6 +166,22 @@ def resolve_paths(config, workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
             raise FileNotFoundError(f"no E2E NLG file {pathlib.Path(data_dir) / file}: "
                                     f"{e2e.E2E_DOWNLOAD.format(dir=data_dir)}.")
     return checkpoint, pathlib.Path(data_dir)
+
+
+def text_source(config, workdir: str) -> str:
+    """format "text": ``data.text``, or the tiny stand-in's text file (written into
+    <workdir>/tiny_setup) when it is empty and ``data.tiny_standin``."""
+    if config.data.text:
+        return config.data.text
+    if not config.data.tiny_standin:
+        raise FileNotFoundError("--config.data.text is empty: pass --config.data.text="
+                                "tfds:tiny_shakespeare or a UTF-8 text file.")
+    path = pathlib.Path(workdir) / "tiny_setup" / "text.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lm_text.write_tiny_text(path)
+    log(f"no data.text: using the tiny offline stand-in's text {path}")
+    return str(path)
 
 
 def _subset(split: e2e.E2ESplit, rows) -> e2e.E2ESplit:
@@ -199,37 +237,53 @@ class LMData(gpt2.FinetuneData):
     checkpoint_max_len: int = 0
 
 
-def load_lm_data(config, workdir: str) -> LMData:
-    checkpoint, data_dir = resolve_paths(config, workdir)
-    arch = architecture(checkpoint)
-    tokenizer = lm_tokenizer(checkpoint)
-    if tokenizer.vocab_size > arch["vocab_size"]:
-        raise TextDataError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens do not fit "
-                            f"the checkpoint's vocab_size={arch['vocab_size']}; use the "
-                            f"checkpoint's own tokenizer.")
-    max_len = config.data.max_len
-    if max_len > arch["max_len"]:
-        raise TextDataError(f"--config.data.max_len={max_len} exceeds the checkpoint's "
-                            f"context of {arch['max_len']} positions; lower it.")
-    splits = read_splits(config, data_dir)
-    if len(splits["train"]) < config.train.batch_size:
-        raise TextDataError(f"{splits['train'].source}: {len(splits['train'])} training rows "
-                            f"are fewer than one batch (--config.train.batch_size="
-                            f"{config.train.batch_size}).")
-    mrs, refs = e2e.group_references(splits[config.eval.bleu_split])
-    if config.eval.bleu_max_mrs:
-        mrs, refs = mrs[:config.eval.bleu_max_mrs], refs[:config.eval.bleu_max_mrs]
-    prompts = [e2e.encode_prompt(tokenizer, mr) for mr in mrs]
-    for mr, prompt in zip(mrs, prompts):
-        if not 2 <= len(prompt) < max_len:
-            raise TextDataError(f"the prompt of mr {mr!r} has {len(prompt)} tokens; decoding "
-                                f"needs 2 to {max_len - 1} (--config.data.max_len).")
+def _checkpoint_and_tokenizer(checkpoint, max_len: int) -> tuple[dict, e2e.GPT2BPE]:
+    arch, tokenizer = architecture(checkpoint), lm_tokenizer(checkpoint)
+    gpt2.check_checkpoint_fits(tokenizer, arch, max_len)
+    return arch, tokenizer
+
+
+def _context(arch: dict, max_len: int) -> dict:
     # Decoding and the model's context stop at data.max_len (a rope model's own context is
-    # far longer than an E2E row).
-    checkpoint_max_len = arch["max_len"]
-    arch = {**arch, "max_len": max_len} if arch["position"] == "rope" else arch
-    return LMData(checkpoint_max_len=checkpoint_max_len,
-        checkpoint=str(checkpoint), architecture=arch, tokenizer=tokenizer,
+    # far longer than a row).
+    return {**arch, "max_len": max_len} if arch["position"] == "rope" else arch
+
+
+def load_text_data(config, workdir: str) -> LMData:
+    """format "text": rows of data.text's splits (``lm_text``); the samples continue the
+    first eval.prompt_tokens tokens of the first eval.num_samples test rows (no BLEU)."""
+    d, e = config.data, config.eval
+    checkpoint = resolve_checkpoint(config, workdir)
+    arch, tokenizer = _checkpoint_and_tokenizer(checkpoint, d.max_len)
+    source = text_source(config, workdir)
+    texts = lm_text.read_text_splits(source, tfds_data_dir=d.dir or None)
+    limits = {"train": d.max_train_rows, "validation": d.max_validation_rows,
+              "test": d.max_test_rows}
+    rows = {s: lm_text.encode_text_rows(tokenizer, texts[s], d.max_len, limit=limits[s],
+                                        source=f"{source}[{s}]") for s in lm_text.SPLITS}
+    gpt2.check_one_batch(f"{source}[train]", len(rows["train"].inputs),
+                         config.train.batch_size)
+    prompts = [row[:e.prompt_tokens].tolist() for row in rows["test"].inputs[:e.num_samples]]
+    return LMData(
+        checkpoint_max_len=arch["max_len"], checkpoint=str(checkpoint),
+        architecture=_context(arch, d.max_len), tokenizer=tokenizer, train=rows["train"],
+        validation=rows["validation"], bleu_split="test", bleu_mrs=[], bleu_prompts=prompts,
+        bleu_refs=[], source=source, test=rows["test"])
+
+
+def load_lm_data(config, workdir: str) -> LMData:
+    if config.data.format == "text":
+        return load_text_data(config, workdir)
+    checkpoint, data_dir = resolve_paths(config, workdir)
+    max_len = config.data.max_len
+    arch, tokenizer = _checkpoint_and_tokenizer(checkpoint, max_len)
+    splits = read_splits(config, data_dir)
+    gpt2.check_one_batch(splits["train"].source, len(splits["train"]), config.train.batch_size)
+    # Decoding stops at data.max_len (the model's context here).
+    mrs, refs, prompts = gpt2.bleu_prompts(config, tokenizer, splits[config.eval.bleu_split],
+                                           max_len)
+    return LMData(checkpoint_max_len=arch["max_len"],
+        checkpoint=str(checkpoint), architecture=_context(arch, max_len), tokenizer=tokenizer,
         train=e2e.encode_examples(tokenizer, splits["train"], max_len),
         validation=e2e.encode_examples(tokenizer, splits["validation"], max_len),
         bleu_split=config.eval.bleu_split, bleu_mrs=mrs, bleu_prompts=prompts, bleu_refs=refs,
@@ -237,41 +291,33 @@ def load_lm_data(config, workdir: str) -> LMData:
 
 
 # --------------------------------------------------------------------------- the task
-def example_loss(run, state, examples: e2e.EncodedExamples) -> float:
-    """Mean NLL (nats per reference token) of ``examples`` at E[γ] = 0."""
-    step, size = trainer.model_step(run, lm_nll_sums), run.config.eval.batch_size
-    n = len(examples.inputs)
-
-    def batches():
-        for start in range(0, n, size):
-            index = np.arange(start, start + size) % n  # the last batch wraps around
-            rows = gpt2._rows(examples, index)
-            rows["mask"] = rows["mask"] & (np.arange(start, start + size) < n)[:, None]
-            yield rows
-
-    sums = trainer.sum_over(step, state, batches(), run.mesh)
-    return sums["nll_sum"] / sums["count"]
-
-
 class FinetuneLM(gpt2.FinetuneGPT2):
     name = "finetune_lm"
     presets = PRESETS
     config_class = staticmethod(lm_config)
     model_class = staticmethod(load_pretrained_lm)
-    display_names = {"standard": "standard", "dropout": "standard+dropout", "bdia": "BDIA",
-                     "lora": "LoRA", "lora_bdia": "LoRA+BDIA"}
+    display_names = {"standard": "standard", "dropout": "standard+dropout0.1", "bdia": "BDIA",
+                     "lora": "LoRA", "lora_bdia": "LoRA+BDIA",
+                     "dropout_05": "standard+dropout0.05", "dropout_20": "standard+dropout0.2"}
     method_model_fields = ("dropout", "attention_dropout", *LORA_FIELDS)
+    method_optim_fields = ("learning_rate",)
     resumable = (*gpt2.FinetuneGPT2.resumable, "eval.num_samples", "eval.export_hf",
                  "eval.export_dtype")
     data_dir_help = "E2E NLG folder (devset.csv, testset_w_refs.csv[, trainset.csv])."
     int_fields = {**gpt2.FinetuneGPT2.int_fields, "data.max_train_rows": 0,
                   "data.max_validation_rows": 0, "data.max_test_rows": 0,
-                  "data.split_seed": 0, "eval.num_samples": 0, "model.lora_rank": 0}
+                  "data.split_seed": 0, "eval.num_samples": 0, "eval.prompt_tokens": 1,
+                  "model.lora_rank": 0}
     table = (*gpt2.FinetuneGPT2.table, ("test loss", "test_loss", "{:.4f}"))
-    plot_title = "Fine-tuning a pretrained LM on E2E NLG: full, dropout, BDIA, LoRA, LoRA+BDIA"
+    plot_title = "Fine-tuning a pretrained LM: full, dropout, BDIA, LoRA, LoRA+BDIA"
 
     def validate(self, config, checks, mesh):
         super().validate(config, checks, mesh)
+        checks.one_of(config.data.format, ("e2e", "text"), "data.format")
+        if config.data.format == "text":
+            checks.require(config.eval.prompt_tokens < config.data.max_len, "eval.prompt_tokens",
+                           f"must be below data.max_len={config.data.max_len} (a sample "
+                           f"continues it), got {config.eval.prompt_tokens}")
         checks.one_of(config.data.split, ("devset_by_mr", "official"), "data.split")
         checks.fraction(config.data.validation_fraction, "data.validation_fraction")
         checks.one_of(config.eval.export_hf, (True, False), "eval.export_hf")
@@ -289,17 +335,28 @@ class FinetuneLM(gpt2.FinetuneGPT2):
             return dict(_VALIDATION_ARCHITECTURE)
         return {**data.architecture, "folder": data.checkpoint}
 
+    def write_files(self, config, workdir, results):
+        return [] if config.data.format == "text" else super().write_files(
+            config, workdir, results)
+
     def trainable(self, model_config):
         return nnx.LoRAParam if model_config.lora is not None else nnx.Param
 
     def report(self, run, state):
-        """BLEU of greedy and beam decodes, the test loss, a few samples, and the
-        fine-tuned model as a Hugging Face folder."""
-        out = super().report(run, state)
+        """E2E: BLEU of greedy and beam decodes; text: greedy continuations of test rows'
+        beginnings. Then the test loss, a few samples, and the fine-tuned model as a
+        Hugging Face folder."""
         data, e = run.data, run.config.eval
-        out["test_loss"] = example_loss(run, state, data.test)
-        out["samples"] = [{"mr": mr, "greedy": g, "beam": b} for mr, g, b in zip(
-            data.bleu_mrs, out["decodes_greedy"], out["decodes_beam"])][:e.num_samples]
+        if run.config.data.format == "text":
+            out = {"samples": [
+                {"prompt": data.tokenizer.decode(p), "greedy": g} for p, g in zip(
+                    data.bleu_prompts, gpt2.decode_all(run, state, beam_size=0)
+                    if data.bleu_prompts else [])]}
+        else:
+            out = super().report(run, state)
+            out["samples"] = [{"mr": mr, "greedy": g, "beam": b} for mr, g, b in zip(
+                data.bleu_mrs, out["decodes_greedy"], out["decodes_beam"])][:e.num_samples]
+        out["test_loss"] = gpt2.mean_nll(run, state, data.test)
         log(f"[{run.display}] test loss {out['test_loss']:.4f}; samples: "
             + " | ".join(s["greedy"] for s in out["samples"]))
         if e.export_hf:

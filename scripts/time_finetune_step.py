@@ -2,6 +2,8 @@
 
     [FRAC_BITS=7] python scripts/time_finetune_step.py 8x64,8x144 standard,bdia,lora,lora_bdia
 
+Run it from the repository root (the GGUF and the E2E data are read from ../shared).
+
 Arguments: comma-separated BATCHxCONTEXT sizes, comma-separated methods (standard, bdia:
 γ=0.5 reversible with recompute="shared" at FRAC_BITS (default 9), lora, lora_bdia: rank 8
 on q,k,v,o,gate,up,down, adapters only). Rows are the first E2E devset pairs in the
@@ -9,7 +11,8 @@ checkpoint's tokenizer, the library's train step with AdamW. Prints per size: th
 two timed steps after one warm-up, compile time, compiled temp/argument bytes, and the
 step's reversal error, overflow flag, stream max |x| and whether the update was held.
 """
-import sys, time
+import pathlib, sys, time
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bdia_jax, experiments
 import jax, jax.numpy as jnp, optax
 from flax import nnx
 from bdia_jax import pretrained, training

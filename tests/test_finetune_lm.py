@@ -5,6 +5,7 @@ exact reversal, and the exported Hugging Face folder."""
 from __future__ import annotations
 
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -15,9 +16,12 @@ from bdia_jax import formats, pretrained
 from bdia_jax.models import LoRA
 from bdia_jax.testing import assert_bits_equal
 from experiments import finetune_lm as ft
+from experiments.common import metrics, sharding
 from experiments.common.trainer import build_model_config
 from experiments.configs.finetune_lm import get_config
 from experiments.data.text import e2e
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def quick_config(*models, **eval_fields):
@@ -57,6 +61,11 @@ def test_lora_bdia_fine_tunes_and_exports_a_loadable_hf_folder(tmp_path):
     assert 0.0 <= r["bleu_greedy"] <= 100.0
     assert len(r["samples"]) == 1 and r["samples"][0]["mr"] == e2e.TINY_MRS[0]
     assert summary["data"]["test_pairs"] > 0
+    # The entry's own learning rate (the quick preset's 10x for LoRA) drove its schedule.
+    rates = [rec["learning_rate"] for rec in metrics.read_records(
+        str(workdir / "metrics.jsonl"), model="LoRA+BDIA", kind="train")]
+    peak = get_config("quick").methods.lora_bdia.learning_rate
+    assert rates and max(rates) <= peak and max(rates) > get_config("quick").optim.learning_rate
     folder = workdir / "lora_bdia" / "hf"
     assert r["hf_folder"] == str(folder)
     base = pretrained.load(workdir / "tiny_setup" / "llama")
@@ -100,3 +109,124 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     c.model.checkpoint = str(tmp_path / "nowhere.gguf")
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
         ft.load_lm_data(c, str(tmp_path))
+
+
+def test_a_method_entry_sets_its_own_learning_rate_validated_under_its_name():
+    """LoRA's own learning_rate overrides config.optim's for its model only; a bad one is
+    one line naming the entry's field."""
+    from experiments.common import sharding, trainer
+    from experiments.configs import finetune_lm as presets
+
+    c = get_config("smollm2_e2e")
+    assert c.optim.learning_rate == presets.FULL_LR
+    lora = trainer.method_optim(ft.TASK, c, c.methods.lora.to_dict())
+    assert lora.learning_rate == presets.LORA_LR == 10 * presets.FULL_LR
+    assert lora.weight_decay == c.optim.weight_decay
+    assert trainer.method_optim(ft.TASK, c, c.methods.bdia.to_dict()) == c.optim
+    assert trainer.split_method(ft.TASK, c.methods.lora.to_dict())[1].keys() == {
+        "update", "backprop"}
+    assert {c.methods[n].dropout for n in presets.DROPOUT_RATES} == {0.05, 0.1, 0.2}
+    c.methods.lora.learning_rate = -1.0
+    with pytest.raises(ValueError) as error:
+        ft.validate_config(c, sharding.mesh_from_config(c))
+    problems = str(error.value).splitlines()[1:]
+    assert problems == ["  --config.methods.lora.learning_rate: must be a number > 0, got -1.0"]
+
+
+def test_text_rows_are_consecutive_tokens_with_every_target_counted(tmp_path):
+    """format "text": a file splits 80/10/10 by characters; a split becomes rows of
+    max_len + 1 consecutive tokens, the last short piece dropped, at most ``limit``."""
+    from experiments.data.text import lm_text
+
+    lm_text.write_tiny_text(tmp_path / "text.txt")
+    text = (tmp_path / "text.txt").read_text()
+    tokenizer = e2e.train_tiny_gpt2_tokenizer([text], tmp_path / "bpe")
+    splits = lm_text.read_text_splits(str(tmp_path / "text.txt"))
+    assert "".join(splits[s] for s in lm_text.SPLITS) == text
+    assert len(splits["train"]) == int(0.8 * len(text))
+    ids = tokenizer.encode(splits["train"])
+    rows = lm_text.encode_text_rows(tokenizer, splits["train"], 16)
+    n = len(ids) // 17
+    assert rows.inputs.shape == (n, 16) and rows.mask.all()
+    np.testing.assert_array_equal(rows.inputs[1], ids[17:33])
+    np.testing.assert_array_equal(rows.targets[1], ids[18:34])
+    assert len(lm_text.encode_text_rows(tokenizer, splits["train"], 16, limit=2).inputs) == 2
+    with pytest.raises(e2e.TextDataError, match="lower --config.data.max_len"):
+        lm_text.encode_text_rows(tokenizer, "To be", 16, source="x")
+
+
+def test_text_format_loads_the_tiny_standin_text_and_prompts(tmp_path):
+    c = get_config("quick")
+    c.data.format = "text"
+    c.eval.update(num_samples=2, prompt_tokens=8)
+    data = ft.load_lm_data(c, str(tmp_path))
+    assert data.source == str(tmp_path / "tiny_setup" / "text.txt")
+    assert data.train.inputs.shape[1] == c.data.max_len and data.train.mask.all()
+    assert len(data.bleu_prompts) == 2 and data.bleu_mrs == [] and data.bleu_refs == []
+    assert data.bleu_prompts[1] == data.test.inputs[1, :8].tolist()
+    c.eval.prompt_tokens = c.data.max_len
+    with pytest.raises(ValueError, match="--config.eval.prompt_tokens: must be below"):
+        ft.validate_config(c, sharding.mesh_from_config(c))
+
+
+@pytest.mark.slow  # one whole run (train step, evaluation, test loss, decoder compile)
+def test_text_format_fine_tunes_bdia_on_the_tiny_standin_text(tmp_path):
+    """data.format="text" end to end: one BDIA step, reversal exactly 0, validation and
+    test loss, greedy samples continuing test rows, no BLEU."""
+    c = quick_config("bdia", num_samples=1, prompt_tokens=4, export_hf=False)
+    c.data.update(format="text", max_train_rows=2)
+    summary = ft.train_and_evaluate(c, str(tmp_path))
+    r = summary["models"]["bdia"]
+    assert r["steps"] == 1 and r["reversal_error_max"] == 0.0
+    assert np.isfinite(r["val_loss_best"]) and np.isfinite(r["test_loss"])
+    assert "bleu_greedy" not in r and len(r["samples"]) == 1
+    data = ft.load_lm_data(c, str(tmp_path))
+    assert r["samples"][0]["prompt"] == data.tokenizer.decode(data.bleu_prompts[0])
+
+
+def test_report_aggregates_finished_seeds_and_shows_missing_ones(tmp_path):
+    """scripts/finetune_report.py on a partial workdir: mean ± std over the finished
+    seeds, the dropout sweep's winner as the dropout row, missing methods and seeds shown,
+    the running model's last step, and the curves PNG."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "finetune_report", REPO / "scripts" / "finetune_report.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    c = get_config("smollm2_e2e")
+    (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+
+    def result(test_loss, val_loss, **extra):
+        return {"test_loss": test_loss, "val_loss_best": val_loss, "bleu_greedy": 50.0,
+                "bleu_beam": 52.0, "step_time_s": 2.0, "reversal": None,
+                "memory": {"compiled": {"peak_estimate_bytes": 3 * 2**20}},
+                "samples": [{"mr": "name[x]", "greedy": "x."}], **extra}
+
+    finished = {0: {"standard": result(1.0, 1.5), "dropout_05": result(1.1, 1.4),
+                    "dropout": result(1.1, 1.3), "dropout_20": result(1.2, 1.6),
+                    "bdia": result(0.9, 1.2, reversal="exact", reversal_error_max=0.0)},
+                1: {"standard": result(2.0, 2.5), "dropout": result(1.3, 1.5)}}
+    for seed, models in finished.items():
+        folder = tmp_path / f"seed_{seed}" / "checkpoints"
+        folder.mkdir(parents=True)
+        for name, r in models.items():
+            (folder / f"{name}_result.json").write_text(json.dumps(r))
+        records = [{"model": ft.TASK.display(n), "kind": "eval", "step": 16,
+                    "val_loss": r["val_loss_best"]} for n, r in models.items()]
+        records.append({"model": "LoRA", "kind": "train", "step": 12, "loss": 1.0})
+        (tmp_path / f"seed_{seed}" / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
+    md = rep.report(str(tmp_path), str(tmp_path / "out" / "table"), seeds=[0, 1, 2])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines()
+            if line.startswith("| ") and " seeds" in line}
+    assert rows["standard"][1:4] == ["2/3 seeds", "1.5000 ± 0.7071", "50.00 ± 0.00"]
+    assert rows["standard + dropout 0.1 (sweep winner)"][1:3] == ["2/3 seeds",
+                                                                 "1.2000 ± 0.1414"]
+    assert rows["BDIA"][1:3] == ["1/3 seeds", "0.9000"] and rows["BDIA"][-2] == "0"
+    assert rows["LoRA"][1] == "0/3 seeds, seed 0 at step 12, seed 1 at step 12"
+    assert set(rows["LoRA"][2:-1]) == {rep.MISSING}
+    assert "| `dropout` | 0.1 | 1.3000 **(winner)** |" in md
+    assert (tmp_path / "out" / "table.md").read_text() == md
+    assert (tmp_path / "out" / "table_val.png").stat().st_size > 0

@@ -146,9 +146,20 @@ def _architecture(task: Task, method: Mapping[str, Any]) -> Architecture | None:
 
 def split_method(task: Task, method: Mapping[str, Any]) -> tuple[dict, dict]:
     """(model fields, method keywords) of a ``config.methods`` entry: its keys named in
-    ``task.method_model_fields`` (e.g. a per-method dropout) override ``config.model``."""
+    ``task.method_model_fields`` (e.g. a per-method dropout) override ``config.model``;
+    those named in ``task.method_optim_fields`` are neither (``method_optim``)."""
     own = {k: v for k, v in method.items() if k in task.method_model_fields}
-    return own, {k: v for k, v in method.items() if k not in own}
+    return own, {k: v for k, v in method.items()
+                 if k not in own and k not in task.method_optim_fields}
+
+
+def method_optim(task: Task, config, method: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """``config.optim`` with a ``config.methods`` entry's keys named in
+    ``task.method_optim_fields`` (e.g. a per-method learning rate) put over it."""
+    own = {k: v for k, v in method.items() if k in task.method_optim_fields}
+    optim = config.optim.copy_and_resolve_references()
+    optim.update(own)
+    return optim
 
 
 def build_model_config(task: Task, config, method: Mapping[str, Any], data):
@@ -168,6 +179,7 @@ def build_model_config(task: Task, config, method: Mapping[str, Any], data):
             raise ValueError(f"{arch.config_class.__name__} has no field {field!r}: keep "
                              f"--config.model.{field}={defaults[field]!r} to train it.")
     fields = {k: v for k, v in model_fields.items() if k in own}
+    method = {k: v for k, v in method.items() if k not in task.method_optim_fields}
     return arch.config_class(**fields, **method_fields(method)), arch.model_class
 
 
@@ -227,6 +239,8 @@ class Task:
     final: result key → eval metric of the last evaluation.
     method_model_fields: keys a ``config.methods`` entry may hold besides the method, which
       override ``config.model`` for that model (``split_method``).
+    method_optim_fields: keys of ``config.optim`` a ``config.methods`` entry may hold, which
+      override it for that model (``method_optim``; e.g. LoRA's higher learning rate).
     summary_keys: training metrics of the per-epoch line.
     throughput: (result key, what an example is): examples per second of training.
     table: rows (label, result key, format) at the top of the side-by-side table.
@@ -249,6 +263,7 @@ class Task:
     best = ("accuracy", "max", "accuracy_best")
     final: Mapping[str, str] = {}
     method_model_fields: tuple[str, ...] = ()
+    method_optim_fields: tuple[str, ...] = ()
     summary_keys: tuple[str, ...] = ("loss",)
     throughput = ("examples_per_s", "examples")
     table: tuple[tuple[str, str, str], ...] = ()
@@ -453,6 +468,15 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     checks.one_of(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
     checks.one_of(t.progress, PROGRESS_MODES, "train.progress")
     ts.validate_optim(config.optim, checks)
+    for name in names:  # a method's own optim fields, under its name
+        method = config.methods[name].to_dict()
+        own = [k for k in method if k in task.method_optim_fields]
+        if own:
+            method_checks = config_lib.Checks()
+            ts.validate_optim(method_optim(task, config, method), method_checks,
+                              prefix=f"methods.{name}")
+            checks.problems += [p for p in method_checks.problems
+                                if any(f"--config.methods.{name}.{k}:" in p for k in own)]
     sharding.validate_parallel_config(config, mesh, checks)
     for field in task.batch_fields:
         size = _get(config, field)
@@ -514,7 +538,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     model = model_class(model_config, rngs=nnx.Rngs(seed))  # same init for all models
     num_epochs, spe, eval_every, examples_per_step = task.schedule(config, data)
     num_steps = num_epochs * spe
-    optimizer, schedule = ts.make_optimizer(config.optim, num_steps, spe)
+    optimizer, schedule = ts.make_optimizer(method_optim(task, config, method), num_steps, spe)
     base_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     trainable = task.trainable(model_config)
     graphdef, state = training.init(model, optimizer, base_key, trainable=trainable)
