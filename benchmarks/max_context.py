@@ -522,6 +522,50 @@ def markdown(data) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ step time
+
+TIMED = ("remat", "bdia")  # per-block remat against BDIA's recompute="shared"
+
+
+def time_steps(shape, mode, batch, context, rounds, opts) -> dict:
+    """Seconds per train step of ``TIMED`` at (batch, context), really run: each method's
+    step compiled and run once, then ``rounds`` rounds of one step of each method in turn,
+    so that machine noise hits them alike. Returns the medians and BDIA / remat."""
+    opt, trainable = registry.optimizer(), trainable_of(mode)
+    vocab = SHAPES[shape][0]["vocab_size"]
+    tokens = jax.random.randint(jax.random.key(0), (batch, context + 1), 0, vocab, jnp.int32)
+    runs = {}
+    for method in TIMED:
+        config = model_config(shape, method, context, opts["compute_dtype"],
+                              opts["attention_chunk"], mode)
+        graphdef, state = training.init(make_model(config), opt, jax.random.PRNGKey(2),
+                                        trainable=trainable)
+        step = jax.jit(training.make_train_step(graphdef, loss_fn(opts["loss_chunk"]), opt,
+                                                trainable=trainable), donate_argnums=0)
+        start = time.perf_counter()
+        state, out = jax.block_until_ready(step(state, tokens))
+        runs[method] = dict(step=step, state=state, times=[],
+                            first_seconds=round(time.perf_counter() - start, 2))
+    for _ in range(rounds):
+        for method in TIMED:
+            r = runs[method]
+            start = time.perf_counter()
+            r["state"], out = jax.block_until_ready(r["step"](r["state"], tokens))
+            r["times"].append(time.perf_counter() - start)
+            if not np.isfinite(float(out["loss"])) or float(out.get("reversal_error", 0.0)):
+                raise ValueError(f"{method} step at {shape} gave loss {out['loss']} / "
+                                 f"reversal error {out.get('reversal_error')}")
+    median = {m: float(np.median(runs[m]["times"])) for m in TIMED}
+    return {"shape": shape, "mode": mode, "batch": batch, "context": context,
+            "rounds": rounds, "seconds": {m: [round(t, 3) for t in runs[m]["times"]]
+                                          for m in TIMED},
+            "median_seconds": {m: round(v, 3) for m, v in median.items()},
+            "first_step_seconds": {m: runs[m]["first_seconds"] for m in TIMED},
+            "bdia_over_remat": round(median["bdia"] / median["remat"], 3),
+            "options": opts, "commit": commit(), "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="llama-3.1-8b", help=",".join(SHAPES))
@@ -539,11 +583,18 @@ def parse_args(argv=None):
     p.add_argument("--max_batch", type=int, default=4096, help="batch ceiling")
     p.add_argument("--no_breakdown", action="store_true", help="skip the per-token parts")
     p.add_argument("--out_dir", default="runs/max_context", help="output folder")
+    p.add_argument("--time", default=None, metavar="BATCHxCONTEXT",
+                   help="instead of the searches: time remat and bdia train steps of the "
+                        "first shape and mode at this size (e.g. 8x256), really run; "
+                        "writes step_time.json")
+    p.add_argument("--time_rounds", type=int, default=5, help="timed steps per method")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.time is not None:
+        return main_time(args)
     try:
         data = run(args.shapes.split(","), args.modes.split(","), args.methods.split(","),
                    [float(b) for b in args.budget_gib.split(",")], args.out_dir,
@@ -559,5 +610,31 @@ def main(argv=None) -> dict:
     return data
 
 
+def main_time(args) -> dict:
+    """``--time``: step_time.json of the first shape and mode."""
+    try:
+        batch, context = (int(v) for v in args.time.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"benchmarks.max_context: --time must be BATCHxCONTEXT, e.g. 8x256, "
+                         f"got {args.time!r}") from None
+    shape, mode = args.shapes.split(",")[0], args.modes.split(",")[0]
+    if shape not in SHAPES or mode not in MODES:
+        raise SystemExit(f"benchmarks.max_context: --time needs a shape of {sorted(SHAPES)} "
+                         f"and a mode of {MODES}, got {shape!r}, {mode!r}")
+    opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
+                loss_chunk=args.loss_chunk)
+    result = time_steps(shape, mode, batch, context, args.time_rounds, opts)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "step_time.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{shape} {mode} batch {batch} context {context}: remat "
+          f"{result['median_seconds']['remat']} s, bdia {result['median_seconds']['bdia']} s "
+          f"per step (median of {args.time_rounds}): bdia / remat = "
+          f"{result['bdia_over_remat']}; wrote {path}")
+    return result
+
+
 if __name__ == "__main__":
     main()
+
