@@ -67,8 +67,9 @@ def test_analytic_rows_subtract_the_saved_block_inputs():
     assert mc.analytic_peak("remat_offload", "test-tiny", 10**7, 2, 64) == 10**7 - keep_two
 
 
+@pytest.mark.slow  # five compiles of about 6 s of CPU each at the suite's XLA flags
 def test_tiny_run_records_and_bdia_fits_longer_context(tmp_path):
-    # Five compiles of the tiny step: steps of 128 tokens under a ceiling of three, so
+    # Five compiles of the tiny step (was eleven): steps of 128 tokens under a ceiling of three, so
     # remat compiles 128 (fits) and 256 (over), bdia 128, 256 (fit) and 384 (over), and
     # remat_bf16's answer is read from remat's peaks.
     budget, unit = 0.0015, 128
