@@ -168,6 +168,10 @@ def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data):
     scale = 256.0 / (256 - threshold)
 
     def block(start, size, index, out):
+        # The barrier ties start to the (differentiated) carry: under jax.checkpoint the
+        # loop is linearized through this forward, and a mask computed from the loop index
+        # alone would be a "known" value that partial evaluation stacks for every block.
+        start, out = jax.lax.optimization_barrier((start, out))
         q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
         mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
