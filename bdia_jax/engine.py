@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from bdia_jax import fixed_point
 from bdia_jax.methods import BDIA, Backprop, Reversible, Update, check_method
@@ -389,6 +390,9 @@ def bdia_all_states(block_fn: BlockFn, params, x0, *, update: BDIA, keys, gammas
 # --------------------------------------------------------------------------- custom VJP
 
 
+# symbolic_zeros (defvjp): the forward rule sees which inputs are differentiated, so the backward pass
+# accumulates gradients only for those parameter leaves: a frozen base (LoRA) gets no
+# zero-filled [depth, ...] gradient buffer carried through the backward loop.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _reversible(block_fn, method: Reversible, spec: _Spec, params, x0, context, keys, gammas,
                 reversal_probe):
@@ -399,8 +403,20 @@ def _reversible(block_fn, method: Reversible, spec: _Spec, params, x0, context, 
     return x_last, _stats(max_abs, spec)
 
 
+def _is_none(x):
+    return x is None
+
+
 def _reversible_fwd(block_fn, method: Reversible, spec: _Spec, params, x0, context, keys,
                     gammas, reversal_probe):
+    # Every input leaf arrives as a CustomVJPPrimal (value, perturbed). The parameters are
+    # kept as two trees of params' structure with None where the other has the leaf:
+    # `trained` (differentiated) and `frozen`, which tells the backward pass which to grow.
+    trained = jax.tree_util.tree_map(lambda p: p.value if p.perturbed else None, params)
+    frozen = jax.tree_util.tree_map(lambda p: None if p.perturbed else p.value, params)
+    x0, context, keys, gammas, reversal_probe = jax.tree_util.tree_map(
+        lambda p: p.value, (x0, context, keys, gammas, reversal_probe))
+    params = _join_params(trained, frozen)
     x_last, x_before, bits, max_abs = _train_forward(
         functools.partial(_apply_block, block_fn), spec, params, x0, context, keys, gammas,
         keep_bits=True, by_index=True
@@ -408,15 +424,24 @@ def _reversible_fwd(block_fn, method: Reversible, spec: _Spec, params, x0, conte
     # The probe keeps x_0 (constant in depth) to compare with its rebuild: the last state
     # rebuilt, which an error anywhere in the reversal reaches, doubled at every block.
     probe_x0 = x0 if method.reversal_probe else None
-    residuals = (params, context, keys, gammas, x_before, x_last, bits, probe_x0,
+    residuals = ((trained, frozen), context, keys, gammas, x_before, x_last, bits, probe_x0,
                  reversal_probe)
     return (x_last, _stats(max_abs, spec)), residuals
 
 
+def _join_params(trained, frozen):
+    """The parameter tree from its differentiated and frozen parts (None-complementary)."""
+    return jax.tree_util.tree_map(lambda t, f: f if t is None else t, trained, frozen,
+                                  is_leaf=_is_none)
+
+
 def _reversible_bwd(block_fn, method: Reversible, spec: _Spec, residuals, cotangents):
-    (params, context, keys, gammas, x_before, x_last, bits, probe_x0,
+    ((trained, frozen), context, keys, gammas, x_before, x_last, bits, probe_x0,
      reversal_probe) = residuals
+    params = _join_params(trained, frozen)
     g_last, _ = cotangents  # the stats output carries no gradient
+    if isinstance(g_last, SymbolicZero):  # x_last unused by the loss
+        g_last = jnp.zeros(g_last.shape, g_last.dtype)
     # Only inexact context leaves carry gradients (a bool padding mask gets a float0 zero).
     ctx_leaves, ctx_def = jax.tree_util.tree_flatten(context)
     diff_leaf = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in ctx_leaves]
@@ -476,6 +501,8 @@ def _reversible_bwd(block_fn, method: Reversible, spec: _Spec, residuals, cotang
             _, (x_cur, x_next, g_after, g_next), g_ctx, g_params = carry
             x_prev, g_cur, g_params_k, g_ctx_k = block_step(k, x_cur, x_next, g_after, g_next)
             g_ctx = [a + b for a, b in zip(g_ctx, g_ctx_k)]
+            g_params_k = jax.tree_util.tree_map(  # the frozen leaves' are dropped unused
+                lambda t, g: None if t is None else g, trained, g_params_k, is_leaf=_is_none)
             return (jnp.zeros((), bool), (x_cur, x_prev, g_cur, g_next), g_ctx,
                     _put(g_params, g_params_k, k))
 
@@ -500,7 +527,7 @@ def _reversible_bwd(block_fn, method: Reversible, spec: _Spec, residuals, cotang
         k = top - 2 * i
         return step_into(k - 1, *step_into(k, *carry))
 
-    g_params = jax.tree_util.tree_map(jnp.zeros_like, params)
+    g_params = jax.tree_util.tree_map(jnp.zeros_like, trained)  # None (zero) where frozen
     streams = (x_before, x_last, jnp.zeros_like(x_last), g_last)  # the roles of step n
     if top > n:  # the roles of step n + 1, which step_into turns into those of step n
         streams = (streams[1], streams[0], streams[3], streams[2])
@@ -516,7 +543,7 @@ def _reversible_bwd(block_fn, method: Reversible, spec: _Spec, residuals, cotang
     return g_params, g_x0, g_ctx, None, None, g_probe
 
 
-_reversible.defvjp(_reversible_fwd, _reversible_bwd)
+_reversible.defvjp(_reversible_fwd, _reversible_bwd, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------- inference

@@ -17,25 +17,23 @@ Shapes (``SHAPES``): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B from their config.
 the same ``--attention_chunk`` and the head and loss over ``--loss_chunk`` positions
 (``bdia_jax.chunked_loss``).
 
-Modes: "full" (AdamW on every parameter) and "lora16" (rank-16 float32 adapters on the q,
-k, v, o, gate, up and down projections of every block, built here as ``LoRALinear`` since
-the library has no LoRA yet; the base is frozen with the step's ``trainable=`` filter: no
-gradient, no optimizer state).
+Modes: "full" (AdamW on every parameter) and "lora16" (the library's LoRA,
+``BlockConfig.lora``: rank-16 float32 adapters on the q, k, v, o, gate, up and down
+projections of every block; the base is frozen with the step's ``trainable=nnx.LoRAParam``:
+no gradient, no optimizer state).
 
 Methods (the records' ``method``): "autodiff", "remat" (per-block ``jax.checkpoint``
 saving each block's float32 input), "bdia" (reversible, recompute="shared"), compiled;
-and three *analytic* rows derived from remat's compiled peak at the same size, because the
+and two *analytic* rows derived from remat's compiled peak at the same size, because the
 engine has none of these options: "remat_bf16" (remat minus half of the saved float32 block
 inputs: depth·tokens·width·2 bytes) and "remat_offload" (remat with each block's input
 offloaded to host memory, which XLA:CPU does not have: remat minus all saved block inputs
-but two, the one in flight and the one being recomputed) and "remat_nomask" (remat without
-the bool [context, context] causal mask that ``jax.checkpoint`` saves for every block:
-remat minus depth - 1 masks).
+but two, the one in flight and the one being recomputed).
 
 Search: a size's peak is cached in ``max_context.json`` (``measurements``), so a rerun
-resumes. Peak memory is affine in the batch and, with chunked attention, affine in the
-context up to the [context, context] causal mask (a quadratic term), so the peaks at three
-seed sizes are fitted by a polynomial of degree <= 2 that predicts the largest size; the
+resumes. Peak memory is affine in the batch and, with chunked attention (causal rows built
+per query block), nearly affine in the context, so the peaks at three seed sizes are fitted
+by a polynomial of degree <= 2 that predicts the largest size; the
 prediction is compiled and its neighbour one step above, refitting with the nearest points
 (bisecting when the fit stalls) until a size fits and size + step does not.
 
@@ -63,7 +61,9 @@ from flax import nnx
 
 from bdia_jax import training
 from bdia_jax.chunked_loss import chunk_problem, chunked_cross_entropy
+from bdia_jax.models import LoRA
 from bdia_jax.models.decoder import DecoderConfig, DecoderLM
+from bdia_jax.models.lora import LORA_TARGETS
 from bdia_jax.models.residual_stack import named_config
 from benchmarks import registry
 from experiments.common.memory import compiled_memory
@@ -96,58 +96,20 @@ MODES = ("full", "lora16")
 LORA_RANK = 16
 COMPILED = {"autodiff": "autodiff", "remat": "remat", "bdia": "bdia"}  # -> registry.METHODS
 # Derived from remat's compiled peak at the same size (see ANALYTIC_HOW).
-ANALYTIC = {"remat_bf16": "remat", "remat_offload": "remat", "remat_nomask": "remat"}
-METHODS = ("autodiff", "remat", "remat_bf16", "remat_offload", "remat_nomask", "bdia")
+ANALYTIC = {"remat_bf16": "remat", "remat_offload": "remat"}
+METHODS = ("autodiff", "remat", "remat_bf16", "remat_offload", "bdia")
 SEARCHES = ("context", "batch")
 BATCH_CONTEXT = 4096  # the context of the largest-batch search
 
 
 # ------------------------------------------------------------------------------- LoRA
 
-
-class LoRAParam(nnx.Param):
-    """A LoRA adapter weight: the only parameters mode "lora16" trains."""
-
-
-class LoRALinear(nnx.Module):
-    """``base(x) + (x @ a) @ b · alpha / rank``: a frozen ``nnx.Linear`` plus rank-``rank``
-    float32 adapters a [in, rank] (normal init) and b [rank, out] (zeros), computed in the
-    base's compute dtype. ``lead``: leading axes of the base's kernel (the stacked blocks'
-    [depth])."""
-
-    def __init__(self, base: nnx.Linear, rank: int, lead: tuple[int, ...], *, alpha=32.0,
-                 rngs: nnx.Rngs):
-        n_in, n_out = base.kernel.shape[-2:]
-        self.base = base
-        self.scale = alpha / rank
-        self.lora_a = LoRAParam(jax.random.normal(rngs.params(), (*lead, n_in, rank),
-                                                  jnp.float32) / math.sqrt(n_in))
-        self.lora_b = LoRAParam(jnp.zeros((*lead, rank, n_out), jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.base(x)
-        dtype = self.base.dtype or x.dtype
-        low = (x.astype(dtype) @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
-        return y + (low * self.scale).astype(y.dtype)
-
-
-LORA_TARGETS = (("attn", ("query", "key", "value", "out")), ("mlp", ("gate", "up", "down")))
-
-
-def add_lora(model: DecoderLM, rank: int, rngs: nnx.Rngs) -> DecoderLM:
-    """Wrap every block's q, k, v, o, gate, up, down projection of ``model`` in
-    ``LoRALinear`` (in place; the stacked blocks' params keep their leading [depth] axis)."""
-    blocks = model.stack.blocks
-    depth = model.config.depth
-    for part, names in LORA_TARGETS:
-        module = getattr(blocks, part)
-        for name in names:
-            setattr(module, name, LoRALinear(getattr(module, name), rank, (depth,), rngs=rngs))
-    return model
+# Mode "lora16": the library's adapters (``BlockConfig.lora``) on every projection.
+LORA16 = LoRA(rank=LORA_RANK, alpha=32.0, targets=LORA_TARGETS)
 
 
 def lora_param_count(fields: dict, rank: int = LORA_RANK) -> int:
-    """Adapter parameters of ``add_lora`` on a shape: rank·(in + out) per projection."""
+    """Adapter parameters of ``LORA16`` on a shape: rank·(in + out) per projection."""
     w, h = fields["width"], fields["num_heads"]
     kv = fields.get("num_kv_heads") or h
     d = fields.get("head_dim") or w // h
@@ -160,25 +122,25 @@ def lora_param_count(fields: dict, rank: int = LORA_RANK) -> int:
 
 
 def model_config(shape: str, method: str, context: int, compute_dtype: str,
-                 attention_chunk: int) -> DecoderConfig:
-    """The DecoderConfig of ``shape`` at ``context`` trained with compiled ``method``."""
+                 attention_chunk: int, mode: str = "full") -> DecoderConfig:
+    """The DecoderConfig of ``shape`` at ``context`` trained with compiled ``method``, with
+    the ``LORA16`` adapters in mode "lora16"."""
     fields, _ = SHAPES[shape]
     return named_config(DecoderConfig, {shape: fields}, shape, dict(
         max_len=context, param_dtype="bfloat16", compute_dtype=compute_dtype,
         attention="chunked", chunk_size=attention_chunk,
+        lora=LORA16 if mode == "lora16" else None,
         **registry.METHODS[COMPILED[method]][1]))
 
 
-def make_model(config: DecoderConfig, mode: str) -> DecoderLM:
-    """The DecoderLM of ``config``, with rank-16 adapters (``add_lora``) in mode "lora16"."""
-    rngs = nnx.Rngs(0)
-    model = DecoderLM(config, rngs=rngs)
-    return add_lora(model, LORA_RANK, rngs) if mode == "lora16" else model
+def make_model(config: DecoderConfig) -> DecoderLM:
+    """The DecoderLM of ``config``."""
+    return DecoderLM(config, rngs=nnx.Rngs(0))
 
 
 def trainable_of(mode: str):
     """The train step's ``trainable=`` filter of ``mode``: the adapters, or every Param."""
-    return LoRAParam if mode == "lora16" else nnx.Param
+    return nnx.LoRAParam if mode == "lora16" else nnx.Param
 
 
 def loss_fn(loss_chunk: int):
@@ -197,7 +159,7 @@ def abstract_step(config: DecoderConfig, mode: str, loss_chunk: int):
     """(jitted step, abstract step-0 state): nothing allocated."""
     opt = registry.optimizer()
     trainable = trainable_of(mode)
-    build = lambda: make_model(config, mode)  # noqa: E731
+    build = lambda: make_model(config)  # noqa: E731
     graphdef = training.split(nnx.eval_shape(build), trainable)[0]
     state = jax.eval_shape(lambda: training.init(build(), opt, jax.random.PRNGKey(2),
                                                  trainable=trainable)[1])
@@ -215,7 +177,7 @@ def measure(shape, mode, method, batch, context, opts) -> dict:
     """compiled_memory of the train step at (batch, context), with compile seconds and the
     state's sizes."""
     config = model_config(shape, method, context, opts["compute_dtype"],
-                          opts["attention_chunk"])
+                          opts["attention_chunk"], mode)
     step, state = abstract_step(config, mode, opts["loss_chunk"])
     memory, seconds = registry.compiled_token_step_memory(step, state, batch, context)
     memory.update(compile_seconds=round(seconds, 2), param_bytes=tree_bytes(state.params),
@@ -298,8 +260,6 @@ def analytic_peak(method: str, shape: str, remat_peak: int, batch: int, context:
     if method == "remat_bf16":
         return remat_peak - saved // 2
     depth = SHAPES[shape][0]["depth"]
-    if method == "remat_nomask":
-        return remat_peak - (depth - 1) * context * context
     return remat_peak - saved * (depth - 2) // depth
 
 
@@ -375,8 +335,8 @@ def block_vjp_bytes(shape, mode, batch, context, opts) -> int:
     """Temp bytes of one block's forward + VJP (the block's trainable parameters and its
     input differentiated) compiled alone at [batch, context, width]."""
     config = model_config(shape, "remat", context, opts["compute_dtype"],
-                          opts["attention_chunk"])
-    model = nnx.eval_shape(lambda: make_model(config, mode))
+                          opts["attention_chunk"], mode)
+    model = nnx.eval_shape(lambda: make_model(config))
     graphdef, params = nnx.split(model.stack.blocks, nnx.Param)
     params = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
@@ -445,8 +405,7 @@ def breakdown(runner: Runner, shape, mode, methods) -> dict:
     floors = {"bdia": sum(parts.values()),
               "remat": depth * stream + 2 * stream + block_min,
               "remat_bf16": depth * stream / 2 + 2 * stream + block_min,
-              "remat_offload": 2 * stream + 2 * stream + block_min,
-              "remat_nomask": depth * stream + 2 * stream + block_min}
+              "remat_offload": 2 * stream + 2 * stream + block_min}
     out = {"context": t, "per_token_bytes": {}, "analytic_parts_per_token": parts,
            "compiled_alone_per_token": {
                "one_block_forward_vjp_temp": slope(cache[key]["block_vjp_temp_bytes_b1_b2"]),
@@ -518,9 +477,9 @@ def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
                         "max_batch_at_4096": found.get("batch", old.get("max_batch_at_4096")),
                         "analytic": method in ANALYTIC,
                         "max_position_embeddings": max_positions,
-                        "lora": ("rank-16 float32 adapters built by benchmarks.max_context."
-                                 "LoRALinear; base frozen by trainable=" if mode == "lora16"
-                                 else None),
+                        "lora": ("bdia_jax.models.LoRA rank 16, alpha 32, float32 adapters "
+                                 "on q k v o gate up down; base frozen by "
+                                 "trainable=nnx.LoRAParam" if mode == "lora16" else None),
                         "lora_params": lora_param_count(fields) if mode == "lora16" else 0,
                         "commit": commit(),
                     }
@@ -549,9 +508,6 @@ ANALYTIC_HOW = {
                   "bfloat16 checkpoint option",
     "remat_offload": "device side only: remat's compiled peak minus the saved block inputs "
                      "of all blocks but two (XLA:CPU has no host memory space to offload to)",
-    "remat_nomask": "remat's compiled peak minus depth-1 bool [context, context] causal "
-                    "masks: jax.checkpoint saves each block's mask (built from iota, not "
-                    "from the block input) as a residual; a remat that rebuilds it holds one",
 }
 
 
@@ -564,6 +520,50 @@ def markdown(data) -> str:
         lines.append(f"| {r['shape']} | {r['mode']} | {name} | {r['budget_gib']:g} | "
                      f"{r['max_context']} | {r['max_batch_at_4096']} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ step time
+
+TIMED = ("remat", "bdia")  # per-block remat against BDIA's recompute="shared"
+
+
+def time_steps(shape, mode, batch, context, rounds, opts) -> dict:
+    """Seconds per train step of ``TIMED`` at (batch, context), really run: each method's
+    step compiled and run once, then ``rounds`` rounds of one step of each method in turn,
+    so that machine noise hits them alike. Returns the medians and BDIA / remat."""
+    opt, trainable = registry.optimizer(), trainable_of(mode)
+    vocab = SHAPES[shape][0]["vocab_size"]
+    tokens = jax.random.randint(jax.random.key(0), (batch, context + 1), 0, vocab, jnp.int32)
+    runs = {}
+    for method in TIMED:
+        config = model_config(shape, method, context, opts["compute_dtype"],
+                              opts["attention_chunk"], mode)
+        graphdef, state = training.init(make_model(config), opt, jax.random.PRNGKey(2),
+                                        trainable=trainable)
+        step = jax.jit(training.make_train_step(graphdef, loss_fn(opts["loss_chunk"]), opt,
+                                                trainable=trainable), donate_argnums=0)
+        start = time.perf_counter()
+        state, out = jax.block_until_ready(step(state, tokens))
+        runs[method] = dict(step=step, state=state, times=[],
+                            first_seconds=round(time.perf_counter() - start, 2))
+    for _ in range(rounds):
+        for method in TIMED:
+            r = runs[method]
+            start = time.perf_counter()
+            r["state"], out = jax.block_until_ready(r["step"](r["state"], tokens))
+            r["times"].append(time.perf_counter() - start)
+            if not np.isfinite(float(out["loss"])) or float(out.get("reversal_error", 0.0)):
+                raise ValueError(f"{method} step at {shape} gave loss {out['loss']} / "
+                                 f"reversal error {out.get('reversal_error')}")
+    median = {m: float(np.median(runs[m]["times"])) for m in TIMED}
+    return {"shape": shape, "mode": mode, "batch": batch, "context": context,
+            "rounds": rounds, "seconds": {m: [round(t, 3) for t in runs[m]["times"]]
+                                          for m in TIMED},
+            "median_seconds": {m: round(v, 3) for m, v in median.items()},
+            "first_step_seconds": {m: runs[m]["first_seconds"] for m in TIMED},
+            "bdia_over_remat": round(median["bdia"] / median["remat"], 3),
+            "options": opts, "commit": commit(), "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count()}
 
 
 def parse_args(argv=None):
@@ -583,11 +583,18 @@ def parse_args(argv=None):
     p.add_argument("--max_batch", type=int, default=4096, help="batch ceiling")
     p.add_argument("--no_breakdown", action="store_true", help="skip the per-token parts")
     p.add_argument("--out_dir", default="runs/max_context", help="output folder")
+    p.add_argument("--time", default=None, metavar="BATCHxCONTEXT",
+                   help="instead of the searches: time remat and bdia train steps of the "
+                        "first shape and mode at this size (e.g. 8x256), really run; "
+                        "writes step_time.json")
+    p.add_argument("--time_rounds", type=int, default=5, help="timed steps per method")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.time is not None:
+        return main_time(args)
     try:
         data = run(args.shapes.split(","), args.modes.split(","), args.methods.split(","),
                    [float(b) for b in args.budget_gib.split(",")], args.out_dir,
@@ -603,5 +610,31 @@ def main(argv=None) -> dict:
     return data
 
 
+def main_time(args) -> dict:
+    """``--time``: step_time.json of the first shape and mode."""
+    try:
+        batch, context = (int(v) for v in args.time.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"benchmarks.max_context: --time must be BATCHxCONTEXT, e.g. 8x256, "
+                         f"got {args.time!r}") from None
+    shape, mode = args.shapes.split(",")[0], args.modes.split(",")[0]
+    if shape not in SHAPES or mode not in MODES:
+        raise SystemExit(f"benchmarks.max_context: --time needs a shape of {sorted(SHAPES)} "
+                         f"and a mode of {MODES}, got {shape!r}, {mode!r}")
+    opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
+                loss_chunk=args.loss_chunk)
+    result = time_steps(shape, mode, batch, context, args.time_rounds, opts)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "step_time.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{shape} {mode} batch {batch} context {context}: remat "
+          f"{result['median_seconds']['remat']} s, bdia {result['median_seconds']['bdia']} s "
+          f"per step (median of {args.time_rounds}): bdia / remat = "
+          f"{result['bdia_over_remat']}; wrote {path}")
+    return result
+
+
 if __name__ == "__main__":
     main()
+

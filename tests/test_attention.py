@@ -123,6 +123,66 @@ def test_chunked_custom_vjp_matches_autodiff_of_the_same_blocks(mask_name, dtype
         chex.assert_trees_all_close(grads(True), grads(False), atol=0.1, rtol=0.05)
 
 
+_CAUSAL_PATHS = {
+    "xla": lambda q, k, v, mask, **kw: attention.dot_product_attention(q, k, v, mask, **kw),
+    "chunked": lambda q, k, v, mask, **kw: attention.chunked_attention(
+        q, k, v, mask, chunk_size=8, **kw),
+    "chunked-unchecked": lambda q, k, v, mask, **kw: attention.chunked_attention(
+        q, k, v, mask, chunk_size=8, checkpoint=False, **kw),
+    "fused-xla": lambda q, k, v, mask, **kw: attention.fused_attention(
+        q, k, v, mask, implementation="xla", **kw),
+}
+
+
+@pytest.mark.parametrize("path", sorted(_CAUSAL_PATHS))
+@pytest.mark.parametrize("q_len, offset, padded", [(Q_LEN, 0, True), (11, 20, False)])
+def test_causal_from_iota_is_bitwise_the_explicit_mask(path, q_len, offset, padded):
+    """causal=True (the rows built per query block from iota) gives the bits of passing
+    causal_mask(q_len, k_len, offset) (ANDed with the padding mask), outputs and gradients,
+    with dropout, and with a traced offset (KV-cache decoding)."""
+    fn = _CAUSAL_PATHS[path]
+    q, k, v = _qkv(q_len=q_len)
+    padding = _masks(q_len)["padding"] if padded else None
+    explicit = combine_masks(causal_mask(q_len, K_LEN, offset), padding)
+    drop = {} if path == "fused-xla" else dict(dropout_rate=0.25, key=jax.random.key(3))
+
+    def run(use_iota, q, k, v, offset):
+        def loss(q, k, v):
+            out = (fn(q, k, v, padding, causal=True, offset=offset, **drop) if use_iota
+                   else fn(q, k, v, explicit, **drop))
+            return jnp.sum(jnp.sin(out)), out
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    both = jax.jit(lambda *a: (run(True, *a), run(False, *a)))  # one compile
+    iota, want = both(q, k, v, jnp.int32(offset))
+    chex.assert_trees_all_equal(iota, want)
+
+
+def test_causal_attention_holds_no_whole_mask():
+    """Per-block jax.checkpoint over a few blocks: with an explicit [t, t] causal mask the
+    compiled step holds it (t*t bytes); causal=True builds each query block's rows inside
+    the attention from a column and a row of positions, and holds what no mask holds (within
+one block's rows)."""
+    t = 1024
+    x = jax.ShapeDtypeStruct((1, 1, t, 8), jnp.float32)
+
+    def temp_bytes(explicit, causal):
+        def block(x):  # the mask is built inside the block, as the models did
+            mask = causal_mask(t, t) if explicit else None
+            return jnp.tanh(attention.chunked_attention(x, x, x, mask, chunk_size=128,
+                                                        causal=causal))
+
+        def loss(x):
+            for _ in range(4):
+                x = jax.checkpoint(block)(x)
+            return jnp.sum(x)
+        return compiled_memory(jax.jit(jax.grad(loss)).lower(x).compile())["temp_bytes"]
+
+    explicit, iota, none = (temp_bytes(True, False), temp_bytes(False, True),
+                            temp_bytes(False, False))
+    assert iota - none < t * t // 8 < t * t // 2 < explicit - iota
+
+
 @pytest.mark.parametrize("length", [48, 37])  # three blocks of 16; two and a tail of 5
 def test_chunked_mlp_matches_the_dense_mlp(length):
     """attention="chunked" runs the MLP over position blocks (a custom VJP): the same

@@ -25,7 +25,10 @@ the same ops; tests/test_attention.py checks that the reversal probe reads 0.0 w
 
 Shapes: q [batch, heads, q_len, head_dim]; k, v [batch, heads, k_len, head_dim], all in the
 compute dtype. mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or
-None. Outputs [batch, heads, q_len, head_dim] in v's dtype. Dropout on the probabilities is
+None. ``causal=True`` adds the causal mask (query i, at absolute position ``offset`` + i,
+sees keys j <= ``offset`` + i), built from ``iota`` where it is used: ``"chunked"`` builds
+each query block's [chunk, k_len] rows inside its loop, so no [q_len, k_len] mask is an
+input of the attention (or a residual that per-block remat would keep for every block). Outputs [batch, heads, q_len, head_dim] in v's dtype. Dropout on the probabilities is
 drawn from ``key`` (None: none); ``"chunked"`` draws chunk i's mask from
 ``fold_in(key, i)``, so its masks differ from ``"xla"``'s but are replayed exactly.
 
@@ -89,13 +92,17 @@ def repeat_kv(kv: jax.Array, groups: int) -> jax.Array:
 
 
 
-def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None):
+def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
+                          causal: bool = False, offset=0):
     """Softmax attention in float32 (``attention="xla"``).
 
     q: [batch, heads, q_len, head_dim]; k, v: [batch, heads, k_len, head_dim] (compute dtype).
     mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or None.
+    ``causal``: AND the causal mask of queries at positions ``offset`` … (int, may be traced).
     Returns [batch, heads, q_len, head_dim] in v's dtype.
     """
+    mask = _block_mask(_as_4d(mask), _causal_offset(causal, offset), 0, q.shape[2],
+                       k.shape[2])
     probs = _softmax_probs(_scale_queries(q), k, mask)
     probs = dropout(probs, dropout_rate, key)
     return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
@@ -108,6 +115,34 @@ def _scale_queries(q):
     return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
 
+
+
+def _as_4d(mask):
+    """A bool mask of rank <= 4 with leading unit axes up to [batch, heads, q_len, k_len]."""
+    return None if mask is None else jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+
+
+def _causal_offset(causal: bool, offset):
+    """The causal mask's query offset as an int32 scalar, or None when not causal."""
+    return jnp.asarray(offset, jnp.int32) if causal else None
+
+
+def _block_mask(mask, offset, start, size: int, k_len: int):
+    """Bool mask of query rows start … start+size-1 against k_len keys, or None.
+
+    mask: [b|1, h|1, q_len|1, k_len|1] bool or None (its rows sliced when it has a query
+    axis); offset: None, or the int32 query offset of the causal rows, which are built here
+    from iota (k_pos <= offset + start + row) and ANDed in. start may be traced.
+    """
+    per_query = mask is not None and mask.shape[2] != 1
+    mask_c = jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query else mask
+    if offset is None:
+        return mask_c
+    # A column of query positions against a row of key positions: no [size, k_len] iota
+    # for XLA to hoist out of the block loop and keep.
+    rows = offset + start + jnp.arange(size, dtype=jnp.int32)[:, None]
+    causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= rows)[None, None]
+    return causal if mask_c is None else jnp.logical_and(causal, mask_c)
 
 
 def _softmax_probs(q_c, k, mask_c):
@@ -126,16 +161,19 @@ def _keep_mask(key_data, impl, index, shape, threshold):
     return random_bytes(key, shape) >= jnp.uint8(threshold)
 
 
-def _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data):
-    """[b, h, q_len, head_dim] output of the query blocks (q already scaled)."""
+def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data):
+    """[b, h, q_len, head_dim] output of the query blocks (q already scaled); offset: the
+    causal rows' int32 query offset or None (``_block_mask``)."""
     b, h, q_len, d = q.shape
-    per_query_mask = mask is not None and mask.shape[2] != 1
     scale = 256.0 / (256 - threshold)
 
     def block(start, size, index, out):
+        # The barrier ties start to the (differentiated) carry: under jax.checkpoint the
+        # loop is linearized through this forward, and a mask computed from the loop index
+        # alone would be a "known" value that partial evaluation stacks for every block.
+        start, out = jax.lax.optimization_barrier((start, out))
         q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
-        mask_c = (jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query_mask
-                  else mask)
+        mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         if keep is not None:
@@ -147,21 +185,21 @@ def _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(chunk, threshold, impl, q, k, v, mask, key_data):
-    return _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data)
+def _flash(chunk, threshold, impl, q, k, v, mask, offset, key_data):
+    return _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data)
 
 
-def _flash_fwd(chunk, threshold, impl, q, k, v, mask, key_data):
+def _flash_fwd(chunk, threshold, impl, q, k, v, mask, offset, key_data):
     # Only the inputs are kept: the backward pass recomputes each block's probabilities
-    # with the forward pass's ops, so nothing of size [q_len, k_len] outlives a block.
-    return (_flash_forward(chunk, threshold, impl, q, k, v, mask, key_data),
-            (q, k, v, mask, key_data))
+    # (and causal rows) with the forward pass's ops, so nothing of size [q_len, k_len]
+    # outlives a block.
+    return (_flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data),
+            (q, k, v, mask, offset, key_data))
 
 
 def _flash_bwd(chunk, threshold, impl, residuals, g_out):
-    q, k, v, mask, key_data = residuals
+    q, k, v, mask, offset, key_data = residuals
     q_len = q.shape[2]
-    per_query_mask = mask is not None and mask.shape[2] != 1
     scale = 256.0 / (256 - threshold)
     f32 = jnp.float32
 
@@ -169,8 +207,7 @@ def _flash_bwd(chunk, threshold, impl, residuals, g_out):
         g_q, g_k, g_v = carry
         q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
         g_c = jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=2)
-        mask_c = (jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query_mask
-                  else mask)
+        mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         dropped = probs if keep is None else jnp.where(keep, probs * scale, 0.0)
@@ -194,17 +231,19 @@ def _flash_bwd(chunk, threshold, impl, residuals, g_out):
         return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
 
     return (g_q.astype(q.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype), no_gradient(mask),
-            no_gradient(key_data))
+            no_gradient(offset), no_gradient(key_data))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
-                      chunk_size: int, checkpoint: bool = True):
+                      chunk_size: int, checkpoint: bool = True, causal: bool = False,
+                      offset=0):
     """``dot_product_attention`` over blocks of ``chunk_size`` queries (``"chunked"``).
 
-    Shapes and dtypes as ``dot_product_attention``. ``chunk_size``
+    Shapes, dtypes, ``causal`` and ``offset`` as ``dot_product_attention``; the causal
+    rows of a query block are built inside the block from iota. ``chunk_size``
     queries per block: the q_len // chunk_size full blocks run in a loop, a shorter last
     block after it. Block i's dropout mask is drawn from ``fold_in(key, i)``.
 
@@ -224,26 +263,27 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
         typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         key_data = jax.random.key_data(key) if typed else key
         impl = str(jax.random.key_impl(key)) if typed else None
-    if mask is not None:
-        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    mask, offset = _as_4d(mask), _causal_offset(causal, offset)
     q = _scale_queries(q)
     if checkpoint:
-        return _flash(chunk, threshold, impl, q, k, v, mask, key_data)
-    return _flash_forward(chunk, threshold, impl, q, k, v, mask, key_data)
+        return _flash(chunk, threshold, impl, q, k, v, mask, offset, key_data)
+    return _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data)
 
 
-def fused_attention(q, k, v, mask, *, implementation: str = "cudnn"):
+def fused_attention(q, k, v, mask, *, implementation: str = "cudnn", causal: bool = False,
+                    offset=0):
     """``jax.nn.dot_product_attention`` in this module's [batch, heads, len, head_dim] layout.
 
     ``implementation="cudnn"`` (``attention="cudnn"``) needs a CUDA GPU and float16/bfloat16
     q, k, v; ``"xla"`` runs anywhere (the tests check the layout and masks with it). No
-    dropout. Returns [batch, heads, q_len, head_dim] in q's dtype.
+    dropout. ``causal``/``offset`` as ``dot_product_attention`` (the whole [q_len, k_len]
+    mask is built and passed as a mask). Returns [batch, heads, q_len, head_dim] in q's dtype.
     """
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs a CUDA GPU (this backend is "
                          f"{jax.default_backend()!r}); use attention='chunked' or 'xla'.")
-    if mask is not None:
-        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    mask = _block_mask(_as_4d(mask), _causal_offset(causal, offset), 0, q.shape[2],
+                       k.shape[2])
     out = jax.nn.dot_product_attention(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
         mask=mask, implementation=implementation)
@@ -251,16 +291,19 @@ def fused_attention(q, k, v, mask, *, implementation: str = "cudnn"):
 
 
 def attend(q, k, v, mask, *, attention: str, chunk_size: int, dropout_rate: float = 0.0,
-           key=None):
+           key=None, causal: bool = False, offset=0):
     """Softmax attention by the ``attention`` option (see the module docstring);
     ``chunk_size``: queries per block of ``"chunked"`` (read only there).
 
-    Shapes and dtypes as ``dot_product_attention`` (k, v: as many heads as q).
+    Shapes, dtypes, ``causal`` and ``offset`` as ``dot_product_attention`` (k, v: as many
+    heads as q).
     """
     check_attention(attention, dropout_rate)
     if attention == "chunked":
         return chunked_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, causal=causal, offset=offset)
     if attention == "cudnn":
-        return fused_attention(q, k, v, mask, implementation="cudnn").astype(v.dtype)
-    return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key)
+        return fused_attention(q, k, v, mask, implementation="cudnn", causal=causal,
+                               offset=offset).astype(v.dtype)
+    return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, key=key,
+                                 causal=causal, offset=offset)

@@ -356,27 +356,29 @@ class MultiHeadAttention(nnx.Module):
         return KVCache(k, self._heads(lora_apply(self.value, y, lora_key), self.num_kv_heads))
 
     def attend(self, x: jax.Array, kv: KVCache, mask, key=None, start=0,
-               lora_key=None) -> jax.Array:
+               lora_key=None, causal: bool = False) -> jax.Array:
         """Queries from x: [batch, q_len, width] at positions start … against kv →
-        [batch, q_len, width] float32."""
+        [batch, q_len, width] float32. ``causal``: the attention adds the causal mask of
+        queries at positions start … (built per query block, never as [q_len, k_len])."""
         q = self._heads(lora_apply(self.query, x, lora_key), self.num_heads)
         q = self._position(q, self.query_norm if self.qk_norm else None, start)
         groups = self.num_heads // self.num_kv_heads
         o = attend(q, repeat_kv(kv.key, groups), repeat_kv(kv.value, groups), mask,
                    attention=self.attention, chunk_size=self.chunk_size,
-                   dropout_rate=self.attention_dropout, key=key)
+                   dropout_rate=self.attention_dropout, key=key, causal=causal, offset=start)
         b, _, t, _ = o.shape
         o = o.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return lora_apply(self.out, o, lora_key).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, kv_input: jax.Array | None = None, mask=None,
-                 key=None, lora_key=None) -> jax.Array:
-        """x: [batch, q_len, width]; kv_input: [batch, k_len, kv_width] or None (self-attn).
+                 key=None, lora_key=None, causal: bool = False) -> jax.Array:
+        """x: [batch, q_len, width]; kv_input: [batch, k_len, kv_width] or None (self-attn);
+        ``causal``: causal self-attention (see ``attend``).
 
         Returns [batch, q_len, width] float32.
         """
         kv = self.project_kv(x if kv_input is None else kv_input, lora_key=lora_key)
-        return self.attend(x, kv, mask, key, lora_key=lora_key)
+        return self.attend(x, kv, mask, key, lora_key=lora_key, causal=causal)
 
     def attend_cached(self, x: jax.Array, cache: KVCache, pos, mask=None):
         """Causal self-attention of a chunk x: [batch, t, width] at positions pos … pos+t-1.
@@ -392,8 +394,7 @@ class MultiHeadAttention(nnx.Module):
             jax.lax.dynamic_update_slice(cache.key, new.key.astype(cache.key.dtype), index),
             jax.lax.dynamic_update_slice(cache.value, new.value.astype(cache.value.dtype), index),
         )
-        causal = causal_mask(x.shape[1], cache.key.shape[2], pos)
-        return self.attend(x, cache, combine_masks(causal, mask), start=pos), cache
+        return self.attend(x, cache, mask, start=pos, causal=True), cache
 
     def empty_cache(self, batch: int, max_len: int) -> KVCache:
         """Zero KVCache [batch, num_kv_heads, max_len, head_dim] in the compute dtype."""
@@ -577,16 +578,12 @@ class EncoderBlock(nnx.Module):
                    attention=c.attention, chunk_size=c.chunk_size,
                    mlp_chunk_size=c.mlp_chunk_size, lora=c.lora, rngs=rngs, **options)
 
-    def _mask(self, x, context):
-        causal = causal_mask(x.shape[1], x.shape[1]) if self.causal else None
-        return combine_masks(causal, key_mask(context))
-
     def __call__(self, x: jax.Array, context=None, key=None) -> jax.Array:
         """x: [batch, len, width] float32 → h: [batch, len, width] float32."""
         k_attn, k_a, k_m = split_key(key, 3)
         k_lora = lora_key(key, self.lora)
-        a = dropout(self.attn(self.ln1(x), mask=self._mask(x, context), key=k_attn,
-                              lora_key=k_lora), self.dropout, k_a)
+        a = dropout(self.attn(self.ln1(x), mask=key_mask(context), key=k_attn,
+                              lora_key=k_lora, causal=self.causal), self.dropout, k_a)
         m = dropout(self.mlp(self.ln2(x + a), k_lora), self.dropout, k_m)
         return (a + m).astype(x.dtype)
 
@@ -665,9 +662,8 @@ class DecoderBlock(nnx.Module):
         k_sa, k_a, k_ca, k_c, k_m = split_key(key, 5)
         k_self = lora_key(key, self.lora)  # the cross-attention's masks fold in once more
         k_cross = None if k_self is None else jax.random.fold_in(k_self, len(LORA_TARGETS))
-        t = x.shape[1]
-        a = dropout(self.self_attn(self.ln1(x), mask=causal_mask(t, t), key=k_sa,
-                                   lora_key=k_self), self.dropout, k_a)
+        a = dropout(self.self_attn(self.ln1(x), key=k_sa, lora_key=k_self, causal=True),
+                    self.dropout, k_a)
         y = x + a
         c = dropout(self.cross_attn(self.ln2(y), enc_out, mask=key_mask(src_mask), key=k_ca,
                                     lora_key=k_cross), self.dropout, k_c)
