@@ -48,7 +48,7 @@ from flax import nnx
 
 from bdia_jax.formats import load_tokenizer as load_tokenizer  # re-export
 from bdia_jax.formats import read_checkpoint, write_hf_folder
-from bdia_jax.methods import METHOD_KEYWORDS, UPDATE_FIELDS, BACKPROP_FIELDS, Standard, parse_method
+from bdia_jax.methods import BACKPROP_FIELDS, METHOD_KEYWORDS, UPDATE_FIELDS, Standard, parse_method
 from bdia_jax.models import DecoderConfig, DecoderLM, ReversalProbe, with_lora
 from bdia_jax.models.lora import PEFT_NAMES
 

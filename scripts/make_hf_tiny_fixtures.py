@@ -169,8 +169,7 @@ def check_pretrained(name, folder, tokens, reference, original, torch, transform
 
 def write_gguf_reference(torch, transformers) -> None:
     """Reference ids, log-probabilities and greedy tokens from transformers' GGUF import."""
-    from bdia_jax.formats import load_tokenizer, read_checkpoint, write_hf_folder
-    from bdia_jax.formats import write_tokenizer
+    from bdia_jax.formats import load_tokenizer, read_checkpoint, write_hf_folder, write_tokenizer
 
     kw = dict(gguf_file=GGUF.name)
     hf_tok = transformers.AutoTokenizer.from_pretrained(GGUF.parent, **kw)

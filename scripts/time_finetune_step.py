@@ -11,10 +11,16 @@ checkpoint's tokenizer, the library's train step with AdamW. Prints per size: th
 two timed steps after one warm-up, compile time, compiled temp/argument bytes, and the
 step's reversal error, overflow flag, stream max |x| and whether the update was held.
 """
-import pathlib, sys, time
+import pathlib
+import sys
+import time
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bdia_jax, experiments
-import jax, jax.numpy as jnp, optax
+import jax
+import jax.numpy as jnp
+import optax
 from flax import nnx
+
 from bdia_jax import pretrained, training
 from bdia_jax.models import LoRA, with_lora
 from experiments.data.text.losses import token_losses
@@ -40,17 +46,23 @@ for name in which:
     graphdef, state = training.init(m, opt, jax.random.key(0), trainable=trainable)
     step = jax.jit(training.make_train_step(graphdef, loss_fn, opt, trainable=trainable), donate_argnums=0)
     for batch, ctx in sizes:
-        from experiments.finetune_lm import lm_tokenizer
         from experiments.data.text import e2e
+        from experiments.finetune_lm import lm_tokenizer
         tok = lm_tokenizer(GGUF)
         ex = e2e.encode_examples(tok, e2e.read_e2e("../shared/data/e2e", "validation"), ctx)
         b = {"inputs": jnp.asarray(ex.inputs[:batch]), "targets": jnp.asarray(ex.targets[:batch]),
              "mask": jnp.asarray(ex.mask[:batch])}
-        t0 = time.perf_counter(); compiled = step.lower(state, b).compile(); tc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled = step.lower(state, b).compile()
+        tc = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        state, out = compiled(state, b); jax.block_until_ready(out["loss"])
+        state, out = compiled(state, b)
+        jax.block_until_ready(out["loss"])
         times = []
         for _ in range(2):
-            t0 = time.perf_counter(); state, out = compiled(state, b); jax.block_until_ready(out["loss"]); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            state, out = compiled(state, b)
+            jax.block_until_ready(out["loss"])
+            times.append(time.perf_counter() - t0)
         print(f"{name:10s} batch {batch:2d} ctx {ctx:3d}: step {min(times):6.2f}s (min of 2 after 1 warm-up; compile {tc:.0f}s) temp {mem.temp_size_in_bytes/2**20:.0f} MiB args {mem.argument_size_in_bytes/2**20:.0f} MiB rev_err {float(out['reversal_error'])} overflow {bool(out['overflow'])} max_abs {float(out['max_abs']):.0f} skipped {bool(out['skipped'])}", flush=True)
     del state, step

@@ -10,10 +10,10 @@ import pytest
 from subprocess_env import REPO, child_env
 
 from experiments import vit_cifar
-from experiments.data import cifar as cifar_data
 from experiments.common import config as config_lib
 from experiments.common import sharding, tfds_download
 from experiments.configs.vit_cifar import get_config
+from experiments.data import cifar as cifar_data
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "tensorflow_datasets", "cifar10",
                       "3.0.2")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from bdia_jax import training
-
 from experiments import finetune_gpt2 as ft
 from experiments.common import sharding
 from experiments.common.trainer import method_fields

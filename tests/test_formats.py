@@ -17,8 +17,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from bdia_jax.formats import (Checkpoint, load_tokenizer, read_checkpoint, tokenizer_info,
-                              write_hf_folder, write_tokenizer)
+from bdia_jax.formats import (
+    Checkpoint,
+    load_tokenizer,
+    read_checkpoint,
+    tokenizer_info,
+    write_hf_folder,
+    write_tokenizer,
+)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 HF_FIXTURES = ("llama_tiny", "qwen2_tiny", "qwen3_tiny", "mistral_tiny", "gpt2_tiny")

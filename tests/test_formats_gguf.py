@@ -13,8 +13,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="bdia_jax.formats reads GGUF with the gguf package")
 
-from bdia_jax.formats import (load_tokenizer, read_checkpoint, tokenizer_info,  # noqa: E402
-                              write_tokenizer)
+from bdia_jax.formats import load_tokenizer, read_checkpoint, tokenizer_info, write_tokenizer  # noqa: E402
 from bdia_jax.formats.gguf_file import open_reader, permute_rows, unpermute_rows  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

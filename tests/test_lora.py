@@ -87,8 +87,11 @@ def _step_memory(trainable):
     analysis = jax.jit(step, donate_argnums=0).lower(state, batch).compile().memory_analysis()
     base = nnx.state(m, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     adapters = nnx.state(m, nnx.LoRAParam)
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
-    return analysis, nbytes(base), nbytes(adapters)
+    return analysis, _nbytes(base), _nbytes(adapters)
+
+
+def _nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def test_lora_step_holds_no_gradients_or_optimizer_state_for_the_base_weights():

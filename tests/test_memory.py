@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
-from experiments.common.memory import step_memory
 from benchmarks.memory_benchmark import make_step, mixed_slope
+from experiments.common.memory import step_memory
 
 # Big enough per sample (8192 elements: 1 KiB of side bits per block) that the signal
 # dominates the few KiB by which XLA's buffer assignment varies between programs.

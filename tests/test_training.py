@@ -10,8 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from bdia_jax import training
-from bdia_jax import BDIA, Reversible
+from bdia_jax import BDIA, Reversible, training
 from bdia_jax.models import ResidualStack, ReversalProbe
 
 

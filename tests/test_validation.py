@@ -14,7 +14,6 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 from bdia_jax import training
-
 from experiments import vit_cifar
 from experiments.common import config as config_lib
 from experiments.common import sharding

@@ -9,7 +9,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bdia_jax import training
-
 from experiments import vit_cifar
 from experiments.common import config as config_lib
 from experiments.common import runs, sharding, trainer
