@@ -16,15 +16,11 @@ import pytest
 from flax import nnx
 
 from bdia_jax import pretrained, training
+from bdia_jax.methods import BDIA, Autodiff, Remat, Reversible, Standard
 from bdia_jax.models import (
-    BDIA,
-    Autodiff,
     DecoderLM,
     LoRA,
     LoRALinear,
-    Remat,
-    Reversible,
-    Standard,
     decoder_config,
     merge_lora,
     vit_config,
