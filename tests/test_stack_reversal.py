@@ -1,6 +1,7 @@
 """Whole-stack reversal: rebuilt states equal the forward states bit for bit."""
 
 import itertools
+import os
 
 import chex
 import jax
@@ -231,6 +232,9 @@ def test_reversal_exact_at_training_sizes_with_parameter_gradients(batch, recomp
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="pins an XLA:CPU behaviour")
+@pytest.mark.skipif("--xla_cpu_max_isa=SSE" in os.environ.get("XLA_FLAGS", ""),
+                    reason="pins XLA:CPU's vector codegen: with SSE code the two jnp.mean "
+                           "reductions share their order and the rebuild is exact")
 def test_probe_reports_the_inexact_shared_rebuild_of_a_jnp_mean_block():
     """The documented failure of recompute="shared": with jnp.mean LayerNorm statistics
     XLA:CPU gives h other last bits inside the VJP, and the probe must show it (a real
