@@ -179,10 +179,13 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, rest
 
-        # A cond, not a select of old against new: with jnp.where the old moments stay live
-        # beside the new ones, and XLA copies them for the whole step (docs/results.md).
-        params, opt_state, rest = jax.lax.cond(
-            hold, lambda old: old, update, (state.params, state.opt_state, state.rest))
+        # A loop of at most one trip, neither a select nor a cond: with jnp.where the old
+        # moments stay live beside the new ones and XLA copies them; a cond's outputs get
+        # buffers of their own (its hold branch returns its operands). A while loop's carry
+        # is updated in place (docs/results.md, "the held update").
+        _, (params, opt_state, rest) = jax.lax.while_loop(
+            lambda carry: carry[0], lambda carry: (jnp.zeros((), bool), update(carry[1])),
+            (~hold, (state.params, state.opt_state, state.rest)))
 
         new_state = state.replace(
             step=state.step + 1,
