@@ -2,6 +2,7 @@
 checkpoints are reported and skipped; non-finite and fixed-point overflow steps follow the
 configured policy and never reach a checkpoint."""
 
+import asyncio
 import functools
 import gc
 import glob
@@ -498,6 +499,30 @@ def _signal_after_a_new_checkpoint(process, ckpt_dir, signum, after=0):
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     return out, sent + err
+
+
+def test_a_ctrl_c_during_asyncio_run_is_not_lost():
+    """asyncio.run (Orbax runs it on the main thread) swaps Python's SIGINT handler for one
+    that only cancels its coroutine, so a Ctrl-C is lost when the coroutine finishes anyway
+    (a run then trained to the end, exit 0). The command line's own handler is left alone
+    and raises."""
+    from experiments.common.config import on_sigint
+
+    async def finishes_anyway():
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            pass  # a library's coroutine that cleans up and returns
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        asyncio.run(finishes_anyway())  # Python's handler: the interrupt is gone
+        signal.signal(signal.SIGINT, on_sigint)
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(finishes_anyway())
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.slow

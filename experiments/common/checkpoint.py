@@ -55,7 +55,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.common import runs
-from experiments.common.config import ConfigError
+from experiments.common.config import ConfigError, on_sigint
 from experiments.common.metrics import log
 from experiments.common.sharding import is_primary, sync, to_host
 from experiments.common.train_state import finite_and_fingerprint
@@ -342,14 +342,14 @@ def _ctrl_c_deferred():
     """Hold a Ctrl-C (or a SIGTERM the command line turns into one) until the block ends,
     then raise it: an interrupt inside Orbax's event loop would abandon its pending reads
     or writes the way a failed read does (see ``_check_saved_arrays``). Only signals with
-    a Python handler (Python's own SIGINT one, the command line's SIGTERM one)."""
+    a Python handler (Python's own SIGINT one or the command line's, its SIGTERM one)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     held = {sig: handler for sig, handler in handlers.items()
             if callable(handler) and (sig != signal.SIGINT
-                                      or handler is signal.default_int_handler)}
+                                      or handler in (signal.default_int_handler, on_sigint))}
     received = []
     for sig in held:
         signal.signal(sig, lambda signum, frame: received.append(signum))

@@ -112,6 +112,7 @@ def run_app(define_flags, main) -> None:
     except (AttributeError, KeyError) as error:
         raise SystemExit(f"error: {_unknown_field_line(error, sys.argv)}") from None
     signal.signal(signal.SIGTERM, _on_sigterm)  # a scheduler's stop: like a Ctrl-C
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         app.run(main, flags_parser=parse_flags)
     except Terminated:
@@ -143,6 +144,13 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame) -> None:
     raise Terminated
+
+
+def on_sigint(signum, frame) -> None:
+    """Ctrl-C, as Python's own handler. Installed because ``asyncio.run`` (Orbax runs it on
+    the main thread) swaps Python's handler for one that only cancels its coroutine, and the
+    interrupt is lost when the coroutine finishes anyway; asyncio leaves other handlers be."""
+    raise KeyboardInterrupt
 
 
 def parse_flags(argv: list[str], flag_values=None) -> list[str]:
