@@ -13,10 +13,10 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
-from bdia_jax import training
+from bdia_jax import models, training
 from experiments import vit_cifar
 from experiments.common import config as config_lib
-from experiments.common import sharding
+from experiments.common import sharding, trainer
 from experiments.common import train_state as ts
 from experiments.configs.vit_cifar import get_config
 
@@ -480,3 +480,32 @@ def test_bad_workdirs_and_config_files_end_with_one_line(tmp_path):
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and lines[0].startswith(expected[name]), (name, err)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: models.ViTConfig(patch_size=0), "patch_size"),
+    (lambda: models.RevViTConfig(image_size=0), "image_size"),
+    (lambda: models.Seq2SeqConfig(decoder_depth=0), "decoder_depth"),
+    (lambda: models.DecoderConfig(max_len=0), "max_len"),
+    (lambda: models.ViTConfig(num_heads=0), "num_heads"),
+])
+def test_a_bad_model_field_is_a_field_error_naming_it(make, field):
+    """Checked before the cross-field rules divide by it; the harness reads ``field``."""
+    with pytest.raises(models.FieldError) as info:
+        make()
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field} must be an int >= 1, got 0")
+
+
+def test_the_model_fields_are_checked_by_the_model_config_alone():
+    """One check per field: the tasks whose config.model is the model config's fields
+    leave them to it (the fine-tuning tasks' model section is their own: checkpoint, LoRA
+    rank, ...)."""
+    from experiments import lm, translation
+
+    for module in (vit_cifar, lm, translation):
+        tasks = [v for v in vars(module).values()
+                 if isinstance(v, type) and issubclass(v, trainer.Task)]
+        for task in tasks:
+            assert not [f for f in task.int_fields if f.startswith("model.")], task
+            assert not [f for f in task.fraction_fields if f.startswith("model.")], task

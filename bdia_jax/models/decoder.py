@@ -52,6 +52,7 @@ from bdia_jax.models.layers import (
     LayerNorm,
     RMSNorm,
     Rope,
+    check_ints,
     dropout,
     param_dtype_of,
 )
@@ -98,10 +99,8 @@ class DecoderConfig(BlockConfig):
     rope_original_max_len: int = 8192  # "llama3" only: original_max_position_embeddings
 
     def __post_init__(self):
-        if self.vocab_size < 2 or self.max_len < 1:
-            raise ValueError("vocab_size must be >= 2 and max_len >= 1.")
-        if not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {self.depth!r}.")
+        check_ints(self, ("vocab_size",), low=2)
+        check_ints(self, ("max_len", "depth"))
         for name, value, choices in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
                                      ("position", self.position, POSITIONS),
                                      ("bias", self.bias, BIASES),

@@ -138,6 +138,24 @@ def param_dtype_of(dtype) -> jnp.dtype:
     return dtype
 
 
+class FieldError(ValueError):
+    """A bad value of one config field: ``field`` names it and ``reason`` says what is wrong
+    (the message is ``"<field> <reason>."``), so a command line names its own flag."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}.")
+        self.field, self.reason = field, reason
+
+
+def check_ints(config, names, low: int = 1) -> None:
+    """Raise ``FieldError`` for the first of ``config``'s fields ``names`` that is not an int
+    >= ``low``. Configs check these before their cross-field rules divide by them."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise FieldError(name, f"must be an int >= {low}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSettings:
     """The block settings every transformer config shares (``ViTConfig``,
@@ -163,10 +181,7 @@ class BlockSettings:
     lora: LoRA | None = None
 
     def __post_init__(self):
-        for name in ("width", "num_heads", "mlp_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        check_ints(self, ("width", "num_heads", "mlp_dim"))
         self._check_heads()
         canonical_dtype(self.compute_dtype)
         check_attention(self.attention, self.attention_dropout, self.dropout)

@@ -45,6 +45,7 @@ from bdia_jax.models.layers import (
     LayerNorm,
     MultiHeadAttention,
     ReversalProbe,
+    check_ints,
     dropout,
     split_key,
 )
@@ -78,8 +79,7 @@ class RevViTConfig(BlockSettings):
     def __post_init__(self):
         super().__post_init__()
         check_image_fields(self)
-        if not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {self.depth!r}.")
+        check_ints(self, ("depth",))
         if self.lora is not None:
             raise ValueError("RevViT has no LoRA option: set lora=None (LoRA trains ViT, "
                              "Seq2Seq and DecoderLM blocks).")

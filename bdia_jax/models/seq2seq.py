@@ -37,6 +37,7 @@ from bdia_jax.models.layers import (
     DecoderBlock,
     EncoderBlock,
     LayerNorm,
+    check_ints,
     dropout,
     padding_mask,
 )
@@ -65,14 +66,14 @@ class Seq2SeqConfig(BlockConfig):
     eos_id: int = 3  # end of sentence
 
     def __post_init__(self):
+        check_ints(self, ("max_len", "encoder_depth", "decoder_depth"))
+        check_ints(self, ("src_vocab_size", "tgt_vocab_size"), low=2)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings=True needs one joint vocabulary, got src_vocab_size="
                 f"{self.src_vocab_size} != tgt_vocab_size={self.tgt_vocab_size}; set "
                 f"share_embeddings=False or use a shared tokenizer."
             )
-        if min(self.encoder_depth, self.decoder_depth) < 1:
-            raise ValueError("encoder_depth and decoder_depth must be >= 1.")
         super().__post_init__()
 
 

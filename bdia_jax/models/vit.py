@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bdia_jax.models.layers import BlockConfig, EncoderBlock, LayerNorm, dropout
+from bdia_jax.models.layers import BlockConfig, EncoderBlock, LayerNorm, check_ints, dropout
 from bdia_jax.models.residual_stack import ResidualStack, named_config, stats_to_aux
 
 KEY_STACK, KEY_EMBED = 0, 1  # fold_in indices of the model key (see module docstring)
@@ -46,6 +46,7 @@ class ViTConfig(BlockConfig):
     def __post_init__(self):
         check_image_fields(self)
         super().__post_init__()
+        check_ints(self, ("depth",))
 
     @property
     def num_patches(self) -> int:
@@ -53,7 +54,10 @@ class ViTConfig(BlockConfig):
 
 
 def check_image_fields(c) -> None:
-    """The cross-field rules of a ViT-shaped config (``ViTConfig``, ``RevViTConfig``)."""
+    """The image fields and cross-field rules of a ViT-shaped config (``ViTConfig``,
+    ``RevViTConfig``)."""
+    check_ints(c, ("image_size", "patch_size", "num_classes", "channels", "width",
+                   "num_heads"))
     if c.image_size % c.patch_size:
         raise ValueError(
             f"image_size ({c.image_size}) must be a multiple of patch_size ({c.patch_size})."

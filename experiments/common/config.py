@@ -28,10 +28,12 @@ class Checks:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.fields: set[str] = set()  # the fields with a problem (dotted, as in require)
 
     def require(self, ok: bool, field: str, message: str) -> bool:
         if not ok:
             self.problems.append(f"  --config.{field}: {message}")
+            self.fields.add(field)
         return bool(ok)
 
     def one_of(self, value: Any, allowed: Iterable[Any], field: str) -> bool:

@@ -46,6 +46,7 @@ from flax import nnx
 
 import bdia_jax
 from bdia_jax import training
+from bdia_jax.models import FieldError
 from experiments.common import config as config_lib
 from experiments.common import memory, metrics, plots, runs, sharding
 from experiments.common import train_state as ts
@@ -234,7 +235,8 @@ class Task:
       config field that --data_dir sets, and its help.
     batch_fields: config fields holding batch sizes that must split over the devices.
     int_fields: the task's int fields → their least value; fraction_fields: its rates in
-      [0, 1) (validated here; ``validate`` checks the rest).
+      [0, 1) (validated here; ``validate`` checks the rest; the model's fields are its
+      config's to check).
     best: (eval metric, "max" | "min", result key) of the best evaluation.
     final: result key → eval metric of the last evaluation.
     method_model_fields: keys a ``config.methods`` entry may hold besides the method, which
@@ -428,32 +430,33 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
             methods[name] = method_fields(split_method(task, method)[1])
         except (TypeError, ValueError) as error:
             checks.require(False, f"methods.{name}", str(error).splitlines()[0])
-    before = len(checks.problems)
     for field, low in task.int_fields.items():
         checks.int_at_least(_get(config, field), field, low)
     for field in task.fraction_fields:
         checks.fraction(_get(config, field), field)
     task.validate(config, checks, mesh)
-    # The model config checks the cross-field rules (and a method against its stream): an
-    # error with every method is the architecture's, else the method's.
-    bad_fields = {p.removeprefix("  --config.model.").split(":")[0]
-                  for p in checks.problems[before:] if p.startswith("  --config.model.")}
+    # The model config checks the model's fields (a bad one is a FieldError naming it), the
+    # cross-field rules and a method against its stream: an error with every method is the
+    # architecture's, else the method's.
+    model_reported = any(f.startswith("model.") for f in checks.fields)
     failures = {}
     for name in methods:
         try:
             build_model_config(task, config, config.methods[name].to_dict(), None)
+        except FieldError as error:
+            failures[name] = (error.field, error.reason)
         except (TypeError, ValueError, ArithmeticError) as error:
-            message = str(error).splitlines()[0]
-            # A model config that rejects a field already reported says it again in other
-            # words (RevViTConfig: "depth must be ..."): the field's own line is enough.
-            repeats = message.split(" ", 1)[0] in bad_fields
-            if not repeats and (isinstance(error, ValueError) or not bad_fields):
-                failures[name] = message
-    for name, message in failures.items():
-        shared = len(methods) > 1 and list(failures.values()).count(message) == len(methods)
-        line = f"  --config.{'model' if shared or len(methods) == 1 else f'methods.{name}'}: "
-        if line + message not in checks.problems:
-            checks.problems.append(line + message)
+            # Not a ValueError: the model config tripped over a field reported above.
+            if isinstance(error, ValueError) or not model_reported:
+                failures[name] = (None, str(error).splitlines()[0])
+    for name, failure in failures.items():
+        field, message = failure
+        if len(methods) > 1 and list(failures.values()).count(failure) < len(methods):
+            owner, message = f"methods.{name}", f"{field} {message}" if field else message
+        else:  # every method's (or the only method's): the architecture's
+            owner = f"model.{field}" if field else "model"
+        if owner not in checks.fields:  # task.validate reported the field already
+            checks.require(False, owner, message)
 
     if "compute_dtype" in config.model:  # the model config checks the other values
         checks.require(str(config.model.compute_dtype) not in ("float16", "half"),
