@@ -76,24 +76,28 @@ def test_llama_tiny_has_the_llama_structure():
     assert hidden.dtype == jnp.float32
 
 
-def reversible_grads(variant, recompute, x, key):
-    m = model(variant, update="bdia", backprop="reversible", recompute=recompute, **DROPOUT)
+def reversible_grads(variant, recompute, x, key, **overrides):
+    m = model(variant, update="bdia", backprop="reversible", recompute=recompute, **DROPOUT,
+              **overrides)
     return train_grads_by_key(m, lambda m, k: m(x, key=k, train=True))(key)
 
 
-@pytest.mark.parametrize("variant", ["mha-llama3", "bf16-params"])
-def test_reversal_is_exact_in_both_recompute_modes(variant):
+def test_reversal_is_exact_in_both_recompute_modes():
     """BDIA with Reversible(): the reversal probe reads exactly 0 with dropout on, in both
     recompute modes (RMSNorm statistics are tree sums; the rope tables are constants), and
-    both modes compute the same bits."""
+    both modes compute the same bits. One model holds both variants' features (MHA, llama3
+    rope scaling, bfloat16 parameters, q/k/v biases, a tied head): two compiled programs,
+    not four (GQA and q/k norm reverse in test_reversible_gradients_equal_autodiff)."""
     x, key = tokens(), jax.random.key(5)
-    separate = reversible_grads(variant, "separate", x, key)
-    shared = reversible_grads(variant, "shared", x, key)
+    both = {**VARIANTS["mha-llama3"], **VARIANTS["bf16-params"]}
+    separate = reversible_grads("llama", "separate", x, key, **both)
+    shared = reversible_grads("llama", "shared", x, key, **both)
     for _, aux, _, probes in (separate, shared):
         assert probe_total(probes) == 0.0
         assert not bool(aux["overflow"]) and not bool(aux["nonfinite"])
     assert_bits_equal(shared[:3], separate[:3])
     assert_all_params_get_gradients(shared[2])
+    assert {g.dtype for g in jax.tree_util.tree_leaves(shared[2])} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_reversible_gradients_equal_autodiff():
