@@ -246,37 +246,34 @@ def test_kv_cache_greedy_equals_full_recomputation(overrides):
 
 
 def sequence_log_prob(model, src, seqs):
-    """Teacher-forced log p of each sequence (up to and including its first EOS) and its
-    length, by the full model. src, seqs: one row per sequence."""
-    return _log_prob_and_logits(model, src, seqs)[:2]
-
-
-def score_bound(model, src, seqs, penalty):
-    """How far two float32 evaluations of a sequence's score (log p / ``penalty``) may
-    differ: per token twice the logits' bound (log_softmax is 1-Lipschitz in the max norm,
-    plus the picked logit) and the log-softmax's own rounding, summed over the tokens.
-    The chain: 2 encoder blocks over the source, 2 decoder blocks with cross-attention."""
-    c = model.config
-    _, length, logits = _log_prob_and_logits(model, src, seqs)
-    chain = transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=src.shape[1],
-                              depth=c.encoder_depth, heads=c.num_heads) + \
-        transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=seqs.shape[1],
-                          depth=c.decoder_depth, heads=c.num_heads, cross_seq=src.shape[1])
-    magnitude = max(float(jnp.max(jnp.abs(logits))), 1.0)
-    per_token = 2 * network_bound(logits, chain=chain) + \
-        2 * (logits.shape[-1] + 2 * ELEMENTWISE_ULPS) * U * 2 * magnitude
-    return np.asarray(length, np.float64) * per_token / np.asarray(penalty, np.float64)
-
-
-def _log_prob_and_logits(model, src, seqs):
+    """Teacher-forced log p of each sequence (up to and including its first EOS), its
+    length, and the logits, by the full model (one jitted pass). src, seqs: one row per
+    sequence."""
     c = model.config
     tgt_in = jnp.concatenate([jnp.full((len(seqs), 1), c.bos_id, jnp.int32), seqs[:, :-1]], 1)
-    logits = model(src, tgt_in)[0]
+    logits = jitted(model)(src, tgt_in)
     log_probs = jax.nn.log_softmax(logits, -1)
     picked = jnp.take_along_axis(log_probs, seqs[:, :, None], -1)[..., 0]
     length = 1 + jnp.argmax(seqs == c.eos_id, axis=1)
     return (jnp.sum(jnp.where(jnp.arange(seqs.shape[1]) < length[:, None], picked, 0), 1),
             length, logits)
+
+
+def score_bound(model, src_len, logits, length, penalty):
+    """How far two float32 evaluations of a sequence's score (log p / ``penalty``) may
+    differ: per token twice the logits' bound (log_softmax is 1-Lipschitz in the max norm,
+    plus the picked logit) and the log-softmax's own rounding, summed over the tokens.
+    logits, length: ``sequence_log_prob``'s for these sequences. The chain: 2 encoder blocks
+    over the source, 2 decoder blocks with cross-attention."""
+    c = model.config
+    chain = transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=src_len,
+                              depth=c.encoder_depth, heads=c.num_heads) + \
+        transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=logits.shape[1],
+                          depth=c.decoder_depth, heads=c.num_heads, cross_seq=src_len)
+    magnitude = max(float(jnp.max(jnp.abs(logits))), 1.0)
+    per_token = 2 * network_bound(logits, chain=chain) + \
+        2 * (logits.shape[-1] + 2 * ELEMENTWISE_ULPS) * U * 2 * magnitude
+    return np.asarray(length, np.float64) * per_token / np.asarray(penalty, np.float64)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
@@ -293,14 +290,15 @@ def test_beam_search_with_a_wide_beam_is_exhaustive_search(alpha):
         for prefix in itertools.product([0, 1, 2], repeat=n - 1):
             hyps.append(list(prefix) + [3] + [0] * (max_len - n))
     hyps = jnp.array(hyps, jnp.int32)  # 1 + 3 + 9 = 13 complete hypotheses
-    log_p, length = sequence_log_prob(model, jnp.repeat(src, len(hyps), 0), hyps)
+    log_p, length, logits = sequence_log_prob(model, jnp.repeat(src, len(hyps), 0), hyps)
     scores = log_p / length_penalty(length, alpha)
     best = int(jnp.argmax(scores))
     # 18 beams keep every prefix alive (at most 9) and 2*18 candidates hold all extensions.
     tokens, score = model.beam_search(src, max_len, beam_size=18, alpha=alpha)
     np.testing.assert_array_equal(tokens[0], hyps[best])
-    bound = score_bound(model, src, hyps[best:best + 1], length_penalty(length[best], alpha))
-    assert_within(score[0], scores[best], bound[0], "best score")
+    bound = score_bound(model, src.shape[1], logits[best:best + 1], length[best],
+                        length_penalty(length[best], alpha))
+    assert_within(score[0], scores[best], bound, "best score")
     assert sorted(np.asarray(scores))[-2] < float(scores[best])  # a unique optimum
 
 
@@ -317,8 +315,8 @@ def test_beam_search_scores_are_the_models_scores(overrides):
     finished = np.asarray(jnp.any(tokens == 3, axis=1))
     assert finished.any()
     # The reported score is the full model's log p / length penalty of the returned tokens.
-    log_p, length = sequence_log_prob(model, src, tokens)
+    log_p, length, logits = sequence_log_prob(model, src, tokens)
     want = log_p / length_penalty(length, 0.6)
-    bound = score_bound(model, src, tokens, length_penalty(length, 0.6))
+    bound = score_bound(model, src.shape[1], logits, length, length_penalty(length, 0.6))
     assert_within(np.asarray(scores)[finished], np.asarray(want)[finished], bound[finished],
                   "scores")
