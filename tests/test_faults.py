@@ -263,14 +263,15 @@ from experiments.configs.vit_cifar import get_config
 
 config = get_config("tiny")
 config.mode = "bdia"  # random γ signs and dropout masks every step: the RNG stream matters
-config.model.update(width=16, num_heads=2, mlp_dim=32, dropout=0.1)
+# TINY_BDIA_FLAGS' model: the session's compilation cache then serves its programs.
+config.model.update(dropout=0.1, attention_dropout=0.1)
 config.train.update(num_epochs=EPOCHS, checkpoint_every_steps=2, keep_checkpoints=3,
                     log_every_steps=1, eval_every_epochs=EPOCHS, progress="off")
 config.eval.sweep_gammas = ()
 with tfds.testing.mock_data(num_examples=256):
     vit_cifar.train_and_evaluate(config, sys.argv[1])
 """
-EPOCHS = 4
+EPOCHS = 2
 STEPS = EPOCHS * 256 // 32
 
 
@@ -431,6 +432,11 @@ import tensorflow_datasets as tfds
 with tfds.testing.mock_data(num_examples=256):
     runpy.run_module("experiments.vit_cifar", run_name="__main__", alter_sys=True)
 """
+# The tiny BDIA-ViT with dropout: the model (so the train and evaluation programs) of the
+# SIGKILL test, tests/test_vit_cifar_resume.py and the one-device run of
+# tests/test_vit_cifar_multidevice.py, which the session's compilation cache shares.
+TINY_BDIA_FLAGS = ("--config=experiments/configs/vit_cifar.py:tiny", "--config.mode=bdia",
+                   "--config.model.dropout=0.1", "--config.model.attention_dropout=0.1")
 HOLD_SCRIPT = r"""
 import sys, time
 from experiments.common.workdir import claimed_workdir
@@ -537,8 +543,7 @@ def test_ctrl_c_or_kill_9_then_the_same_command_resumes(tmp_path):
 
     workdir = tmp_path / "run"
     epochs, steps = 50, 50 * 256 // 32
-    flags = ["--config=experiments/configs/vit_cifar.py:tiny", f"--workdir={workdir}",
-             "--config.mode=bdia", f"--config.train.num_epochs={epochs}",
+    flags = [*TINY_BDIA_FLAGS, f"--workdir={workdir}", f"--config.train.num_epochs={epochs}",
              f"--config.train.eval_every_epochs={epochs}", "--config.train.progress=off"]
     ckpt_dir = workdir / "checkpoints" / "bdia"
 

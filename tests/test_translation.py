@@ -69,10 +69,18 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory, corpus):
+    """(workdir, summary) of the compare run of ``tiny_config``: both tests below read it."""
+    workdir = str(tmp_path_factory.mktemp("compare") / "run")
+    config = tiny_config(corpus)
+    config.train.checkpoint_every_steps = 20  # the resume test checkpoints often, not this run
+    return workdir, translation.train_and_evaluate(config, workdir)
+
+
 @pytest.mark.slow
-def test_translation_compare_run_learns_and_writes_outputs(tmp_path, corpus):
-    workdir = str(tmp_path / "run")
-    summary = translation.train_and_evaluate(tiny_config(corpus), workdir)
+def test_translation_compare_run_learns_and_writes_outputs(compare_run):
+    workdir, summary = compare_run
     for name in ("summary.json", "metrics.jsonl", "curves.png", "config.json",
                  "translations_standard.txt", "translations_bdia.txt",
                  "tokenizer/spm_shared.model", "tokenizer/spm_shared.json"):
@@ -98,12 +106,14 @@ def test_translation_compare_run_learns_and_writes_outputs(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_translation_resume_matches_an_uninterrupted_run(tmp_path, corpus):
+def test_translation_resume_matches_an_uninterrupted_run(tmp_path, corpus, compare_run):
     # The compare run's config, BDIA alone: its programs (train step, eval, decodes) are the
-    # compare run's, so the compile cache serves them.
+    # compare run's, so the compile cache serves them. The uninterrupted run is the compare
+    # run's BDIA model: every model of a run starts from the same initialisation, batches
+    # and keys (those of the seed), so it is the run of BDIA alone.
     config = tiny_config(corpus)
     config.mode = "bdia"
-    straight = translation.train_and_evaluate(config, str(tmp_path / "a"))
+    _, straight = compare_run
     workdir = str(tmp_path / "b")
     config.train.stop_after_steps = 13  # mid-epoch, between checkpoints (every 5 steps)
     with pytest.raises(TrainingInterrupted):
