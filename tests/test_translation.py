@@ -79,6 +79,7 @@ def compare_run(tmp_path_factory, corpus):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("translation_compare_run")  # one worker: one run
 def test_translation_compare_run_learns_and_writes_outputs(compare_run):
     workdir, summary = compare_run
     for name in ("summary.json", "metrics.jsonl", "curves.png", "config.json",
@@ -106,6 +107,7 @@ def test_translation_compare_run_learns_and_writes_outputs(compare_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("translation_compare_run")  # one worker: one run
 def test_translation_resume_matches_an_uninterrupted_run(tmp_path, corpus, compare_run):
     # The compare run's config, BDIA alone: its programs (train step, eval, decodes) are the
     # compare run's, so the compile cache serves them. The uninterrupted run is the compare
