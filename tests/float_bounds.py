@@ -106,14 +106,16 @@ def assert_within(got, want, bound, what: str = "") -> None:
 
 
 def transformer_chain(*, width: int, mlp_dim: int, seq: int, depth: int, heads: int,
-                      cross_seq: int = 0) -> int:
+                      cross_seq: int = 0, head_dim: int | None = None) -> int:
     """``network_bound``'s chain for a pre-LN transformer of ``depth`` blocks and its head:
     per block two layer norms (width sums and an rsqrt), the q/k/v, output and fc1
     contractions (width), the scores (width / heads), the softmax (seq sums and an exp),
     probabilities @ v (seq), fc2 (mlp_dim) and the gelu; a cross-attention (``cross_seq``
     keys) adds a layer norm and one more attention; the head a layer norm and a
-    contraction (width)."""
-    attention = 4 * width + width // heads + 2 * seq + ELEMENTWISE_ULPS
+    contraction (width). ``head_dim``: when not width / heads (Qwen3), the scores contract
+    over it and the output projection over heads × head_dim."""
+    head_dim = head_dim or width // heads
+    attention = 3 * width + heads * head_dim + head_dim + 2 * seq + ELEMENTWISE_ULPS
     block = 2 * (width + ELEMENTWISE_ULPS) + attention + width + mlp_dim + ELEMENTWISE_ULPS
     if cross_seq:
         block += width + ELEMENTWISE_ULPS + attention - 2 * seq + 2 * cross_seq
