@@ -17,6 +17,9 @@ import textwrap
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from setup_cell import setup_cell  # noqa: E402 (a sibling file, not a package)
+
 NOTEBOOK_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bdia_vit_cifar.ipynb")
 
 # (kind, source) in order; "md" = markdown, "code" = code.
@@ -55,94 +58,7 @@ the paper's setting (a GPU/TPU and hours). `BDIA_NOTEBOOK_SMOKE=1` in the enviro
 everything to seconds on random mock data (the CI test runs it that way).
 """)
 
-code('''
-# Install (Colab) or use this checkout. On a plain machine nothing is installed.
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-
-# Colab: the git URL of this repository. <-- EDIT THIS on Colab if it is still the placeholder.
-REPO_URL = "https://github.com/YOUR-ORG/bdia_jax.git"
-COLAB_CHECKOUT = "/content/bdia_jax"
-IN_COLAB = "google.colab" in sys.modules
-
-
-def _importable() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in
-               ("bdia_jax", "experiments", "benchmarks"))
-
-
-def _find_checkout() -> str | None:
-    """The repository root: this folder, its parent (notebooks/), or the Colab clone."""
-    for folder in (os.getcwd(), os.path.dirname(os.getcwd()), COLAB_CHECKOUT):
-        if os.path.isfile(os.path.join(folder, "bdia_jax", "__init__.py")) and os.path.isdir(
-                os.path.join(folder, "experiments")):
-            return os.path.abspath(folder)
-    return None
-
-
-def _colab_install(root: str) -> None:
-    """pip install requirements.txt; jax only if the runtime's own jax is outside the pin."""
-    from importlib import metadata
-
-    from packaging.specifiers import SpecifierSet
-
-    with open(os.path.join(root, "requirements.txt")) as f:
-        lines = [line.split("#")[0].strip() for line in f]
-    # Colab's preinstalled jax is built for the runtime's chip: keep it when it fits the pin.
-    # tensorflow-cpu: Colab's own tensorflow already prepares TFDS datasets. The other
-    # skipped lines are test tools.
-    jax_pin = SpecifierSet(next(line for line in lines if line.startswith("jax[")).split("]")[1])
-    skip = ("jax[", "tensorflow-cpu", "pytest", "hypothesis", "nbclient", "nbformat", "ipykernel")
-    packages = [line for line in lines if line and not line.startswith(skip)]
-    try:
-        jax_ok = metadata.version("jax") in jax_pin
-    except metadata.PackageNotFoundError:
-        jax_ok = False
-    if not jax_ok:
-        if os.environ.get("COLAB_TPU_ADDR"):
-            raise RuntimeError("This is the legacy Colab TPU (TPU Node) runtime, which current "
-                               "jax does not support: choose a TPU v2-8/v5e runtime instead.")
-        # TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later).
-        tpu = os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio") or \\
-            bool(os.environ.get("TPU_ACCELERATOR_TYPE"))
-        chip = "cuda12" if shutil.which("nvidia-smi") else ("tpu" if tpu else "cpu")
-        packages.append(f"jax[{chip}]{jax_pin}")
-        if "jax" in sys.modules:
-            print("jax was imported before this install: Runtime > Restart session, then run "
-                  "this notebook again.")
-    filtered = os.path.join(root, "requirements-colab.txt")  # "-e ." is relative to root
-    with open(filtered, "w") as f:
-        f.write("\\n".join(packages) + "\\n")
-    print("Colab: pip install " + " ".join(packages))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", filtered], check=True,
-                   cwd=root)
-
-
-if not _importable():
-    root = _find_checkout()
-    if root is None and IN_COLAB:
-        if "YOUR-ORG" in REPO_URL:
-            raise RuntimeError(
-                "Set REPO_URL in this cell to the git URL of the bdia_jax repository (or upload "
-                f"the repository to {COLAB_CHECKOUT}), then run the cell again.")
-        subprocess.run(["git", "clone", "--depth=1", REPO_URL, COLAB_CHECKOUT], check=True)
-        root = COLAB_CHECKOUT
-    if root is None:
-        raise RuntimeError(
-            "bdia_jax/experiments are not importable and no checkout was found here or in the "
-            "parent folder: open this notebook from the repository's notebooks/ folder, or add "
-            "the repository root to PYTHONPATH.")
-    sys.path.insert(0, root)
-# The folder that holds bdia_jax/ and experiments/ (and requirements.txt).
-REPO_ROOT = os.path.dirname(os.path.dirname(importlib.util.find_spec("experiments").origin))
-if IN_COLAB and not os.path.exists("/content/.bdia_jax_installed"):
-    _colab_install(REPO_ROOT)
-    open("/content/.bdia_jax_installed", "w").close()
-print(f"repository: {REPO_ROOT}; Colab: {IN_COLAB}")
-''')
+code(setup_cell(modules=('bdia_jax', 'experiments', 'benchmarks'), extra_packages=()))
 
 # --------------------------------------------------------------------------- parameters
 
