@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_only import compile_for_memory
 from flax import nnx
 
 from bdia_jax import pretrained, training
@@ -80,7 +81,8 @@ def _step_memory(trainable):
     graphdef, state = training.init(m, optimizer, jax.random.key(0), trainable=trainable)
     step = training.make_train_step(graphdef, lm_loss, optimizer, trainable=trainable)
     batch = jax.ShapeDtypeStruct((2, 9), jnp.int32)
-    analysis = jax.jit(step, donate_argnums=0).lower(state, batch).compile().memory_analysis()
+    lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
+    analysis = compile_for_memory(lowered).memory_analysis()
     base = nnx.state(m, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     adapters = nnx.state(m, nnx.LoRAParam)
     return analysis, _nbytes(base), _nbytes(adapters)
