@@ -25,8 +25,10 @@ def tiny_config(text_file: str, **train):
     c.model.update(max_len=16, width=32, depth=2, num_heads=2, mlp_dim=64)
     c.optim.learning_rate = 1e-2
     c.optim.warmup_epochs = 0.0
+    # Checkpoints at the ends of the loop's "epochs" (eval_every_steps), each a write.
     c.train.update(num_steps=48, batch_size=8, eval_every_steps=16, log_every_steps=8,
-                   checkpoint_every_steps=8, progress="off", **train)
+                   checkpoint_every_steps=16, progress="off")
+    c.train.update(**train)
     # 4 + 20 characters: longer than the context, so sampling continues in a second chunk.
     c.eval.update(num_windows=8, batch_size=8, num_samples=2, sample_length=20,
                   sample_prompt="the ")
@@ -71,7 +73,7 @@ def test_lm_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, text_
     config = tiny_config(text_file)
     config.mode = "bdia"
     straight = lm.train_and_evaluate(config, str(tmp_path / "a"))
-    config.train.stop_after_steps = 20  # mid-"epoch", between checkpoints (every 8 steps)
+    config.train.stop_after_steps = 20  # mid-"epoch", between checkpoints (every 16 steps)
     workdir = str(tmp_path / "b")
     with pytest.raises(TrainingInterrupted):
         lm.train_and_evaluate(config, workdir)
@@ -112,7 +114,7 @@ def test_lm_config_and_data_errors(tmp_path, text_file):
         lm.train_and_evaluate(tiny_config(str(tmp_path / "nope.txt")), str(tmp_path / "x"))
     # A resumed workdir with a changed config is refused (once a checkpoint holds steps of
     # the old one; before that the changed config is recorded instead).
-    config = tiny_config(text_file, stop_after_steps=8)
+    config = tiny_config(text_file, stop_after_steps=8, checkpoint_every_steps=8)
     config.mode = "standard"
     with pytest.raises(TrainingInterrupted):
         lm.train_and_evaluate(config, str(tmp_path / "r"))
