@@ -29,9 +29,11 @@ def tiny_config(text_file: str, **train):
     c.train.update(num_steps=48, batch_size=8, eval_every_steps=16, log_every_steps=8,
                    checkpoint_every_steps=16, progress="off")
     c.train.update(**train)
-    # 4 + 20 characters: longer than the context, so sampling continues in a second chunk.
-    c.eval.update(num_windows=8, batch_size=8, num_samples=2, sample_length=20,
-                  sample_prompt="the ")
+    # 8 + 16 characters: longer than the context (16), so sampling continues in a second
+    # chunk, from the last 8 characters; a prompt of half the context gives both chunks the
+    # same shapes, so one generate program serves them.
+    c.eval.update(num_windows=8, batch_size=8, num_samples=2, sample_length=16,
+                  sample_prompt="the cat ")
     return c
 
 
@@ -57,8 +59,8 @@ def test_lm_compare_run_learns_and_writes_outputs(tmp_path, text_file):
         # Real learning: far below the uniform-guess loss log(vocab).
         assert r["val_loss_best"] < math.log(vocab_size) - 1.0, r
         assert r["train_loss_final"] is not None and r["gap_final"] is not None
-        assert len(r["samples"]) == 2 and all(s.startswith("the ") for s in r["samples"])
-        assert all(len(s) == 4 + 20 for s in r["samples"])  # longer than the context
+        assert len(r["samples"]) == 2 and all(s.startswith("the cat ") for s in r["samples"])
+        assert all(len(s) == 8 + 16 for s in r["samples"])  # longer than the context
     assert models["bdia"]["reversal_exact"] is True
     assert models["standard"]["reversal_exact"] is None
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
