@@ -25,11 +25,15 @@ def tiny_config(text_file: str, **train):
     c.model.update(max_len=16, width=32, depth=2, num_heads=2, mlp_dim=64)
     c.optim.learning_rate = 1e-2
     c.optim.warmup_epochs = 0.0
+    # Checkpoints at the ends of the loop's "epochs" (eval_every_steps), each a write.
     c.train.update(num_steps=48, batch_size=8, eval_every_steps=16, log_every_steps=8,
-                   checkpoint_every_steps=8, progress="off", **train)
-    # 4 + 20 characters: longer than the context, so sampling continues in a second chunk.
-    c.eval.update(num_windows=8, batch_size=8, num_samples=2, sample_length=20,
-                  sample_prompt="the ")
+                   checkpoint_every_steps=16, progress="off")
+    c.train.update(**train)
+    # 8 + 16 characters: longer than the context (16), so sampling continues in a second
+    # chunk, from the last 8 characters; a prompt of half the context gives both chunks the
+    # same shapes, so one generate program serves them.
+    c.eval.update(num_windows=8, batch_size=8, num_samples=2, sample_length=16,
+                  sample_prompt="the cat ")
     return c
 
 
@@ -55,8 +59,8 @@ def test_lm_compare_run_learns_and_writes_outputs(tmp_path, text_file):
         # Real learning: far below the uniform-guess loss log(vocab).
         assert r["val_loss_best"] < math.log(vocab_size) - 1.0, r
         assert r["train_loss_final"] is not None and r["gap_final"] is not None
-        assert len(r["samples"]) == 2 and all(s.startswith("the ") for s in r["samples"])
-        assert all(len(s) == 4 + 20 for s in r["samples"])  # longer than the context
+        assert len(r["samples"]) == 2 and all(s.startswith("the cat ") for s in r["samples"])
+        assert all(len(s) == 8 + 16 for s in r["samples"])  # longer than the context
     assert models["bdia"]["reversal_exact"] is True
     assert models["standard"]["reversal_exact"] is None
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -71,7 +75,7 @@ def test_lm_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, text_
     config = tiny_config(text_file)
     config.mode = "bdia"
     straight = lm.train_and_evaluate(config, str(tmp_path / "a"))
-    config.train.stop_after_steps = 20  # mid-"epoch", between checkpoints (every 8 steps)
+    config.train.stop_after_steps = 20  # mid-"epoch", between checkpoints (every 16 steps)
     workdir = str(tmp_path / "b")
     with pytest.raises(TrainingInterrupted):
         lm.train_and_evaluate(config, workdir)
@@ -112,7 +116,7 @@ def test_lm_config_and_data_errors(tmp_path, text_file):
         lm.train_and_evaluate(tiny_config(str(tmp_path / "nope.txt")), str(tmp_path / "x"))
     # A resumed workdir with a changed config is refused (once a checkpoint holds steps of
     # the old one; before that the changed config is recorded instead).
-    config = tiny_config(text_file, stop_after_steps=8)
+    config = tiny_config(text_file, stop_after_steps=8, checkpoint_every_steps=8)
     config.mode = "standard"
     with pytest.raises(TrainingInterrupted):
         lm.train_and_evaluate(config, str(tmp_path / "r"))

@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from compile_only import memory_only_compiles
 from flax import nnx
 
 from benchmarks import max_context as mc
@@ -68,7 +69,8 @@ def test_analytic_rows_subtract_the_saved_block_inputs():
 
 
 @pytest.mark.slow  # five compiles of about 6 s of CPU each at the suite's XLA flags
-def test_tiny_run_records_and_bdia_fits_longer_context(tmp_path):
+def test_tiny_run_records_and_bdia_fits_longer_context(tmp_path, monkeypatch):
+    memory_only_compiles(monkeypatch)  # the search compiles steps, never runs them
     # Five compiles of the tiny step (was eleven): steps of 128 tokens under a ceiling of three, so
     # remat compiles 128 (fits) and 256 (over), bdia 128, 256 (fit) and 384 (over), and
     # remat_bf16's answer is read from remat's peaks.

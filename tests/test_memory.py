@@ -4,15 +4,21 @@ program, not timed). Reversible BDIA keeps ~m bits per element per block; remat 
 import jax
 import jax.numpy as jnp
 import pytest
+from compile_only import compile_for_memory
 
 from bdia_jax.testing import init_attn_mlp, make_attn_mlp_block
 from benchmarks.memory_benchmark import make_step, mixed_slope
-from experiments.common.memory import step_memory
+from experiments.common.memory import compiled_memory
 
 # Big enough per sample (8192 elements: 1 KiB of side bits per block) that the signal
 # dominates the few KiB by which XLA's buffer assignment varies between programs.
 SEQ, DIM, HIDDEN, HEADS = 64, 128, 256, 4
 DEPTHS, BATCHES = [24, 48], [4, 8]
+
+
+def _peak(jitted, *args):
+    """Compiled peak bytes of ``jitted`` on (abstract) ``args``; never run."""
+    return compiled_memory(compile_for_memory(jitted.lower(*args)))["peak_estimate_bytes"]
 
 
 def _bits_per_element_per_block(kind, backprop, gamma):
@@ -26,7 +32,7 @@ def _bits_per_element_per_block(kind, backprop, gamma):
             params = jax.eval_shape(lambda k, depth=depth: init_attn_mlp(k, depth, DIM, HIDDEN),
                                     jax.random.PRNGKey(1))
             x = jax.ShapeDtypeStruct((batch, SEQ, DIM), jnp.float32)
-            row.append(step_memory(step, params, x, key)["peak_estimate_bytes"])
+            row.append(_peak(step, params, x, key))
         totals.append(row)
     return mixed_slope(DEPTHS, BATCHES, totals) * 8 / (SEQ * DIM)
 
@@ -60,8 +66,8 @@ def test_reversible_backward_costs_few_streams_beyond_one_block():
         lambda p, x: block(p, x, None, key), p, x)[1](g))
 
     def streams_per_sample(jitted, args_of_x):
-        peaks = [step_memory(jitted, *args_of_x(jax.ShapeDtypeStruct(
-            (batch, SEQ, DIM), jnp.float32)))["peak_estimate_bytes"] for batch in batches]
+        peaks = [_peak(jitted, *args_of_x(jax.ShapeDtypeStruct((batch, SEQ, DIM), jnp.float32)))
+                 for batch in batches]
         return (peaks[1] - peaks[0]) / (batches[1] - batches[0]) / (SEQ * DIM * 4)
 
     stack = streams_per_sample(

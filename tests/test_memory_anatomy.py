@@ -13,7 +13,9 @@ from benchmarks import memory_anatomy
 
 def test_live_buffers_add_up_to_the_compiled_peak(tmp_path):
     out = tmp_path / "memory_anatomy.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Compiled, never run: LLVM -O0 (tests/compile_only.py); XLA reads the last of a flag.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
     subprocess.run([sys.executable, "-m", "benchmarks.memory_anatomy", "--small",
                     "--variants", "trained", "--models", "bdia", "--out_dir", str(tmp_path)],
                    check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))

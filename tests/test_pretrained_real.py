@@ -6,6 +6,7 @@ through all 30 blocks with reversal error exactly 0 in both recompute modes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -25,6 +26,15 @@ pytestmark = [
     pytest.mark.skipif(not GGUF.is_file(), reason=f"the real model is absent ({GGUF})"),
 ]
 MAX_LEN = 32  # the reference text is 23 tokens and its continuation 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def read_once():
+    """Every load in this module reads and dequantizes the file once: the loads differ in
+    the method only, and each still builds its model from the checkpoint's tensors."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrained, "read_checkpoint", functools.cache(pretrained.read_checkpoint))
+        yield
 
 
 @pytest.fixture(scope="module")

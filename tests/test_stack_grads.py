@@ -70,8 +70,11 @@ def _loss_fn(block, backprop, gamma, recompute="separate"):
 
 class ReversibleGradientTest(chex.TestCase):
     @chex.variants(with_jit=True)
-    # Every block kind at γ = ½, and γ = ¼ (two side bits) on the attention+MLP block.
-    @parameterized.parameters(*[(name, 0.5) for name in sorted(CASES)], ("attn_mlp", 0.25))
+    # Every other block kind at γ = ½, and γ = ¼ (two side bits) on the attention+MLP block:
+    # the plain block at ½ would add nothing, since the dropout block at ½ is that block
+    # with dropout on and checks every method, and its dropout-off path runs in the rest.
+    @parameterized.parameters(*[(name, 0.5) for name in sorted(CASES) if name != "attn_mlp"],
+                              ("attn_mlp", 0.25))
     def test_reversible_matches_autodiff_and_remat(self, case_name, gamma):
         # Remat only wraps each block call in jax.checkpoint, so the cases where that could
         # matter (dropout keys replayed inside it, a context cotangent) carry it; each extra
