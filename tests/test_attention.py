@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_only import compile_for_memory
 from flax import nnx
 from float_bounds import (
     ELEMENTWISE_ULPS,
@@ -181,7 +182,7 @@ one block's rows)."""
             for _ in range(4):
                 x = jax.checkpoint(block)(x)
             return jnp.sum(x)
-        return compiled_memory(jax.jit(jax.grad(loss)).lower(x).compile())["temp_bytes"]
+        return compiled_memory(compile_for_memory(jax.jit(jax.grad(loss)).lower(x)))["temp_bytes"]
 
     explicit, iota, none = (temp_bytes(True, False), temp_bytes(False, True),
                             temp_bytes(False, False))
@@ -369,7 +370,7 @@ def test_chunked_backward_keeps_one_block_of_probabilities():
 
     def temp_bytes(fn):
         step = jax.jit(jax.grad(lambda q: jnp.sum(fn(q, q, q, causal_mask(1024, 1024)))))
-        return compiled_memory(step.lower(q).compile())["temp_bytes"]
+        return compiled_memory(compile_for_memory(step.lower(q)))["temp_bytes"]
 
     probs_bytes = 2 * 1024 * 1024 * 4  # float32 probabilities of the two heads
     einsum = temp_bytes(attention.dot_product_attention)

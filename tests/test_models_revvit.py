@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_only import compile_for_memory
 from flax import nnx
 from float_bounds import ELEMENTWISE_ULPS, U, gradient_chain, gradient_rtol
 from grad_utils import assert_bound_catches, assert_grads_close
@@ -207,7 +208,7 @@ def test_engine_reversible_memory_is_constant_in_depth():
                                               key=jax.random.key(0), backprop=backprop)
             return jnp.sum(y1 * y2)
 
-        compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+        compiled = compile_for_memory(jax.jit(jax.grad(loss)).lower(params, x))
         return compiled.memory_analysis().temp_size_in_bytes
 
     rev = Reversible(recompute="shared", reversal_probe=False)
