@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from compile_only import memory_only_compiles
 
 from benchmarks import max_batch
 
@@ -33,7 +34,8 @@ def test_largest_batch_is_the_last_that_fits(curve, budget, ceiling):
 
 
 @pytest.mark.slow
-def test_small_run_writes_the_table(tmp_path):
+def test_small_run_writes_the_table(tmp_path, monkeypatch):
+    memory_only_compiles(monkeypatch)  # the search only reads compiled memory
     # A budget that holds BDIA's batch 2, not 3, and remat's batch 1, not 2: a compile per
     # batch searched, five in all (benchmarks.device_check --small searches the same BDIA one).
     results = max_batch.main(["--small", "--budget_gib", "0.001", "--methods", "remat,bdia",
