@@ -56,7 +56,9 @@ class CharLM(trainer.ValLossTask):
                  "eval.num_samples", "eval.sample_length", "eval.sample_prompt",
                  "eval.temperature", "eval.top_k")
     batch_fields = ("train.batch_size", "eval.batch_size")
-    int_fields = {**{f"train.{f}": 1 for f in ("num_steps", "batch_size", "eval_every_steps")},
+    int_fields = {**{f"model.{f}": 1 for f in ("max_len", "width", "depth", "num_heads",
+                                               "mlp_dim")},
+                  **{f"train.{f}": 1 for f in ("num_steps", "batch_size", "eval_every_steps")},
                   "train.loss_chunk": 0,
                   **{f"eval.{f}": 0 for f in ("num_windows", "num_samples", "top_k")},
                   "eval.batch_size": 1, "eval.sample_length": 1}

@@ -53,7 +53,9 @@ class Translation(trainer.ValLossTask):
                  "eval.decode_batch_size", "eval.num_examples_to_print")
     summary_keys = ("loss", "nll", "reversal_error_max", "overflow_steps")
     batch_fields = ("eval.decode_batch_size",)
-    int_fields = {**{f"data.num_{w}_examples": 0 for w in ("train", "val", "test")},
+    int_fields = {**{f"model.{f}": 1 for f in ("width", "encoder_depth", "decoder_depth",
+                                               "num_heads", "mlp_dim")},
+                  **{f"data.num_{w}_examples": 0 for w in ("train", "val", "test")},
                   "tokenizer.vocab_size": 8, "batch.tokens_per_batch": 1,
                   "train.num_epochs": 1, "train.eval_every_epochs": 1, "eval.beam_size": 1,
                   "eval.max_decode_len": 2, "eval.decode_batch_size": 1,

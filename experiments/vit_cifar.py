@@ -73,7 +73,9 @@ class ViTCifar(trainer.Task):
     errors = (cifar.DataMissingError,)
     resumable = ("data.data_dir", "data.download", "eval.batch_size", "eval.sweep_gammas",
                  "eval.sweep_num_examples")
-    int_fields = {**{f"data.{f}": 0 for f in ("num_train_examples", "num_test_examples",
+    int_fields = {**{f"model.{f}": 1 for f in ("image_size", "patch_size", "num_classes",
+                                               "width", "depth", "num_heads", "mlp_dim")},
+                  **{f"data.{f}": 0 for f in ("num_train_examples", "num_test_examples",
                                               "crop_padding")},
                   "train.num_epochs": 1, "train.batch_size": 1, "train.eval_every_epochs": 1,
                   "eval.batch_size": 1}

@@ -235,8 +235,9 @@ class Task:
       config field that --data_dir sets, and its help.
     batch_fields: config fields holding batch sizes that must split over the devices.
     int_fields: the task's int fields → their least value; fraction_fields: its rates in
-      [0, 1) (validated here; ``validate`` checks the rest; the model's fields are its
-      config's to check).
+      [0, 1) (validated here; ``validate`` checks the rest). The model's int fields are
+      listed too, although its config checks them: the config stops at its first bad field,
+      and the user should see every one at once.
     best: (eval metric, "max" | "min", result key) of the best evaluation.
     final: result key → eval metric of the last evaluation.
     method_model_fields: keys a ``config.methods`` entry may hold besides the method, which
@@ -435,9 +436,9 @@ def validate_config(task: Task, config: ml_collections.ConfigDict, mesh) -> None
     for field in task.fraction_fields:
         checks.fraction(_get(config, field), field)
     task.validate(config, checks, mesh)
-    # The model config checks the model's fields (a bad one is a FieldError naming it), the
-    # cross-field rules and a method against its stream: an error with every method is the
-    # architecture's, else the method's.
+    # The model config checks the model's fields (a bad one is a FieldError naming it; one
+    # reported above is not reported again), the cross-field rules and a method against its
+    # stream: an error with every method is the architecture's, else the method's.
     model_reported = any(f.startswith("model.") for f in checks.fields)
     failures = {}
     for name in methods:
