@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from bdia_jax import models, training
 from experiments import vit_cifar
 from experiments.common import config as config_lib
-from experiments.common import sharding, trainer
+from experiments.common import sharding
 from experiments.common import train_state as ts
 from experiments.configs.vit_cifar import get_config
 
