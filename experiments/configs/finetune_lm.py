@@ -205,6 +205,9 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         _smollm2(c)
         c.data.format = "text"
         c.data.text = "tfds:tiny_shakespeare"
+        # Seed 0 of the five methods, then the dropout sweep's other two rates, as E2E.
+        c.models = ("standard", "dropout", "bdia", "lora", "lora_bdia", "dropout_05",
+                    "dropout_20")
         c.data.dir = f"{SHARED}/tensorflow_datasets"
         # A small slice: the first 32 rows of 129 tokens of the train split (~4k tokens),
         # seen 8 times, so that standard fine-tuning overfits within the run; a validation
