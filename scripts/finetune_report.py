@@ -77,9 +77,14 @@ def read_run(workdir: pathlib.Path, seeds=None) -> dict:
         for path in sorted((folder / "checkpoints").glob("*_result.json")):
             results[path.name[:-len("_result.json")]] = json.loads(path.read_text())
         summary = folder / "summary.json"  # written when every model of the seed finished
+        wall = None
+        if summary.is_file():
+            summary = json.loads(summary.read_text())
+            # An invocation that reused finished models took less than their training.
+            trained = sum(m.get("train_seconds", 0.0) for m in summary["models"].values())
+            wall = summary["wall_seconds"] if summary["wall_seconds"] >= trained else None
         out["seeds"][seed] = {"results": results, "records": metrics.read_records(
-            str(folder / "metrics.jsonl")), "wall_seconds": json.loads(
-                summary.read_text()).get("wall_seconds") if summary.is_file() else None}
+            str(folder / "metrics.jsonl")), "wall_seconds": wall}
     return out
 
 
@@ -160,7 +165,8 @@ def table(run: dict) -> str:
 
 
 def walls(run: dict) -> str:
-    """The wall time of each seed's last complete run of its models (summary.json)."""
+    """The wall time of each seed's last complete run of its models (summary.json; not
+    shown where that run reused finished models instead of training them)."""
     parts = [f"seed {s}: {d['wall_seconds'] / 3600:.2f} h" for s, d in run["seeds"].items()
              if d["wall_seconds"] is not None]
     return ("Wall time of each seed's last complete invocation (training, evaluation, "

@@ -218,7 +218,12 @@ def test_report_aggregates_finished_seeds_and_shows_missing_ones(tmp_path):
         records.append({"model": "LoRA", "kind": "train", "step": 12, "loss": 1.0})
         (tmp_path / f"seed_{seed}" / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in records))
+    # seed 0's last invocation reused its trained models, seed 1's trained them.
+    for seed, wall in ((0, 1.0), (1, 360.0)):
+        (tmp_path / f"seed_{seed}" / "summary.json").write_text(json.dumps(
+            {"wall_seconds": wall, "models": {"standard": {"train_seconds": 10.0}}}))
     md = rep.report(str(tmp_path), str(tmp_path / "out" / "table"), seeds=[0, 1, 2])
+    assert "export; a resumed one counts only itself): seed 1: 0.10 h\n" in md
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines()
             if line.startswith("| ") and " seeds" in line}
     assert rows["standard"][1:4] == ["2/3 seeds", "1.5000 ± 0.7071", "50.00 ± 0.00"]
