@@ -121,6 +121,8 @@ def test_engine_round_trip_is_close_but_not_exact_in_float32():
     params, x1, x2 = toy()
     error = round_trip_error(params, x1, x2)
     # Rounding makes (a + b) - b != a: the reversal is inexact, and the test says so.
+    # 1e-4: a sanity ceiling, not a rounding bound (its worst case grows as the blocks'
+    # Lipschitz constants to the depth); a broken inverse errs by O(1) (wrong keys: > 1e-2).
     assert 0.0 < error < 1e-4, error
 
 
@@ -128,6 +130,9 @@ def test_engine_round_trip_error_shrinks_in_float64():
     error32 = round_trip_error(*toy(jnp.float32))
     with jax.enable_x64(True):
         error64 = round_trip_error(*toy(jnp.float64))
+    # The unit roundoffs' ratio is 2**-29 (~2e-9): rounding errors scale with it; 1e-6 leaves
+    # the float64 error's constant a wide margin, and an error that is not rounding (a wrong
+    # inverse) would not shrink at all.
     assert error64 < 1e-6 * error32, (error32, error64)
 
 
@@ -146,7 +151,8 @@ def test_engine_reversible_grads_match_autodiff_and_report_the_error():
     assert float(probe_auto) == 0.0  # nothing is rebuilt under autodiff
     for method in (SHARED, Reversible(recompute="separate")):
         *rev, probe = engine_grads(params, x1, x2, method)
-        # The probe's gradient is the rebuild error of the input streams: > 0, small.
+        # The probe's gradient is the rebuild error of the input streams: > 0, small (the
+        # round trip's sanity ceiling).
         assert np.isfinite(float(probe)) and 0.0 < float(probe) < 1e-4, (method, probe)
         rtol = rebuild_grad_rtol(params, probe)
         assert_grads_close(rev, auto, rtol=rtol)
@@ -171,7 +177,7 @@ def test_engine_probe_is_the_round_trip_error_bit_for_bit_op_by_op():
     with jax.disable_jit():
         *_, probe = engine_grads(params, x1, x2, SHARED)
         error = round_trip_error(params, x1, x2)
-    assert 0.0 < error < 1e-4, error
+    assert 0.0 < error < 1e-4, error  # the round trip's sanity ceiling (above)
     assert float(probe) == error
 
 
@@ -180,7 +186,7 @@ def test_engine_reversible_grads_match_autodiff_tightly_in_float64():
         params, x1, x2 = toy(jnp.float64)
         *rev, probe = engine_grads(params, x1, x2, SHARED)
         *auto, _ = engine_grads(params, x1, x2, Autodiff())
-        assert float(probe) < 1e-10
+        assert float(probe) < 1e-10  # the float32 ceiling (1e-4) times 2**-29, with margin
         rtol = rebuild_grad_rtol(params, probe, u=2.0**-53)
         assert_grads_close(rev, auto, rtol=rtol)
         assert_bound_catches(rev, auto, rtol=rtol, perturbation=1e-9)
@@ -348,6 +354,7 @@ def test_revvit_reversible_grads_match_autodiff_and_report_the_error():
                                                 tree)
 
     error = probe_total(p_rev)
+    # A sanity ceiling, as the round trip's; the gradient bound below scales with it.
     assert np.isfinite(error) and 0.0 < error < 1e-3, error
     rtol = model_rebuild_grad_rtol(rev, x, key, error)
     assert_grads_close(without_key_biases(g_rev), without_key_biases(g_auto), rtol=rtol)
@@ -377,6 +384,8 @@ def test_revvit_stack_round_trip_on_the_model_blocks():
         return jnp.maximum(jnp.max(jnp.abs(r1 - x)), jnp.max(jnp.abs(r2 - x)))
 
     error = float(run(state, params, images()))
+    # 1e-4: a sanity ceiling, not a rounding bound (its worst case grows as the blocks'
+    # Lipschitz constants to the depth); a broken inverse errs by O(1) (wrong keys: > 1e-2).
     assert 0.0 < error < 1e-4, error
 
 
@@ -442,6 +451,7 @@ def test_revvit_trains_and_reads_the_probe_like_the_trainer():
         losses.append(float(loss))
         errors.append(float(error))
     assert losses[-1] < 0.7 * losses[0], losses
+    # The reversal error's sanity ceiling (see the round-trip tests), while training.
     assert all(np.isfinite(e) and 0.0 <= e < 1e-3 for e in errors), errors
     assert max(errors) > 0.0, errors
 
