@@ -285,8 +285,9 @@ def model_rebuild_grad_rtol(model, images, key, probe) -> float:
     Rebuild, to first order in E, per sub-block (LayerNorm → attention or MLP): LayerNorm's
     normalised output n = (x - mean) / σ moves by at most A E, A = (2 + m) / σ (m = max|n|;
     the mean's change is <= E and σ's <= E), and its Jacobian P / σ (P = I - 11^T/d -
-    n n^T/d) by a relative (1 + m) A E + E / σ: the 1/σ makes this term second order in
-    LayerNorm, so σ is taken at its smallest over the forward's sub-block inputs. After the
+    n n^T/d) by a relative (1 + m) A E + E / σ: LayerNorm's second derivative (1/σ² against
+    its Jacobian's 1/σ), so σ is taken at its smallest over the forward's sub-block inputs
+    (the rows of Σ|n_j| / d <= 1 and ||P|| >= 1 give the constants). After the
     LayerNorm (scale s) the inner function's gradient terms change, as in
     ``rebuild_grad_rtol``, by a relative max|s| A E (1 + max ||W||_1) (activations O(1),
     |softmax''|, |gelu''| <= 1). The 2 depth sub-blocks' changes add up along the cotangent.
