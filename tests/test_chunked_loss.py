@@ -67,7 +67,13 @@ def test_chunked_loss_and_gradients_match_the_full_logits():
     # sums) and the backward's (vocab 64, tokens 32), with exp/log roundings: within that
     # many u of its leaf's scale (grad_utils.assert_grads_close), twice for two evaluations.
     assert_grads_close(grads, want_grads, rtol=2 * (32 + 64 + 64 + 32 + 2 * 16) * 2.0**-24)
-    assert float(sums["correct_sum"]) == float(want["correct_sum"])
+    # The correct-prediction counts agree but for tokens whose target logit is within the two
+    # evaluations' rounding (2 matmul_bound) of the best other logit (none, typically).
+    z, b = hidden @ embedding.T, 2 * matmul_bound(hidden, embedding.T).max(-1)
+    target_z = np.take_along_axis(z, targets[..., None], -1)[..., 0]
+    others = np.where(np.arange(z.shape[-1]) == targets[..., None], -np.inf, z).max(-1)
+    near_ties = int(np.sum(np.abs(target_z - others) <= 2 * b))
+    assert abs(float(sums["correct_sum"]) - float(want["correct_sum"])) <= near_ties
     assert float(sums["num_tokens"]) == 32.0
 
 

@@ -14,7 +14,14 @@ import optax
 import pytest
 from compile_only import compile_for_memory
 from flax import nnx
-from float_bounds import ELEMENTWISE_ULPS, U, gradient_chain, gradient_rtol
+from float_bounds import (
+    ELEMENTWISE_ULPS,
+    U,
+    gradient_chain,
+    gradient_rtol,
+    model_grad_rtol,
+    transformer_chain,
+)
 from grad_utils import assert_bound_catches, assert_grads_close
 from models_utils import count_params, is_key_bias, probe_total, train_grads
 
@@ -114,6 +121,8 @@ def test_engine_round_trip_is_close_but_not_exact_in_float32():
     params, x1, x2 = toy()
     error = round_trip_error(params, x1, x2)
     # Rounding makes (a + b) - b != a: the reversal is inexact, and the test says so.
+    # 1e-4: a sanity ceiling, not a rounding bound (its worst case grows as the blocks'
+    # Lipschitz constants to the depth); a broken inverse errs by O(1) (wrong keys: > 1e-2).
     assert 0.0 < error < 1e-4, error
 
 
@@ -121,6 +130,9 @@ def test_engine_round_trip_error_shrinks_in_float64():
     error32 = round_trip_error(*toy(jnp.float32))
     with jax.enable_x64(True):
         error64 = round_trip_error(*toy(jnp.float64))
+    # The unit roundoffs' ratio is 2**-29 (~2e-9): rounding errors scale with it; 1e-6 leaves
+    # the float64 error's constant a wide margin, and an error that is not rounding (a wrong
+    # inverse) would not shrink at all.
     assert error64 < 1e-6 * error32, (error32, error64)
 
 
@@ -139,7 +151,8 @@ def test_engine_reversible_grads_match_autodiff_and_report_the_error():
     assert float(probe_auto) == 0.0  # nothing is rebuilt under autodiff
     for method in (SHARED, Reversible(recompute="separate")):
         *rev, probe = engine_grads(params, x1, x2, method)
-        # The probe's gradient is the rebuild error of the input streams: > 0, small.
+        # The probe's gradient is the rebuild error of the input streams: > 0, small (the
+        # round trip's sanity ceiling).
         assert np.isfinite(float(probe)) and 0.0 < float(probe) < 1e-4, (method, probe)
         rtol = rebuild_grad_rtol(params, probe)
         assert_grads_close(rev, auto, rtol=rtol)
@@ -164,7 +177,7 @@ def test_engine_probe_is_the_round_trip_error_bit_for_bit_op_by_op():
     with jax.disable_jit():
         *_, probe = engine_grads(params, x1, x2, SHARED)
         error = round_trip_error(params, x1, x2)
-    assert 0.0 < error < 1e-4, error
+    assert 0.0 < error < 1e-4, error  # the round trip's sanity ceiling (above)
     assert float(probe) == error
 
 
@@ -173,7 +186,7 @@ def test_engine_reversible_grads_match_autodiff_tightly_in_float64():
         params, x1, x2 = toy(jnp.float64)
         *rev, probe = engine_grads(params, x1, x2, SHARED)
         *auto, _ = engine_grads(params, x1, x2, Autodiff())
-        assert float(probe) < 1e-10
+        assert float(probe) < 1e-10  # the float32 ceiling (1e-4) times 2**-29, with margin
         rtol = rebuild_grad_rtol(params, probe, u=2.0**-53)
         assert_grads_close(rev, auto, rtol=rtol)
         assert_bound_catches(rev, auto, rtol=rtol, perturbation=1e-9)
@@ -262,6 +275,54 @@ def revvit_param_count(c: RevViTConfig) -> int:
     return patch + cls + tokens * d + c.depth * block + head
 
 
+def model_rebuild_grad_rtol(model, images, key, probe) -> float:
+    """rtol (of each leaf's scale) between a RevViT's reversible and autodiff parameter
+    gradients (train_grads' loss): the rounding of the two gradient evaluations
+    (``float_bounds.model_grad_rtol`` of the blocks' ``transformer_chain``), plus the rebuild:
+    the reversible pass evaluates each sub-block's VJP at inputs off by up to the probe's
+    error E (largest at the stack's inputs, where the rebuild ends).
+
+    Rebuild, to first order in E, per sub-block (LayerNorm → attention or MLP): LayerNorm's
+    normalised output n = (x - mean) / σ moves by at most A E, A = (2 + m) / σ (m = max|n|;
+    the mean's change is <= E and σ's <= E), and its Jacobian P / σ (P = I - 11^T/d -
+    n n^T/d) by a relative (1 + m) A E + E / σ: LayerNorm's second derivative (1/σ² against
+    its Jacobian's 1/σ), so σ is taken at its smallest over the forward's sub-block inputs
+    (the rows of Σ|n_j| / d <= 1 and ||P|| >= 1 give the constants). After the
+    LayerNorm (scale s) the inner function's gradient terms change, as in
+    ``rebuild_grad_rtol``, by a relative max|s| A E (1 + max ||W||_1) (activations O(1),
+    |softmax''|, |gelu''| <= 1). The 2 depth sub-blocks' changes add up along the cotangent.
+    Evaluated from the model's own forward (the one ``train_grads`` ran: same key)."""
+    c = model.config
+    f_fn, g_fn, params = model.stack.sub_block_fns()
+    keys = revnet.block_keys(jax.random.fold_in(key, 0), c.depth)
+    x1 = x2 = model.embed(images, jax.random.fold_in(key, 1))
+    inputs = []  # each sub-block's input (LayerNorm's), in the forward's order
+    for k in range(c.depth):
+        params_k = jax.tree_util.tree_map(lambda a, k=k: a[k], params)
+        kf, kg = jax.random.split(keys[k])  # revnet's per-sub-block keys
+        inputs.append(x2)
+        x1 = x1 + f_fn(params_k, x2, kf)
+        inputs.append(x1)
+        x2 = x2 + g_fn(params_k, x1, kg)
+    centred = [np.asarray(v, np.float64) - np.mean(np.asarray(v, np.float64), -1, keepdims=True)
+               for v in inputs]
+    sigmas = [np.sqrt(np.mean(v**2, -1, keepdims=True)) for v in centred]
+    sigma = min(float(s.min()) for s in sigmas)
+    m = max(float(np.max(np.abs(v / s))) for v, s in zip(centred, sigmas))
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    column_sums = max(float(np.max(np.sum(np.abs(np.asarray(a, np.float64)), -2)))
+                      for _, a in leaves if a.ndim == 3)
+    ln_scale = max(float(np.max(np.abs(np.asarray(a)))) for p, a in leaves
+                   if "ln" in jax.tree_util.keystr(p) and "scale" in jax.tree_util.keystr(p))
+    a = (2 + m) / sigma
+    per_sub_block = probe * ((1 + m) * a + 1 / sigma + ln_scale * a * (1 + column_sums))
+    tokens = c.num_patches + (1 if c.pool == "cls" else 0)
+    chain = transformer_chain(width=c.width, mlp_dim=c.mlp_dim, seq=tokens, depth=c.depth,
+                              heads=c.num_heads) + 2 * c.depth  # the streams' adds
+    return (model_grad_rtol(chain, positions=images.shape[0] * tokens)
+            + 2 * c.depth * per_sub_block)
+
+
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_revvit_shapes_aux_and_param_count(pool):
     config = revvit_config("paper", pool=pool)
@@ -293,9 +354,14 @@ def test_revvit_reversible_grads_match_autodiff_and_report_the_error():
         return jax.tree_util.tree_map_with_path(lambda p, g: None if is_key_bias(p) else g,
                                                 tree)
 
-    assert_grads_close(without_key_biases(g_rev), without_key_biases(g_auto), rtol=1e-4)
     error = probe_total(p_rev)
+    # A sanity ceiling, as the round trip's; the gradient bound below scales with it.
     assert np.isfinite(error) and 0.0 < error < 1e-3, error
+    rtol = model_rebuild_grad_rtol(rev, x, key, error)
+    assert_grads_close(without_key_biases(g_rev), without_key_biases(g_auto), rtol=rtol)
+    # A 1% error in any gradient is caught (the bound carries the float32 rebuild's error).
+    assert_bound_catches(without_key_biases(g_rev), without_key_biases(g_auto), rtol=rtol,
+                         perturbation=1e-2)
     assert probe_total(p_auto) == 0.0
     assert not bool(aux_r["nonfinite"]) and not bool(aux_r["overflow"])
     assert 0.0 < float(aux_r["max_abs"]) < 1e3
@@ -319,6 +385,8 @@ def test_revvit_stack_round_trip_on_the_model_blocks():
         return jnp.maximum(jnp.max(jnp.abs(r1 - x)), jnp.max(jnp.abs(r2 - x)))
 
     error = float(run(state, params, images()))
+    # 1e-4: a sanity ceiling, not a rounding bound (its worst case grows as the blocks'
+    # Lipschitz constants to the depth); a broken inverse errs by O(1) (wrong keys: > 1e-2).
     assert 0.0 < error < 1e-4, error
 
 
@@ -384,6 +452,7 @@ def test_revvit_trains_and_reads_the_probe_like_the_trainer():
         losses.append(float(loss))
         errors.append(float(error))
     assert losses[-1] < 0.7 * losses[0], losses
+    # The reversal error's sanity ceiling (see the round-trip tests), while training.
     assert all(np.isfinite(e) and 0.0 <= e < 1e-3 for e in errors), errors
     assert max(errors) > 0.0, errors
 

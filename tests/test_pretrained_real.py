@@ -66,7 +66,14 @@ def test_log_probabilities_and_greedy_continuation(standard, reference):
     # magnitude, and the depth blocks add theirs; log-softmax at most doubles it.
     bound = 2 * c.depth * c.mlp_dim * 2.0**-24 * float(np.max(np.abs(logits)))
     np.testing.assert_allclose(nxt, arrays["next_logprob"], rtol=0, atol=bound)
-    np.testing.assert_array_equal(np.argmax(logits, -1), arrays["top_ids"][:, 0])
+    # The top token is the reference's wherever its margin over the second exceeds what the
+    # two sides' roundings can move (2 bound); at a nearer tie it is one of the two.
+    top = np.argmax(logits, -1)
+    clear = arrays["top_logprob"][:, 0] - arrays["top_logprob"][:, 1] > 2 * bound
+    np.testing.assert_array_equal(top[clear], arrays["top_ids"][clear, 0])
+    assert np.all(np.any(top[~clear, None] == arrays["top_ids"][~clear, :2], -1))
+    # Exact while no greedy step is such a near tie (the reference keeps no margins for the
+    # generated steps): a bits check with that precondition, not a tolerance.
     greedy = standard.generate(tokens, 8, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(greedy)[0, 23:], arrays["greedy"])
     assert tokenizer.decode(np.asarray(greedy)[0, 23:].tolist()) == ref["greedy_text"]

@@ -177,7 +177,9 @@ def test_inference_paths():
     chex.assert_trees_all_equal(unquantized, infer(bdia_jax.BDIA(quantize_at_inference=False),
                                                    AUTODIFF))
     chex.assert_trees_all_equal(unquantized, standard)
-    # Quantized inference (γ = 0) is within a few grid steps of it.
+    # Quantized inference (γ = 0) is within a few grid steps of it: depth + 1 roundings of
+    # δ/2 make 2.5 δ at unit gain; 16 δ is a ceiling for the blocks' gain (not bounded by
+    # construction) and stays far below a wrong γ or grid.
     quantized = infer(BDIA, NO_PROBE)
     assert float(jnp.max(jnp.abs(quantized - standard))) < 16 * 2.0**-9
     # Explicit inference γ = 0 equals the default; γ ≠ 0 changes the output.

@@ -36,6 +36,7 @@ def test_mean_std_over_seeds_of_numbers_lists_and_dicts():
     entry = trainer.aggregate(per_seed)
     assert entry["seeds"] == [0, 3]
     assert entry["per_seed"] == {"0": per_seed[0], "3": per_seed[3]}
+    # Host float64 (IEEE on every machine): approx only absorbs the last ulp of 0.6, 1/sqrt(2).
     assert entry["mean"] == {"acc": pytest.approx(0.6), "mem": {"peak": 10.0},
                              "curve": [2.0, 4.0]}
     # Sample standard deviation (ddof=1): |a - b| / sqrt(2) for two values.

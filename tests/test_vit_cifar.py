@@ -109,6 +109,9 @@ def test_compare_mode_trains_both_models_from_the_same_start(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = {(r["model"], r["step"]): r["loss"] for r in records if r["kind"] == "train"}
     steps = 256 // 32
+    # Coarse, not a rounding bound: two programs (float32 chains) and, after the first update,
+    # Adam's normalised steps (an ulp of a near-zero gradient moves a weight by up to lr) keep
+    # the curves only close; a different start or data order moves the loss by the batch spread.
     for step in range(1, steps + 1):
         assert abs(train["ViT", step] - train["BDIA-ViT", step]) < 1e-3, step
     # ...and the curve is not flat, so agreement is not trivial.
