@@ -1,0 +1,360 @@
+"""Where a train step's time goes: the compiled remat and BDIA (``recompute="shared"``)
+train steps of ``benchmarks.max_context``, compared op by op without running them.
+
+    python -m benchmarks.step_anatomy --shape smollm2-135m --depth 4 --size 4x256
+
+``compiled.cost_analysis()`` counts a while loop's body once, whatever its trip count, so
+on a scanned stack it mostly measures the head and the optimizer. This benchmark reads the
+optimized HLO instead (``compiled.as_text()``) and weights every instruction by how often
+it runs: a while body by its ``known_trip_count`` (nested loops multiply; a loop without
+one, the reversible backward pass's held update of at most one trip, once), a fusion's
+instructions by their fusion's count. Per method it prints
+
+  * dot FLOPs (2·output·contraction, dots inside fusions included);
+  * element ops: the elements computed by every non-dot arithmetic instruction, fused or
+    not (what a CPU's vector units do: the quantization, the side bits, the γ mixing);
+  * bytes: operands + outputs of the top-level instructions (fusions, dots, copies; a
+    dynamic-update-slice counts its update twice, a slice its output twice), an estimate of
+    memory traffic;
+  * executed counts of the top-level instructions per kind;
+
+and the difference BDIA − remat, attributed to the innermost ``bdia_jax`` source frame of
+each instruction (HLO stack frames: function, file and line), so that the extra work of
+the quantization or of the side bits shows under its own function's name.
+
+The smaller ``--depth`` of the same block shape compiles in seconds; the per-block
+difference is the difference of two depths' totals divided by their depth difference
+(``--depth 4,8`` prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import max_context as mc
+
+METHODS = ("remat", "bdia")
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "token": 0}
+# Instructions that move no data of their own (views, bookkeeping, control flow).
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
+         "optimization-barrier"}
+# Instructions that compute no arithmetic (data movement only).
+_MOVES = _FREE | {"copy", "broadcast", "reshape", "transpose", "slice", "dynamic-slice",
+                  "dynamic-update-slice", "concatenate", "pad", "iota", "gather", "scatter",
+                  "reverse", "dot", "fusion", "custom-call", "copy-start", "copy-done"}
+
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+_HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\{\s*$")
+
+
+def _shapes(text: str):
+    """[(dtype, dims)] of the array shapes in a type string."""
+    return [(d, [int(v) for v in dims.split(",") if v]) for d, dims in _SHAPE.findall(text)
+            if d in _DTYPE_BYTES]
+
+
+def _bytes(shapes) -> int:
+    return sum(_DTYPE_BYTES[d] * math.prod(dims) for d, dims in shapes)
+
+
+def _elements(shapes) -> int:
+    return sum(math.prod(dims) for _, dims in shapes)
+
+
+class Instr:
+    """One HLO instruction: name, output type, opcode, operand names, attributes."""
+
+    def __init__(self, name, out_type, opcode, rest):
+        self.name, self.opcode = name, opcode
+        self.out = _shapes(out_type)
+        depth, i = 1, 0
+        while i < len(rest) and depth:  # the operand list ends at its matching ")"
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            i += 1
+        self.operands = re.findall(r"%([^\s,)]+)", rest[:i - 1])
+        self.attrs = rest[i:]
+        frame = re.search(r"stack_frame_id=(\d+)", self.attrs)
+        self.frame = int(frame.group(1)) if frame else None
+
+    def attr(self, key):
+        m = re.search(key + r"=%?([^\s,}]+)", self.attrs)
+        return m.group(1) if m else None
+
+
+def parse_hlo(text: str):
+    """(computations {name: [Instr]}, entry name, frame → source label)."""
+    comps, entry, current = {}, None, None
+    section, files, funcs, locs, frames = None, {}, {}, {}, {}
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            continue
+        if section and line and line[0].isdigit():
+            key, value = line.split(" ", 1)
+            {"FileNames": files, "FunctionNames": funcs, "FileLocations": locs,
+             "StackFrames": frames}[section][int(key)] = value
+            continue
+        section = None
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(2)
+            comps[current] = []
+            if header.group(1):
+                entry = current
+            continue
+        m = _INSTR.match(line)
+        if m and current is not None:
+            comps[current].append(Instr(*m.groups()))
+    return comps, entry, _frame_labels(files, funcs, locs, frames)
+
+
+def _frame_labels(files, funcs, locs, frames) -> dict[int, str]:
+    """Stack frame id → "function (file:line)" of its innermost frame in bdia_jax."""
+    def field(text, key):
+        return int(re.search(key + r"=(\d+)", text).group(1))
+
+    labels = {}
+    for fid in frames:
+        f, seen = fid, set()
+        while f in frames and f not in seen:
+            seen.add(f)
+            loc = locs[field(frames[f], "file_location_id")]
+            path = files[field(loc, "file_name_id")].strip('"')
+            if "/bdia_jax/" in path:
+                labels[fid] = (f"{funcs[field(loc, 'function_name_id')].strip(chr(34))} "
+                               f"({path.split('/bdia_jax/')[1]}:{field(loc, 'line')})")
+                break
+            f = field(frames[f], "parent_frame_id")
+        else:
+            labels[fid] = "(outside bdia_jax)"
+    return labels
+
+
+def executions(comps, entry) -> dict[str, float]:
+    """How often each computation runs per step: while bodies by their known trip count."""
+    counts = collections.Counter()
+
+    def visit(name, times):
+        counts[name] += times
+        for ins in comps[name]:
+            if ins.opcode == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+                # No known trip count: the engine's held-update loop of at most one trip.
+                visit(ins.attr("body"), times * (1 if trips is None else int(trips.group(1))))
+            elif ins.opcode in ("call", "fusion"):
+                visit(ins.attr("to_apply") or ins.attr("calls"), times)
+            elif ins.opcode == "conditional":  # each branch counted as if it ran
+                for branch in re.findall(r"%([\w.\-]+)", ins.attr("branch_computations")
+                                         or ""):
+                    visit(branch, times)
+
+    visit(entry, 1)
+    return counts
+
+
+def _role(ins: Instr) -> str:
+    """A dot's pass from its HLO op_name: "forward" (the forward pass), "recompute" (a
+    forward op run again in the backward pass: remat's rematerialization, a custom VJP's or
+    the reversible rebuild's recomputation) or "gradient" (a transposed op)."""
+    op = re.search(r'op_name="([^"]*)"', ins.attrs)
+    path = op.group(1).split("/", 1)[-1] if op else ""
+    if not path.startswith("transpose("):
+        return "forward"
+    marks = re.findall(r"transpose\(jvp\(\)\)|jvp\(\)|rematted_computation",
+                       path.split("/", 1)[-1])
+    return "recompute" if marks and marks[-1] != "transpose(jvp())" else "gradient"
+
+
+def anatomy(text: str) -> dict:
+    """Executed totals and per-source attribution of one optimized HLO module."""
+    comps, entry, labels = parse_hlo(text)
+    counts = executions(comps, entry)
+    fused = {ins.attr("calls") for c in comps.values() for ins in c if ins.opcode == "fusion"}
+    totals = collections.Counter()
+    ops = collections.Counter()
+    by_source = collections.defaultdict(collections.Counter)
+    dots = collections.Counter()  # "lhs x rhs in pass" -> executed flops
+    for name, times in counts.items():
+        shapes = {}
+        for ins in comps[name]:
+            shapes[ins.name] = ins.out
+        for ins in comps[name]:
+            source = labels.get(ins.frame, "(no frame)")
+            if ins.opcode == "dot":
+                lhs = shapes.get(ins.operands[0], [("f32", [])])[0][1]
+                dims = [int(v) for v in (ins.attr(r"lhs_contracting_dims")
+                                         or "").strip("{}").split(",") if v]
+                flops = 2 * _elements(ins.out) * math.prod(lhs[d] for d in dims)
+                totals["dot_flops"] += times * flops
+                by_source[source]["dot_flops"] += times * flops
+                rhs = shapes.get(ins.operands[1], [("f32", [])])[0][1]
+                dots[f"{lhs} x {rhs} {_role(ins)}"] += times * flops
+            elif ins.opcode not in _MOVES:
+                n = times * _elements(ins.out)
+                totals["element_ops"] += n
+                by_source[source]["element_ops"] += n
+            if name in fused or ins.opcode in _FREE:
+                continue
+            kind = ins.opcode + (f":{ins.attr('kind')}" if ins.opcode == "fusion" else "")
+            ops[kind] += times
+            if ins.opcode in ("dynamic-update-slice",):
+                moved = 2 * _bytes(shapes.get(ins.operands[1], []))
+            elif ins.opcode in ("dynamic-slice", "slice"):
+                moved = 2 * _bytes(ins.out)
+            else:
+                moved = _bytes(ins.out) + sum(_bytes(shapes.get(o, [])) for o in ins.operands)
+            totals["bytes"] += times * moved
+            by_source[source]["bytes"] += times * moved
+            by_source[source]["instructions"] += times
+    return {"totals": dict(totals), "ops": dict(ops), "dots": dict(dots),
+            "by_source": {k: dict(v) for k, v in by_source.items()}}
+
+
+def compiled_step(shape: str, depth: int, method: str, batch: int, context: int, opts):
+    """The compiled max_context train step of ``shape`` with ``depth`` blocks (full
+    fine-tuning, AdamW), on abstract inputs."""
+    fields, max_len = mc.SHAPES[shape]
+    name = f"{shape}-depth{depth}"
+    mc.SHAPES[name] = (dict(fields, depth=depth), max_len)
+    config = mc.model_config(name, method, context, opts["compute_dtype"],
+                             opts["attention_chunk"], "full")
+    step, state = mc.abstract_step(config, "full", opts["loss_chunk"])
+    tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
+    return step.lower(state, tokens).compile()
+
+
+def measure(shape, depths, batch, context, opts, hlo_dir=None) -> dict:
+    """anatomy() and cost_analysis() of both methods at each depth."""
+    out = {}
+    for depth in depths:
+        for method in METHODS:
+            start = time.perf_counter()
+            compiled = compiled_step(shape, depth, method, batch, context, opts)
+            seconds = time.perf_counter() - start
+            text = compiled.as_text()
+            if hlo_dir:
+                os.makedirs(hlo_dir, exist_ok=True)
+                with open(os.path.join(hlo_dir, f"{method}_depth{depth}.hlo"), "w") as f:
+                    f.write(text)
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            result = anatomy(text)
+            result["cost_analysis"] = {k: cost.get(k) for k in ("flops", "bytes accessed")}
+            result["compile_seconds"] = round(seconds, 1)
+            out[f"{method}@{depth}"] = result
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v / 1e9:.3f} G"
+
+
+def report(data: dict, depths, top: int) -> str:
+    lines = []
+    for depth in depths:
+        r, b = data[f"remat@{depth}"], data[f"bdia@{depth}"]
+        lines.append(f"\n== depth {depth} (executed totals; cost_analysis counts each loop "
+                     f"body once) ==")
+        lines.append(f"{'':24}{'remat':>14}{'bdia':>14}{'bdia/remat':>12}")
+        for key in ("dot_flops", "element_ops", "bytes"):
+            lines.append(f"{key:24}{_fmt(r['totals'][key]):>14}{_fmt(b['totals'][key]):>14}"
+                         f"{b['totals'][key] / r['totals'][key]:>12.4f}")
+        for key in ("flops", "bytes accessed"):
+            lines.append(f"{'cost_analysis ' + key:24}{_fmt(r['cost_analysis'][key]):>14}"
+                         f"{_fmt(b['cost_analysis'][key]):>14}")
+        lines.append("executed top-level instructions (bdia - remat):")
+        for kind in sorted(set(r["ops"]) | set(b["ops"])):
+            d = b["ops"].get(kind, 0) - r["ops"].get(kind, 0)
+            if d:
+                lines.append(f"  {kind:34}{r['ops'].get(kind, 0):>8.0f}"
+                             f"{b['ops'].get(kind, 0):>8.0f}{d:>+8.0f}")
+    if len(depths) >= 2:
+        lo, hi = min(depths), max(depths)
+        lines.append(f"\n== per block (depth {hi} - depth {lo}) / {hi - lo}, by source ==")
+        per = {}
+        for m in METHODS:
+            a, z = data[f"{m}@{lo}"], data[f"{m}@{hi}"]
+            per[m] = {k: (z["totals"][k] - a["totals"][k]) / (hi - lo)
+                      for k in ("dot_flops", "element_ops", "bytes")}
+        for key in ("dot_flops", "element_ops", "bytes"):
+            lines.append(f"{key:24}{_fmt(per['remat'][key]):>14}{_fmt(per['bdia'][key]):>14}"
+                         f"{per['bdia'][key] / max(per['remat'][key], 1):>12.4f}")
+        diff = collections.Counter()
+        for m, sign in (("bdia", 1), ("remat", -1)):
+            for d, s in ((hi, 1), (lo, -1)):
+                for src, v in data[f"{m}@{d}"]["by_source"].items():
+                    for k in ("dot_flops", "element_ops", "bytes"):
+                        diff[(src, k)] += sign * s * v.get(k, 0) / (hi - lo)
+        lines.append("per-block dot GFLOPs by operand shapes and pass (from the HLO op_name):")
+        per_dot = {}
+        for m in METHODS:
+            a, z = data[f"{m}@{lo}"]["dots"], data[f"{m}@{hi}"]["dots"]
+            per_dot[m] = {k: (z.get(k, 0) - a.get(k, 0)) / (hi - lo) for k in set(a) | set(z)}
+        for k in sorted(set(per_dot["remat"]) | set(per_dot["bdia"]),
+                        key=lambda k: (k.rsplit(" ", 1)[1], k)):
+            r, b = per_dot["remat"].get(k, 0), per_dot["bdia"].get(k, 0)
+            if r or b:
+                lines.append(f"  remat {r / 1e9:7.3f}  bdia {b / 1e9:7.3f}  {(b - r) / 1e9:+8.3f}  {k}")
+        for role in ("forward", "recompute", "gradient"):
+            r, b = (sum(v for k, v in per_dot[m].items() if k.endswith(role)) for m in METHODS)
+            lines.append(f"  {role:9} remat {r / 1e9:7.3f}  bdia {b / 1e9:7.3f}  {(b - r) / 1e9:+8.3f}")
+        for key in ("dot_flops", "element_ops", "bytes"):
+            rows = sorted(((v, src) for (src, k), v in diff.items() if k == key and v),
+                          key=lambda t: -abs(t[0]))[:top]
+            lines.append(f"per-block {key}, bdia - remat, by source (top {top}):")
+            lines += [f"  {v / 1e6:>+12.2f} M  {src}" for v, src in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="smollm2-135m", help=",".join(mc.SHAPES))
+    p.add_argument("--depth", default="4,8", help="comma-separated block counts")
+    p.add_argument("--size", default="4x256", help="BATCHxCONTEXT")
+    p.add_argument("--compute_dtype", default="bfloat16", help="matmul dtype")
+    p.add_argument("--attention_chunk", type=int, default=128, help="queries per block")
+    p.add_argument("--loss_chunk", type=int, default=512, help="positions per loss chunk")
+    p.add_argument("--top", type=int, default=12, help="sources listed per quantity")
+    p.add_argument("--out_dir", default=None, help="write step_anatomy.json and the HLO here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        batch, context = (int(v) for v in args.size.lower().split("x"))
+        depths = [int(v) for v in args.depth.split(",")]
+    except ValueError:
+        raise SystemExit(f"benchmarks.step_anatomy: --size must be BATCHxCONTEXT and --depth "
+                         f"integers, got {args.size!r}, {args.depth!r}") from None
+    if args.shape not in mc.SHAPES:
+        raise SystemExit(f"benchmarks.step_anatomy: --shape must be one of "
+                         f"{sorted(mc.SHAPES)}, got {args.shape!r}")
+    opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
+                loss_chunk=args.loss_chunk)
+    data = measure(args.shape, depths, batch, context, opts, args.out_dir)
+    print(f"{args.shape}, batch {batch} x context {context}, full fine-tuning, commit "
+          f"{mc.commit()}")
+    print(report(data, depths, args.top))
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, "step_anatomy.json"), "w") as f:
+            json.dump(dict(data, shape=args.shape, batch=batch, context=context,
+                           depths=depths, commit=mc.commit()), f, indent=1)
+    return data
+
+
+if __name__ == "__main__":
+    main()
