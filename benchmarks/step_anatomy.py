@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import max_context as mc
+from experiments.common.memory import compiled_memory
 
 METHODS = ("remat", "bdia")
 
@@ -223,17 +224,56 @@ def anatomy(text: str) -> dict:
             "by_source": {k: dict(v) for k, v in by_source.items()}}
 
 
-def compiled_step(shape: str, depth: int, method: str, batch: int, context: int, opts):
-    """The compiled max_context train step of ``shape`` with ``depth`` blocks (full
-    fine-tuning, AdamW), on abstract inputs."""
+def step_config(shape: str, depth: int, method: str, context: int, opts):
+    """The max_context DecoderConfig of ``shape`` with ``depth`` blocks trained with
+    ``method``; its MLP over the whole sequence (``chunk_mlp=False``) when ``method`` is in
+    ``opts["unchunked_mlp"]``, else chunked like the attention (the default)."""
     fields, max_len = mc.SHAPES[shape]
-    name = f"{shape}-depth{depth}"
-    mc.SHAPES[name] = (dict(fields, depth=depth), max_len)
-    config = mc.model_config(name, method, context, opts["compute_dtype"],
-                             opts["attention_chunk"], "full")
+    unchunked = method in opts["unchunked_mlp"]
+    name = f"{shape}-depth{depth}" + ("-unchunked-mlp" if unchunked else "")
+    mc.SHAPES[name] = (dict(fields, depth=depth, **({"chunk_mlp": False} if unchunked
+                                                      else {})), max_len)
+    return mc.model_config(name, method, context, opts["compute_dtype"],
+                           opts["attention_chunk"], "full")
+
+
+def compiled_step(shape: str, depth: int, method: str, batch: int, context: int, opts):
+    """The compiled max_context train step (full fine-tuning, AdamW) of ``step_config``,
+    on abstract inputs."""
+    config = step_config(shape, depth, method, context, opts)
     step, state = mc.abstract_step(config, "full", opts["loss_chunk"])
     tokens = jax.ShapeDtypeStruct((batch, context + 1), jnp.int32)
     return step.lower(state, tokens).compile()
+
+
+def time_steps(shape: str, depth: int, batch: int, context: int, rounds: int, opts) -> dict:
+    """Seconds per train step of both methods at ``step_config``, really run: one step each
+    (compile), then ``rounds`` rounds of one step of each method in turn, so that machine
+    noise hits them alike (``max_context.time_steps``, with this benchmark's configs)."""
+    opt, vocab = mc.registry.optimizer(), mc.SHAPES[shape][0]["vocab_size"]
+    tokens = jax.random.randint(jax.random.key(0), (batch, context + 1), 0, vocab, jnp.int32)
+    runs = {}
+    for method in METHODS:
+        model = mc.make_model(step_config(shape, depth, method, context, opts))
+        graphdef, state = mc.training.init(model, opt, jax.random.PRNGKey(2))
+        step = jax.jit(mc.training.make_train_step(graphdef, mc.loss_fn(opts["loss_chunk"]),
+                                                   opt), donate_argnums=0)
+        state, _ = jax.block_until_ready(step(state, tokens))
+        runs[method] = dict(step=step, state=state, times=[])
+    for _ in range(rounds):
+        for method in METHODS:
+            r = runs[method]
+            start = time.perf_counter()
+            r["state"], out = jax.block_until_ready(r["step"](r["state"], tokens))
+            r["times"].append(round(time.perf_counter() - start, 3))
+            if not math.isfinite(float(out["loss"])) or float(out.get("reversal_error", 0.0)):
+                raise ValueError(f"{method} step gave loss {out['loss']} / reversal error "
+                                 f"{out.get('reversal_error')}")
+    median = {m: sorted(runs[m]["times"])[rounds // 2] for m in METHODS}
+    return {"seconds": {m: runs[m]["times"] for m in METHODS}, "median_seconds": median,
+            "bdia_over_remat": round(median["bdia"] / median["remat"], 3),
+            "round_ratios": [round(b / r, 3) for r, b in zip(runs["remat"]["times"],
+                                                             runs["bdia"]["times"])]}
 
 
 def measure(shape, depths, batch, context, opts, hlo_dir=None) -> dict:
@@ -253,6 +293,7 @@ def measure(shape, depths, batch, context, opts, hlo_dir=None) -> dict:
             cost = cost[0] if isinstance(cost, list) else cost
             result = anatomy(text)
             result["cost_analysis"] = {k: cost.get(k) for k in ("flops", "bytes accessed")}
+            result["memory"] = compiled_memory(compiled)
             result["compile_seconds"] = round(seconds, 1)
             out[f"{method}@{depth}"] = result
     return out
@@ -275,6 +316,9 @@ def report(data: dict, depths, top: int) -> str:
         for key in ("flops", "bytes accessed"):
             lines.append(f"{'cost_analysis ' + key:24}{_fmt(r['cost_analysis'][key]):>14}"
                          f"{_fmt(b['cost_analysis'][key]):>14}")
+        for key in ("temp_bytes", "peak_estimate_bytes"):
+            lines.append(f"{'compiled ' + key:24}{_fmt(r['memory'][key]):>14}"
+                         f"{_fmt(b['memory'][key]):>14}")
         lines.append("executed top-level instructions (bdia - remat):")
         for kind in sorted(set(r["ops"]) | set(b["ops"])):
             d = b["ops"].get(kind, 0) - r["ops"].get(kind, 0)
@@ -328,6 +372,12 @@ def parse_args(argv=None):
     p.add_argument("--attention_chunk", type=int, default=128, help="queries per block")
     p.add_argument("--loss_chunk", type=int, default=512, help="positions per loss chunk")
     p.add_argument("--top", type=int, default=12, help="sources listed per quantity")
+    p.add_argument("--unchunked_mlp", default="",
+                   help="methods (remat,bdia) whose MLP runs over the whole sequence "
+                        "(chunk_mlp=False); the others' over blocks like the attention")
+    p.add_argument("--time_rounds", type=int, default=0,
+                   help="also run the steps at the largest depth: this many interleaved "
+                        "rounds (0: compile only)")
     p.add_argument("--out_dir", default=None, help="write step_anatomy.json and the HLO here")
     return p.parse_args(argv)
 
@@ -343,12 +393,23 @@ def main(argv=None) -> dict:
     if args.shape not in mc.SHAPES:
         raise SystemExit(f"benchmarks.step_anatomy: --shape must be one of "
                          f"{sorted(mc.SHAPES)}, got {args.shape!r}")
+    unchunked = [m for m in args.unchunked_mlp.split(",") if m]
+    if not set(unchunked) <= set(METHODS):
+        raise SystemExit(f"benchmarks.step_anatomy: --unchunked_mlp takes methods of "
+                         f"{METHODS}, got {args.unchunked_mlp!r}")
     opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
-                loss_chunk=args.loss_chunk)
+                loss_chunk=args.loss_chunk, unchunked_mlp=unchunked)
     data = measure(args.shape, depths, batch, context, opts, args.out_dir)
-    print(f"{args.shape}, batch {batch} x context {context}, full fine-tuning, commit "
-          f"{mc.commit()}")
+    print(f"{args.shape}, batch {batch} x context {context}, full fine-tuning, MLP unchunked "
+          f"for {unchunked or 'none'}, commit {mc.commit()}")
     print(report(data, depths, args.top))
+    if args.time_rounds:
+        data["time"] = time_steps(args.shape, max(depths), batch, context, args.time_rounds,
+                                  opts)
+        print(f"\nstep seconds at depth {max(depths)}, {args.time_rounds} interleaved rounds: "
+              f"{data['time']['seconds']}; medians {data['time']['median_seconds']}, "
+              f"bdia / remat {data['time']['bdia_over_remat']}; per round "
+              f"{data['time']['round_ratios']}")
     if args.out_dir:
         with open(os.path.join(args.out_dir, "step_anatomy.json"), "w") as f:
             json.dump(dict(data, shape=args.shape, batch=batch, context=context,
