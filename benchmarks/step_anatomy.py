@@ -12,7 +12,8 @@ instructions by their fusion's count. Per method it prints
 
   * dot FLOPs (2·output·contraction, dots inside fusions included);
   * element ops: the elements computed by every non-dot arithmetic instruction, fused or
-    not (what a CPU's vector units do: the quantization, the side bits, the γ mixing);
+    not (what a CPU's vector units do: the quantization, the side bits, the γ mixing); a
+    fused instruction counts at most its fusion's output (or fused reduction's input);
   * bytes: operands + outputs of the top-level instructions (fusions, dots, copies; a
     dynamic-update-slice counts its update twice, a slice its output twice), an estimate of
     memory traffic;
@@ -86,6 +87,7 @@ class Instr:
             depth += {"(": 1, ")": -1}.get(rest[i], 0)
             i += 1
         self.operands = re.findall(r"%([^\s,)]+)", rest[:i - 1])
+        self.param_number = int(rest[:i - 1]) if opcode == "parameter" else None
         self.attrs = rest[i:]
         frame = re.search(r"stack_frame_id=(\d+)", self.attrs)
         self.frame = int(frame.group(1)) if frame else None
@@ -96,8 +98,9 @@ class Instr:
 
 
 def parse_hlo(text: str):
-    """(computations {name: [Instr]}, entry name, frame → source label)."""
-    comps, entry, current = {}, None, None
+    """(computations {name: [Instr]}, their roots {name: Instr}, entry name, frame → source
+    label)."""
+    comps, roots, entry, current = {}, {}, None, None
     section, files, funcs, locs, frames = None, {}, {}, {}, {}
     for line in text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -119,7 +122,10 @@ def parse_hlo(text: str):
         m = _INSTR.match(line)
         if m and current is not None:
             comps[current].append(Instr(*m.groups()))
-    return comps, entry, _frame_labels(files, funcs, locs, frames)
+            if line.lstrip().startswith("ROOT "):  # the root last: its output is the call's
+                comps[current].append(comps[current].pop(-1))
+                roots[current] = comps[current][-1]
+    return comps, roots, entry, _frame_labels(files, funcs, locs, frames)
 
 
 def _frame_labels(files, funcs, locs, frames) -> dict[int, str]:
@@ -166,6 +172,31 @@ def executions(comps, entry) -> dict[str, float]:
     return counts
 
 
+def _fusion_bytes(body: list, root: Instr, operands: list, out) -> int:
+    """Bytes a fusion reads and writes: each operand whole, except one read only through
+    dynamic-slices (the slices), and an output written in place by a root
+    dynamic-update-slice into an operand (the update, read and written)."""
+    users = collections.defaultdict(list)
+    for ins in body:
+        for o in ins.operands:
+            users[o].append(ins)
+    number = {}
+    for ins in body:
+        if ins.opcode == "parameter":
+            number[ins.name] = ins.param_number
+    shapes = {ins.name: ins.out for ins in body}
+    read = [_bytes(s) for s in operands]
+    written = _bytes(out)
+    for name, i in number.items():
+        use = users[name]
+        if use and all(u.opcode == "dynamic-slice" and u.operands[0] == name for u in use):
+            read[i] = sum(_bytes(u.out) for u in use)
+        if root.opcode == "dynamic-update-slice" and root.operands[0] == name:
+            read[i] = 0
+            written = 2 * _bytes(shapes.get(root.operands[1], []))
+    return written + sum(read)
+
+
 def _role(ins: Instr) -> str:
     """A dot's pass from its HLO op_name: "forward" (the forward pass), "recompute" (a
     forward op run again in the backward pass: remat's rematerialization, a custom VJP's or
@@ -181,7 +212,7 @@ def _role(ins: Instr) -> str:
 
 def anatomy(text: str) -> dict:
     """Executed totals and per-source attribution of one optimized HLO module."""
-    comps, entry, labels = parse_hlo(text)
+    comps, roots, entry, labels = parse_hlo(text)
     counts = executions(comps, entry)
     fused = {ins.attr("calls") for c in comps.values() for ins in c if ins.opcode == "fusion"}
     totals = collections.Counter()
@@ -192,6 +223,13 @@ def anatomy(text: str) -> dict:
         shapes = {}
         for ins in comps[name]:
             shapes[ins.name] = ins.out
+        # A fusion computes its instructions on the elements its output (or a fused
+        # reduction's input) needs: a convert of a whole weight stack under a dynamic-slice
+        # costs the slice.
+        cap = math.inf if name not in fused else max(
+            [_elements(roots[name].out)] + [_elements(shapes.get(o, [])) for ins in
+                                                comps[name] if ins.opcode.startswith("reduce")
+                                                for o in ins.operands[:1]])
         for ins in comps[name]:
             source = labels.get(ins.frame, "(no frame)")
             if ins.opcode == "dot":
@@ -204,7 +242,7 @@ def anatomy(text: str) -> dict:
                 rhs = shapes.get(ins.operands[1], [("f32", [])])[0][1]
                 dots[f"{lhs} x {rhs} {_role(ins)}"] += times * flops
             elif ins.opcode not in _MOVES:
-                n = times * _elements(ins.out)
+                n = times * min(_elements(ins.out), cap)
                 totals["element_ops"] += n
                 by_source[source]["element_ops"] += n
             if name in fused or ins.opcode in _FREE:
@@ -215,6 +253,9 @@ def anatomy(text: str) -> dict:
                 moved = 2 * _bytes(shapes.get(ins.operands[1], []))
             elif ins.opcode in ("dynamic-slice", "slice"):
                 moved = 2 * _bytes(ins.out)
+            elif ins.opcode == "fusion":
+                moved = _fusion_bytes(comps[ins.attr("calls")], roots[ins.attr("calls")],
+                                      [shapes.get(o, []) for o in ins.operands], ins.out)
             else:
                 moved = _bytes(ins.out) + sum(_bytes(shapes.get(o, [])) for o in ins.operands)
             totals["bytes"] += times * moved
