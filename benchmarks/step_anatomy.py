@@ -19,13 +19,16 @@ instructions by their fusion's count. Per method it prints
     memory traffic;
   * executed counts of the top-level instructions per kind;
 
-and the difference BDIA − remat, attributed to the innermost ``bdia_jax`` source frame of
-each instruction (HLO stack frames: function, file and line), so that the extra work of
-the quantization or of the side bits shows under its own function's name.
+and the dots per block by pass: "forward", "recompute" (a forward op run again in the
+backward pass) and "gradient" (a transposed op), read from each dot's HLO ``op_name``, and
+by operand shapes where the two methods differ. (HLO source frames do not help here: the
+ops of a custom VJP's backward rule carry the frame of its call site.)
 
-The smaller ``--depth`` of the same block shape compiles in seconds; the per-block
-difference is the difference of two depths' totals divided by their depth difference
-(``--depth 4,8`` prints it).
+A smaller ``--depth`` of the same block shape compiles in seconds; the per-block figures
+are the difference of two depths' totals divided by their depth difference (``--depth
+4,8`` prints them). Depths are even: the reversible backward pass runs two held updates
+per loop trip, each a loop of at most one trip without a known count (counted once), and
+with an odd depth the first of them does not run.
 """
 
 from __future__ import annotations
@@ -89,8 +92,6 @@ class Instr:
         self.operands = re.findall(r"%([^\s,)]+)", rest[:i - 1])
         self.param_number = int(rest[:i - 1]) if opcode == "parameter" else None
         self.attrs = rest[i:]
-        frame = re.search(r"stack_frame_id=(\d+)", self.attrs)
-        self.frame = int(frame.group(1)) if frame else None
 
     def attr(self, key):
         m = re.search(key + r"=%?([^\s,}]+)", self.attrs)
@@ -98,20 +99,9 @@ class Instr:
 
 
 def parse_hlo(text: str):
-    """(computations {name: [Instr]}, their roots {name: Instr}, entry name, frame → source
-    label)."""
+    """(computations {name: [Instr]}, their roots {name: Instr}, entry name)."""
     comps, roots, entry, current = {}, {}, None, None
-    section, files, funcs, locs, frames = None, {}, {}, {}, {}
     for line in text.splitlines():
-        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-            section = line
-            continue
-        if section and line and line[0].isdigit():
-            key, value = line.split(" ", 1)
-            {"FileNames": files, "FunctionNames": funcs, "FileLocations": locs,
-             "StackFrames": frames}[section][int(key)] = value
-            continue
-        section = None
         header = _HEADER.match(line)
         if header:
             current = header.group(2)
@@ -122,32 +112,9 @@ def parse_hlo(text: str):
         m = _INSTR.match(line)
         if m and current is not None:
             comps[current].append(Instr(*m.groups()))
-            if line.lstrip().startswith("ROOT "):  # the root last: its output is the call's
-                comps[current].append(comps[current].pop(-1))
+            if line.lstrip().startswith("ROOT "):
                 roots[current] = comps[current][-1]
-    return comps, roots, entry, _frame_labels(files, funcs, locs, frames)
-
-
-def _frame_labels(files, funcs, locs, frames) -> dict[int, str]:
-    """Stack frame id → "function (file:line)" of its innermost frame in bdia_jax."""
-    def field(text, key):
-        return int(re.search(key + r"=(\d+)", text).group(1))
-
-    labels = {}
-    for fid in frames:
-        f, seen = fid, set()
-        while f in frames and f not in seen:
-            seen.add(f)
-            loc = locs[field(frames[f], "file_location_id")]
-            path = files[field(loc, "file_name_id")].strip('"')
-            if "/bdia_jax/" in path:
-                labels[fid] = (f"{funcs[field(loc, 'function_name_id')].strip(chr(34))} "
-                               f"({path.split('/bdia_jax/')[1]}:{field(loc, 'line')})")
-                break
-            f = field(frames[f], "parent_frame_id")
-        else:
-            labels[fid] = "(outside bdia_jax)"
-    return labels
+    return comps, roots, entry
 
 
 def executions(comps, entry) -> dict[str, float]:
@@ -211,13 +178,12 @@ def _role(ins: Instr) -> str:
 
 
 def anatomy(text: str) -> dict:
-    """Executed totals and per-source attribution of one optimized HLO module."""
-    comps, roots, entry, labels = parse_hlo(text)
+    """Executed totals, instruction counts and dots by pass of one optimized HLO module."""
+    comps, roots, entry = parse_hlo(text)
     counts = executions(comps, entry)
     fused = {ins.attr("calls") for c in comps.values() for ins in c if ins.opcode == "fusion"}
     totals = collections.Counter()
     ops = collections.Counter()
-    by_source = collections.defaultdict(collections.Counter)
     dots = collections.Counter()  # "lhs x rhs in pass" -> executed flops
     for name, times in counts.items():
         shapes = {}
@@ -231,20 +197,17 @@ def anatomy(text: str) -> dict:
                                                 comps[name] if ins.opcode.startswith("reduce")
                                                 for o in ins.operands[:1]])
         for ins in comps[name]:
-            source = labels.get(ins.frame, "(no frame)")
             if ins.opcode == "dot":
                 lhs = shapes.get(ins.operands[0], [("f32", [])])[0][1]
-                dims = [int(v) for v in (ins.attr(r"lhs_contracting_dims")
-                                         or "").strip("{}").split(",") if v]
+                dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
+                dims = [int(v) for v in (dims.group(1) if dims else "").split(",") if v]
                 flops = 2 * _elements(ins.out) * math.prod(lhs[d] for d in dims)
                 totals["dot_flops"] += times * flops
-                by_source[source]["dot_flops"] += times * flops
                 rhs = shapes.get(ins.operands[1], [("f32", [])])[0][1]
                 dots[f"{lhs} x {rhs} {_role(ins)}"] += times * flops
             elif ins.opcode not in _MOVES:
                 n = times * min(_elements(ins.out), cap)
                 totals["element_ops"] += n
-                by_source[source]["element_ops"] += n
             if name in fused or ins.opcode in _FREE:
                 continue
             kind = ins.opcode + (f":{ins.attr('kind')}" if ins.opcode == "fusion" else "")
@@ -259,10 +222,7 @@ def anatomy(text: str) -> dict:
             else:
                 moved = _bytes(ins.out) + sum(_bytes(shapes.get(o, [])) for o in ins.operands)
             totals["bytes"] += times * moved
-            by_source[source]["bytes"] += times * moved
-            by_source[source]["instructions"] += times
-    return {"totals": dict(totals), "ops": dict(ops), "dots": dict(dots),
-            "by_source": {k: dict(v) for k, v in by_source.items()}}
+    return {"totals": dict(totals), "ops": dict(ops), "dots": dict(dots)}
 
 
 def step_config(shape: str, depth: int, method: str, context: int, opts):
@@ -344,7 +304,7 @@ def _fmt(v: float) -> str:
     return f"{v / 1e9:.3f} G"
 
 
-def report(data: dict, depths, top: int) -> str:
+def report(data: dict, depths) -> str:
     lines = []
     for depth in depths:
         r, b = data[f"remat@{depth}"], data[f"bdia@{depth}"]
@@ -368,7 +328,7 @@ def report(data: dict, depths, top: int) -> str:
                              f"{b['ops'].get(kind, 0):>8.0f}{d:>+8.0f}")
     if len(depths) >= 2:
         lo, hi = min(depths), max(depths)
-        lines.append(f"\n== per block (depth {hi} - depth {lo}) / {hi - lo}, by source ==")
+        lines.append(f"\n== per block: (depth {hi} - depth {lo}) / {hi - lo} ==")
         per = {}
         for m in METHODS:
             a, z = data[f"{m}@{lo}"], data[f"{m}@{hi}"]
@@ -377,13 +337,8 @@ def report(data: dict, depths, top: int) -> str:
         for key in ("dot_flops", "element_ops", "bytes"):
             lines.append(f"{key:24}{_fmt(per['remat'][key]):>14}{_fmt(per['bdia'][key]):>14}"
                          f"{per['bdia'][key] / max(per['remat'][key], 1):>12.4f}")
-        diff = collections.Counter()
-        for m, sign in (("bdia", 1), ("remat", -1)):
-            for d, s in ((hi, 1), (lo, -1)):
-                for src, v in data[f"{m}@{d}"]["by_source"].items():
-                    for k in ("dot_flops", "element_ops", "bytes"):
-                        diff[(src, k)] += sign * s * v.get(k, 0) / (hi - lo)
-        lines.append("per-block dot GFLOPs by operand shapes and pass (from the HLO op_name):")
+        lines.append("per-block dot GFLOPs by pass (from the HLO op_name), and by operand "
+                     "shapes where the methods differ:")
         per_dot = {}
         for m in METHODS:
             a, z = data[f"{m}@{lo}"]["dots"], data[f"{m}@{hi}"]["dots"]
@@ -391,16 +346,11 @@ def report(data: dict, depths, top: int) -> str:
         for k in sorted(set(per_dot["remat"]) | set(per_dot["bdia"]),
                         key=lambda k: (k.rsplit(" ", 1)[1], k)):
             r, b = per_dot["remat"].get(k, 0), per_dot["bdia"].get(k, 0)
-            if r or b:
+            if r != b:
                 lines.append(f"  remat {r / 1e9:7.3f}  bdia {b / 1e9:7.3f}  {(b - r) / 1e9:+8.3f}  {k}")
         for role in ("forward", "recompute", "gradient"):
             r, b = (sum(v for k, v in per_dot[m].items() if k.endswith(role)) for m in METHODS)
             lines.append(f"  {role:9} remat {r / 1e9:7.3f}  bdia {b / 1e9:7.3f}  {(b - r) / 1e9:+8.3f}")
-        for key in ("dot_flops", "element_ops", "bytes"):
-            rows = sorted(((v, src) for (src, k), v in diff.items() if k == key and v),
-                          key=lambda t: -abs(t[0]))[:top]
-            lines.append(f"per-block {key}, bdia - remat, by source (top {top}):")
-            lines += [f"  {v / 1e6:>+12.2f} M  {src}" for v, src in rows]
     return "\n".join(lines)
 
 
@@ -412,7 +362,6 @@ def parse_args(argv=None):
     p.add_argument("--compute_dtype", default="bfloat16", help="matmul dtype")
     p.add_argument("--attention_chunk", type=int, default=128, help="queries per block")
     p.add_argument("--loss_chunk", type=int, default=512, help="positions per loss chunk")
-    p.add_argument("--top", type=int, default=12, help="sources listed per quantity")
     p.add_argument("--unchunked_mlp", default="",
                    help="methods (remat,bdia) whose MLP runs over the whole sequence "
                         "(chunk_mlp=False); the others' over blocks like the attention")
@@ -431,6 +380,11 @@ def main(argv=None) -> dict:
     except ValueError:
         raise SystemExit(f"benchmarks.step_anatomy: --size must be BATCHxCONTEXT and --depth "
                          f"integers, got {args.size!r}, {args.depth!r}") from None
+    if any(d < 2 or d % 2 for d in depths):
+        # The reversible backward pass runs two held updates per loop trip; with an odd
+        # depth the first does not run, and a loop without a trip count is counted once.
+        raise SystemExit(f"benchmarks.step_anatomy: --depth takes even depths >= 2, got "
+                         f"{args.depth!r}")
     if args.shape not in mc.SHAPES:
         raise SystemExit(f"benchmarks.step_anatomy: --shape must be one of "
                          f"{sorted(mc.SHAPES)}, got {args.shape!r}")
@@ -443,7 +397,7 @@ def main(argv=None) -> dict:
     data = measure(args.shape, depths, batch, context, opts, args.out_dir)
     print(f"{args.shape}, batch {batch} x context {context}, full fine-tuning, MLP unchunked "
           f"for {unchunked or 'none'}, commit {mc.commit()}")
-    print(report(data, depths, args.top))
+    print(report(data, depths))
     if args.time_rounds:
         data["time"] = time_steps(args.shape, max(depths), batch, context, args.time_rounds,
                                   opts)
