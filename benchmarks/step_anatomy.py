@@ -44,7 +44,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bdia_jax import training
 from benchmarks import max_context as mc
+from benchmarks import registry
 from experiments.common.memory import compiled_memory
 
 METHODS = ("remat", "bdia")
@@ -251,13 +253,13 @@ def time_steps(shape: str, depth: int, batch: int, context: int, rounds: int, op
     """Seconds per train step of both methods at ``step_config``, really run: one step each
     (compile), then ``rounds`` rounds of one step of each method in turn, so that machine
     noise hits them alike (``max_context.time_steps``, with this benchmark's configs)."""
-    opt, vocab = mc.registry.optimizer(), mc.SHAPES[shape][0]["vocab_size"]
+    opt, vocab = registry.optimizer(), mc.SHAPES[shape][0]["vocab_size"]
     tokens = jax.random.randint(jax.random.key(0), (batch, context + 1), 0, vocab, jnp.int32)
     runs = {}
     for method in METHODS:
         model = mc.make_model(step_config(shape, depth, method, context, opts))
-        graphdef, state = mc.training.init(model, opt, jax.random.PRNGKey(2))
-        step = jax.jit(mc.training.make_train_step(graphdef, mc.loss_fn(opts["loss_chunk"]),
+        graphdef, state = training.init(model, opt, jax.random.PRNGKey(2))
+        step = jax.jit(training.make_train_step(graphdef, mc.loss_fn(opts["loss_chunk"]),
                                                    opt), donate_argnums=0)
         state, _ = jax.block_until_ready(step(state, tokens))
         runs[method] = dict(step=step, state=state, times=[])
