@@ -1,7 +1,13 @@
 """Where a train step's time goes: the compiled remat and BDIA (``recompute="shared"``)
 train steps of ``benchmarks.max_context``, compared op by op without running them.
 
-    python -m benchmarks.step_anatomy --shape smollm2-135m --depth 4 --size 4x256
+    python -m benchmarks.step_anatomy --shape smollm2-135m --depth 4,8 --size 4x256
+    python -m benchmarks.step_anatomy --shape smollm2-135m --depth 30 --size 4x256 \
+        --unchunked_mlp bdia --time_rounds 5
+
+``--unchunked_mlp``: the methods whose MLP runs over the whole sequence
+(``chunk_mlp=False``). ``--time_rounds``: also run both steps at the largest depth,
+interleaved round by round (``max_context``'s ``--time``, with these configs).
 
 ``compiled.cost_analysis()`` counts a while loop's body once, whatever its trip count, so
 on a scanned stack it mostly measures the head and the optimizer. This benchmark reads the
@@ -15,8 +21,9 @@ instructions by their fusion's count. Per method it prints
     not (what a CPU's vector units do: the quantization, the side bits, the γ mixing); a
     fused instruction counts at most its fusion's output (or fused reduction's input);
   * bytes: operands + outputs of the top-level instructions (fusions, dots, copies; a
-    dynamic-update-slice counts its update twice, a slice its output twice), an estimate of
-    memory traffic;
+    dynamic-update-slice counts its update twice, a slice its output twice, and so do a
+    fusion's operand read through dynamic-slices and its in-place root update), an
+    estimate of memory traffic;
   * executed counts of the top-level instructions per kind;
 
 and the dots per block by pass: "forward", "recompute" (a forward op run again in the
@@ -186,7 +193,7 @@ def anatomy(text: str) -> dict:
     fused = {ins.attr("calls") for c in comps.values() for ins in c if ins.opcode == "fusion"}
     totals = collections.Counter()
     ops = collections.Counter()
-    dots = collections.Counter()  # "lhs x rhs in pass" -> executed flops
+    dots = collections.Counter()  # "lhs x rhs pass" -> executed flops
     for name, times in counts.items():
         shapes = {}
         for ins in comps[name]:
