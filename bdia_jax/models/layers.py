@@ -175,6 +175,10 @@ class BlockSettings:
     chunk_size: int = 128  # queries per block of attention="chunked"
     # MLP over blocks of chunk_size positions (a recomputing custom VJP: one block's
     # [chunk, mlp_dim] activations at a time); None: chunked iff attention == "chunked".
+    # Chunked, Reversible(recompute="shared") runs the MLP's forward once more per block
+    # than remat (its rebuild needs the MLP's output, then the VJP recomputes the
+    # activations; benchmarks.step_anatomy); False saves that for one block's
+    # [len, mlp_dim] activations.
     chunk_mlp: bool | None = None
     # Low-rank adapters on the chosen projections of every block (bdia_jax.models.LoRA), or
     # None: none. Train only them with bdia_jax.training's trainable=nnx.LoRAParam.
