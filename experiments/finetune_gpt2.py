@@ -226,19 +226,25 @@ def _beam(model, cache, last, offset, *, max_new: int, eos_id: int, beam_size: i
     return tokens
 
 
+def new_token_budget(config, data: FinetuneData) -> int:
+    """The decodes' new tokens: eval.max_new_tokens, within the context after the longest
+    prompt (a prompt of length p leaves max_len - p + 1 positions)."""
+    context = data.architecture["max_len"]
+    return min(config.eval.max_new_tokens,
+               context - max(len(p) for p in data.bleu_prompts) + 1)
+
+
 def decode_all(run, state, *, beam_size: int) -> list[str]:
     """Greedy (beam_size 0) or beam-search decodes of every prompt of
     ``run.data.bleu_prompts``, in mr order. Prompts go in batches of one length (the
     prefill compiles once per length, the search once), a length's last batch filled up
     with copies of its first prompt."""
     e, data = run.config.eval, run.data
-    eos, context, size = data.tokenizer.eos_id, data.architecture["max_len"], \
-        e.decode_batch_size
+    eos, size = data.tokenizer.eos_id, e.decode_batch_size
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(data.bleu_prompts):
         by_length.setdefault(len(prompt), []).append(i)
-    # Positions up to the context: a prompt of length p leaves context - p + 1 new tokens.
-    max_new = min(e.max_new_tokens, context - max(by_length) + 1)
+    max_new = new_token_budget(run.config, data)
     prefill = trainer.model_step(run, _prefill, rows_per_prompt=max(beam_size, 1))
     if beam_size:
         search = trainer.model_step(run, _beam, max_new=max_new, eos_id=eos,

@@ -23,7 +23,7 @@ import ml_collections
 import torch
 import transformers
 
-from experiments import finetune_lm
+from experiments import finetune_gpt2, finetune_lm
 
 
 def main():
@@ -44,10 +44,7 @@ def main():
     results = workdir / f"seed_{args.seed}" / "checkpoints"
     names = args.models.split(",") if args.models else sorted(
         p.name[:-len("_result.json")] for p in results.glob("*_result.json"))
-    eos, context = data.tokenizer.eos_id, data.architecture["max_len"]
-    # As experiments.finetune_gpt2.decode_all: the longest prompt bounds the new tokens.
-    max_new = min(config.eval.max_new_tokens,
-                  context - max(len(p) for p in data.bleu_prompts) + 1)
+    eos, max_new = data.tokenizer.eos_id, finetune_gpt2.new_token_budget(config, data)
     prompts = data.bleu_prompts[:args.mrs]
     for name in names:
         result = json.loads((results / f"{name}_result.json").read_text())
