@@ -1,6 +1,8 @@
 """The command line of the experiments (``python -m experiments.<name>``), the workdir's
-config record (``config.json``: a resumed run must be the same run) and the config
-fingerprint that every result and checkpoint carries (``run_config``, ``fingerprint``)."""
+config record (``config.json``: a resumed run must be the same run), the config
+fingerprint that every result and checkpoint carries (``run_config``, ``fingerprint``) and
+a run's records without its checkpoints (``save_records`` / ``restore_records``: what a run
+carries from one machine to the next)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable
 
 import ml_collections
 
 from experiments.common import config as config_lib
 from experiments.common import metrics
+from experiments.common.checkpoint import CONFIG_FINGERPRINT_KEY
 
 
 def run_config(config: ml_collections.ConfigDict, model: str, *,
@@ -105,6 +109,123 @@ def check_resume_config(
                 "resume with the same settings or use a new --workdir."
             )
     metrics.write_json(path, new)
+
+
+# The files of a run folder (the workdir, each seed_<s>) that describe what it trained and
+# measured, without the checkpoints: together a few hundred kB, where one full fine-tuning
+# checkpoint is GBs. Plus each finished model's checkpoints/<name>_result.json.
+RECORD_FILES = ("config.json", "metrics.jsonl", "summary.json")
+
+
+class RecordsError(ValueError):
+    """Records that would mix two runs, or lose a finished model."""
+
+
+def _run_folders(root: str) -> list[str]:
+    """The run folders under ``root``, relative: "." and every seed_<s>."""
+    seeds = sorted(name for name in os.listdir(root) if name.startswith("seed_")
+                   and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)))
+    return [".", *seeds]
+
+
+def _results(folder: str) -> dict[str, str]:
+    """{model name: path} of the finished models' result records in a run folder."""
+    paths = glob.glob(os.path.join(folder, "checkpoints", "*_result.json"))
+    return {os.path.basename(p)[:-len("_result.json")]: p for p in paths}
+
+
+def _check_same_run(a: str, b: str, resumable: Iterable[str]) -> None:
+    """Raises ``RecordsError`` when the config.json of run folders ``a`` and ``b`` (both
+    present) differ outside ``resumable``."""
+    paths = [os.path.join(folder, "config.json") for folder in (a, b)]
+    if not all(os.path.isfile(p) for p in paths):
+        return
+    old, new = (json.load(open(p)) for p in paths)
+    changed = config_lib.diff_fields(old, new, ignore=resumable)
+    if changed:
+        raise RecordsError(f"{paths[0]} and {paths[1]} are different runs (fields: "
+                           f"{', '.join(changed[:5])}); keep each run's records in a folder "
+                           f"of its own")
+
+
+def _fingerprint(path: str) -> str | None:
+    with open(path) as f:
+        return json.load(f).get(CONFIG_FINGERPRINT_KEY)
+
+
+def save_records(workdir: str, dest: str, *, resumable: Iterable[str]) -> list[str]:
+    """Copy the records of the run in ``workdir`` (``RECORD_FILES`` of it and of every
+    seed_<s>, and each finished model's ``checkpoints/<name>_result.json``; no checkpoint)
+    into ``dest``, which mirrors the workdir's layout; returns the written paths.
+
+    ``dest`` may hold records saved before: ``workdir`` must then be the same run
+    (config.json equal outside ``resumable``) and hold every finished model of ``dest``
+    (restore ``dest`` into it first, ``restore_records``), trained with the same config
+    (the result's fingerprint), so that nothing finished is lost. Raises ``RecordsError``.
+    """
+    resumable = tuple(resumable)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise RecordsError(f"{workdir} holds no config.json: pass the --workdir of a run")
+    written = []
+    for rel in _run_folders(workdir):
+        src, out = os.path.join(workdir, rel), os.path.join(dest, rel)
+        _check_same_run(out, src, resumable)
+        ours = _results(src)
+        for name, kept in _results(out).items():
+            if name not in ours:
+                raise RecordsError(f"{kept} is a finished model that {src} lacks; restore "
+                                   f"the records into the workdir first (restore_records) "
+                                   f"and rerun there")
+            if _fingerprint(kept) != _fingerprint(ours[name]):
+                raise RecordsError(f"{kept} and {ours[name]} were trained with different "
+                                   f"configs; keep each run's records in a folder of its own")
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        files = [(os.path.join(src, f), os.path.join(out, f)) for f in RECORD_FILES]
+        files += [(p, os.path.join(out, "checkpoints", os.path.basename(p)))
+                  for p in ours.values()]
+        for a, b in files:
+            if os.path.isfile(a):
+                shutil.copyfile(a, b)
+                written.append(b)
+    return written
+
+
+def restore_records(src: str, workdir: str, *, resumable: Iterable[str]) -> list[str]:
+    """The inverse of ``save_records``: copy the records in ``src`` into ``workdir``, so that
+    rerunning the run's command there reuses every finished model (its result, by the
+    config fingerprint) and retrains only the others; returns the written paths.
+
+    A run folder of ``workdir`` may already hold records only if they are the same as
+    ``src``'s (a restore done before) or ``src`` has none there: records are never merged
+    line by line. Raises ``RecordsError``.
+    """
+    resumable = tuple(resumable)
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise RecordsError(f"{src} holds no config.json: pass a folder written by save_records")
+    plan = []
+    for rel in _run_folders(src):
+        a, b = os.path.join(src, rel), os.path.join(workdir, rel)
+        _check_same_run(a, b, resumable)
+        files = [(os.path.join(a, f), os.path.join(b, f)) for f in RECORD_FILES]
+        files += [(p, os.path.join(b, "checkpoints", os.path.basename(p)))
+                  for p in _results(a).values()]
+        for x, y in files:
+            if not os.path.isfile(x):
+                continue
+            if not os.path.exists(y):
+                plan.append((x, y))
+            elif not y.endswith(("config.json", "summary.json")) and not _same_bytes(x, y):
+                raise RecordsError(f"{y} already holds other records than {x}; restore into "
+                                   f"a new --workdir")
+    for x, y in plan:  # nothing is written unless all of it can be
+        os.makedirs(os.path.dirname(y), exist_ok=True)
+        shutil.copyfile(x, y)
+    return [y for _, y in plan]
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb") as f, open(b, "rb") as g:
+        return f.read() == g.read()
 
 
 def run_experiment(
