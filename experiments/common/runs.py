@@ -153,6 +153,23 @@ def _fingerprint(path: str) -> str | None:
         return json.load(f).get(CONFIG_FINGERPRINT_KEY)
 
 
+def _record_pairs(src: str, dst: str) -> list[tuple[str, str]]:
+    """(source, target) paths of the records in run folder ``src``, mirrored under ``dst``."""
+    pairs = [(os.path.join(src, f), os.path.join(dst, f)) for f in RECORD_FILES]
+    pairs += [(p, os.path.join(dst, "checkpoints", os.path.basename(p)))
+              for p in _results(src).values()]
+    return [(a, b) for a, b in pairs if os.path.isfile(a)]
+
+
+def _copy_all(pairs: list[tuple[str, str]]) -> list[str]:
+    """Copy every (source, target) pair, after all the checks passed: nothing is written
+    unless all of it can be."""
+    for a, b in pairs:
+        os.makedirs(os.path.dirname(b), exist_ok=True)
+        shutil.copyfile(a, b)
+    return [b for _, b in pairs]
+
+
 def save_records(workdir: str, dest: str, *, resumable: Iterable[str]) -> list[str]:
     """Copy the records of the run in ``workdir`` (``RECORD_FILES`` of it and of every
     seed_<s>, and each finished model's ``checkpoints/<name>_result.json``; no checkpoint)
@@ -166,7 +183,7 @@ def save_records(workdir: str, dest: str, *, resumable: Iterable[str]) -> list[s
     resumable = tuple(resumable)
     if not os.path.isfile(os.path.join(workdir, "config.json")):
         raise RecordsError(f"{workdir} holds no config.json: pass the --workdir of a run")
-    written = []
+    pairs = []
     for rel in _run_folders(workdir):
         src, out = os.path.join(workdir, rel), os.path.join(dest, rel)
         _check_same_run(out, src, resumable)
@@ -179,15 +196,8 @@ def save_records(workdir: str, dest: str, *, resumable: Iterable[str]) -> list[s
             if _fingerprint(kept) != _fingerprint(ours[name]):
                 raise RecordsError(f"{kept} and {ours[name]} were trained with different "
                                    f"configs; keep each run's records in a folder of its own")
-        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-        files = [(os.path.join(src, f), os.path.join(out, f)) for f in RECORD_FILES]
-        files += [(p, os.path.join(out, "checkpoints", os.path.basename(p)))
-                  for p in ours.values()]
-        for a, b in files:
-            if os.path.isfile(a):
-                shutil.copyfile(a, b)
-                written.append(b)
-    return written
+        pairs += _record_pairs(src, out)
+    return _copy_all(pairs)
 
 
 def restore_records(src: str, workdir: str, *, resumable: Iterable[str]) -> list[str]:
@@ -202,25 +212,17 @@ def restore_records(src: str, workdir: str, *, resumable: Iterable[str]) -> list
     resumable = tuple(resumable)
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise RecordsError(f"{src} holds no config.json: pass a folder written by save_records")
-    plan = []
+    pairs = []
     for rel in _run_folders(src):
-        a, b = os.path.join(src, rel), os.path.join(workdir, rel)
-        _check_same_run(a, b, resumable)
-        files = [(os.path.join(a, f), os.path.join(b, f)) for f in RECORD_FILES]
-        files += [(p, os.path.join(b, "checkpoints", os.path.basename(p)))
-                  for p in _results(a).values()]
-        for x, y in files:
-            if not os.path.isfile(x):
-                continue
-            if not os.path.exists(y):
-                plan.append((x, y))
-            elif not y.endswith(("config.json", "summary.json")) and not _same_bytes(x, y):
-                raise RecordsError(f"{y} already holds other records than {x}; restore into "
+        folder, target = os.path.join(src, rel), os.path.join(workdir, rel)
+        _check_same_run(folder, target, resumable)
+        for a, b in _record_pairs(folder, target):
+            if not os.path.exists(b):
+                pairs.append((a, b))
+            elif not b.endswith(("config.json", "summary.json")) and not _same_bytes(a, b):
+                raise RecordsError(f"{b} already holds other records than {a}; restore into "
                                    f"a new --workdir")
-    for x, y in plan:  # nothing is written unless all of it can be
-        os.makedirs(os.path.dirname(y), exist_ok=True)
-        shutil.copyfile(x, y)
-    return [y for _, y in plan]
+    return _copy_all(pairs)
 
 
 def _same_bytes(a: str, b: str) -> bool:
