@@ -298,7 +298,8 @@ class FinetuneLM(gpt2.FinetuneGPT2):
     model_class = staticmethod(load_pretrained_lm)
     display_names = {"standard": "standard", "dropout": "standard+dropout0.1", "bdia": "BDIA",
                      "lora": "LoRA", "lora_bdia": "LoRA+BDIA",
-                     "dropout_05": "standard+dropout0.05", "dropout_20": "standard+dropout0.2"}
+                     "dropout_05": "standard+dropout0.05", "dropout_20": "standard+dropout0.2",
+                     "bdia_25": "BDIA γ=0.25", "bdia_125": "BDIA γ=0.125"}
     method_model_fields = ("dropout", "attention_dropout", *LORA_FIELDS)
     method_optim_fields = ("learning_rate",)
     resumable = (*gpt2.FinetuneGPT2.resumable, "eval.num_samples", "eval.export_hf",

@@ -20,11 +20,12 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from experiments.common import runs  # noqa: E402
-from experiments.common.trainer import RESUMABLE  # noqa: E402
+from experiments.common.trainer import PER_MODEL, RESUMABLE  # noqa: E402
 
-# Fields that differ between invocations of one run: the resumable ones and the seeds list
-# (seeds may be added to a run).
-SAME_RUN_IGNORES = (*RESUMABLE, "seeds")
+# Fields that may differ between invocations of one run: the resumable ones, the method
+# entries (each result carries its own entry's fingerprint) and the seeds (seeds may be
+# added to a run).
+SAME_RUN_IGNORES = (*RESUMABLE, *PER_MODEL, "seeds")
 
 
 def main(argv=None) -> None:

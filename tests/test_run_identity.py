@@ -60,6 +60,15 @@ def test_a_finished_run_is_never_reused_under_another_config(tmp_path, capsys):
     assert again["models"]["bdia"]["num_params"] == params
     assert _run(_config(), tmp_path)["models"]["bdia"]["num_params"] == params
     assert "already finished in this workdir; reusing" in capsys.readouterr().out
+    # A method entry added to the run (a variant to train beside the finished model) does
+    # not block the workdir; a finished model's own entry changed is caught by its result.
+    config = _config()
+    config.methods.bdia_25 = dict(config.methods.bdia.to_dict(), gamma=0.25)
+    assert _run(config, tmp_path)["models"]["bdia"]["num_params"] == params
+    config.methods.bdia.gamma = 0.25
+    with pytest.raises(config_lib.ConfigError, match=r"bdia_result.json was trained with a "
+                       r"different config \(methods.bdia.gamma 0.5 -> 0.25\)"):
+        _run(config, tmp_path)
 
 
 def test_run_config_ignores_eval_resumable_fields_and_other_models():

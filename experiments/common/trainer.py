@@ -74,6 +74,11 @@ RESUMABLE = (
     "mesh.fsdp", "distributed.initialize", "distributed.coordinator_address",
     "distributed.num_processes", "distributed.process_id",
 )
+# Fields that may differ between the configs of one workdir's invocations although they
+# change a model's training: each model's result and checkpoints carry the fingerprint of
+# its own entry of them (runs.run_config), which is checked before either is reused. So a
+# method entry can be added to a run (a new variant beside the finished models).
+PER_MODEL = ("methods",)
 # Record kinds the loop writes; every other kind is a task report, redone on re-evaluation.
 LOOP_KINDS = ("train", "eval")
 
@@ -828,7 +833,8 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
     validate_config(task, config, mesh)
     os.makedirs(workdir, exist_ok=True)
     # Seeds may be added to a run (the finished ones are reused).
-    runs.check_resume_config(config, workdir, resumable=RESUMABLE + task.resumable + ("seeds",))
+    runs.check_resume_config(config, workdir,
+                             resumable=RESUMABLE + task.resumable + PER_MODEL + ("seeds",))
 
     load_start = time.perf_counter()
     data = task.load_data(config, workdir, mesh)
@@ -857,7 +863,7 @@ def train_and_evaluate(task: Task, config: ml_collections.ConfigDict, workdir: s
             seed_dir = os.path.join(workdir, f"seed_{seed}")
             os.makedirs(seed_dir, exist_ok=True)
             runs.check_resume_config(seed_config, seed_dir,
-                                     resumable=RESUMABLE + task.resumable)
+                                     resumable=RESUMABLE + task.resumable + PER_MODEL)
             log(f"--- seed {seed} ({len(per_seed) + 1}/{len(config.seeds)}) in {seed_dir}")
             seed_start = time.perf_counter()
             per_seed[seed], seed_files = _train_one_seed(task, seed_config, data, mesh,

@@ -24,12 +24,15 @@ The methods (``config.methods``; ``models`` lists the ones a "compare" run train
 ``standard`` (full fine-tuning, no dropout), ``dropout`` / ``dropout_05`` / ``dropout_20``
 (full fine-tuning with dropout 0.1 / 0.05 / 0.2: the sweep whose best validation loss picks
 the table's rate), ``bdia`` (full fine-tuning, BDIA γ = ±0.5 on the 2**-l grid, reversible
-with recompute="shared"), ``lora`` (adapters only, standard update) and ``lora_bdia``
-(adapters only, BDIA). A method entry may set the model fields dropout, attention_dropout
+with recompute="shared"; ``bdia_25`` / ``bdia_125``: γ = ±0.25 / ±0.125, extra rows),
+``lora`` (adapters only, standard update) and ``lora_bdia`` (adapters only, BDIA).
+A method entry may set the model fields dropout, attention_dropout
 and lora_*, and the optim field learning_rate, besides the method keywords.
 
 Changing any field of a preset after a run started in a workdir stops its resume there
-(the run checks the config it was started with): start a new workdir instead.
+(the run checks the config it was started with): start a new workdir instead. Method entries
+may be added (and ``models``, ``seeds`` changed): a finished model's own entry is checked
+against its result's fingerprint.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ LORA_LR = 1e-3
 # neighbours. The rate of the "standard+dropout" row is the one with the lowest best
 # validation loss at seed 0 (docs/results.md); only that entry trains the other seeds.
 DROPOUT_RATES = {"dropout_05": 0.05, "dropout": 0.1, "dropout_20": 0.2}
+# BDIA at smaller |γ| (powers of two, so still exactly reversible): the sweep the dropout
+# rate gets, for BDIA. Extra rows beside the table's BDIA row, which is the paper's ±0.5.
+BDIA_GAMMAS = {"bdia_25": 0.25, "bdia_125": 0.125}
 
 
 def _dropout(rate: float) -> dict:
@@ -78,6 +84,8 @@ def _base() -> ml_collections.ConfigDict:
     c.methods.lora_bdia = dict(BDIA, learning_rate=LORA_LR, **LORA)
     c.methods.dropout_05 = _dropout(DROPOUT_RATES["dropout_05"])
     c.methods.dropout_20 = _dropout(DROPOUT_RATES["dropout_20"])
+    for name, gamma in BDIA_GAMMAS.items():
+        c.methods[name] = dict(BDIA, gamma=gamma)
     c.models = ("standard", "dropout", "bdia", "lora", "lora_bdia")
 
     # --- the pretrained model; its architecture comes from the checkpoint.
@@ -168,8 +176,8 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
                    keep_checkpoints=1)
     # SmolLM2's residual stream exceeds the exact range 2**24 · 2**-9 of frac_bits 9
     # (docs/results.md: every step overflowed and was held); frac_bits 7: 4x the range.
-    c.methods.bdia.frac_bits = 7
-    c.methods.lora_bdia.frac_bits = 7
+    for name in ("bdia", "lora_bdia", *BDIA_GAMMAS):
+        c.methods[name].frac_bits = 7
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
@@ -187,9 +195,10 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     elif c.preset == "smollm2_e2e":
         _smollm2(c)
         c.data.dir = f"{SHARED}/data/e2e"
-        # Seed 0 of the five methods, then the other two rates of the dropout sweep.
+        # Seed 0 of the five methods, then the other two rates of the dropout sweep and
+        # BDIA at the smaller |γ|.
         c.models = ("standard", "dropout", "bdia", "lora", "lora_bdia", "dropout_05",
-                    "dropout_20")
+                    "dropout_20", *BDIA_GAMMAS)
         # A CPU regime sized from the timed step (docs/results.md): rows padded to 144
         # tokens (the longest E2E pair, dev and test, fits), batch 8, 64 training rows
         # (limited data) seen 4 times = 32 steps, a validation point per epoch; the
@@ -205,9 +214,10 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         _smollm2(c)
         c.data.format = "text"
         c.data.text = "tfds:tiny_shakespeare"
-        # Seed 0 of the five methods, then the dropout sweep's other two rates, as E2E.
+        # Seed 0 of the five methods, then the dropout sweep's other two rates and BDIA at
+        # the smaller |γ|, as E2E.
         c.models = ("standard", "dropout", "bdia", "lora", "lora_bdia", "dropout_05",
-                    "dropout_20")
+                    "dropout_20", *BDIA_GAMMAS)
         c.data.dir = f"{SHARED}/tensorflow_datasets"
         # A small slice: the first 32 rows of 129 tokens of the train split (~4k tokens),
         # seen 8 times, so that standard fine-tuning overfits within the run; a validation
