@@ -30,6 +30,12 @@ inputs: depth·tokens·width·2 bytes) and "remat_offload" (remat with each bloc
 offloaded to host memory, which XLA:CPU does not have: remat minus all saved block inputs
 but two, the one in flight and the one being recomputed).
 
+``--unchunked_mlp METHODS`` (as in ``benchmarks.step_anatomy``): those methods' MLP runs
+over the whole sequence (``chunk_mlp=False``: faster, one block's [len, mlp_dim]
+activations more); the analytic rows follow remat's peaks at their own setting. Records
+carry ``unchunked_mlp``, and a measurement's key tags its method (``bdia+unchunked_mlp``),
+so the two settings' peaks never stand in for each other, in one out_dir or across runs.
+
 Search: a size's peak is cached in ``max_context.json`` (``measurements``), so a rerun
 resumes. Peak memory is affine in the batch and, with chunked attention (causal rows built
 per query block), nearly affine in the context, so the peaks at three seed sizes are fitted
@@ -122,13 +128,16 @@ def lora_param_count(fields: dict, rank: int = LORA_RANK) -> int:
 
 
 def model_config(shape: str, method: str, context: int, compute_dtype: str,
-                 attention_chunk: int, mode: str = "full") -> DecoderConfig:
+                 attention_chunk: int, mode: str = "full",
+                 unchunked_mlp: bool = False) -> DecoderConfig:
     """The DecoderConfig of ``shape`` at ``context`` trained with compiled ``method``, with
-    the ``LORA16`` adapters in mode "lora16"."""
+    the ``LORA16`` adapters in mode "lora16"; the MLP over the attention's position blocks,
+    or over the whole sequence (``chunk_mlp=False``) when ``unchunked_mlp``."""
     fields, _ = SHAPES[shape]
     return named_config(DecoderConfig, {shape: fields}, shape, dict(
         max_len=context, param_dtype="bfloat16", compute_dtype=compute_dtype,
         attention="chunked", chunk_size=attention_chunk,
+        chunk_mlp=False if unchunked_mlp else None,
         lora=LORA16 if mode == "lora16" else None,
         **registry.METHODS[COMPILED[method]][1]))
 
@@ -173,11 +182,11 @@ def tree_bytes(tree) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def measure(shape, mode, method, batch, context, opts) -> dict:
+def measure(shape, mode, method, batch, context, opts, unchunked_mlp=False) -> dict:
     """compiled_memory of the train step at (batch, context), with compile seconds and the
-    state's sizes."""
+    state's sizes; the MLP unchunked when ``unchunked_mlp`` (``model_config``)."""
     config = model_config(shape, method, context, opts["compute_dtype"],
-                          opts["attention_chunk"], mode)
+                          opts["attention_chunk"], mode, unchunked_mlp)
     step, state = abstract_step(config, mode, opts["loss_chunk"])
     memory, seconds = registry.compiled_token_step_memory(step, state, batch, context)
     memory.update(compile_seconds=round(seconds, 2), param_bytes=tree_bytes(state.params),
@@ -263,12 +272,31 @@ def analytic_peak(method: str, shape: str, remat_peak: int, batch: int, context:
     return remat_peak - saved * (depth - 2) // depth
 
 
-class Runner:
-    """The cached measurements of one out_dir (``max_context.json``)."""
+UNCHUNKED_TAG = "+unchunked_mlp"  # on a measured method's name: its MLP ran unchunked
 
-    def __init__(self, out_dir: str, opts: dict):
+
+def measured_name(method: str, unchunked_mlp: bool) -> str:
+    """The method field of a measurement's cache key: the compiled method (remat for the
+    analytic rows), tagged when its MLP ran over the whole sequence, so that a chunked
+    peak is never read as an unchunked one."""
+    return ANALYTIC.get(method, method) + (UNCHUNKED_TAG if unchunked_mlp else "")
+
+
+def measurement_key(shape, mode, name, batch, context) -> str:
+    """``measurements``' key: shape/mode/measured_name/b<batch>/t<context>."""
+    return f"{shape}/{mode}/{name}/b{batch}/t{context}"
+
+
+class Runner:
+    """The cached measurements of one out_dir (``max_context.json``). ``unchunked_mlp``:
+    the methods (analytic ones included, through remat's peaks) whose MLP runs unchunked;
+    it is part of each measurement's key, not of the options, so both settings can share
+    an out_dir."""
+
+    def __init__(self, out_dir: str, opts: dict, unchunked_mlp=()):
         self.path = os.path.join(out_dir, "max_context.json")
         self.opts = opts
+        self.unchunked_mlp = frozenset(unchunked_mlp)
         self.data = {"measurements": {}}
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -286,28 +314,33 @@ class Runner:
             json.dump(self.data, f, indent=1)
         os.replace(tmp, self.path)
 
-    def peak(self, shape, mode, method, batch, context) -> int:
-        key = f"{shape}/{mode}/{method}/b{batch}/t{context}"
+    def peak(self, shape, mode, method, batch, context, unchunked_mlp=False) -> int:
+        """The compiled peak of compiled ``method``, cached."""
+        key = measurement_key(shape, mode, measured_name(method, unchunked_mlp), batch,
+                              context)
         cache = self.data["measurements"]
         if key not in cache:
-            cache[key] = measure(shape, mode, method, batch, context, self.opts)
+            cache[key] = measure(shape, mode, method, batch, context, self.opts,
+                                 unchunked_mlp)
             self.save()
             print(f"  {key}: {cache[key]['peak_estimate_bytes'] / GIB:.3f} GiB "
                   f"({cache[key]['compile_seconds']:.1f} s)", flush=True)
         return cache[key]["peak_estimate_bytes"]
 
     def method_peak(self, shape, mode, method, batch, context) -> int:
+        """The peak of ``method`` (compiled, or derived from remat's) at its MLP setting."""
+        unchunked = method in self.unchunked_mlp
         if method in ANALYTIC:
-            remat = self.peak(shape, mode, ANALYTIC[method], batch, context)
+            remat = self.peak(shape, mode, ANALYTIC[method], batch, context, unchunked)
             return analytic_peak(method, shape, remat, batch, context)
-        return self.peak(shape, mode, method, batch, context)
+        return self.peak(shape, mode, method, batch, context, unchunked)
 
 
 def search(runner: Runner, shape, mode, method, budget_gib: float, what: str) -> int:
     """max_context (tokens, batch 1) or max_batch_at_4096 (samples)."""
     budget = budget_gib * GIB
     unit = runner.opts["context_step"]
-    measured = ANALYTIC.get(method, method)
+    measured = measured_name(method, method in runner.unchunked_mlp)
     prior = {}
     for key in runner.data["measurements"]:
         s, m, meth, b, t = key.split("/")
@@ -331,11 +364,12 @@ def search(runner: Runner, shape, mode, method, budget_gib: float, what: str) ->
 # ---------------------------------------------------------------------------- breakdown
 
 
-def block_vjp_bytes(shape, mode, batch, context, opts) -> int:
+def block_vjp_bytes(shape, mode, batch, context, opts, unchunked_mlp=False) -> int:
     """Temp bytes of one block's forward + VJP (the block's trainable parameters and its
-    input differentiated) compiled alone at [batch, context, width]."""
+    input differentiated) compiled alone at [batch, context, width]; its MLP unchunked when
+    ``unchunked_mlp``."""
     config = model_config(shape, "remat", context, opts["compute_dtype"],
-                          opts["attention_chunk"], mode)
+                          opts["attention_chunk"], mode, unchunked_mlp)
     model = nnx.eval_shape(lambda: make_model(config))
     graphdef, params = nnx.split(model.stack.blocks, nnx.Param)
     params = jax.tree_util.tree_map(
@@ -380,7 +414,9 @@ def breakdown(runner: Runner, shape, mode, methods) -> dict:
     float32 branch output (or, if larger, the loss's hidden state and its gradient).
     remat's floor has its saved block inputs instead of the side bits and two streams.
     One block's forward + VJP and the head + loss compiled alone are reported beside them
-    (their temporaries per token; not a floor: compiled alone, XLA keeps more)."""
+    (their temporaries per token; not a floor: compiled alone, XLA keeps more), the block
+    at each MLP setting of ``methods``. A method whose MLP runs unchunked
+    (``runner.unchunked_mlp``) is keyed ``method + UNCHUNKED_TAG``; its floor is the same."""
     opts = runner.opts
     fields = SHAPES[shape][0]
     width, depth = fields["width"], fields["depth"]
@@ -389,13 +425,20 @@ def breakdown(runner: Runner, shape, mode, methods) -> dict:
     compute = jnp.dtype(opts["compute_dtype"]).itemsize
     t = BATCH_CONTEXT
     cache = runner.data.setdefault("parts", {})
-    key = f"{shape}/{mode}"
-    if key not in cache:
-        block = [block_vjp_bytes(shape, mode, b, t, opts) for b in (1, 2)]
-        loss = [loss_vjp_bytes(shape, b, t, opts) for b in (1, 2)]
-        cache[key] = {"block_vjp_temp_bytes_b1_b2": block, "loss_vjp_temp_bytes_b1_b2": loss}
-        runner.save()
     slope = lambda pair: (pair[1] - pair[0]) / t  # noqa: E731
+    alone = {}
+    for unchunked in sorted({m in runner.unchunked_mlp for m in methods}):
+        tag = UNCHUNKED_TAG if unchunked else ""
+        key = f"{shape}/{mode}{tag}"
+        if key not in cache:
+            block = [block_vjp_bytes(shape, mode, b, t, opts, unchunked) for b in (1, 2)]
+            loss = [loss_vjp_bytes(shape, b, t, opts) for b in (1, 2)]
+            cache[key] = {"block_vjp_temp_bytes_b1_b2": block,
+                          "loss_vjp_temp_bytes_b1_b2": loss}
+            runner.save()
+        alone["one_block_forward_vjp_temp" + tag] = slope(
+            cache[key]["block_vjp_temp_bytes_b1_b2"])
+        alone["head_and_loss_temp"] = slope(cache[key]["loss_vjp_temp_bytes_b1_b2"])
     stream = width * 4
     qkv = (heads + 2 * kv) * head_dim
     block_min = max(qkv * compute + qkv * 4 + stream, 2 * stream)
@@ -407,19 +450,19 @@ def breakdown(runner: Runner, shape, mode, methods) -> dict:
               "remat_bf16": depth * stream / 2 + 2 * stream + block_min,
               "remat_offload": 2 * stream + 2 * stream + block_min}
     out = {"context": t, "per_token_bytes": {}, "analytic_parts_per_token": parts,
-           "compiled_alone_per_token": {
-               "one_block_forward_vjp_temp": slope(cache[key]["block_vjp_temp_bytes_b1_b2"]),
-               "head_and_loss_temp": slope(cache[key]["loss_vjp_temp_bytes_b1_b2"])},
-           "batch_independent_bytes": {}}
+           "compiled_alone_per_token": alone, "batch_independent_bytes": {}}
     for method in methods:
         p1 = runner.method_peak(shape, mode, method, 1, t)
         p2 = runner.method_peak(shape, mode, method, 2, t)
         entry = {"compiled": (p2 - p1) / t, "floor": floors.get(method)}
         if entry["floor"]:
             entry["compiled_over_floor"] = entry["compiled"] / entry["floor"]
-        out["per_token_bytes"][method] = entry
-        out["batch_independent_bytes"][method] = p1 - (p2 - p1)
-    state = runner.data["measurements"].get(f"{shape}/{mode}/remat/b1/t{t}")
+        name = method + (UNCHUNKED_TAG if method in runner.unchunked_mlp else "")
+        out["per_token_bytes"][name] = entry
+        out["batch_independent_bytes"][name] = p1 - (p2 - p1)
+    states = [runner.data["measurements"].get(measurement_key(
+        shape, mode, measured_name(m, m in runner.unchunked_mlp), 1, t)) for m in methods]
+    state = next((s for s in states if s is not None), None)  # the state: any method's
     if state is not None:
         out["batch_independent_bytes"]["analytic"] = {
             "trainable_parameters": state["param_bytes"], "gradients": state["param_bytes"],
@@ -441,11 +484,16 @@ def commit() -> str:
 
 def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
         compute_dtype="bfloat16", attention_chunk=128, loss_chunk=512, context_step=1024,
-        max_context=1 << 20, max_batch=4096, with_breakdown=True) -> dict:
-    """Search every (shape, mode, method, budget); write and return max_context.json."""
+        max_context=1 << 20, max_batch=4096, with_breakdown=True,
+        unchunked_mlp=()) -> dict:
+    """Search every (shape, mode, method, budget); write and return max_context.json.
+    ``unchunked_mlp``: the methods whose MLP runs over the whole sequence
+    (``chunk_mlp=False``; the analytic rows through remat's peaks), the others' over the
+    attention's position blocks."""
     for name, values, choices in (("shapes", shapes, SHAPES), ("modes", modes, MODES),
                                   ("methods", methods, METHODS), ("searches", searches,
-                                                                  SEARCHES)):
+                                                                  SEARCHES),
+                                  ("unchunked_mlp", unchunked_mlp, METHODS)):
         unknown = [v for v in values if v not in choices]
         if unknown:
             raise ValueError(f"{name}: unknown {unknown}; choose from {list(choices)}.")
@@ -456,11 +504,10 @@ def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
     opts = dict(compute_dtype=compute_dtype, attention_chunk=attention_chunk,
                 loss_chunk=loss_chunk, context_step=context_step, max_context=max_context,
                 max_batch=max_batch)
-    runner = Runner(out_dir, opts)
+    runner = Runner(out_dir, opts, unchunked_mlp)
     runner.data.update(backend=jax.default_backend(), device=str(jax.devices()[0]),
                        platform=platform.platform(), jax=jax.__version__)
-    records = {(r["shape"], r["mode"], r["method"], r["budget_gib"]): r
-               for r in runner.data.get("records", [])}
+    records = {record_key(r): r for r in runner.data.get("records", [])}
     start = time.perf_counter()
     for shape in shapes:
         fields, max_positions = SHAPES[shape]
@@ -470,9 +517,12 @@ def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
                     found = {}
                     for what in searches:
                         found[what] = search(runner, shape, mode, method, budget, what)
-                    old = records.get((shape, mode, method, budget), {})
+                    unchunked = method in runner.unchunked_mlp
+                    key = (shape, mode, method, budget, unchunked)
+                    old = records.get(key, {})
                     record = {
                         "shape": shape, "mode": mode, "method": method, "budget_gib": budget,
+                        "unchunked_mlp": unchunked,
                         "max_context": found.get("context", old.get("max_context")),
                         "max_batch_at_4096": found.get("batch", old.get("max_batch_at_4096")),
                         "analytic": method in ANALYTIC,
@@ -485,8 +535,9 @@ def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
                     }
                     if method in ANALYTIC:
                         record["how"] = ANALYTIC_HOW[method]
-                    records[(shape, mode, method, budget)] = record
-                    print(f"{shape} {mode} {method} {budget:g} GiB: context "
+                    records[key] = record
+                    print(f"{shape} {mode} {method}{' (MLP unchunked)' if unchunked else ''} "
+                          f"{budget:g} GiB: context "
                           f"{record['max_context']}, batch at 4096 "
                           f"{record['max_batch_at_4096']}", flush=True)
                     runner.data["records"] = list(records.values())
@@ -502,6 +553,13 @@ def run(shapes, modes, methods, budgets, out_dir, *, searches=SEARCHES,
     return runner.data
 
 
+def record_key(record: dict) -> tuple:
+    """A record's identity: shape, mode, method, budget and MLP setting (records written
+    before the setting existed ran the MLP chunked)."""
+    return (record["shape"], record["mode"], record["method"], record["budget_gib"],
+            record.get("unchunked_mlp", False))
+
+
 ANALYTIC_HOW = {
     "remat_bf16": "remat's compiled peak at the same size minus half of its saved float32 "
                   "block inputs (depth*batch*context*width*2 bytes): the engine has no "
@@ -515,8 +573,10 @@ def markdown(data) -> str:
     lines = ["| shape | mode | method | budget GiB | max context (batch 1) | "
              "max batch at 4096 |", "|---|---|---|---:|---:|---:|"]
     for r in sorted(data.get("records", []), key=lambda r: (
-            r["shape"], r["mode"], r["budget_gib"], METHODS.index(r["method"]))):
-        name = r["method"] + (" (analytic)" if r["analytic"] else "")
+            r["shape"], r["mode"], r["budget_gib"], METHODS.index(r["method"]),
+            r.get("unchunked_mlp", False))):
+        name = (r["method"] + (" (analytic)" if r["analytic"] else "")
+                + (" (MLP unchunked)" if r.get("unchunked_mlp") else ""))
         lines.append(f"| {r['shape']} | {r['mode']} | {name} | {r['budget_gib']:g} | "
                      f"{r['max_context']} | {r['max_batch_at_4096']} |")
     return "\n".join(lines)
@@ -527,17 +587,18 @@ def markdown(data) -> str:
 TIMED = ("remat", "bdia")  # per-block remat against BDIA's recompute="shared"
 
 
-def time_steps(shape, mode, batch, context, rounds, opts) -> dict:
+def time_steps(shape, mode, batch, context, rounds, opts, unchunked_mlp=()) -> dict:
     """Seconds per train step of ``TIMED`` at (batch, context), really run: each method's
     step compiled and run once, then ``rounds`` rounds of one step of each method in turn,
-    so that machine noise hits them alike. Returns the medians and BDIA / remat."""
+    so that machine noise hits them alike; the MLP unchunked for the methods in
+    ``unchunked_mlp``. Returns the medians and BDIA / remat."""
     opt, trainable = registry.optimizer(), trainable_of(mode)
     vocab = SHAPES[shape][0]["vocab_size"]
     tokens = jax.random.randint(jax.random.key(0), (batch, context + 1), 0, vocab, jnp.int32)
     runs = {}
     for method in TIMED:
         config = model_config(shape, method, context, opts["compute_dtype"],
-                              opts["attention_chunk"], mode)
+                              opts["attention_chunk"], mode, method in unchunked_mlp)
         graphdef, state = training.init(make_model(config), opt, jax.random.PRNGKey(2),
                                         trainable=trainable)
         step = jax.jit(training.make_train_step(graphdef, loss_fn(opts["loss_chunk"]), opt,
@@ -562,7 +623,7 @@ def time_steps(shape, mode, batch, context, rounds, opts) -> dict:
             "median_seconds": {m: round(v, 3) for m, v in median.items()},
             "first_step_seconds": {m: runs[m]["first_seconds"] for m in TIMED},
             "bdia_over_remat": round(median["bdia"] / median["remat"], 3),
-            "options": opts, "commit": commit(), "backend": jax.default_backend(),
+            "unchunked_mlp": sorted(unchunked_mlp), "options": opts, "commit": commit(), "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count()}
 
 
@@ -581,6 +642,10 @@ def parse_args(argv=None):
                    help="the context search's unit (tokens)")
     p.add_argument("--max_context", type=int, default=1 << 20, help="context ceiling")
     p.add_argument("--max_batch", type=int, default=4096, help="batch ceiling")
+    p.add_argument("--unchunked_mlp", default="", metavar="METHODS",
+                   help="methods whose MLP runs over the whole sequence (chunk_mlp=False; "
+                        "remat_bf16 / remat_offload through remat's unchunked peaks); the "
+                        "others' over the attention's position blocks")
     p.add_argument("--no_breakdown", action="store_true", help="skip the per-token parts")
     p.add_argument("--out_dir", default="runs/max_context", help="output folder")
     p.add_argument("--time", default=None, metavar="BATCHxCONTEXT",
@@ -593,15 +658,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    try:
+        unchunked = registry.method_list(args.unchunked_mlp, METHODS, "--unchunked_mlp")
+    except ValueError as error:
+        raise SystemExit(f"benchmarks.max_context: {error}") from None
     if args.time is not None:
-        return main_time(args)
+        return main_time(args, unchunked)
     try:
         data = run(args.shapes.split(","), args.modes.split(","), args.methods.split(","),
                    [float(b) for b in args.budget_gib.split(",")], args.out_dir,
                    searches=args.searches.split(","), compute_dtype=args.compute_dtype,
                    attention_chunk=args.attention_chunk, loss_chunk=args.loss_chunk,
                    context_step=args.context_step, max_context=args.max_context,
-                   max_batch=args.max_batch, with_breakdown=not args.no_breakdown)
+                   max_batch=args.max_batch, with_breakdown=not args.no_breakdown,
+                   unchunked_mlp=unchunked)
     except ValueError as error:
         raise SystemExit(f"benchmarks.max_context: {error}") from None
     print("\n" + data["markdown"])
@@ -610,8 +680,9 @@ def main(argv=None) -> dict:
     return data
 
 
-def main_time(args) -> dict:
-    """``--time``: step_time.json of the first shape and mode."""
+def main_time(args, unchunked_mlp=()) -> dict:
+    """``--time``: step_time.json of the first shape and mode, the MLP unchunked for the
+    methods in ``unchunked_mlp``."""
     try:
         batch, context = (int(v) for v in args.time.lower().split("x"))
     except ValueError:
@@ -623,7 +694,7 @@ def main_time(args) -> dict:
                          f"and a mode of {MODES}, got {shape!r}, {mode!r}")
     opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
                 loss_chunk=args.loss_chunk)
-    result = time_steps(shape, mode, batch, context, args.time_rounds, opts)
+    result = time_steps(shape, mode, batch, context, args.time_rounds, opts, unchunked_mlp)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "step_time.json")
     with open(path, "w") as f:

@@ -64,6 +64,16 @@ def optimizer() -> optax.GradientTransformation:
     return optax.adamw(3e-4, weight_decay=0.1)
 
 
+def method_list(text: str, choices, option: str) -> list[str]:
+    """The methods named in ``text``, comma-separated ("" for none), each one of
+    ``choices``; a one-line ValueError naming ``option`` otherwise. For the benchmarks'
+    per-method options, e.g. ``--unchunked_mlp bdia`` (step_anatomy, max_context)."""
+    names = [m for m in text.split(",") if m]
+    if not set(names) <= set(choices):
+        raise ValueError(f"{option} takes methods of {tuple(choices)}, got {text!r}")
+    return names
+
+
 def add_stack_size_args(parser) -> None:
     """--seq, --dim, --hidden, --heads of the engine-level attention+MLP stack
     (``bdia_jax.testing.make_attn_mlp_block``) on an argparse parser."""

@@ -239,12 +239,11 @@ def step_config(shape: str, depth: int, method: str, context: int, opts):
     ``method``; its MLP over the whole sequence (``chunk_mlp=False``) when ``method`` is in
     ``opts["unchunked_mlp"]``, else chunked like the attention (the default)."""
     fields, max_len = mc.SHAPES[shape]
-    unchunked = method in opts["unchunked_mlp"]
-    name = f"{shape}-depth{depth}" + ("-unchunked-mlp" if unchunked else "")
-    mc.SHAPES[name] = (dict(fields, depth=depth, **({"chunk_mlp": False} if unchunked
-                                                      else {})), max_len)
+    name = f"{shape}-depth{depth}"
+    mc.SHAPES[name] = (dict(fields, depth=depth), max_len)
     return mc.model_config(name, method, context, opts["compute_dtype"],
-                           opts["attention_chunk"], "full")
+                           opts["attention_chunk"], "full",
+                           unchunked_mlp=method in opts["unchunked_mlp"])
 
 
 def compiled_step(shape: str, depth: int, method: str, batch: int, context: int, opts):
@@ -397,10 +396,10 @@ def main(argv=None) -> dict:
     if args.shape not in mc.SHAPES:
         raise SystemExit(f"benchmarks.step_anatomy: --shape must be one of "
                          f"{sorted(mc.SHAPES)}, got {args.shape!r}")
-    unchunked = [m for m in args.unchunked_mlp.split(",") if m]
-    if not set(unchunked) <= set(METHODS):
-        raise SystemExit(f"benchmarks.step_anatomy: --unchunked_mlp takes methods of "
-                         f"{METHODS}, got {args.unchunked_mlp!r}")
+    try:
+        unchunked = registry.method_list(args.unchunked_mlp, METHODS, "--unchunked_mlp")
+    except ValueError as error:
+        raise SystemExit(f"benchmarks.step_anatomy: {error}") from None
     opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
                 loss_chunk=args.loss_chunk, unchunked_mlp=unchunked)
     data = measure(args.shape, depths, batch, context, opts, args.out_dir)

@@ -101,3 +101,58 @@ def test_tiny_run_records_and_bdia_fits_longer_context(tmp_path, monkeypatch):
     # A rerun resumes from the cached measurements: no compile.
     again = mc.main(argv)
     assert again["measurements"] == measured and again["records"] == data["records"]
+
+
+def test_unchunked_mlp_compiles_another_step_under_its_own_key(tmp_path, monkeypatch):
+    memory_only_compiles(monkeypatch)  # two compiles of the tiny step, never run
+    opts = dict(compute_dtype="float32", attention_chunk=8, loss_chunk=32, context_step=64,
+                max_context=64, max_batch=2)
+    runner = mc.Runner(str(tmp_path), opts, unchunked_mlp=["bdia"])
+    chunked = runner.peak("test-tiny", "full", "bdia", 2, 64)
+    unchunked = runner.method_peak("test-tiny", "full", "bdia", 2, 64)  # bdia's setting
+    # chunk_mlp=False: one block's [64, mlp_dim] activations where the chunked MLP holds
+    # an [8, mlp_dim] block of them.
+    assert unchunked > chunked
+    assert set(runner.data["measurements"]) == {"test-tiny/full/bdia/b2/t64",
+                                                "test-tiny/full/bdia+unchunked_mlp/b2/t64"}
+    assert mc.model_config("test-tiny", "bdia", 64, "float32", 8,
+                           unchunked_mlp=True).mlp_chunk_size is None
+    assert mc.model_config("test-tiny", "bdia", 64, "float32", 8).mlp_chunk_size == 8
+
+
+def test_the_cache_keeps_chunked_and_unchunked_peaks_apart(tmp_path, monkeypatch):
+    # No compile: a stand-in peak, the unchunked MLP's steeper in the context; remat's
+    # steeper than remat_bf16 takes off (half of 6 blocks · 32 wide · 4 B = 384 B a token).
+    calls = []
+
+    def fake_measure(shape, mode, method, batch, context, opts, unchunked_mlp=False):
+        calls.append((method, context, unchunked_mlp))
+        per_token = (400 if method == "remat" else 10) + (20 if unchunked_mlp else 0)
+        return {"peak_estimate_bytes": 1000 + per_token * batch * context,
+                "compile_seconds": 0.0, "param_bytes": 1, "frozen_bytes": 0,
+                "opt_state_bytes": 2}
+
+    monkeypatch.setattr(mc, "measure", fake_measure)
+    argv = ["--shapes", "test-tiny", "--modes", "full", "--methods", "remat_bf16,bdia",
+            "--budget_gib", str(5000 / 2**30), "--searches", "context",
+            "--context_step", "32", "--loss_chunk", "32", "--max_context", "1024",
+            "--no_breakdown", "--out_dir", str(tmp_path)]
+    mc.main(argv)
+    first = len(calls)
+    assert first and not any(u for _, _, u in calls)
+    data = mc.main(argv + ["--unchunked_mlp", "bdia"])
+    # bdia unchunked compiled anew (none of the chunked peaks reused); remat_bf16's
+    # chunked remat peaks were reused (no call).
+    assert calls[first:] and all(m == "bdia" and u for m, _, u in calls[first:])
+    records = {(r["method"], r["unchunked_mlp"]): r["max_context"] for r in data["records"]}
+    # The last multiple of 32 with 1000 + k·t <= 5000: remat_bf16's k = 400 - 384.
+    assert records == {("remat_bf16", False): 224, ("bdia", False): 384,
+                       ("bdia", True): 128}
+    assert "| bdia (MLP unchunked) | " in data["markdown"]
+    keys = {k.split("/")[2] for k in data["measurements"]}
+    assert keys == {"remat", "bdia", "bdia+unchunked_mlp"}
+    n = len(calls)
+    again = mc.main(argv + ["--unchunked_mlp", "bdia"])  # resumes: nothing measured
+    assert len(calls) == n and again["records"] == data["records"]
+    with pytest.raises(SystemExit, match="--unchunked_mlp takes methods of"):
+        mc.main(argv + ["--unchunked_mlp", "bdia,rmat"])
