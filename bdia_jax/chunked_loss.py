@@ -3,9 +3,12 @@
 A language model's head and loss keep the float32 logits [batch, seq, vocab] and their
 gradient; with a large vocabulary that can be most of a reversible model's memory. Here the
 head (hidden @ embeddingᵀ) and the loss run in a ``jax.lax.scan`` over chunks of ``chunk``
-positions, each chunk's body under ``jax.checkpoint``: the forward pass keeps only the
-running sums, and the backward pass recomputes one chunk's logits at a time. Neither pass
-holds more than [batch, chunk, vocab] logits.
+tokens of the batch's sequences laid end to end ([batch · seq], sample-major; ``chunk``
+divides seq, so a chunk never spans two samples), each chunk's body under
+``jax.checkpoint``: the forward pass keeps only the running sums, and the backward pass
+recomputes one chunk's logits at a time. Neither pass holds more than [chunk, vocab]
+logits, whatever the batch (chunks of ``chunk`` positions across the whole batch would hold
+[batch, chunk, vocab]: at a large batch and vocabulary those set the train step's peak).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def check_chunk(chunk, seq: int) -> None:
 
 def chunked_token_losses(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, *,
                          chunk: int) -> dict[str, jax.Array]:
-    """Summed next-token losses of the tied head, computed ``chunk`` positions at a time.
+    """Summed next-token losses of the tied head, computed ``chunk`` tokens at a time.
 
     Equals the unchunked sums over logits = hidden @ embeddingᵀ (float32),
     Σ -log_softmax(logits)[target] and Σ [argmax(logits) = target], up to float rounding
@@ -42,7 +45,8 @@ def chunked_token_losses(hidden: jax.Array, embedding: jax.Array, targets: jax.A
         ``hidden_states``); the head is computed in float32.
       embedding: [vocab, width] float, the tied token embedding.
       targets: [batch, seq] int, the token each position predicts.
-      chunk: positions per chunk; a positive int dividing seq.
+      chunk: tokens per chunk (of the [batch · seq] tokens, sample-major); a positive int
+        dividing seq.
 
     Returns float32 scalars:
       loss_sum:    Σ -log p(target) over all positions
@@ -55,16 +59,17 @@ def chunked_token_losses(hidden: jax.Array, embedding: jax.Array, targets: jax.A
                          f"[batch, seq]; got {list(hidden.shape)}, {list(embedding.shape)}, "
                          f"{list(targets.shape)}.")
     check_chunk(chunk, seq)
-    num_chunks = seq // chunk
-    # Chunk-major so scan slices one chunk per step: [num_chunks, batch, chunk, ...].
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    num_chunks = batch * seq // chunk
+    # [num_chunks, chunk, ...]: chunk i holds tokens i·chunk ... of the flattened batch, a
+    # reshape (no copy), and scan slices one chunk per step.
+    hidden_chunks = hidden.reshape(num_chunks, chunk, width)
+    target_chunks = targets.reshape(num_chunks, chunk)
 
     @jax.checkpoint  # the backward pass recomputes this chunk's logits instead of keeping them
     def chunk_sums(embedding, hidden_chunk, target_chunk):
         logits = jnp.dot(hidden_chunk.astype(jnp.float32),
-                         embedding.astype(jnp.float32).T)  # [batch, chunk, vocab]
-        # logsumexp - target logit: no [batch, chunk, vocab] log-probabilities to keep.
+                         embedding.astype(jnp.float32).T)  # [chunk, vocab]
+        # logsumexp - target logit: no [chunk, vocab] log-probabilities to keep.
         target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
         correct = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1) == target_chunk)

@@ -171,7 +171,7 @@ def run(budgets_gib, size: dict, *, methods=tuple(METHODS),
 
 def markdown(results, budgets, methods) -> str:
     c = results["config"]
-    head = (f"head and loss in chunks of {c['loss_chunk']} positions"
+    head = (f"head and loss in chunks of {c['loss_chunk']} tokens"
             if c.get("loss_chunk") else "full logits")
     lines = [f"GPT: {c['depth']} blocks, width {c['width']}, {c['num_heads']} heads, MLP "
              f"{c['mlp_dim']}, context {c['context']}, vocab {c['vocab']}, "
@@ -208,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention", default=",".join(ATTENTION_IMPLEMENTATIONS),
                         help="attention options to try (cudnn is skipped off GPU)")
     parser.add_argument("--loss_chunk", type=int, default=0,
-                        help="head and loss over chunks of N positions (a divisor of "
+                        help="head and loss over chunks of N tokens (a divisor of "
                              "--context); 0: the full logits")
     parser.add_argument("--max_batch", type=int, default=4096, help="search ceiling")
     parser.add_argument("--out_dir", default="runs/max_batch",

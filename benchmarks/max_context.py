@@ -14,7 +14,7 @@ estimate (``experiments.common.memory.compiled_memory``). Nothing is allocated.
 Shapes (``SHAPES``): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B from their config.json
 (docs/max_context.md cites them), bfloat16 parameters, float32 residual stream, matmuls in
 ``--compute_dtype``; "test-tiny" for the tests. Every method runs attention="chunked" with
-the same ``--attention_chunk`` and the head and loss over ``--loss_chunk`` positions
+the same ``--attention_chunk`` and the head and loss over ``--loss_chunk`` tokens
 (``bdia_jax.chunked_loss``).
 
 Modes: "full" (AdamW on every parameter) and "lora16" (the library's LoRA,
@@ -154,7 +154,7 @@ def trainable_of(mode: str):
 
 def loss_fn(loss_chunk: int):
     """Next-token cross-entropy of tokens [batch, context+1] int32, the head and loss over
-    chunks of ``loss_chunk`` positions (``bdia_jax.chunked_loss``), for any head (tied or
+    chunks of ``loss_chunk`` tokens (``bdia_jax.chunked_loss``), for any head (tied or
     not: ``head_embedding``)."""
     def loss(model, tokens, key):
         hidden, aux = model.hidden_states(tokens[:, :-1], key=key, train=True)
@@ -637,7 +637,8 @@ def parse_args(argv=None):
                    help="context (batch 1) and/or batch (context 4096)")
     p.add_argument("--compute_dtype", default="bfloat16", help="matmul dtype")
     p.add_argument("--attention_chunk", type=int, default=128, help="queries per block")
-    p.add_argument("--loss_chunk", type=int, default=512, help="positions per loss chunk")
+    p.add_argument("--loss_chunk", type=int, default=512,
+                   help="tokens per loss chunk (divides the context)")
     p.add_argument("--context_step", type=int, default=1024,
                    help="the context search's unit (tokens)")
     p.add_argument("--max_context", type=int, default=1 << 20, help="context ceiling")

@@ -100,7 +100,7 @@ def vit_loss(model, batch, key):
 
 def gpt_loss(model, tokens, key, loss_chunk: int = 0):
     """Next-token cross-entropy of ``tokens`` [batch, context+1] int32; the tied head and
-    the loss over chunks of ``loss_chunk`` positions when it is > 0
+    the loss over chunks of ``loss_chunk`` tokens when it is > 0
     (``bdia_jax.chunked_loss``)."""
     from bdia_jax.chunked_loss import chunked_cross_entropy
 

@@ -369,7 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--size", default="4x256", help="BATCHxCONTEXT")
     p.add_argument("--compute_dtype", default="bfloat16", help="matmul dtype")
     p.add_argument("--attention_chunk", type=int, default=128, help="queries per block")
-    p.add_argument("--loss_chunk", type=int, default=512, help="positions per loss chunk")
+    p.add_argument("--loss_chunk", type=int, default=512,
+                   help="tokens per loss chunk (divides the context)")
     p.add_argument("--unchunked_mlp", default="",
                    help="methods (remat,bdia) whose MLP runs over the whole sequence "
                         "(chunk_mlp=False); the others' over blocks like the attention")

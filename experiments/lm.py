@@ -133,7 +133,8 @@ class CharLM(trainer.ValLossTask):
 
     def loss_fn(self, config):
         """batch {"inputs", "targets"}: int32 [b, max_len] each; loss: mean next-character
-        cross-entropy (nats), over chunks of train.loss_chunk positions when it is > 0."""
+        cross-entropy (nats), over chunks of train.loss_chunk tokens when it is > 0
+        (bdia_jax.chunked_loss)."""
         chunk = config.train.loss_chunk
 
         def loss_fn(model, batch, key):

@@ -101,6 +101,22 @@ def test_chunked_loss_never_holds_the_full_logits():
     assert chunked < logits_bytes / 2 and chunked < full / 2, (chunked, full)
 
 
+def test_chunked_loss_logits_do_not_grow_with_the_batch():
+    # Chunks are of tokens of the batch laid end to end: one chunk's logits [chunk, vocab],
+    # not [batch, chunk, vocab] (which, at a large batch and vocabulary, set the peak of
+    # the Llama-1B train step, docs/max_context.md). Batch 16 may add the larger hidden
+    # states and their gradient, not one more chunk's logits.
+    chunk, vocab = 16, 4096
+    temps = {}
+    for batch in (1, 16):
+        hidden, embedding, targets = head_inputs(batch, 64, 32, vocab)
+        temps[batch] = temp_bytes(lambda h, e, t=targets: chunked_cross_entropy(
+            h, e, t, chunk=chunk), hidden, embedding)
+    batch_logits = 16 * chunk * vocab * 4
+    assert temps[16] < batch_logits / 2, temps  # positions-only chunks hold two of them
+    assert temps[16] - temps[1] < chunk * vocab * 4, temps
+
+
 def tiny_gpt_state():
     """(graphdef, random float32 parameters) of a tiny standard GPT. NumPy fills the
     parameters: compiling the random initialisation would cost more than the test."""
