@@ -6,6 +6,8 @@ Llama-family train step fits a memory budget.
     python -m benchmarks.max_context --shapes llama-3.2-1b --modes full --budget_gib 24 \\
         --searches batch --out_dir runs/max_context
     python -m benchmarks.max_context --shapes test-tiny --budget_gib 0.01 --out_dir /tmp/mc
+    python -m benchmarks.max_context --shapes llama-3.2-1b --modes full --methods bdia \\
+        --live_at_peak 2,12 --out_dir runs/max_context   # what is live at the peak
 
 Compile-only, like ``benchmarks.max_batch``: the step is ``bdia_jax.training``'s (AdamW,
 the state donated), compiled on abstract inputs; a size's memory is XLA's compiled peak
@@ -654,6 +656,12 @@ def parse_args(argv=None):
                         "first shape and mode at this size (e.g. 8x256), really run; "
                         "writes step_time.json")
     p.add_argument("--time_rounds", type=int, default=5, help="timed steps per method")
+    p.add_argument("--live_at_peak", default=None, metavar="BATCHES",
+                   help="instead of the searches: the buffers live at the compiled peak of "
+                        "the first shape, mode and compiled method at these batches "
+                        "(comma-separated) and context 4096, from XLA's dumps; writes "
+                        "live_at_peak.json")
+    p.add_argument("--top", type=int, default=12, help="--live_at_peak: buffers listed")
     return p.parse_args(argv)
 
 
@@ -665,6 +673,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"benchmarks.max_context: {error}") from None
     if args.time is not None:
         return main_time(args, unchunked)
+    if args.live_at_peak is not None:
+        return main_live(args, unchunked)
     try:
         data = run(args.shapes.split(","), args.modes.split(","), args.methods.split(","),
                    [float(b) for b in args.budget_gib.split(",")], args.out_dir,
@@ -704,6 +714,54 @@ def main_time(args, unchunked_mlp=()) -> dict:
           f"{result['median_seconds']['remat']} s, bdia {result['median_seconds']['bdia']} s "
           f"per step (median of {args.time_rounds}): bdia / remat = "
           f"{result['bdia_over_remat']}; wrote {path}")
+    return result
+
+
+def main_live(args, unchunked_mlp=()) -> dict:
+    """``--live_at_peak``: the train step compiled with XLA's dumps on, and the buffers
+    live at its peak (``benchmarks.memory_anatomy.live_at_peak``: the buffer assignment's
+    live-range report, each buffer named by its HLO instruction and the JAX op that made
+    it), largest first, per batch."""
+    import shutil
+    import tempfile
+
+    from benchmarks.memory_anatomy import DUMP_FLAGS, live_at_peak
+
+    shape, mode = args.shapes.split(",")[0], args.modes.split(",")[0]
+    method = args.methods.split(",")[0]
+    if shape not in SHAPES or mode not in MODES or method not in COMPILED:
+        raise SystemExit(f"benchmarks.max_context: --live_at_peak needs a shape of "
+                         f"{sorted(SHAPES)}, a mode of {MODES} and a compiled method of "
+                         f"{sorted(COMPILED)}, got {shape!r}, {mode!r}, {method!r}")
+    dump_dir = tempfile.mkdtemp(prefix="max_context_dump_")
+    # XLA reads the dump flags when the backend starts: nothing above has used it.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                               + DUMP_FLAGS.format(dir=dump_dir)).strip()
+    opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
+                loss_chunk=args.loss_chunk)
+    result = {"shape": shape, "mode": mode, "method": method, "context": BATCH_CONTEXT,
+              "unchunked_mlp": method in unchunked_mlp, "options": opts, "commit": commit(),
+              "backend": jax.default_backend(), "batches": {}}
+    for batch in (int(b) for b in args.live_at_peak.split(",")):
+        memory = measure(shape, mode, method, batch, BATCH_CONTEXT, opts,
+                         method in unchunked_mlp)
+        buffers = sorted(live_at_peak(dump_dir, "jit_train_step"), key=lambda b: -b["bytes"])
+        result["batches"][str(batch)] = {"compiled": memory, "live_bytes": sum(
+            b["bytes"] for b in buffers), "top": buffers[:args.top]}
+        print(f"batch {batch}: peak {memory['peak_estimate_bytes'] / GIB:.3f} GiB; largest "
+              f"buffers live at the peak (MiB, HLO buffer, shape, JAX op):")
+        for b in buffers[:args.top]:
+            print(f"  {b['bytes'] / 2**20:8.1f}  {b['name'][:32]:32s} {b['shape'][:34]:34s} "
+                  f"{b['op_name'][-70:]}")
+        for name in os.listdir(dump_dir):  # the next compile's report is found by its name
+            path = os.path.join(dump_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    shutil.rmtree(dump_dir, ignore_errors=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "live_at_peak.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
     return result
 
 
