@@ -7,13 +7,29 @@ import json
 import os
 
 import pytest
+from compile_only import memory_only_compiles
 from conftest import TEST_XLA_FLAG
 
 from benchmarks import device_check
 
 
+def max_batch_compiles_for_memory_only(monkeypatch):
+    """The max-batch section only reads its compiled steps' memory, never runs them: its
+    search compiles at -O0 (tests/compile_only.py, as tests/test_max_batch.py's does). The
+    other sections run what they compile, at the suite's level."""
+    search = device_check.max_batch.run
+
+    def run(*args, **kwargs):
+        with pytest.MonkeyPatch.context() as patch:
+            memory_only_compiles(patch)
+            return search(*args, **kwargs)
+
+    monkeypatch.setattr(device_check.max_batch, "run", run)
+
+
 @pytest.mark.slow
-def test_small_run_answers_every_section(tmp_path):
+def test_small_run_answers_every_section(tmp_path, monkeypatch):
+    max_batch_compiles_for_memory_only(monkeypatch)
     # A budget no loaded CPU spends: the skipping is test_time_budget_skips_cleanly's.
     results = device_check.main(["--small", "--out_dir", str(tmp_path),
                                  "--time_budget_s", "3600"])
