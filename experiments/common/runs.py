@@ -140,7 +140,7 @@ def _check_same_run(a: str, b: str, resumable: Iterable[str]) -> None:
     paths = [os.path.join(folder, "config.json") for folder in (a, b)]
     if not all(os.path.isfile(p) for p in paths):
         return
-    old, new = (json.load(open(p)) for p in paths)
+    old, new = (_read_json(p) for p in paths)
     changed = config_lib.diff_fields(old, new, ignore=resumable)
     if changed:
         raise RecordsError(f"{paths[0]} and {paths[1]} are different runs (fields: "
@@ -148,9 +148,13 @@ def _check_same_run(a: str, b: str, resumable: Iterable[str]) -> None:
                            f"of its own")
 
 
-def _fingerprint(path: str) -> str | None:
+def _read_json(path: str) -> dict:
     with open(path) as f:
-        return json.load(f).get(CONFIG_FINGERPRINT_KEY)
+        return json.load(f)
+
+
+def _fingerprint(path: str) -> str | None:
+    return _read_json(path).get(CONFIG_FINGERPRINT_KEY)
 
 
 def _record_pairs(src: str, dst: str) -> list[tuple[str, str]]:
