@@ -428,3 +428,89 @@ def test_testing_blocks_do_not_import_the_models_layer():
                          check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
     assert not hasattr(attention, "QUERY_CHUNK")  # the block size is a config field
+
+
+# Grouped-query attention: 4 query heads on 2 key/value heads (groups of 2), and on 1 (MQA).
+_GQA_HEADS = 4
+
+
+def _gqa_inputs(kv_heads, k_len=K_LEN):
+    kq, kk, kv, km = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(kq, (BATCH, _GQA_HEADS, Q_LEN, HEAD_DIM))
+    k = jax.random.normal(kk, (BATCH, kv_heads, k_len, HEAD_DIM))
+    v = jax.random.normal(kv, (BATCH, kv_heads, k_len, HEAD_DIM))
+    # A mask with a heads axis, so the grouping of masks is checked too (key 0 always kept).
+    per_head = jax.random.bernoulli(km, 0.7, (BATCH, _GQA_HEADS, Q_LEN, k_len))
+    return q, k, v, per_head.at[..., 0].set(True)
+
+
+_GQA_PATHS = dict(_CAUSAL_PATHS)
+
+
+@pytest.mark.parametrize("path", sorted(_GQA_PATHS))
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize("masking", ["causal", "per-head"])
+def test_grouped_query_attention_matches_repeated_key_value_heads(path, kv_heads, masking):
+    """Every path given kv_heads key/value heads computes the attention of the key/value
+    heads repeated for their query groups (Hugging Face's ``repeat_kv`` order), outputs and
+    gradients, without making those copies (``test_grouped_keys_are_not_repeated``)."""
+    q, k, v, per_head = _gqa_inputs(kv_heads)
+    mask, causal = (None, True) if masking == "causal" else (per_head, False)
+    groups = _GQA_HEADS // kv_heads
+    run = _GQA_PATHS[path]
+
+    def loss(grouped):
+        def fn(q, k, v):
+            if not grouped:
+                k, v = attention.repeat_kv(k, groups), attention.repeat_kv(v, groups)
+            return jnp.sum(jnp.sin(run(q, k, v, mask, causal=causal)))
+        return fn
+
+    got = jax.jit(lambda q, k, v: run(q, k, v, mask, causal=causal))(q, k, v)
+    repeated = (attention.repeat_kv(k, groups), attention.repeat_kv(v, groups))
+    want = run(q, *repeated, mask, causal=causal)
+    bound_mask = causal_mask(Q_LEN, K_LEN) if causal else per_head
+    assert_within(got, want, 2 * attention_bound(q, *repeated, bound_mask), path)
+    grads = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2)))(q, k, v)
+    want_grads = jax.grad(loss(False), argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, (q, k, v))
+    # The key/value gradients also sum over the group's heads: groups more roundings.
+    assert_grads_close(grads, want_grads, rtol=GRAD_RTOL + 2 * groups * 2.0**-24)
+
+
+def test_grouped_dropout_masks_are_those_of_the_repeated_heads():
+    """Dropout on grouped probabilities draws the very masks of the repeated-heads layout
+    (``random_bytes`` draws along the flat index), so grouping changes no experiment's
+    randomness; chunked (custom VJP) and xla both."""
+    q, k, v, _ = _gqa_inputs(2)
+    repeated = (attention.repeat_kv(k, 2), attention.repeat_kv(v, 2))
+    for path in ("xla", "chunked"):
+        def run(k, v, path=path):
+            return _GQA_PATHS[path](q, k, v, None, dropout_rate=0.25, key=jax.random.key(7))
+        got, want = jax.jit(run)(k, v), jax.jit(run)(*repeated)
+        # Kept probabilities are scaled by 4/3, and so is the bound on their sum.
+        assert_within(got, want, 2 * 4 / 3 * attention_bound(q, *repeated), path)
+        # A different mask would differ by O(1), far outside the bound: check it can.
+        other = jax.jit(lambda k, v, path=path: _GQA_PATHS[path](
+            q, k, v, None, dropout_rate=0.25, key=jax.random.key(8)))(k, v)
+        assert np.max(np.abs(np.asarray(other) - np.asarray(want))) > 0.1
+
+
+def test_grouped_keys_are_not_repeated():
+    """Compiled memory of chunked attention's value-and-grad with 8 query heads on one
+    key/value head: the grouped call holds no repeated float32 copy of k and v (nor of
+    their gradients); feeding it ``repeat_kv``'s copies does."""
+    q = jax.ShapeDtypeStruct((1, 8, 64, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, 1, 4096, 16), jnp.float32)
+
+    def temp_bytes(groups):
+        def loss(q, k, v):
+            k, v = attention.repeat_kv(k, groups), attention.repeat_kv(v, groups)
+            return jnp.sum(attention.chunked_attention(q, k, v, None, chunk_size=1))
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return compiled_memory(compile_for_memory(step.lower(q, kv, kv)))["temp_bytes"]
+
+    repeated_copy = 8 * 4096 * 16 * 4  # one of k, v, dk, dv repeated to 8 heads
+    grouped, repeated = temp_bytes(1), temp_bytes(8)
+    assert repeated >= 2 * repeated_copy
+    assert grouped < repeated_copy, (grouped, repeated)

@@ -23,8 +23,8 @@ Why chunking keeps BDIA exact: the reversible backward pass recomputes each bloc
 row's output depends only on that row's logits, softmax and products, and every chunk runs
 the same ops; tests/test_attention.py checks that the reversal probe reads 0.0 with it.
 
-Shapes: q [batch, heads, q_len, head_dim]; k, v [batch, heads, k_len, head_dim], all in the
-compute dtype. mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or
+Shapes: q [batch, heads, q_len, head_dim]; k, v [batch, kv_heads, k_len, head_dim], all in
+the compute dtype, with heads a multiple of kv_heads. mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or
 None. ``causal=True`` adds the causal mask (query i, at absolute position ``offset`` + i,
 sees keys j <= ``offset`` + i), built from ``iota`` where it is used: ``"chunked"`` builds
 each query block's [chunk, k_len] rows inside its loop, so no [q_len, k_len] mask is an
@@ -32,9 +32,11 @@ input of the attention (or a residual that per-block remat would keep for every 
 drawn from ``key`` (None: none); ``"chunked"`` draws chunk i's mask from
 ``fold_in(key, i)``, so its masks differ from ``"xla"``'s but are replayed exactly.
 
-Grouped-query attention (fewer key/value heads than query heads) repeats each key/value
-head for its group of query heads (``repeat_kv``) before any of the three, so the three see
-ordinary multi-head attention; KV caches keep only the key/value heads.
+Grouped-query attention (fewer key/value heads than query heads): query head j·groups + i
+attends with key/value head j (Hugging Face's ``repeat_kv`` order). ``"xla"`` and
+``"chunked"`` view the queries as [batch, kv_heads, groups, q_len, head_dim] and contract
+them with the key/value heads directly, so no repeated copy of k or v (nor of their
+gradients) is made; ``"cudnn"`` passes the key/value heads to cuDNN, which groups itself.
 
 ``dropout`` and the blockwise loop live in ``bdia_jax.ops`` (re-exported here).
 """
@@ -85,27 +87,53 @@ def check_chunk_size(chunk_size: int, field: str = "chunk_size") -> int:
 
 def repeat_kv(kv: jax.Array, groups: int) -> jax.Array:
     """[batch, kv_heads, len, head_dim] → [batch, kv_heads * groups, len, head_dim]: key/value
-    head j serves query heads j*groups … (j+1)*groups-1 (Hugging Face's ``repeat_kv``)."""
+    head j serves query heads j*groups … (j+1)*groups-1 (Hugging Face's ``repeat_kv``).
+    The attention functions group queries themselves; this is the reference they match."""
     return kv if groups == 1 else jnp.repeat(kv, groups, axis=1)
 
 
+def _group_queries(q, kv_heads: int):
+    """[b, heads, q_len, d] → [b, kv_heads, groups, q_len, d] (a free reshape: query head
+    j·groups + i is member i of key/value head j's group)."""
+    b, h, t, d = q.shape
+    if h % kv_heads:
+        raise ValueError(f"q's heads ({h}) must be a multiple of k/v's heads ({kv_heads}).")
+    return q.reshape(b, kv_heads, h // kv_heads, t, d)
 
+
+def _ungroup(out):
+    """[b, kv_heads, groups, q_len, d] → [b, heads, q_len, d]."""
+    b, n, g, t, d = out.shape
+    return out.reshape(b, n * g, t, d)
+
+
+def _as_5d(mask, kv_heads: int):
+    """A bool mask of rank <= 4 with leading unit axes up to [batch, heads, q_len, k_len] →
+    [b|1, kv_heads|1, groups|1, q_len|1, k_len|1], grouped as ``_group_queries``."""
+    if mask is None:
+        return None
+    mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    b, h, t, k = mask.shape
+    if h == 1:
+        return mask[:, :, None]
+    return mask.reshape(b, kv_heads, h // kv_heads, t, k)
 
 
 def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
                           causal: bool = False, offset=0):
     """Softmax attention in float32 (``attention="xla"``).
 
-    q: [batch, heads, q_len, head_dim]; k, v: [batch, heads, k_len, head_dim] (compute dtype).
-    mask: bool broadcastable to [batch, heads, q_len, k_len] (True = attend) or None.
-    ``causal``: AND the causal mask of queries at positions ``offset`` … (int, may be traced).
-    Returns [batch, heads, q_len, head_dim] in v's dtype.
+    q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, k_len, head_dim] (compute
+    dtype; heads a multiple of kv_heads). mask: bool broadcastable to [batch, heads, q_len,
+    k_len] (True = attend) or None. ``causal``: AND the causal mask of queries at positions
+    ``offset`` … (int, may be traced). Returns [batch, heads, q_len, head_dim] in v's dtype.
     """
-    mask = _block_mask(_as_4d(mask), _causal_offset(causal, offset), 0, q.shape[2],
-                       k.shape[2])
-    probs = _softmax_probs(_scale_queries(q), k, mask)
+    q = _group_queries(_scale_queries(q), k.shape[1])
+    mask = _block_mask(_as_5d(mask, k.shape[1]), _causal_offset(causal, offset), 0,
+                       q.shape[3], k.shape[2])
+    probs = _softmax_probs(q, k, mask)
     probs = dropout(probs, dropout_rate, key)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return _ungroup(jnp.einsum("bngqk,bnkd->bngqd", probs.astype(v.dtype), v))
 
 
 def _scale_queries(q):
@@ -117,11 +145,6 @@ def _scale_queries(q):
 
 
 
-def _as_4d(mask):
-    """A bool mask of rank <= 4 with leading unit axes up to [batch, heads, q_len, k_len]."""
-    return None if mask is None else jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
-
-
 def _causal_offset(causal: bool, offset):
     """The causal mask's query offset as an int32 scalar, or None when not causal."""
     return jnp.asarray(offset, jnp.int32) if causal else None
@@ -130,31 +153,34 @@ def _causal_offset(causal: bool, offset):
 def _block_mask(mask, offset, start, size: int, k_len: int):
     """Bool mask of query rows start … start+size-1 against k_len keys, or None.
 
-    mask: [b|1, h|1, q_len|1, k_len|1] bool or None (its rows sliced when it has a query
-    axis); offset: None, or the int32 query offset of the causal rows, which are built here
-    from iota (k_pos <= offset + start + row) and ANDed in. start may be traced.
+    mask: [b|1, n|1, g|1, q_len|1, k_len|1] bool or None (``_as_5d``; its rows sliced when
+    it has a query axis); offset: None, or the int32 query offset of the causal rows, which
+    are built here from iota (k_pos <= offset + start + row) and ANDed in. start may be
+    traced.
     """
-    per_query = mask is not None and mask.shape[2] != 1
-    mask_c = jax.lax.dynamic_slice_in_dim(mask, start, size, axis=2) if per_query else mask
+    per_query = mask is not None and mask.shape[3] != 1
+    mask_c = jax.lax.dynamic_slice_in_dim(mask, start, size, axis=3) if per_query else mask
     if offset is None:
         return mask_c
     # A column of query positions against a row of key positions: no [size, k_len] iota
     # for XLA to hoist out of the block loop and keep.
     rows = offset + start + jnp.arange(size, dtype=jnp.int32)[:, None]
-    causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= rows)[None, None]
+    causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= rows)[None, None, None]
     return causal if mask_c is None else jnp.logical_and(causal, mask_c)
 
 
 def _softmax_probs(q_c, k, mask_c):
-    """Float32 softmax probabilities [b, h, chunk, k_len] of the queries q_c, already scaled."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q_c, k, preferred_element_type=jnp.float32)
+    """Float32 softmax probabilities [b, n, g, chunk, k_len] of the grouped queries q_c
+    [b, n, g, chunk, d], already scaled, against k [b, n, k_len, d]."""
+    logits = jnp.einsum("bngqd,bnkd->bngqk", q_c, k, preferred_element_type=jnp.float32)
     if mask_c is not None:
         logits = jnp.where(mask_c, logits, _MASKED)
     return jax.nn.softmax(logits, axis=-1)
 
 
 def _keep_mask(key_data, impl, index, shape, threshold):
-    """Block ``index``'s dropout keep-mask (bool ``shape``) from raw key data, or None."""
+    """Block ``index``'s dropout keep-mask (bool ``shape``) from raw key data, or None.
+    (``random_bytes`` draws along the flat index, so grouping the heads keeps the masks.)"""
     if key_data is None:
         return None
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), index)
@@ -162,9 +188,10 @@ def _keep_mask(key_data, impl, index, shape, threshold):
 
 
 def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data):
-    """[b, h, q_len, head_dim] output of the query blocks (q already scaled); offset: the
-    causal rows' int32 query offset or None (``_block_mask``)."""
-    b, h, q_len, d = q.shape
+    """[b, n, g, q_len, head_dim] output of the grouped query blocks (q [b, n, g, q_len,
+    head_dim], already scaled; k, v [b, n, k_len, head_dim]); offset: the causal rows' int32
+    query offset or None (``_block_mask``)."""
+    b, n, g, q_len, d = q.shape
     scale = 256.0 / (256 - threshold)
 
     def block(start, size, index, out):
@@ -172,16 +199,16 @@ def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data):
         # loop is linearized through this forward, and a mask computed from the loop index
         # alone would be a "known" value that partial evaluation stacks for every block.
         start, out = jax.lax.optimization_barrier((start, out))
-        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
+        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=3)
         mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         if keep is not None:
             probs = jnp.where(keep, probs * scale, 0.0)
-        out_c = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
-        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=2)
+        out_c = jnp.einsum("bngqk,bnkd->bngqd", probs.astype(v.dtype), v)
+        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=3)
 
-    return for_each_block(q_len, chunk, block, jnp.zeros((b, h, q_len, d), v.dtype))
+    return for_each_block(q_len, chunk, block, jnp.zeros((b, n, g, q_len, d), v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -199,29 +226,30 @@ def _flash_fwd(chunk, threshold, impl, q, k, v, mask, offset, key_data):
 
 def _flash_bwd(chunk, threshold, impl, residuals, g_out):
     q, k, v, mask, offset, key_data = residuals
-    q_len = q.shape[2]
+    q_len = q.shape[3]
     scale = 256.0 / (256 - threshold)
     f32 = jnp.float32
 
     def block(start, size, index, carry):
         g_q, g_k, g_v = carry
-        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=2)
-        g_c = jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=2)
+        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=3)
+        g_c = jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=3)
         mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         dropped = probs if keep is None else jnp.where(keep, probs * scale, 0.0)
-        g_v = g_v + jnp.einsum("bhqk,bhqd->bhkd", dropped.astype(v.dtype), g_c,
+        # The key/value gradients sum over the group's query heads and the block's rows.
+        g_v = g_v + jnp.einsum("bngqk,bngqd->bnkd", dropped.astype(v.dtype), g_c,
                                preferred_element_type=f32)
-        g_dropped = jnp.einsum("bhqd,bhkd->bhqk", g_c, v, preferred_element_type=f32)
+        g_dropped = jnp.einsum("bngqd,bnkd->bngqk", g_c, v, preferred_element_type=f32)
         g_probs = g_dropped if keep is None else jnp.where(keep, g_dropped * scale, 0.0)
         # Softmax VJP; masked keys have probability 0 and so no logit gradient.
         g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
-        g_q_c = jnp.einsum("bhqk,bhkd->bhqd", g_logits.astype(k.dtype), k,
+        g_q_c = jnp.einsum("bngqk,bnkd->bngqd", g_logits.astype(k.dtype), k,
                            preferred_element_type=f32)
-        g_k = g_k + jnp.einsum("bhqk,bhqd->bhkd", g_logits.astype(q.dtype), q_c,
+        g_k = g_k + jnp.einsum("bngqk,bngqd->bnkd", g_logits.astype(q.dtype), q_c,
                                preferred_element_type=f32)
-        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c, start, axis=2)
+        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c, start, axis=3)
         return g_q, g_k, g_v
 
     carry = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
@@ -242,8 +270,8 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
                       offset=0):
     """``dot_product_attention`` over blocks of ``chunk_size`` queries (``"chunked"``).
 
-    Shapes, dtypes, ``causal`` and ``offset`` as ``dot_product_attention``; the causal
-    rows of a query block are built inside the block from iota. ``chunk_size``
+    Shapes, dtypes, ``causal`` and ``offset`` as ``dot_product_attention`` (grouped-query k
+    and v included); the causal rows of a query block are built inside the block from iota. ``chunk_size``
     queries per block: the q_len // chunk_size full blocks run in a loop, a shorter last
     block after it. Block i's dropout mask is drawn from ``fold_in(key, i)``.
 
@@ -251,7 +279,8 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
     each block's probabilities in the backward pass, which runs over the same blocks and
     accumulates the key and value gradients in place (the backward of FlashAttention,
     without its online softmax: a block holds its full [chunk, k_len] probabilities).
-    Memory O(batch·heads·chunk·k_len) beyond q, k, v and their gradients. ``checkpoint=
+    Memory O(batch·heads·chunk·k_len) beyond q, k, v and their gradients (the key/value
+    gradients have k and v's heads, not q's). ``checkpoint=
     False``: the same blocks, differentiated by JAX, which keeps every block's probabilities
     (the reference the tests compare the custom VJP with).
     """
@@ -263,11 +292,11 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
         typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         key_data = jax.random.key_data(key) if typed else key
         impl = str(jax.random.key_impl(key)) if typed else None
-    mask, offset = _as_4d(mask), _causal_offset(causal, offset)
-    q = _scale_queries(q)
+    mask, offset = _as_5d(mask, k.shape[1]), _causal_offset(causal, offset)
+    q = _group_queries(_scale_queries(q), k.shape[1])
     if checkpoint:
-        return _flash(chunk, threshold, impl, q, k, v, mask, offset, key_data)
-    return _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data)
+        return _ungroup(_flash(chunk, threshold, impl, q, k, v, mask, offset, key_data))
+    return _ungroup(_flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data))
 
 
 def fused_attention(q, k, v, mask, *, implementation: str = "cudnn", causal: bool = False,
@@ -277,13 +306,15 @@ def fused_attention(q, k, v, mask, *, implementation: str = "cudnn", causal: boo
     ``implementation="cudnn"`` (``attention="cudnn"``) needs a CUDA GPU and float16/bfloat16
     q, k, v; ``"xla"`` runs anywhere (the tests check the layout and masks with it). No
     dropout. ``causal``/``offset`` as ``dot_product_attention`` (the whole [q_len, k_len]
-    mask is built and passed as a mask). Returns [batch, heads, q_len, head_dim] in q's dtype.
+    mask is built and passed as a mask); k and v may have fewer heads (grouped-query
+    attention, grouped by JAX/cuDNN). Returns [batch, heads, q_len, head_dim] in q's dtype.
     """
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs a CUDA GPU (this backend is "
                          f"{jax.default_backend()!r}); use attention='chunked' or 'xla'.")
-    mask = _block_mask(_as_4d(mask), _causal_offset(causal, offset), 0, q.shape[2],
+    mask = _block_mask(_as_5d(mask, q.shape[1]), _causal_offset(causal, offset), 0, q.shape[2],
                        k.shape[2])
+    mask = None if mask is None else mask[:, :, 0]  # back to [b|1, h|1, q_len, k_len]
     out = jax.nn.dot_product_attention(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
         mask=mask, implementation=implementation)
@@ -295,8 +326,8 @@ def attend(q, k, v, mask, *, attention: str, chunk_size: int, dropout_rate: floa
     """Softmax attention by the ``attention`` option (see the module docstring);
     ``chunk_size``: queries per block of ``"chunked"`` (read only there).
 
-    Shapes, dtypes, ``causal`` and ``offset`` as ``dot_product_attention`` (k, v: as many
-    heads as q).
+    Shapes, dtypes, ``causal`` and ``offset`` as ``dot_product_attention`` (k, v: q's heads
+    or fewer, for grouped-query attention).
     """
     check_attention(attention, dropout_rate)
     if attention == "chunked":

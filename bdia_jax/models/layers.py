@@ -40,7 +40,7 @@ from flax import nnx
 
 from bdia_jax import stable
 from bdia_jax.methods import StackMethod
-from bdia_jax.models.attention import attend, check_attention, check_chunk_size, repeat_kv
+from bdia_jax.models.attention import attend, check_attention, check_chunk_size
 from bdia_jax.models.attention import dot_product_attention as dot_product_attention  # re-export
 from bdia_jax.models.lora import LORA_TARGETS, LoRA, lora_key
 from bdia_jax.models.lora import apply as lora_apply
@@ -381,10 +381,10 @@ class MultiHeadAttention(nnx.Module):
         queries at positions start … (built per query block, never as [q_len, k_len])."""
         q = self._heads(lora_apply(self.query, x, lora_key), self.num_heads)
         q = self._position(q, self.query_norm if self.qk_norm else None, start)
-        groups = self.num_heads // self.num_kv_heads
-        o = attend(q, repeat_kv(kv.key, groups), repeat_kv(kv.value, groups), mask,
-                   attention=self.attention, chunk_size=self.chunk_size,
-                   dropout_rate=self.attention_dropout, key=key, causal=causal, offset=start)
+        # Grouped-query attention: attend groups the query heads itself (no repeated k/v).
+        o = attend(q, kv.key, kv.value, mask, attention=self.attention,
+                   chunk_size=self.chunk_size, dropout_rate=self.attention_dropout, key=key,
+                   causal=causal, offset=start)
         b, _, t, _ = o.shape
         o = o.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim)
         return lora_apply(self.out, o, lora_key).astype(jnp.float32)
