@@ -514,3 +514,22 @@ def test_grouped_keys_are_not_repeated():
     grouped, repeated = temp_bytes(1), temp_bytes(8)
     assert repeated >= 2 * repeated_copy
     assert grouped < repeated_copy, (grouped, repeated)
+
+
+def test_bfloat16_loops_carry_no_float32_queries():
+    """XLA:CPU upcasts bfloat16 dot operands to float32; the chunked attention's loops slice
+    q (and the output's cotangent) as integer bits, so the upcast stays on one block and no
+    loop carries a whole float32 copy of the queries (a q-sized buffer per attention call)."""
+    q = jax.ShapeDtypeStruct((1, 4, 256, 16), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2, 256, 16), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = attention.chunked_attention(q, k, v, None, chunk_size=32, causal=True)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile().as_text()
+    loops = [line for line in hlo.splitlines() if re.search(r"= \(.*\) while\(", line)]
+    assert len(loops) == 2  # the forward and the backward loop over query blocks
+    for line in loops:
+        assert "bf16[1,2,2,256,16]" in line or "u16[1,2,2,256,16]" in line, line[:300]
+        assert "f32[1,2,2,256,16]" not in line, line[:300]

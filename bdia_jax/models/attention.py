@@ -187,19 +187,36 @@ def _keep_mask(key_data, impl, index, shape, threshold):
     return random_bytes(key, shape) >= jnp.uint8(threshold)
 
 
-def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data):
+def _as_bits(x):
+    """A 16-bit float array as its uint16 bits (others unchanged). XLA:CPU upcasts bfloat16
+    dot operands to float32 and moves that convert out of a loop that slices a loop-invariant
+    operand, which then lives whole in float32; integer bits it cannot convert."""
+    if jnp.dtype(x.dtype).itemsize != 2:
+        return x
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def _from_bits(x, dtype):
+    """The inverse of ``_as_bits`` for arrays of ``dtype``."""
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data, bits=True):
     """[b, n, g, q_len, head_dim] output of the grouped query blocks (q [b, n, g, q_len,
     head_dim], already scaled; k, v [b, n, k_len, head_dim]); offset: the causal rows' int32
-    query offset or None (``_block_mask``)."""
+    query offset or None (``_block_mask``). ``bits``: slice q as its bits (``_as_bits``),
+    which JAX's autodiff cannot differentiate; False where autodiff runs through this."""
     b, n, g, q_len, d = q.shape
     scale = 256.0 / (256 - threshold)
+    dtype = q.dtype
+    q = _as_bits(q) if bits else q
 
     def block(start, size, index, out):
         # The barrier ties start to the (differentiated) carry: under jax.checkpoint the
         # loop is linearized through this forward, and a mask computed from the loop index
         # alone would be a "known" value that partial evaluation stacks for every block.
         start, out = jax.lax.optimization_barrier((start, out))
-        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=3)
+        q_c = _from_bits(jax.lax.dynamic_slice_in_dim(q, start, size, axis=3), dtype)
         mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
@@ -226,14 +243,16 @@ def _flash_fwd(chunk, threshold, impl, q, k, v, mask, offset, key_data):
 
 def _flash_bwd(chunk, threshold, impl, residuals, g_out):
     q, k, v, mask, offset, key_data = residuals
+    dtype = q.dtype
+    q, g_out = _as_bits(q), _as_bits(g_out)
     q_len = q.shape[3]
     scale = 256.0 / (256 - threshold)
     f32 = jnp.float32
 
     def block(start, size, index, carry):
         g_q, g_k, g_v = carry
-        q_c = jax.lax.dynamic_slice_in_dim(q, start, size, axis=3)
-        g_c = jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=3)
+        q_c = _from_bits(jax.lax.dynamic_slice_in_dim(q, start, size, axis=3), dtype)
+        g_c = _from_bits(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=3), v.dtype)
         mask_c = _block_mask(mask, offset, start, size, k.shape[2])
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
@@ -247,18 +266,21 @@ def _flash_bwd(chunk, threshold, impl, residuals, g_out):
         g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
         g_q_c = jnp.einsum("bngqk,bnkd->bngqd", g_logits.astype(k.dtype), k,
                            preferred_element_type=f32)
-        g_k = g_k + jnp.einsum("bngqk,bngqd->bnkd", g_logits.astype(q.dtype), q_c,
+        g_k = g_k + jnp.einsum("bngqk,bngqd->bnkd", g_logits.astype(dtype), q_c,
                                preferred_element_type=f32)
-        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c, start, axis=3)
+        # Each block writes its own rows of dq once, so casting here gives the bits of
+        # casting at the end, without a float32 buffer of q's size.
+        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c.astype(dtype), start, axis=3)
         return g_q, g_k, g_v
 
-    carry = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    # dk and dv sum over the query blocks: float32 until the end.
+    carry = (jnp.zeros(q.shape, dtype), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
     g_q, g_k, g_v = for_each_block(q_len, chunk, block, carry)
 
     def no_gradient(x):
         return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
 
-    return (g_q.astype(q.dtype), g_k.astype(k.dtype), g_v.astype(v.dtype), no_gradient(mask),
+    return (g_q, g_k.astype(k.dtype), g_v.astype(v.dtype), no_gradient(mask),
             no_gradient(offset), no_gradient(key_data))
 
 
@@ -296,7 +318,8 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
     q = _group_queries(_scale_queries(q), k.shape[1])
     if checkpoint:
         return _ungroup(_flash(chunk, threshold, impl, q, k, v, mask, offset, key_data))
-    return _ungroup(_flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data))
+    return _ungroup(_flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data,
+                                   bits=False))
 
 
 def fused_attention(q, k, v, mask, *, implementation: str = "cudnn", causal: bool = False,
