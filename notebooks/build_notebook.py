@@ -316,7 +316,7 @@ For each method and depth, XLA compiles the full value-and-grad step of a pre-LN
 stack (`benchmarks/memory_benchmark.py`) and reports the program's memory
 (`memory_analysis()`: arguments + outputs + temporaries). Nothing is run, so large shapes cost
 only compile time (on a CPU they compile at LLVM -O0: XLA assigns the buffers before LLVM, so
-the figures are the same, several times faster). The *activation* memory per block is the mixed
+the figures are the same, in a fraction of the time). The *activation* memory per block is the mixed
 slope ∂²M/∂depth∂batch (parameters and their gradients grow with depth but not with batch, so
 they drop out), in bits
 per element of the residual stream: standard backprop stores every intermediate of every block,
