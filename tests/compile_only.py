@@ -12,6 +12,9 @@ from __future__ import annotations
 import jax
 
 MEMORY_ONLY = {"xla_backend_optimization_level": 0}
+# The same for a whole subprocess whose compiles are all only measured (after the
+# suite's XLA flags: the last occurrence of a flag wins).
+MEMORY_ONLY_XLA_FLAG = "--xla_backend_optimization_level=0"
 
 
 def compile_for_memory(lowered: jax.stages.Lowered) -> jax.stages.Compiled:

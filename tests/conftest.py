@@ -13,10 +13,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # the reversal itself in the exactness tests. tests/test_device_check.py runs the probe at
 # XLA's defaults in a subprocess, and BDIA_TEST_XLA_DEFAULTS=1 runs the whole suite at them.
 # The suite's two workers keep both cores busy, so XLA's parallel LLVM codegen (a module split
-# into parts, compiled on threads) only adds the cost of splitting: one part is cheaper.
-# Subprocesses inherit XLA_FLAGS.
+# into parts, compiled on threads) only adds the cost of splitting: one part is cheaper; for
+# the same reason Eigen's ops run on the calling thread (no intra-op thread pool, as the
+# experiments' side-by-side runs in docs/results.md). Subprocesses inherit XLA_FLAGS.
 TEST_XLA_FLAG = ("--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false "
-                 "--xla_cpu_parallel_codegen_split_count=1")
+                 "--xla_cpu_parallel_codegen_split_count=1 --xla_cpu_multi_thread_eigen=false")
 if os.environ.get("BDIA_TEST_XLA_DEFAULTS", "0") != "1" and (
         TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()

@@ -8,8 +8,9 @@ import json
 import jax
 import numpy as np
 import pytest
-from compile_only import memory_only_compiles
+from compile_only import MEMORY_ONLY_XLA_FLAG, memory_only_compiles
 from flax import nnx
+from subprocess_env import child_env
 
 from benchmarks import max_context as mc
 
@@ -159,14 +160,15 @@ def test_the_cache_keeps_chunked_and_unchunked_peaks_apart(tmp_path, monkeypatch
 
 
 def test_live_at_peak_lists_the_buffers_live_at_the_peak(tmp_path):
-    # A fresh process: XLA reads the dump flags when its backend starts.
+    # A fresh process: XLA reads the dump flags when its backend starts. It only compiles
+    # the steps (from shapes) and reads their buffer assignment: -O0 (tests/compile_only.py).
     import subprocess
     import sys
 
     subprocess.run([sys.executable, "-m", "benchmarks.max_context", "--shapes", "test-tiny",
                     "--modes", "full", "--methods", "bdia", "--live_at_peak", "1,2",
                     "--top", "1000", "--out_dir", str(tmp_path)], check=True,
-                   capture_output=True)
+                   capture_output=True, env=child_env(MEMORY_ONLY_XLA_FLAG))
     result = json.loads((tmp_path / "live_at_peak.json").read_text())
     assert sorted(result["batches"]) == ["1", "2"]
     for batch in result["batches"].values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from compile_only import memory_only_compiles
 
 from benchmarks import step_anatomy as sa
 
@@ -19,7 +20,10 @@ def test_loop_body_dots_count_once_per_trip():
     assert result["totals"]["element_ops"] >= 3 * 8 * 16  # the tanh of every trip
 
 
-def test_bdia_recomputes_one_mlp_forward_per_block_more_than_remat():
+def test_bdia_recomputes_one_mlp_forward_per_block_more_than_remat(monkeypatch):
+    # The steps are only read (their optimized HLO), never run: -O0 (tests/compile_only.py);
+    # the HLO, costs and memory are the same as at the suite's level.
+    memory_only_compiles(monkeypatch)
     # test-tiny with 8-position chunks, so that the MLP runs over position blocks: the
     # reversible rebuild needs each block's output (its MLP forward), besides the chunked
     # MLP's own recomputation under its VJP; remat needs only the latter.
