@@ -144,3 +144,58 @@ def test_driving_another_program_is_caught():
     assert drives("benchmarks.device_check", planted, PROGRAMS) == [
         "benchmarks.device_check uses max_batch.parse_args",
         "benchmarks.device_check runs benchmarks.max_batch"]
+
+
+def module_level_imports(name: str, source: str, is_package: bool = False) -> set[str]:
+    """The first-party modules that module ``name`` imports when it is loaded (top-level
+    statements only): ``from X import Y`` counts X.Y where that is a module, else X."""
+    package = name if is_package else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.parse(source, name).body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in PATHS else base)
+    return {target for target in found if target in PATHS and target != name}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles found by a depth-first search of ``graph`` (one per back edge)."""
+    cycles, state, stack = [], {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return cycles
+
+
+def test_no_module_level_import_cycle():
+    """A cycle makes a module importable only after some other module (``python -m pytest
+    tests/test_faults.py`` alone once failed so: checkpoint and runs imported each other)."""
+    graph = {name: module_level_imports(name, path.read_text(), path.name == "__init__.py")
+             for name, path in PATHS.items()}
+    assert import_cycles(graph) == []
+
+
+def test_an_import_cycle_is_caught():
+    graph = {"experiments.common.checkpoint": {"experiments.common.runs"},
+             "experiments.common.runs": {"experiments.common.checkpoint"}}
+    assert import_cycles(graph) == [["experiments.common.checkpoint",
+                                     "experiments.common.runs",
+                                     "experiments.common.checkpoint"]]

@@ -57,11 +57,11 @@ import orbax.checkpoint as ocp
 from experiments.common import runs
 from experiments.common.config import ConfigError, on_sigint
 from experiments.common.metrics import log
+from experiments.common.runs import CONFIG_FINGERPRINT_KEY, CONFIG_KEY
 from experiments.common.sharding import is_primary, sync, to_host
 from experiments.common.train_state import finite_and_fingerprint
 
 FINGERPRINT_KEY = "state_fingerprint"
-CONFIG_KEY, CONFIG_FINGERPRINT_KEY = "run_config", "config_fingerprint"
 # Saved arrays read at once by the pre-restore check (bounds its host memory).
 _READS_IN_FLIGHT = 8
 

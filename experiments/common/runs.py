@@ -18,7 +18,9 @@ import ml_collections
 
 from experiments.common import config as config_lib
 from experiments.common import metrics
-from experiments.common.checkpoint import CONFIG_FINGERPRINT_KEY
+
+# Where a checkpoint or a result stores its run config and that config's fingerprint.
+CONFIG_KEY, CONFIG_FINGERPRINT_KEY = "run_config", "config_fingerprint"
 
 
 def run_config(config: ml_collections.ConfigDict, model: str, *,
