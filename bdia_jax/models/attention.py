@@ -94,25 +94,38 @@ def repeat_kv(kv: jax.Array, groups: int) -> jax.Array:
 
 def _group_queries(q, kv_heads: int):
     """[b, heads, q_len, d] → [b, kv_heads, groups, q_len, d] (a free reshape: query head
-    j·groups + i is member i of key/value head j's group)."""
+    j·groups + i is member i of key/value head j's group); q itself when heads == kv_heads,
+    so multi-head attention runs the very ops (and bits) it ran before grouping existed.
+    The kernels below take either rank (``_rows``)."""
     b, h, t, d = q.shape
     if h % kv_heads:
         raise ValueError(f"q's heads ({h}) must be a multiple of k/v's heads ({kv_heads}).")
-    return q.reshape(b, kv_heads, h // kv_heads, t, d)
+    return q if h == kv_heads else q.reshape(b, kv_heads, h // kv_heads, t, d)
 
 
 def _ungroup(out):
-    """[b, kv_heads, groups, q_len, d] → [b, heads, q_len, d]."""
+    """The inverse of ``_group_queries``: [b, heads, q_len, d]."""
+    if out.ndim == 4:
+        return out
     b, n, g, t, d = out.shape
     return out.reshape(b, n * g, t, d)
 
 
-def _as_5d(mask, kv_heads: int):
-    """A bool mask of rank <= 4 with leading unit axes up to [batch, heads, q_len, k_len] →
-    [b|1, kv_heads|1, groups|1, q_len|1, k_len|1], grouped as ``_group_queries``."""
+def _rows(x) -> str:
+    """einsum letters of a (grouped) query-rows array's leading axes: "bnq" for [b, n, q,
+    …], "bngq" for [b, n, g, q, …]. Its query axis is x.ndim - 2."""
+    return "bngq" if x.ndim == 5 else "bnq"
+
+
+def _group_mask(mask, heads: int, kv_heads: int):
+    """A bool mask of rank <= 4 with leading unit axes up to [batch, heads, q_len, k_len],
+    in the rank of ``_group_queries``' queries: [b|1, h|1, q_len|1, k_len|1], or grouped
+    [b|1, kv_heads|1, groups|1, q_len|1, k_len|1]."""
     if mask is None:
         return None
     mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    if heads == kv_heads:
+        return mask
     b, h, t, k = mask.shape
     if h == 1:
         return mask[:, :, None]
@@ -128,12 +141,14 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
     k_len] (True = attend) or None. ``causal``: AND the causal mask of queries at positions
     ``offset`` … (int, may be traced). Returns [batch, heads, q_len, head_dim] in v's dtype.
     """
+    mask = _group_mask(mask, q.shape[1], k.shape[1])
     q = _group_queries(_scale_queries(q), k.shape[1])
-    mask = _block_mask(_as_5d(mask, k.shape[1]), _causal_offset(causal, offset), 0,
-                       q.shape[3], k.shape[2])
+    mask = _block_mask(mask, _causal_offset(causal, offset), 0, q.shape[-2], k.shape[2],
+                       q.ndim)
     probs = _softmax_probs(q, k, mask)
     probs = dropout(probs, dropout_rate, key)
-    return _ungroup(jnp.einsum("bngqk,bnkd->bngqd", probs.astype(v.dtype), v))
+    r = _rows(q)
+    return _ungroup(jnp.einsum(f"{r}k,bnkd->{r}d", probs.astype(v.dtype), v))
 
 
 def _scale_queries(q):
@@ -150,29 +165,32 @@ def _causal_offset(causal: bool, offset):
     return jnp.asarray(offset, jnp.int32) if causal else None
 
 
-def _block_mask(mask, offset, start, size: int, k_len: int):
+def _block_mask(mask, offset, start, size: int, k_len: int, rank: int):
     """Bool mask of query rows start … start+size-1 against k_len keys, or None.
 
-    mask: [b|1, n|1, g|1, q_len|1, k_len|1] bool or None (``_as_5d``; its rows sliced when
-    it has a query axis); offset: None, or the int32 query offset of the causal rows, which
-    are built here from iota (k_pos <= offset + start + row) and ANDed in. start may be
-    traced.
+    mask: bool of the queries' ``rank`` (4, or 5 grouped: ``_group_mask``) with the query
+    axis at rank - 2, or None (its rows sliced when it has a query axis); offset: None, or
+    the int32 query offset of the causal rows, which are built here from iota (k_pos <=
+    offset + start + row) and ANDed in. start may be traced.
     """
-    per_query = mask is not None and mask.shape[3] != 1
-    mask_c = jax.lax.dynamic_slice_in_dim(mask, start, size, axis=3) if per_query else mask
+    per_query = mask is not None and mask.shape[-2] != 1
+    mask_c = (jax.lax.dynamic_slice_in_dim(mask, start, size, axis=rank - 2) if per_query
+              else mask)
     if offset is None:
         return mask_c
     # A column of query positions against a row of key positions: no [size, k_len] iota
     # for XLA to hoist out of the block loop and keep.
     rows = offset + start + jnp.arange(size, dtype=jnp.int32)[:, None]
-    causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= rows)[None, None, None]
+    causal = (jnp.arange(k_len, dtype=jnp.int32)[None, :] <= rows)
+    causal = causal.reshape((1,) * (rank - 2) + causal.shape)
     return causal if mask_c is None else jnp.logical_and(causal, mask_c)
 
 
 def _softmax_probs(q_c, k, mask_c):
-    """Float32 softmax probabilities [b, n, g, chunk, k_len] of the grouped queries q_c
-    [b, n, g, chunk, d], already scaled, against k [b, n, k_len, d]."""
-    logits = jnp.einsum("bngqd,bnkd->bngqk", q_c, k, preferred_element_type=jnp.float32)
+    """Float32 softmax probabilities [b, n, (g,) chunk, k_len] of the queries q_c [b, n,
+    (g,) chunk, d] (``_group_queries``), already scaled, against k [b, n, k_len, d]."""
+    r = _rows(q_c)
+    logits = jnp.einsum(f"{r}d,bnkd->{r}k", q_c, k, preferred_element_type=jnp.float32)
     if mask_c is not None:
         logits = jnp.where(mask_c, logits, _MASKED)
     return jax.nn.softmax(logits, axis=-1)
@@ -202,11 +220,11 @@ def _from_bits(x, dtype):
 
 
 def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data, bits=True):
-    """[b, n, g, q_len, head_dim] output of the grouped query blocks (q [b, n, g, q_len,
-    head_dim], already scaled; k, v [b, n, k_len, head_dim]); offset: the causal rows' int32
-    query offset or None (``_block_mask``). ``bits``: slice q as its bits (``_as_bits``),
+    """[b, n, (g,) q_len, head_dim] output of the query blocks (q [b, n, (g,) q_len,
+    head_dim] from ``_group_queries``, already scaled; k, v [b, n, k_len, head_dim]);
+    offset: the causal rows' int32 query offset or None (``_block_mask``). ``bits``: slice q as its bits (``_as_bits``),
     which JAX's autodiff cannot differentiate; False where autodiff runs through this."""
-    b, n, g, q_len, d = q.shape
+    q_len, axis, r = q.shape[-2], q.ndim - 2, _rows(q)
     scale = 256.0 / (256 - threshold)
     dtype = q.dtype
     q = _as_bits(q) if bits else q
@@ -216,16 +234,16 @@ def _flash_forward(chunk, threshold, impl, q, k, v, mask, offset, key_data, bits
         # loop is linearized through this forward, and a mask computed from the loop index
         # alone would be a "known" value that partial evaluation stacks for every block.
         start, out = jax.lax.optimization_barrier((start, out))
-        q_c = _from_bits(jax.lax.dynamic_slice_in_dim(q, start, size, axis=3), dtype)
-        mask_c = _block_mask(mask, offset, start, size, k.shape[2])
+        q_c = _from_bits(jax.lax.dynamic_slice_in_dim(q, start, size, axis=axis), dtype)
+        mask_c = _block_mask(mask, offset, start, size, k.shape[2], q.ndim)
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         if keep is not None:
             probs = jnp.where(keep, probs * scale, 0.0)
-        out_c = jnp.einsum("bngqk,bnkd->bngqd", probs.astype(v.dtype), v)
-        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=3)
+        out_c = jnp.einsum(f"{r}k,bnkd->{r}d", probs.astype(v.dtype), v)
+        return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=axis)
 
-    return for_each_block(q_len, chunk, block, jnp.zeros((b, n, g, q_len, d), v.dtype))
+    return for_each_block(q_len, chunk, block, jnp.zeros(q.shape, v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -245,32 +263,32 @@ def _flash_bwd(chunk, threshold, impl, residuals, g_out):
     q, k, v, mask, offset, key_data = residuals
     dtype = q.dtype
     q, g_out = _as_bits(q), _as_bits(g_out)
-    q_len = q.shape[3]
+    q_len, axis, r = q.shape[-2], q.ndim - 2, _rows(q)
     scale = 256.0 / (256 - threshold)
     f32 = jnp.float32
 
     def block(start, size, index, carry):
         g_q, g_k, g_v = carry
-        q_c = _from_bits(jax.lax.dynamic_slice_in_dim(q, start, size, axis=3), dtype)
-        g_c = _from_bits(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=3), v.dtype)
-        mask_c = _block_mask(mask, offset, start, size, k.shape[2])
+        q_c = _from_bits(jax.lax.dynamic_slice_in_dim(q, start, size, axis=axis), dtype)
+        g_c = _from_bits(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=axis), v.dtype)
+        mask_c = _block_mask(mask, offset, start, size, k.shape[2], q.ndim)
         probs = _softmax_probs(q_c, k, mask_c)
         keep = _keep_mask(key_data, impl, index, probs.shape, threshold)
         dropped = probs if keep is None else jnp.where(keep, probs * scale, 0.0)
         # The key/value gradients sum over the group's query heads and the block's rows.
-        g_v = g_v + jnp.einsum("bngqk,bngqd->bnkd", dropped.astype(v.dtype), g_c,
+        g_v = g_v + jnp.einsum(f"{r}k,{r}d->bnkd", dropped.astype(v.dtype), g_c,
                                preferred_element_type=f32)
-        g_dropped = jnp.einsum("bngqd,bnkd->bngqk", g_c, v, preferred_element_type=f32)
+        g_dropped = jnp.einsum(f"{r}d,bnkd->{r}k", g_c, v, preferred_element_type=f32)
         g_probs = g_dropped if keep is None else jnp.where(keep, g_dropped * scale, 0.0)
         # Softmax VJP; masked keys have probability 0 and so no logit gradient.
         g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
-        g_q_c = jnp.einsum("bngqk,bnkd->bngqd", g_logits.astype(k.dtype), k,
+        g_q_c = jnp.einsum(f"{r}k,bnkd->{r}d", g_logits.astype(k.dtype), k,
                            preferred_element_type=f32)
-        g_k = g_k + jnp.einsum("bngqk,bngqd->bnkd", g_logits.astype(dtype), q_c,
+        g_k = g_k + jnp.einsum(f"{r}k,{r}d->bnkd", g_logits.astype(dtype), q_c,
                                preferred_element_type=f32)
         # Each block writes its own rows of dq once, so casting here gives the bits of
         # casting at the end, without a float32 buffer of q's size.
-        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c.astype(dtype), start, axis=3)
+        g_q = jax.lax.dynamic_update_slice_in_dim(g_q, g_q_c.astype(dtype), start, axis=axis)
         return g_q, g_k, g_v
 
     # dk and dv sum over the query blocks: float32 until the end.
@@ -314,7 +332,7 @@ def chunked_attention(q, k, v, mask, *, dropout_rate: float = 0.0, key=None,
         typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         key_data = jax.random.key_data(key) if typed else key
         impl = str(jax.random.key_impl(key)) if typed else None
-    mask, offset = _as_5d(mask, k.shape[1]), _causal_offset(causal, offset)
+    mask, offset = _group_mask(mask, q.shape[1], k.shape[1]), _causal_offset(causal, offset)
     q = _group_queries(_scale_queries(q), k.shape[1])
     if checkpoint:
         return _ungroup(_flash(chunk, threshold, impl, q, k, v, mask, offset, key_data))
@@ -335,9 +353,8 @@ def fused_attention(q, k, v, mask, *, implementation: str = "cudnn", causal: boo
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs a CUDA GPU (this backend is "
                          f"{jax.default_backend()!r}); use attention='chunked' or 'xla'.")
-    mask = _block_mask(_as_5d(mask, q.shape[1]), _causal_offset(causal, offset), 0, q.shape[2],
-                       k.shape[2])
-    mask = None if mask is None else mask[:, :, 0]  # back to [b|1, h|1, q_len, k_len]
+    mask = _block_mask(_group_mask(mask, 1, 1), _causal_offset(causal, offset), 0,
+                       q.shape[2], k.shape[2], 4)
     out = jax.nn.dot_product_attention(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
         mask=mask, implementation=implementation)
