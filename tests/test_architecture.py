@@ -18,6 +18,15 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def import_base(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module of a ``from … import`` in ``package`` (relative levels resolved)."""
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+    return base
+
+
 def imports(name: str, source: str, is_package: bool = False) -> set[str]:
     """Every first-party module (and imported name) that module ``name`` imports, made
     absolute, function-level imports included."""
@@ -27,10 +36,7 @@ def imports(name: str, source: str, is_package: bool = False) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            base = import_base(node, package)
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
     return {name for name in found if name.split(".")[0] in PACKAGES}
@@ -155,10 +161,7 @@ def module_level_imports(name: str, source: str, is_package: bool = False) -> se
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            base = import_base(node, package)
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in PATHS else base)
     return {target for target in found if target in PATHS and target != name}
