@@ -30,7 +30,7 @@ def _suite_runs_avx512_code() -> bool:
     """Whether this suite's own programs may use AVX-512: the CPU has it (Linux's
     /proc/cpuinfo; elsewhere assumed) and XLA_FLAGS caps nothing below it. If not, the
     guarded tests already ran on AVX2 (or older) code in the suite itself."""
-    if re.search(r"--xla_cpu_max_isa=(AVX2|AVX|SSE)", os.environ.get("XLA_FLAGS", "")):
+    if re.search(r"--xla_cpu_max_isa=(AVX2|AVX|SSE\w*)\b", os.environ.get("XLA_FLAGS", "")):
         return False
     try:
         with open("/proc/cpuinfo") as f:
