@@ -210,6 +210,23 @@ def _apply_block(block_fn, params_k, x, context, key_k):
     return jax.lax.optimization_barrier(h)
 
 
+def _call_block(block_fn, params_k, x, context, key_k, **kw):
+    """block_fn(...), with recompute="fused"'s ``cotangent=`` keyword named in the error
+    of a block that does not take it."""
+    if not kw:
+        return block_fn(params_k, x, context, key_k)
+    try:
+        return block_fn(params_k, x, context, key_k, **kw)
+    except TypeError as e:
+        if "cotangent" not in str(e):
+            raise
+        raise TypeError(
+            "Reversible(recompute='fused') calls the block as block(x, context, key, "
+            "cotangent=dL/dh), and this block does not take `cotangent` (" + str(e) + "); "
+            "use recompute='shared', or add the keyword (the models' blocks show how)."
+        ) from None
+
+
 def _max_abs(*arrays):
     # stop_gradient: statistics never carry gradients.
     return jax.lax.stop_gradient(
@@ -307,12 +324,13 @@ def _train_forward(call, spec: _Spec, params, x0, context, keys, gammas, keep_bi
 
 
 def _rebuild_step(block_fn, method: Reversible, spec: _Spec, context, x_cur, x_next, params_k,
-                  key_k, gamma_k, bits):
+                  key_k, gamma_k, bits, g_h):
     """Rebuild x_{k-1} from (x_k, x_{k+1}); also returns the block's VJP at x_k, which
-    ``method.output_and_vjp`` gets as its ``recompute`` says."""
+    ``method.output_and_vjp`` gets as its ``recompute`` says, to be pulled back with g_h."""
     h, pullback = method.output_and_vjp(
-        lambda p, x, c: block_fn(p, x, c, key_k), (params_k, x_cur, context),
-        fenced=lambda p, x, c: _apply_block(block_fn, p, x, c, key_k))
+        lambda p, x, c, **kw: _call_block(block_fn, p, x, c, key_k, **kw),
+        (params_k, x_cur, context),
+        fenced=lambda p, x, c: _apply_block(block_fn, p, x, c, key_k), cotangent=g_h)
     gamma_b = broadcast_gamma(gamma_k, x_cur)
     s = fixed_point.unpack_side_bits(bits, x_cur.shape, x_cur.dtype)
     x_prev = bdia_uncombine(x_cur, x_next, h, s, gamma_b, spec.frac_bits)
@@ -480,12 +498,13 @@ def _reversible_bwd(block_fn, method: Reversible, spec: _Spec, residuals, cotang
         bits_k = (jnp.zeros(bits.shape[1:], bits.dtype) if n == 0  # depth 1: no side bits
                   else jax.lax.dynamic_index_in_dim(bits, jnp.maximum(k - 1, 0), keepdims=False))
         gamma_k = gamma_of(k)
-        x_prev, gamma_b, pullback = _rebuild_step(
+        gamma_b = broadcast_gamma(gamma_k, x_cur)
+        g_h = g_next + gamma_b * g_next  # dL/dh_k, known before the rebuild ("fused")
+        x_prev, _, pullback = _rebuild_step(
             block_fn, method, spec, context, x_cur, x_next, _take(params, k),
             None if keys is None else keys[k], jnp.where(k == 0, 1, gamma_k).astype(gamma_k.dtype),
-            bits_k)
-        gamma_b = broadcast_gamma(gamma_k, x_cur)
-        g_params_k, g_x_h, g_ctx_k = pullback(g_next + gamma_b * g_next)
+            bits_k, g_h)
+        g_params_k, g_x_h, g_ctx_k = pullback(g_h)
         # γ_{k+1} dL/dx_{k+2} is formed here, not kept from step k+1: dL/dx_{k+2} stays in its
         # buffer unchanged, and no fifth stream-sized buffer holds the scaled copy.
         g_cur = (broadcast_gamma(gamma_of(k + 1), x_cur) * g_after
@@ -667,7 +686,9 @@ def apply_stack(
 
     Args:
       block_fn: ``block_fn(params_k, x, context, key_k) -> h``, the residual branch, pure;
-        h has x's shape and dtype (it may compute internally in bfloat16).
+        h has x's shape and dtype (it may compute internally in bfloat16). With
+        ``Reversible(recompute="fused")`` the backward pass calls it with ``cotangent=``
+        dL/dh as well (see ``bdia_jax.methods.Reversible``).
       params: pytree, every leaf stacked on a leading [depth] axis.
       x: [batch, ...] float32 (or float64) stack input, batch >= 1, e.g. [batch, seq, dim].
       update: ``Standard()`` or ``BDIA(gamma, frac_bits, quantize_at_inference)``.

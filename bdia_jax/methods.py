@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from bdia_jax import fixed_point
 
-RECOMPUTE_MODES = ("separate", "shared")
+RECOMPUTE_MODES = ("separate", "shared", "fused")
 MAX_SIDE_BITS = 8  # side bits are packed from uint8 values: |γ| >= 2**-8
 
 
@@ -219,13 +219,17 @@ class Reversible(Backprop):
     recompute: how the backward pass gets h_k(x_k). "separate" (the default because it is
       exact for any block) runs the forward pass's own fenced call, then the block's VJP;
       "shared" takes the VJP's primal output, one block forward cheaper, exact when the
-      block's statistics use ``bdia_jax.stable`` (the models' blocks do).
+      block's statistics use ``bdia_jax.stable`` (the models' blocks do). "fused" is
+      "shared" that also gives the block its output's cotangent (1 + γ_k) dL/dx_{k+1},
+      known before the rebuild, as ``block(x, context, key, cotangent=...)``: the models'
+      blocks then run a chunked MLP's forward and VJP in one loop, not two (their
+      ``chunk_mlp``); the block's VJP is pulled back with exactly that cotangent.
     reversal_probe: keep x_0 (one state) so that the gradient of the engine's
       ``reversal_probe`` scalar is the largest |rebuilt - forward| of x_0, the last state
       rebuilt (0.0 when exact).
     """
 
-    recompute: Literal["separate", "shared"] = "separate"
+    recompute: Literal["separate", "shared", "fused"] = "separate"
     reversal_probe: bool = True
 
     def __post_init__(self):
@@ -233,7 +237,8 @@ class Reversible(Backprop):
             raise ValueError(
                 f"recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}: "
                 "'separate' is exact for any block; 'shared' saves one block forward per "
-                "block when the block's statistics use bdia_jax.stable."
+                "block when the block's statistics use bdia_jax.stable; 'fused' also gives "
+                "the block its output's cotangent (the models' blocks take it)."
             )
         if not isinstance(self.reversal_probe, bool):
             raise ValueError(
@@ -242,16 +247,19 @@ class Reversible(Backprop):
     def run(self, stack: StackPass) -> Any:
         return stack.reversible(self)
 
-    def output_and_vjp(self, fn: Callable, primals: tuple, fenced: Callable):
+    def output_and_vjp(self, fn: Callable, primals: tuple, fenced: Callable, cotangent):
         """(fn(*primals), the VJP of fn at primals), in the backward pass of a rebuild.
 
-        fenced: the call the forward pass made (the engine's fenced block). "shared" takes
-        the output from the VJP's own evaluation; "separate" from ``fenced(*primals)``, so
-        the output has the forward pass's bits whatever the block, and the VJP from a second
-        evaluation.
+        fenced: the call the forward pass made (the engine's fenced block). cotangent: the
+        one the VJP will be pulled back with. "shared" takes the output from the VJP's own
+        evaluation; "fused" too, calling ``fn(*primals, cotangent=cotangent)``; "separate"
+        from ``fenced(*primals)``, so the output has the forward pass's bits whatever the
+        block, and the VJP from a second evaluation.
         """
         if self.recompute == "shared":
             return jax.vjp(fn, *primals)
+        if self.recompute == "fused":
+            return jax.vjp(lambda *args: fn(*args, cotangent=cotangent), *primals)
         # XLA compiles a block whose VJP is also taken with other fusions and reduction
         # orders (on XLA:CPU a jnp.mean in a LayerNorm changed h's last bits at batch >= 64:
         # an inexact rebuild); the fenced call compiles as in the forward pass.

@@ -8,7 +8,8 @@ layer imports the other for them.
   only from a key (one random byte per element), so a replayed key redraws the same mask.
 * ``for_each_block``: a loop over blocks of positions (full blocks, then a shorter tail).
 * ``position_blocks``: a position-wise function computed a block of positions at a time,
-  with a custom VJP that recomputes each block (the chunked MLP).
+  with a custom VJP that recomputes each block (the chunked MLP); given its output's
+  cotangent in advance, one loop computes the output and the VJP.
 """
 
 from __future__ import annotations
@@ -83,10 +84,14 @@ def _position_blocks_forward(fn, chunk, params, y):
         out_c = fn(params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
         return jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=-2)
 
+    return for_each_block(y.shape[-2], chunk, block, _output_buffer(fn, chunk, params, y))
+
+
+def _output_buffer(fn, chunk, params, y):
+    """Zeros of fn's output for all of y's positions: [..., len, out] in fn's dtype."""
     shape = jax.eval_shape(fn, params, jax.ShapeDtypeStruct(
         y.shape[:-2] + (chunk,) + y.shape[-1:], y.dtype))
-    out = jnp.zeros(y.shape[:-2] + y.shape[-2:-1] + shape.shape[-1:], shape.dtype)
-    return for_each_block(y.shape[-2], chunk, block, out)
+    return jnp.zeros(y.shape[:-2] + y.shape[-2:-1] + shape.shape[-1:], shape.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -115,7 +120,42 @@ def _position_blocks_bwd(fn, chunk, residuals, g_out):
 _position_blocks.defvjp(_position_blocks_fwd, _position_blocks_bwd)
 
 
-def position_blocks(fn, params, y: jax.Array, chunk: int) -> jax.Array:
+def _position_blocks_output_and_vjp(fn, chunk, params, y, g_out):
+    """(fn(params, y), dL/dparams, dL/dy) at the output cotangent g_out, in one loop over
+    the blocks: each block's ``fn`` runs once, under ``jax.vjp``."""
+    def block(start, size, index, carry):
+        out, g_params, g_y = carry
+        out_c, pullback = jax.vjp(fn, params, jax.lax.dynamic_slice_in_dim(y, start, size, axis=-2))
+        g_params_c, g_y_c = pullback(jax.lax.dynamic_slice_in_dim(g_out, start, size, axis=-2))
+        return (jax.lax.dynamic_update_slice_in_dim(out, out_c, start, axis=-2),
+                jax.tree_util.tree_map(jnp.add, g_params, g_params_c),
+                jax.lax.dynamic_update_slice_in_dim(g_y, g_y_c, start, axis=-2))
+
+    carry = (_output_buffer(fn, chunk, params, y), jax.tree_util.tree_map(jnp.zeros_like, params),
+             jnp.zeros_like(y))
+    return for_each_block(y.shape[-2], chunk, block, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _position_blocks_at(fn, chunk, params, y, g_out):
+    return _position_blocks_output_and_vjp(fn, chunk, params, y, g_out)[0]
+
+
+def _position_blocks_at_fwd(fn, chunk, params, y, g_out):
+    out, g_params, g_y = _position_blocks_output_and_vjp(fn, chunk, params, y, g_out)
+    return out, (g_params, g_y, jnp.zeros_like(g_out))
+
+
+def _position_blocks_at_bwd(fn, chunk, residuals, g_out):
+    del g_out  # the caller's promise: the one given in advance (see position_blocks)
+    return residuals
+
+
+_position_blocks_at.defvjp(_position_blocks_at_fwd, _position_blocks_at_bwd)
+
+
+def position_blocks(fn, params, y: jax.Array, chunk: int, *,
+                    cotangent: jax.Array | None = None) -> jax.Array:
     """``fn(params, y)`` of a position-wise ``fn``, computed ``chunk`` positions at a time.
 
     y: [..., len, width]; returns fn's [..., len, out] in its dtype. The forward pass writes
@@ -124,5 +164,13 @@ def position_blocks(fn, params, y: jax.Array, chunk: int) -> jax.Array:
     accumulating the parameter gradients and writing dL/dy in place. So one block's
     activations of ``fn`` live at a time, and no block axis is transposed to the front.
     The same ops run on each block in both passes, which the BDIA reversal needs.
+
+    cotangent: the output's cotangent dL/dout ([..., len, out], fn's dtype), when the
+    caller knows it before it needs the output (BDIA's rebuild, ``recompute="fused"``).
+    Then one loop runs each block's ``fn`` once, under ``jax.vjp``, writing the output and
+    the gradients together, and the VJP returns those gradients *whatever cotangent it is
+    given*: the caller must pull back with exactly this one.
     """
-    return _position_blocks(fn, chunk, params, y)
+    if cotangent is None:
+        return _position_blocks(fn, chunk, params, y)
+    return _position_blocks_at(fn, chunk, params, y, cotangent)

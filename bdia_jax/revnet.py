@@ -218,13 +218,15 @@ def _reversible_bwd(f_fn, g_fn, method: Reversible, residuals, cotangents):
         kf, kg = _sub_keys(key_k)
         # Y2 = X2 + G(Y1): rebuild X2 and pull dL/dY2 back through G.
         g_call = functools.partial(_sub_block, g_fn, kg)
-        g_out, g_pullback = method.output_and_vjp(g_call, (params_k, y1), fenced=g_call)
+        g_out, g_pullback = method.output_and_vjp(g_call, (params_k, y1), fenced=g_call,
+                                                  cotangent=g_y2)
         x2 = y2 - g_out
         g_params_g, g_y1_via_g = g_pullback(g_y2)
         g_x1 = g_y1 + g_y1_via_g  # dL/dY1 in full = dL/dX1 (Y1 = X1 + F(X2))
         # Y1 = X1 + F(X2): rebuild X1 and pull dL/dY1 back through F.
         f_call = functools.partial(_sub_block, f_fn, kf)
-        f_out, f_pullback = method.output_and_vjp(f_call, (params_k, x2), fenced=f_call)
+        f_out, f_pullback = method.output_and_vjp(f_call, (params_k, x2), fenced=f_call,
+                                                  cotangent=g_x1)
         x1 = y1 - f_out
         g_params_f, g_x2_via_f = f_pullback(g_x1)
         g_x2 = g_y2 + g_x2_via_f
@@ -246,8 +248,8 @@ def _reversible_bwd(f_fn, g_fn, method: Reversible, residuals, cotangents):
 _reversible.defvjp(_reversible_fwd, _reversible_bwd)
 
 
-def _sub_block(fn, key, params_k, x):
-    return fn(params_k, x, key)
+def _sub_block(fn, key, params_k, x, **kw):
+    return fn(params_k, x, key, **kw)  # kw: cotangent= of recompute="fused"
 
 
 class _TwoStreamPass(NamedTuple):

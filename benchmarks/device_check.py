@@ -11,7 +11,8 @@ section, so a run cut short keeps what it found). Sections, in this order:
   XLA_/JAX_ variables, matmul precision.
 * ``exactness``: one AdamW train step at a training size (batch 64) of ViT, GPT and the
   encoder-decoder with ``update=BDIA()``, ``backprop=Reversible(recompute="shared" |
-  "separate")``, float32 and bfloat16 compute. The reversal probe (the gradient of each
+  "separate")``, float32 and bfloat16 compute, and GPT with chunked attention and MLP under
+  ``recompute="fused"`` (the MLP's forward and VJP in one loop). The reversal probe (the gradient of each
   stack's ``ReversalProbe``, read like tests/test_models_training_sizes.py) must be exactly
   0.0. On a GPU, a case that is not is run again in a subprocess with
   ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` and both results are kept. RevViT's
@@ -23,7 +24,7 @@ section, so a run cut short keeps what it found). Sections, in this order:
   BDIA-ViT (reversible) and RevViT (reversible), beside the paper's figures. Where the
   backend has no ``memory_stats()`` (CPU) the compiled peak estimate is the figure, taken in
   this process.
-* ``step_time``: BDIA reversible (``recompute="shared"``, ``registry.METHODS``), standard
+* ``step_time``: BDIA reversible (``registry.METHODS``: the experiments' recompute), standard
   per-block remat and standard autodiff ViT train steps, interleaved round-robin in one process; median seconds per step and the ratio to
   remat.
 * ``max_batch``: ``benchmarks.max_batch`` (GPT-2 medium size, compile-only search) with the
@@ -110,10 +111,12 @@ PRESETS = {
 
 def build(spec: dict, preset: dict, batch: int):
     """``(model, loss_fn, batch inputs)`` of a case ``spec`` = {"model": kind, "method":
-    flat method keywords, "dtype": compute dtype}."""
+    flat method keywords, "dtype": compute dtype, optional "model_overrides": config
+    fields}."""
     cls, factory, loss_fn = MODEL_KINDS[spec["model"]]
     name, overrides = preset["models"][spec["model"]]
-    config = factory(name, **overrides, **spec["method"], compute_dtype=spec["dtype"])
+    config = factory(name, **overrides, **spec.get("model_overrides", {}), **spec["method"],
+                     compute_dtype=spec["dtype"])
     model = cls(config, rngs=nnx.Rngs(0))
     inputs = registry.make_batch(spec["model"], config, batch, preset["seq2seq_lengths"])
     return model, loss_fn, inputs
@@ -249,6 +252,10 @@ def exactness_specs(names=None) -> dict:
                 specs[f"{model}/{recompute}/{dtype}"] = {
                     "model": model, "dtype": dtype,
                     "method": {**METHODS["bdia"][1], "recompute": recompute}}
+        # The chunked MLP runs its forward and VJP in one loop only under "fused".
+        specs[f"gpt/fused-chunked/{dtype}"] = {
+            "model": "gpt", "dtype": dtype, "method": {**METHODS["bdia"][1], "recompute": "fused"},
+            "model_overrides": dict(attention="chunked", chunk_size=64)}
         specs[f"revvit/reversible/{dtype}"] = {"model": "revvit", "dtype": dtype,
                                                "method": dict(backprop="reversible",
                                                               recompute="shared")}

@@ -25,7 +25,7 @@ projections of every block; the base is frozen with the step's ``trainable=nnx.L
 no gradient, no optimizer state).
 
 Methods (the records' ``method``): "autodiff", "remat" (per-block ``jax.checkpoint``
-saving each block's float32 input), "bdia" (reversible, recompute="shared"), compiled;
+saving each block's float32 input), "bdia" (reversible, the experiments' recompute="fused"), compiled;
 and two *analytic* rows derived from remat's compiled peak at the same size, because the
 engine has none of these options: "remat_bf16" (remat minus half of the saved float32 block
 inputs: depth·tokens·width·2 bytes) and "remat_offload" (remat with each block's input
@@ -131,17 +131,20 @@ def lora_param_count(fields: dict, rank: int = LORA_RANK) -> int:
 
 def model_config(shape: str, method: str, context: int, compute_dtype: str,
                  attention_chunk: int, mode: str = "full",
-                 unchunked_mlp: bool = False) -> DecoderConfig:
+                 unchunked_mlp: bool = False, recompute: str | None = None) -> DecoderConfig:
     """The DecoderConfig of ``shape`` at ``context`` trained with compiled ``method``, with
     the ``LORA16`` adapters in mode "lora16"; the MLP over the attention's position blocks,
-    or over the whole sequence (``chunk_mlp=False``) when ``unchunked_mlp``."""
+    or over the whole sequence (``chunk_mlp=False``) when ``unchunked_mlp``. ``recompute``:
+    BDIA's, in place of the experiments' (``benchmarks.step_anatomy --bdia_recompute``)."""
     fields, _ = SHAPES[shape]
+    method_fields = registry.METHODS[COMPILED[method]][1]
+    if recompute is not None and method == "bdia":
+        method_fields = {**method_fields, "recompute": recompute}
     return named_config(DecoderConfig, {shape: fields}, shape, dict(
         max_len=context, param_dtype="bfloat16", compute_dtype=compute_dtype,
         attention="chunked", chunk_size=attention_chunk,
         chunk_mlp=False if unchunked_mlp else None,
-        lora=LORA16 if mode == "lora16" else None,
-        **registry.METHODS[COMPILED[method]][1]))
+        lora=LORA16 if mode == "lora16" else None, **method_fields))
 
 
 def make_model(config: DecoderConfig) -> DecoderLM:
@@ -586,7 +589,7 @@ def markdown(data) -> str:
 
 # ------------------------------------------------------------------------------ step time
 
-TIMED = ("remat", "bdia")  # per-block remat against BDIA's recompute="shared"
+TIMED = ("remat", "bdia")  # per-block remat against BDIA (the experiments' recompute)
 
 
 def time_steps(shape, mode, batch, context, rounds, opts, unchunked_mlp=()) -> dict:

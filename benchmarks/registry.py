@@ -4,7 +4,7 @@ experiments train with).
 
 The method settings are the experiments' own: ``experiments/configs/common.py``'s
 ``methods.standard`` and ``methods.bdia`` entries (BDIA: γ = ±½, l = 9,
-``recompute="shared"``), so a benchmark measures what the experiments train.
+``recompute="fused"``), so a benchmark measures what the experiments train.
 """
 
 from __future__ import annotations

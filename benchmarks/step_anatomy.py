@@ -1,10 +1,11 @@
-"""Where a train step's time goes: the compiled remat and BDIA (``recompute="shared"``)
+"""Where a train step's time goes: the compiled remat and BDIA (``recompute="fused"``)
 train steps of ``benchmarks.max_context``, compared op by op without running them.
 
     python -m benchmarks.step_anatomy --shape smollm2-135m --depth 4,8 --size 4x256
     python -m benchmarks.step_anatomy --shape smollm2-135m --depth 30 --size 4x256 \
         --unchunked_mlp bdia --time_rounds 5
 
+``--bdia_recompute``: BDIA's ``recompute`` (default: the experiments', "fused").
 ``--unchunked_mlp``: the methods whose MLP runs over the whole sequence
 (``chunk_mlp=False``). ``--time_rounds``: also run both steps at the largest depth,
 interleaved round by round (``max_context``'s ``--time``, with these configs).
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from bdia_jax import training
+from bdia_jax.methods import RECOMPUTE_MODES
 from benchmarks import max_context as mc
 from benchmarks import registry
 from experiments.common.memory import compiled_memory
@@ -243,7 +245,8 @@ def step_config(shape: str, depth: int, method: str, context: int, opts):
     mc.SHAPES[name] = (dict(fields, depth=depth), max_len)
     return mc.model_config(name, method, context, opts["compute_dtype"],
                            opts["attention_chunk"], "full",
-                           unchunked_mlp=method in opts["unchunked_mlp"])
+                           unchunked_mlp=method in opts["unchunked_mlp"],
+                           recompute=opts["bdia_recompute"])
 
 
 def compiled_step(shape: str, depth: int, method: str, batch: int, context: int, opts):
@@ -374,6 +377,9 @@ def parse_args(argv=None):
     p.add_argument("--unchunked_mlp", default="",
                    help="methods (remat,bdia) whose MLP runs over the whole sequence "
                         "(chunk_mlp=False); the others' over blocks like the attention")
+    p.add_argument("--bdia_recompute", default=None, choices=RECOMPUTE_MODES,
+                   help="BDIA's Reversible recompute (default: the experiments', "
+                        "benchmarks.registry)")
     p.add_argument("--time_rounds", type=int, default=0,
                    help="also run the steps at the largest depth: this many interleaved "
                         "rounds (0: compile only)")
@@ -402,10 +408,12 @@ def main(argv=None) -> dict:
     except ValueError as error:
         raise SystemExit(f"benchmarks.step_anatomy: {error}") from None
     opts = dict(compute_dtype=args.compute_dtype, attention_chunk=args.attention_chunk,
-                loss_chunk=args.loss_chunk, unchunked_mlp=unchunked)
+                loss_chunk=args.loss_chunk, unchunked_mlp=unchunked,
+                bdia_recompute=args.bdia_recompute)
     data = measure(args.shape, depths, batch, context, opts, args.out_dir)
+    recompute = step_config(args.shape, 2, "bdia", context, opts).backprop.recompute
     print(f"{args.shape}, batch {batch} x context {context}, full fine-tuning, MLP unchunked "
-          f"for {unchunked or 'none'}, commit {mc.commit()}")
+          f"for {unchunked or 'none'}, BDIA recompute={recompute!r}, commit {mc.commit()}")
     print(report(data, depths))
     if args.time_rounds:
         data["time"] = time_steps(args.shape, max(depths), batch, context, args.time_rounds,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 from compile_only import memory_only_compiles
 
 from benchmarks import step_anatomy as sa
@@ -20,22 +21,28 @@ def test_loop_body_dots_count_once_per_trip():
     assert result["totals"]["element_ops"] >= 3 * 8 * 16  # the tanh of every trip
 
 
-def test_bdia_recomputes_one_mlp_forward_per_block_more_than_remat(monkeypatch):
+@pytest.mark.parametrize("recompute, extra_projections", [("shared", 3), ("fused", 1)])
+def test_bdia_recomputes_what_its_rebuild_needs_beyond_remat(monkeypatch, recompute,
+                                                             extra_projections):
     # The steps are only read (their optimized HLO), never run: -O0 (tests/compile_only.py);
     # the HLO, costs and memory are the same as at the suite's level.
     memory_only_compiles(monkeypatch)
-    # test-tiny with 8-position chunks, so that the MLP runs over position blocks: the
-    # reversible rebuild needs each block's output (its MLP forward), besides the chunked
-    # MLP's own recomputation under its VJP; remat needs only the latter.
+    # test-tiny with 8-position chunks, so that the MLP runs over position blocks. The
+    # reversible rebuild needs each block's output; remat only the chunked MLP's own
+    # recomputation under its VJP. "shared" runs the MLP's whole forward for it besides
+    # (its three projections); "fused" gets it from that recomputation, adding only the
+    # down projection.
     depth, batch, context = 4, 2, 16
     data = sa.measure("test-tiny", [depth], batch, context, dict(
-        compute_dtype="float32", attention_chunk=8, loss_chunk=512, unchunked_mlp=[]))
+        compute_dtype="float32", attention_chunk=8, loss_chunk=512, unchunked_mlp=[],
+        bdia_recompute=recompute))
     fields = sa.mc.SHAPES["test-tiny"][0]
-    mlp_forward = 3 * 2 * batch * context * fields["width"] * fields["mlp_dim"]
+    projection = 2 * batch * context * fields["width"] * fields["mlp_dim"]
 
     def dots(method, role):
         return sum(v for k, v in data[f"{method}@{depth}"]["dots"].items() if k.endswith(role))
 
     for role in ("forward", "gradient"):
         assert dots("bdia", role) == dots("remat", role) > 0
-    assert dots("bdia", "recompute") - dots("remat", "recompute") == depth * mlp_forward
+    assert (dots("bdia", "recompute") - dots("remat", "recompute")
+            == depth * extra_projections * projection)

@@ -421,16 +421,32 @@ class MultiHeadAttention(nnx.Module):
         return KVCache(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
 
 
+def mlp_cotangent(cotangent, rate: float, key) -> jax.Array | None:
+    """dL/d(MLP output) of a block h = … + dropout(mlp(·), rate, key), from dL/dh
+    [batch, len, width] (None passes through): the residual dropout's transpose, the same
+    mask and scale (``dropout`` is linear and elementwise)."""
+    if cotangent is None:
+        return None
+    return dropout(cotangent.astype(jnp.float32), rate, key)
+
+
 class _PositionwiseMLP(nnx.Module):
     """The position-blocked call shared by the MLPs: ``chunk_size`` None runs ``_dense`` on
     the whole sequence; an int runs it over blocks of that many positions
     (``bdia_jax.ops.position_blocks``), so that one block's [batch, chunk, mlp_dim] hidden
     activations live at a time, in the forward and in the backward pass. Each row goes
-    through the same ops either way; the backward pass runs each block's forward once more."""
+    through the same ops either way; the backward pass runs each block's forward once more,
+    unless the output's cotangent is given in advance (``cotangent``)."""
 
-    def __call__(self, y: jax.Array, lora_key=None) -> jax.Array:
+    def __call__(self, y: jax.Array, lora_key=None, cotangent=None) -> jax.Array:
         """y: [..., len, width] → [..., len, width] float32; ``lora_key``: the block's LoRA
-        dropout key or None (whole-sequence MLP only, see ``check_lora_chunks``)."""
+        dropout key or None (whole-sequence MLP only, see ``check_lora_chunks``).
+
+        cotangent: None, or dL/d(output) [..., len, width] float32 known in advance
+        (``recompute="fused"``): the blocked MLP then computes its output and VJP in one
+        loop, and its VJP must be pulled back with exactly this cotangent
+        (``bdia_jax.ops.position_blocks``). The whole-sequence MLP ignores it: its VJP
+        already reuses the one forward evaluation."""
         chunk = self.chunk_size
         if chunk is None or y.ndim < 2 or y.shape[-2] <= chunk:
             return self._dense(y, lora_key)
@@ -439,7 +455,7 @@ class _PositionwiseMLP(nnx.Module):
         def dense(state, y_c):
             return nnx.merge(graphdef, state)._dense(y_c)
 
-        return position_blocks(dense, state, y, chunk)
+        return position_blocks(dense, state, y, chunk, cotangent=cotangent)
 
 
 class MLP(_PositionwiseMLP):
@@ -597,13 +613,15 @@ class EncoderBlock(nnx.Module):
                    attention=c.attention, chunk_size=c.chunk_size,
                    mlp_chunk_size=c.mlp_chunk_size, lora=c.lora, rngs=rngs, **options)
 
-    def __call__(self, x: jax.Array, context=None, key=None) -> jax.Array:
-        """x: [batch, len, width] float32 → h: [batch, len, width] float32."""
+    def __call__(self, x: jax.Array, context=None, key=None, cotangent=None) -> jax.Array:
+        """x: [batch, len, width] float32 → h: [batch, len, width] float32. ``cotangent``:
+        None, or dL/dh known in advance (``recompute="fused"``, see ``mlp_cotangent``)."""
         k_attn, k_a, k_m = split_key(key, 3)
         k_lora = lora_key(key, self.lora)
         a = dropout(self.attn(self.ln1(x), mask=key_mask(context), key=k_attn,
                               lora_key=k_lora, causal=self.causal), self.dropout, k_a)
-        m = dropout(self.mlp(self.ln2(x + a), k_lora), self.dropout, k_m)
+        m = dropout(self.mlp(self.ln2(x + a), k_lora,
+                             mlp_cotangent(cotangent, self.dropout, k_m)), self.dropout, k_m)
         return (a + m).astype(x.dtype)
 
     # ---- KV-cache decoding (inference, causal blocks only)
@@ -675,8 +693,9 @@ class DecoderBlock(nnx.Module):
             )
         return context
 
-    def __call__(self, x: jax.Array, context, key=None) -> jax.Array:
-        """x: [batch, tgt_len, width] float32 → h: [batch, tgt_len, width] float32."""
+    def __call__(self, x: jax.Array, context, key=None, cotangent=None) -> jax.Array:
+        """x: [batch, tgt_len, width] float32 → h: [batch, tgt_len, width] float32.
+        ``cotangent``: None, or dL/dh known in advance (see ``EncoderBlock``)."""
         enc_out, src_mask = self._unpack(context)
         k_sa, k_a, k_ca, k_c, k_m = split_key(key, 5)
         k_self = lora_key(key, self.lora)  # the cross-attention's masks fold in once more
@@ -686,7 +705,8 @@ class DecoderBlock(nnx.Module):
         y = x + a
         c = dropout(self.cross_attn(self.ln2(y), enc_out, mask=key_mask(src_mask), key=k_ca,
                                     lora_key=k_cross), self.dropout, k_c)
-        m = dropout(self.mlp(self.ln3(y + c), k_self), self.dropout, k_m)
+        m = dropout(self.mlp(self.ln3(y + c), k_self,
+                             mlp_cotangent(cotangent, self.dropout, k_m)), self.dropout, k_m)
         return (a + c + m).astype(x.dtype)
 
     # ---- KV-cache decoding

@@ -117,10 +117,11 @@ class ResidualStack(nnx.Module):
 
     @staticmethod
     def _block_fn(graphdef):
-        """Pure ``block_fn(params_k, x, context, key_k)`` closing over the static graphdef."""
+        """Pure ``block_fn(params_k, x, context, key_k, **kw)`` closing over the static
+        graphdef (kw: ``cotangent=`` of recompute="fused")."""
 
-        def block_fn(params_k, x, context, key_k):
-            return nnx.merge(graphdef, params_k)(x, context, key_k)
+        def block_fn(params_k, x, context, key_k, **kw):
+            return nnx.merge(graphdef, params_k)(x, context, key_k, **kw)
 
         return block_fn
 

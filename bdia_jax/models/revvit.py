@@ -47,6 +47,7 @@ from bdia_jax.models.layers import (
     ReversalProbe,
     check_ints,
     dropout,
+    mlp_cotangent,
     split_key,
 )
 from bdia_jax.models.vit import VIT_VARIANTS, PatchTokens, check_image_fields
@@ -136,15 +137,19 @@ class RevBlock(nnx.Module):
         self.mlp = MLP(width, mlp_dim, compute_dtype=compute_dtype, chunk_size=mlp_chunk_size,
                        rngs=rngs)
 
-    def attention_branch(self, x: jax.Array, key=None) -> jax.Array:
-        """F(x) = Dropout(Attn(LN1(x))): [batch, len, width] float32 → same."""
+    def attention_branch(self, x: jax.Array, key=None, cotangent=None) -> jax.Array:
+        """F(x) = Dropout(Attn(LN1(x))): [batch, len, width] float32 → same. ``cotangent``
+        (recompute="fused") is not used: attention has no blocked forward to fuse."""
+        del cotangent
         k_attn, k_drop = split_key(key, 2)
         a = self.attn(self.ln1(x), key=k_attn)
         return dropout(a, self.dropout, k_drop).astype(x.dtype)
 
-    def mlp_branch(self, y: jax.Array, key=None) -> jax.Array:
-        """G(y) = Dropout(MLP(LN2(y))): [batch, len, width] float32 → same."""
-        return dropout(self.mlp(self.ln2(y)), self.dropout, key).astype(y.dtype)
+    def mlp_branch(self, y: jax.Array, key=None, cotangent=None) -> jax.Array:
+        """G(y) = Dropout(MLP(LN2(y))): [batch, len, width] float32 → same. ``cotangent``:
+        None, or dL/dG known in advance (recompute="fused", ``layers.mlp_cotangent``)."""
+        m = self.mlp(self.ln2(y), cotangent=mlp_cotangent(cotangent, self.dropout, key))
+        return dropout(m, self.dropout, key).astype(y.dtype)
 
 
 class TwoStreamStack(nnx.Module):
@@ -186,11 +191,11 @@ class TwoStreamStack(nnx.Module):
                 f"variables); draw dropout from the `key` argument instead. Found: {rest}"
             )
 
-        def f_fn(params_k, x, key):
-            return nnx.merge(graphdef, params_k).attention_branch(x, key)
+        def f_fn(params_k, x, key, **kw):
+            return nnx.merge(graphdef, params_k).attention_branch(x, key, **kw)
 
-        def g_fn(params_k, y, key):
-            return nnx.merge(graphdef, params_k).mlp_branch(y, key)
+        def g_fn(params_k, y, key, **kw):
+            return nnx.merge(graphdef, params_k).mlp_branch(y, key, **kw)
 
         return f_fn, g_fn, params
 

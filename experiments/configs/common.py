@@ -34,12 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
     #   the grid; backprop: "autodiff" (stored activations), "remat" (per-block
     #   recomputation) or "reversible" (BDIA on the grid with γ a power of two: the states
     #   are rebuilt bit for bit); recompute: how the reversible backward gets h_k(x_k),
-    #   "shared" (reuses the block's VJP forward; the models' blocks are built for it) or
+    #   "fused" (reuses the block's VJP forward and gives the block its output's cotangent,
+    #   so that a chunked MLP runs forward and VJP in one loop; the same bits as "shared"),
+    #   "shared" (reuses the block's VJP forward; the models' blocks are built for both) or
     #   "separate" (one more block forward; exact for any block).
     c.methods = ml_collections.ConfigDict()
     c.methods.standard = dict(update="standard", backprop="autodiff")
     c.methods.bdia = dict(update="bdia", gamma=0.5, frac_bits=9, quantize_at_inference=True,
-                          backprop="reversible", recompute="shared")
+                          backprop="reversible", recompute="fused")
 
     # --- devices: the mesh (data parallelism, optional FSDP) and multi-host set-up; the
     # fields are documented in experiments/common/sharding.py:add_parallel_config.
