@@ -14,7 +14,7 @@ from models_utils import probe_total, train_grads
 
 from bdia_jax import BDIA, Reversible, apply_stack, ops
 from bdia_jax.methods import RECOMPUTE_MODES
-from bdia_jax.models import DecoderLM, RevViT, decoder_config, revvit_config
+from bdia_jax.models import DecoderLM, LoRA, RevViT, decoder_config, revvit_config
 from bdia_jax.models.layers import DecoderBlock, EncoderBlock
 from bdia_jax.models.revvit import RevBlock
 from bdia_jax.testing import assert_bits_equal, init_attn_mlp, make_attn_mlp_block
@@ -91,9 +91,11 @@ def test_blocks_given_their_cotangent_keep_output_and_vjp_bits(kind):
 
 def _decoder(recompute):
     # 14 positions in blocks of 4 (a tail of 2): attention and MLP chunked; GQA, SwiGLU,
-    # dropout: the MLP's cotangent goes through the residual dropout's mask.
+    # dropout: the MLP's cotangent goes through the residual dropout's mask; LoRA adapters on
+    # the MLP's projections (their gradients accumulate in the one loop too).
     return DecoderLM(decoder_config("llama-tiny", attention="chunked", chunk_size=4,
                                     dropout=0.1, attention_dropout=0.1, update="bdia",
+                                    lora=LoRA(rank=2, targets=("q", "gate", "up", "down")),
                                     backprop="reversible", recompute=recompute),
                      rngs=nnx.Rngs(0))
 
@@ -121,6 +123,8 @@ def test_fused_recompute_has_shared_recomputes_bits(make, inputs):
     assert_bits_equal(runs["fused"][:3], runs["shared"][:3])
     if make is _decoder:
         assert probe_total(runs["fused"][3]) == 0.0
+        lora_b = runs["fused"][2]["stack"]["blocks"]["mlp"]["down"]["lora_b"][...]
+        assert float(jnp.max(jnp.abs(lora_b))) > 0
 
 
 def test_fused_names_the_keyword_a_block_lacks():
