@@ -374,9 +374,9 @@ def bdia_invert(block_fn: BlockFn, params, record: ForwardRecord, *, update: BDI
     def step(carry, k, params_k, key_k, per_k):
         x_cur, x_next = carry
         gamma_k, bits = per_k
-        x_prev, _, _ = _rebuild_step(
-            block_fn, _PAIR_METHOD, spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits
-        )
+        x_prev, _, _ = _rebuild_step(  # no VJP is pulled back: no cotangent
+            block_fn, _PAIR_METHOD, spec, context, x_cur, x_next, params_k, key_k, gamma_k, bits,
+            None)
         return (x_prev, x_cur), x_prev
 
     _, rebuilt = _scan_rest(step, (record.x_before, record.x_last), params, keys,
