@@ -142,3 +142,16 @@ def test_largest_batch_on_a_device_keeps_the_presets_settings(monkeypatch):
         size = a["size"]
         assert (size["depth"], size["width"], size["context"]) == (24, 1024, 1024)
     assert "BDIA / remat" in section["markdown"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_chunked_cases_build_the_chunked_mlp_under_fused(dtype):
+    """The full preset's "fused" cases (run only on an accelerator) build a GPT whose MLP runs
+    over position blocks under recompute="fused": the one-loop path they exist to check.
+    Built here with the small preset's model (no compile)."""
+    name = f"gpt/fused-chunked/{dtype}"
+    spec = device_check.exactness_specs([name])[name]
+    model, _, _ = device_check.build(spec, device_check.PRESETS["small"], 2)
+    assert model.stack.backprop.recompute == "fused"
+    assert model.config.attention == "chunked" and model.config.mlp_chunk_size == 64
+    assert model.config.compute_dtype == dtype
