@@ -516,6 +516,67 @@ def _fixes(name: str) -> dict:
     )
 
 
+@dataclasses.dataclass
+class PreparedModel:
+    """A model of a run, initialised and placed, its train step compiled (``prepare_model``).
+
+    state: the initial TrainState, placed by state_sharding; step_fn(state, batch) ->
+    (state, metrics), compiled for every batch shape the task feeds (``example_batches``);
+    get_batch(step) -> the batch of that step; compiled_mem: the compiled memory of the
+    largest batch's step (``memory.compiled_memory``); schedule: (num_epochs,
+    steps_per_epoch, eval_every_epochs, examples_per_step)."""
+
+    run: ModelRun
+    state: Any
+    state_sharding: Any
+    step_fn: Callable
+    get_batch: Callable
+    compiled_mem: dict | None
+    compile_seconds: float
+    num_params: int
+    schedule: tuple[int, int, int, int]
+
+
+def prepare_model(task: Task, config, name: str, data, mesh, workdir: str,
+                  writer: metrics.MetricsWriter) -> PreparedModel:
+    """The model ``config.methods[name]`` at its seed's initialisation, with the optimizer,
+    schedule and train step it trains with (``train_model``; ``benchmarks.experiment_step``
+    times this step)."""
+    seed = config.seed
+    method = config.methods[name].to_dict()
+    model_config, model_class = build_model_config(task, config, method, data)
+    model = model_class(model_config, rngs=nnx.Rngs(seed))  # same init for all models
+    num_epochs, spe, eval_every, examples_per_step = task.schedule(config, data)
+    num_steps = num_epochs * spe
+    optimizer, schedule = ts.make_optimizer(method_optim(task, config, method), num_steps, spe)
+    base_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    trainable = task.trainable(model_config)
+    graphdef, state = training.init(model, optimizer, base_key, trainable=trainable)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    del model
+    # Parameters and optimizer state: replicated, or FSDP-sharded when mesh.fsdp > 1.
+    state_sharding = sharding.train_state_shardings(state, mesh)
+    state = sharding.place(state, state_sharding)
+    run = ModelRun(name=name, display=task.display(name), seed=seed, method=method,
+                   config=config, data=data, mesh=mesh, workdir=workdir, writer=writer,
+                   model_config=model_config, graphdef=graphdef,
+                   gather=sharding.gather_sharding(mesh), num_steps=num_steps)
+
+    get_batch = task.batch_fn(run)
+    compile_start = time.perf_counter()
+    train_step = training.make_train_step(graphdef, task.loss_fn(config), optimizer,
+                                          trainable=trainable, schedule=schedule,
+                                          stop_on_nonfinite=config.train.on_nonfinite == "stop",
+                                          gather_params=run.gather)
+    step_fn, measured = _compile_per_shape(train_step, state, state_sharding,
+                                           task.example_batches(run, get_batch), mesh)
+    return PreparedModel(
+        run=run, state=state, state_sharding=state_sharding, step_fn=step_fn,
+        get_batch=get_batch, compiled_mem=memory.compiled_memory(measured),
+        compile_seconds=time.perf_counter() - compile_start, num_params=num_params,
+        schedule=(num_epochs, spe, eval_every, examples_per_step))
+
+
 def train_model(task: Task, config, name: str, data, mesh, workdir: str,
                 writer: metrics.MetricsWriter) -> dict:
     """Train (or resume, or reload) the model ``config.methods[name]``, evaluate it, run
@@ -541,25 +602,11 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
         log(f"[{display}] already finished in this workdir, but {', '.join(changed)} "
             f"changed since; evaluating its final checkpoint again")
 
-    seed = config.seed
-    method = config.methods[name].to_dict()
-    model_config, model_class = build_model_config(task, config, method, data)
-    model = model_class(model_config, rngs=nnx.Rngs(seed))  # same init for all models
-    num_epochs, spe, eval_every, examples_per_step = task.schedule(config, data)
-    num_steps = num_epochs * spe
-    optimizer, schedule = ts.make_optimizer(method_optim(task, config, method), num_steps, spe)
-    base_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    trainable = task.trainable(model_config)
-    graphdef, state = training.init(model, optimizer, base_key, trainable=trainable)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-    del model
-    # Parameters and optimizer state: replicated, or FSDP-sharded when mesh.fsdp > 1.
-    state_sharding = sharding.train_state_shardings(state, mesh)
-    state = sharding.place(state, state_sharding)
-    run = ModelRun(name=name, display=display, seed=seed, method=method, config=config,
-                   data=data, mesh=mesh, workdir=workdir, writer=writer,
-                   model_config=model_config, graphdef=graphdef,
-                   gather=sharding.gather_sharding(mesh), num_steps=num_steps)
+    prepared = prepare_model(task, config, name, data, mesh, workdir, writer)
+    run, state, state_sharding = prepared.run, prepared.state, prepared.state_sharding
+    method, model_config, num_steps = run.method, run.model_config, run.num_steps
+    num_epochs, spe, eval_every, examples_per_step = prepared.schedule
+    compiled_mem, compile_seconds = prepared.compiled_mem, prepared.compile_seconds
 
     t = config.train
     checkpointer = Checkpointer(
@@ -578,19 +625,9 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     elif writer.drop_after(display, 0):  # records of a run whose checkpoints are all unusable
         log(f"[{display}] starting from step 0; dropped this model's earlier records")
 
-    get_batch = task.batch_fn(run)
-    compile_start = time.perf_counter()
-    train_step = training.make_train_step(graphdef, task.loss_fn(config), optimizer,
-                                          trainable=trainable, schedule=schedule,
-                                          stop_on_nonfinite=t.on_nonfinite == "stop",
-                                          gather_params=run.gather)
-    step_fn, measured = _compile_per_shape(train_step, state, state_sharding,
-                                           task.example_batches(run, get_batch), mesh)
-    compile_seconds = time.perf_counter() - compile_start
-    compiled_mem = memory.compiled_memory(measured)
     fsdp = sharding.fsdp_size(mesh)
     kind = method.get("update", method.get("architecture"))
-    log(f"[{display}] {num_params:,} parameters, update={kind}, "
+    log(f"[{display}] {prepared.num_params:,} parameters, update={kind}, "
         f"backprop={backprop_name(model_config)}; {num_steps} steps ({num_epochs} epochs x "
         f"{spe}) of {examples_per_step:.4g} {task.throughput[1]} on "
         f"{sharding.num_data_shards(mesh)} device(s)"
@@ -610,7 +647,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
     )
     try:
         state, loop_result = run_loop(
-            name=display, state=state, step_fn=step_fn, get_batch=get_batch,
+            name=display, state=state, step_fn=prepared.step_fn, get_batch=prepared.get_batch,
             settings=settings, checkpointer=checkpointer, writer=writer,
             evaluate=task.evaluator(run), best_metric=metric, best_mode=mode,
             result=loop_result, summary_keys=task.summary_keys,
@@ -631,7 +668,7 @@ def train_model(task: Task, config, name: str, data, mesh, workdir: str,
         "update": method.get("update"),
         "backprop": backprop_name(model_config),
         "method": method,
-        "num_params": num_params,
+        "num_params": prepared.num_params,
         "steps": num_steps,
         "epochs": num_epochs,
         **{key: final.get(eval_key) for key, eval_key in task.final.items()},
