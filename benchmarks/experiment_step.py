@@ -13,8 +13,8 @@ to the first model's, the compile time and the compiled memory of the step (XLA'
 ``memory_analysis()``: arguments = train state + batch, temporaries, peak estimate).
 
 All the models are held at once (each its train state and executable): the host needs
-their states together (SmolLM2-135M: about 1.6 GB per full fine-tuning model with its AdamW
-moments). Run it on an otherwise idle machine; the figures are wall-clock times.
+room for all their states together (a full fine-tuning model's weights and AdamW moments
+each). Run it on an otherwise idle machine; the figures are wall-clock times.
 """
 
 from __future__ import annotations
