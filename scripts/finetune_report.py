@@ -244,7 +244,9 @@ def report(workdir, out, seeds=None) -> str:
     md = "\n\n".join(part for part in (
         f"`{workdir}`, seeds {sorted(run['seeds'])}: {finished} finished model run(s). "
         f"Cells: mean ± std over the finished seeds (\"seeds\": how many); {MISSING}: none "
-        f"finished yet.",
+        f"finished yet. \"step\" and \"training\" are the runs' own clocks: they count any "
+        f"time the process was stopped or shared its cores, so compare step times from "
+        f"`python -m benchmarks.experiment_step` (all methods side by side) instead.",
         table(run), walls(run), sweep_table(run), samples(run),
         f"![validation loss]({os.path.basename(out)}_val.png)") if part) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
